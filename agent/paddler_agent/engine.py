@@ -1,0 +1,108 @@
+"""The engine interface: what runs an agent's slots.
+
+Two engines implement it: ``simulated`` (deterministic tokens, no model) and
+``llama`` (llama.cpp through llama-cpp-python; the only module that imports
+``llama_cpp``). The agent runtime (``runtime.py``) owns the balancer connection
+and calls the engine; the engine reports back through :class:`EngineHost` and by
+writing its fields on the shared :class:`StatusBoard`.
+
+Threading rule: every method here is called on the event loop thread, and an
+engine calls ``host.emit`` / ``host.status_changed`` on the event loop thread
+only (a decode thread uses ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.protocol import (
+    AgentIssue,
+    AgentStatus,
+    EmbedMessage,
+    GenerateMessage,
+    StateApplicationStatus,
+)
+
+
+class EngineHost(Protocol):
+    def emit(self, request_id: str, payload: dict[str, Any] | str, final: bool) -> None:
+        """Send one client-facing response payload; ``final`` ends the request."""
+
+    def status_changed(self) -> None:
+        """Push a fresh status snapshot to the balancer soon (coalesced)."""
+
+
+@dataclass
+class StatusBoard:
+    """The mutable status an engine writes; the runtime snapshots it with a version."""
+
+    slots_total: int = 0
+    """Slots serving now: 0 while no model is loaded, while loading and while swapping."""
+    desired_slots_total: int = 0
+    slots_processing: int = 0
+    model_path: str | None = None
+    download_current: int = 0
+    download_total: int = 0
+    download_filename: str | None = None
+    download_indeterminate: bool = False
+    issues: list[AgentIssue] = field(default_factory=list)
+    state_application_status: StateApplicationStatus = StateApplicationStatus.FRESH
+    uses_chat_template_override: bool = False
+    prefix_hashes: list[str] = field(default_factory=list)
+
+    def snapshot(self, version: int) -> AgentStatus:
+        return AgentStatus(
+            version=version,
+            slots_total=self.slots_total,
+            slots_processing=self.slots_processing,
+            desired_slots_total=self.desired_slots_total,
+            model_path=self.model_path,
+            download_current=self.download_current,
+            download_total=self.download_total,
+            download_filename=self.download_filename,
+            download_indeterminate=self.download_indeterminate,
+            issues=list(self.issues),
+            state_application_status=self.state_application_status,
+            uses_chat_template_override=self.uses_chat_template_override,
+            prefix_hashes=list(self.prefix_hashes),
+        )
+
+
+class Engine(ABC):
+    """Runs a fixed number of slots. Subclasses: SimulatedEngine, LlamaEngine."""
+
+    def __init__(self, host: EngineHost, board: StatusBoard, slots: int) -> None:
+        self.host = host
+        self.board = board
+        self.slots = slots
+        board.desired_slots_total = slots
+
+    @abstractmethod
+    async def apply_desired_state(self, state: BalancerDesiredState) -> None:
+        """Make the engine serve ``state``. Called again with a newer state at any
+        time (the runtime cancels a superseded call). Failures become issues on the
+        board and ``state_application_status``; they never raise."""
+
+    @abstractmethod
+    def generate(self, message: GenerateMessage) -> None:
+        """Start a generation; stream its payloads through ``host.emit``. A request
+        that arrives while no slot can take it (race with a swap) is held until one
+        can, or answered with a terminal error."""
+
+    @abstractmethod
+    def embed(self, message: EmbedMessage) -> None:
+        """Start an embedding batch; stream ``{"Embedding": ...}`` payloads."""
+
+    @abstractmethod
+    def stop(self, request_id: str) -> None:
+        """Stop responding to ``request_id`` and free its slot; emits nothing more."""
+
+    def model_metadata(self) -> dict[str, str] | None:
+        """GGUF metadata of the loaded model, or None when none is loaded."""
+        return None
+
+    async def close(self) -> None:
+        """Release everything (threads, model memory)."""

@@ -1,0 +1,224 @@
+"""Desired state that the balancer pushes to agents (Paddler 4.x JSON shapes).
+
+The JSON shapes follow Rust serde's externally tagged enums, exactly as the
+`paddler-client` package reads and writes them:
+
+* model source: ``"None"`` | ``{"HuggingFace": {...}}`` | ``{"LocalToAgent": "/p"}`` |
+  ``{"Url": {"url": "..."}}``
+* normalisation: ``"None"`` | ``"L2"`` | ``{"RmsNorm": {"epsilon": 1e-6}}``
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+DEFAULT_MODEL_GROUP = "default"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KvCacheDtype(StrEnum):
+    F32 = "F32"
+    F16 = "F16"
+    BF16 = "BF16"
+    Q8_0 = "Q8_0"
+    Q4_0 = "Q4_0"
+    Q4_1 = "Q4_1"
+    IQ4_NL = "IQ4_NL"
+    Q5_0 = "Q5_0"
+    Q5_1 = "Q5_1"
+
+
+class PoolingType(StrEnum):
+    UNSPECIFIED = "Unspecified"
+    NONE = "None"
+    MEAN = "Mean"
+    CLS = "Cls"
+    LAST = "Last"
+    RANK = "Rank"
+
+
+class HuggingFaceModelReference(_Strict):
+    repo_id: Annotated[str, Field(min_length=1)]
+    filename: Annotated[str, Field(min_length=1)]
+    revision: str = "main"
+
+
+class UrlModelReference(_Strict):
+    url: Annotated[str, Field(pattern=r"^(https?|file)://")]
+    sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
+    """Optional checksum; a download that does not match becomes an agent issue."""
+
+
+class ModelSource(BaseModel):
+    """Where an agent gets its GGUF file. Exactly one variant is set."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["None", "HuggingFace", "LocalToAgent", "Url"] = "None"
+    huggingface: HuggingFaceModelReference | None = None
+    local_path: str | None = None
+    url: UrlModelReference | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_serde(cls, data: Any) -> Any:
+        if isinstance(data, ModelSource):
+            return data
+        if data == "None" or data is None:
+            return {"kind": "None"}
+        if isinstance(data, dict):
+            if "kind" in data:
+                return data
+            if len(data) != 1:
+                raise ValueError(
+                    "model must be \"None\" or an object with exactly one of "
+                    "HuggingFace, LocalToAgent, Url"
+                )
+            (key, value), = data.items()
+            if key == "HuggingFace":
+                return {"kind": key, "huggingface": value}
+            if key == "LocalToAgent":
+                if not isinstance(value, str) or not value:
+                    raise ValueError("LocalToAgent must be a non-empty path string")
+                return {"kind": key, "local_path": value}
+            if key == "Url":
+                return {"kind": key, "url": value}
+            raise ValueError(f"unknown model source {key!r}; expected HuggingFace, LocalToAgent or Url")
+        raise ValueError(f"invalid model source: {data!r}")
+
+    @model_serializer
+    def _to_serde(self) -> str | dict[str, Any]:
+        if self.kind == "HuggingFace" and self.huggingface is not None:
+            return {"HuggingFace": self.huggingface.model_dump()}
+        if self.kind == "LocalToAgent" and self.local_path is not None:
+            return {"LocalToAgent": self.local_path}
+        if self.kind == "Url" and self.url is not None:
+            return {"Url": self.url.model_dump(exclude_none=True)}
+        return "None"
+
+    @classmethod
+    def none(cls) -> ModelSource:
+        return cls(kind="None")
+
+    @classmethod
+    def local(cls, path: str) -> ModelSource:
+        return cls(kind="LocalToAgent", local_path=path)
+
+    @property
+    def is_none(self) -> bool:
+        return self.kind == "None"
+
+    def describe(self) -> str:
+        """A short human label, e.g. for logs and printer columns."""
+        if self.kind == "HuggingFace" and self.huggingface is not None:
+            return f"{self.huggingface.repo_id}/{self.huggingface.filename}"
+        if self.kind == "LocalToAgent" and self.local_path is not None:
+            return self.local_path
+        if self.kind == "Url" and self.url is not None:
+            return self.url.url
+        return "none"
+
+
+class InferenceParameters(_Strict):
+    """Engine and sampling parameters of a model group (Paddler's defaults)."""
+
+    n_batch: Annotated[int, Field(ge=1)] = 2048
+    context_size: Annotated[int, Field(ge=16)] = 8192
+    embedding_batch_size: Annotated[int, Field(ge=1)] = 256
+    enable_embeddings: bool = False
+    image_resize_to_fit: Annotated[int, Field(ge=1)] = 1024
+    k_cache_dtype: KvCacheDtype = KvCacheDtype.Q8_0
+    v_cache_dtype: KvCacheDtype = KvCacheDtype.Q8_0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    n_gpu_layers: Annotated[int, Field(ge=0)] = 0
+    penalty_frequency: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    penalty_last_n: Annotated[int, Field(ge=-1)] = -1
+    penalty_presence: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.8
+    penalty_repeat: Annotated[float, Field(ge=0.0)] = 1.1
+    pooling_type: PoolingType = PoolingType.LAST
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 0.8
+    top_k: Annotated[int, Field(ge=0)] = 80
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+
+
+class SamplingOverrides(_Strict):
+    """Per-request overrides of the group's sampling parameters.
+
+    Paddler ignores per-request sampling; we carry it on the wire so the OpenAI
+    API can honour ``temperature``, ``top_p``, ``seed`` and friends.
+    """
+
+    temperature: Annotated[float | None, Field(ge=0.0, le=100.0)] = None
+    top_k: Annotated[int | None, Field(ge=0)] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    penalty_repeat: Annotated[float | None, Field(ge=0.0)] = None
+    penalty_presence: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    penalty_frequency: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    penalty_last_n: Annotated[int | None, Field(ge=-1)] = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    def apply(self, base: InferenceParameters) -> InferenceParameters:
+        """The group's parameters with this request's overrides on top."""
+        changes = {
+            k: v
+            for k, v in self.model_dump(exclude_none=True).items()
+            if k in InferenceParameters.model_fields
+        }
+        return base.model_copy(update=changes) if changes else base
+
+
+class ChatTemplate(_Strict):
+    content: str
+
+
+class BalancerDesiredState(BaseModel):
+    """What every agent of one model group should serve (Paddler's JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chat_template_override: ChatTemplate | None = None
+    inference_parameters: InferenceParameters = Field(default_factory=InferenceParameters)
+    model: ModelSource = Field(default_factory=ModelSource.none)
+    multimodal_projection: ModelSource = Field(default_factory=ModelSource.none)
+    use_chat_template_override: bool = False
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class EmbeddingNormalizationMethod(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["None", "L2", "RmsNorm"] = "None"
+    epsilon: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_serde(cls, data: Any) -> Any:
+        if isinstance(data, EmbeddingNormalizationMethod):
+            return data
+        if data in ("None", "L2"):
+            return {"kind": data}
+        if isinstance(data, dict):
+            if "kind" in data:
+                return data
+            inner = data.get("RmsNorm")
+            if isinstance(inner, dict) and isinstance(inner.get("epsilon"), int | float):
+                return {"kind": "RmsNorm", "epsilon": float(inner["epsilon"])}
+        raise ValueError(
+            "normalization_method must be \"None\", \"L2\" or {\"RmsNorm\": {\"epsilon\": x}}"
+        )
+
+    @model_serializer
+    def _to_serde(self) -> str | dict[str, Any]:
+        if self.kind == "RmsNorm":
+            return {"RmsNorm": {"epsilon": self.epsilon}}
+        return self.kind

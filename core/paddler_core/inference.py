@@ -1,0 +1,208 @@
+"""Client-facing inference requests and response messages (Paddler 4.x shapes).
+
+Requests are what ``paddler-client`` posts (NDJSON endpoints) or sends over the
+inference WebSocket. Responses are built as plain dicts on the hot path: one
+per generated token, so they skip pydantic on purpose.
+
+Response envelope, one per NDJSON line / WebSocket frame::
+
+    {"Response": {"request_id": ID, "response": PAYLOAD, "generated_by": AGENT_ID}}
+    {"Error": {"request_id": ID, "error": {"code": 504, "description": "..."}}}
+
+PAYLOAD is ``{"GeneratedToken": {"ContentToken": "text"}}``,
+``{"GeneratedToken": {"Done": {"usage": {...}}}}``, ``{"Embedding": {...}}``,
+``"Timeout"`` or ``"TooManyBufferedRequests"``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from paddler_core.desired_state import EmbeddingNormalizationMethod
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class GbnfGrammar(_Params):
+    type: Literal["gbnf"] = "gbnf"
+    grammar: Annotated[str, Field(min_length=1)]
+    root: str = "root"
+
+
+class JsonSchemaGrammar(_Params):
+    type: Literal["json_schema"] = "json_schema"
+    schema_value: Annotated[str, Field(alias="schema", min_length=1)]
+    """The JSON schema, serialised as a string (Paddler's shape)."""
+
+
+GrammarConstraint = Annotated[GbnfGrammar | JsonSchemaGrammar, Field(discriminator="type")]
+
+
+class TextContentPart(_Params):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageUrl(_Params):
+    url: str
+
+
+class ImageUrlContentPart(_Params):
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextContentPart | ImageUrlContentPart, Field(discriminator="type")]
+
+
+class ConversationMessage(BaseModel):
+    """One chat message. Extra keys (``tool_calls``, ``tool_call_id``, ``name``)
+    are kept and handed to the chat template, as real templates read them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Annotated[str, Field(min_length=1)]
+    content: str | list[ContentPart] | None = ""
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextContentPart))
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(min_length=1)]
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class ContinueFromRawPromptParams(_Params):
+    raw_prompt: str
+    max_tokens: Annotated[int, Field(ge=1)]
+    grammar: GrammarConstraint | None = None
+
+
+class ContinueFromConversationHistoryParams(_Params):
+    conversation_history: Annotated[list[ConversationMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)]
+    add_generation_prompt: bool = True
+    enable_thinking: bool = False
+    grammar: GrammarConstraint | None = None
+    tools: list[Tool] = Field(default_factory=list)
+
+
+class EmbeddingInputDocument(_Params):
+    id: str
+    content: str
+
+
+class GenerateEmbeddingBatchParams(_Params):
+    input_batch: Annotated[list[EmbeddingInputDocument], Field(min_length=1)]
+    normalization_method: EmbeddingNormalizationMethod = Field(
+        default_factory=EmbeddingNormalizationMethod
+    )
+
+
+class RequestKind(StrEnum):
+    RAW_PROMPT = "ContinueFromRawPrompt"
+    CONVERSATION = "ContinueFromConversationHistory"
+    EMBEDDING = "GenerateEmbeddingBatch"
+
+
+GenerationParams = ContinueFromRawPromptParams | ContinueFromConversationHistoryParams
+
+
+def parse_generation_request(variant: str, body: Any) -> GenerationParams:
+    """Validate one ``{"<Variant>": {...}}`` request body; raises ValueError."""
+    if variant == RequestKind.RAW_PROMPT:
+        return ContinueFromRawPromptParams.model_validate(body)
+    if variant == RequestKind.CONVERSATION:
+        return ContinueFromConversationHistoryParams.model_validate(body)
+    raise ValueError(
+        f"unknown request variant {variant!r}; expected ContinueFromRawPrompt or "
+        "ContinueFromConversationHistory"
+    )
+
+
+# ---- response payloads (hot path: plain dicts) -------------------------------------------
+
+TOKEN_KINDS = ("ContentToken", "ReasoningToken", "ToolCallToken", "UndeterminableToken")
+
+TIMEOUT: str = "Timeout"
+TOO_MANY_BUFFERED_REQUESTS: str = "TooManyBufferedRequests"
+
+
+def token_payload(text: str, kind: str = "ContentToken") -> dict[str, Any]:
+    return {"GeneratedToken": {kind: text}}
+
+
+def usage_dict(
+    *,
+    prompt_tokens: int = 0,
+    cached_prompt_tokens: int = 0,
+    content_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    tool_call_tokens: int = 0,
+    undeterminable_tokens: int = 0,
+) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "cached_prompt_tokens": cached_prompt_tokens,
+        "input_image_tokens": 0,
+        "input_audio_tokens": 0,
+        "content_tokens": content_tokens,
+        "reasoning_tokens": reasoning_tokens,
+        "tool_call_tokens": tool_call_tokens,
+        "undeterminable_tokens": undeterminable_tokens,
+    }
+
+
+def done_payload(usage: dict[str, int]) -> dict[str, Any]:
+    return {"GeneratedToken": {"Done": {"usage": usage}}}
+
+
+def generated_error_payload(kind: str, message: str) -> dict[str, Any]:
+    """A terminal generation error, e.g. ``ChatTemplateError`` or ``SamplerError``."""
+    return {"GeneratedToken": {kind: message}}
+
+
+def response_envelope(
+    request_id: str, payload: Any, generated_by: str | None = None
+) -> dict[str, Any]:
+    envelope: dict[str, Any] = {"request_id": request_id, "response": payload}
+    if generated_by is not None:
+        envelope["generated_by"] = generated_by
+    return {"Response": envelope}
+
+
+def error_envelope(request_id: str, code: int, description: str) -> dict[str, Any]:
+    return {"Error": {"request_id": request_id, "error": {"code": code, "description": description}}}
+
+
+def payload_is_terminal(payload: Any) -> bool:
+    """Mirror of paddler-client's ``is_terminal``: tokens and embeddings are not."""
+    if isinstance(payload, str):
+        return True
+    gen = payload.get("GeneratedToken")
+    if gen is not None:
+        return not any(k in gen for k in TOKEN_KINDS)
+    emb = payload.get("Embedding")
+    if emb is not None:
+        return not (isinstance(emb, dict) and "Embedding" in emb)
+    return True
