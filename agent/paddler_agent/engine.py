@@ -104,5 +104,5 @@ class Engine(ABC):
         """GGUF metadata of the loaded model, or None when none is loaded."""
         return None
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, most engines need it
         """Release everything (threads, model memory)."""

@@ -76,11 +76,8 @@ class ModelSource(BaseModel):
             if "kind" in data:
                 return data
             if len(data) != 1:
-                raise ValueError(
-                    "model must be \"None\" or an object with exactly one of "
-                    "HuggingFace, LocalToAgent, Url"
-                )
-            (key, value), = data.items()
+                raise ValueError('model must be "None" or an object with exactly one of HuggingFace, LocalToAgent, Url')
+            ((key, value),) = data.items()
             if key == "HuggingFace":
                 return {"kind": key, "huggingface": value}
             if key == "LocalToAgent":
@@ -167,11 +164,7 @@ class SamplingOverrides(_Strict):
 
     def apply(self, base: InferenceParameters) -> InferenceParameters:
         """The group's parameters with this request's overrides on top."""
-        changes = {
-            k: v
-            for k, v in self.model_dump(exclude_none=True).items()
-            if k in InferenceParameters.model_fields
-        }
+        changes = {k: v for k, v in self.model_dump(exclude_none=True).items() if k in InferenceParameters.model_fields}
         return base.model_copy(update=changes) if changes else base
 
 
@@ -213,9 +206,7 @@ class EmbeddingNormalizationMethod(BaseModel):
             inner = data.get("RmsNorm")
             if isinstance(inner, dict) and isinstance(inner.get("epsilon"), int | float):
                 return {"kind": "RmsNorm", "epsilon": float(inner["epsilon"])}
-        raise ValueError(
-            "normalization_method must be \"None\", \"L2\" or {\"RmsNorm\": {\"epsilon\": x}}"
-        )
+        raise ValueError('normalization_method must be "None", "L2" or {"RmsNorm": {"epsilon": x}}')
 
     @model_serializer
     def _to_serde(self) -> str | dict[str, Any]:

@@ -114,9 +114,7 @@ class EmbeddingInputDocument(_Params):
 
 class GenerateEmbeddingBatchParams(_Params):
     input_batch: Annotated[list[EmbeddingInputDocument], Field(min_length=1)]
-    normalization_method: EmbeddingNormalizationMethod = Field(
-        default_factory=EmbeddingNormalizationMethod
-    )
+    normalization_method: EmbeddingNormalizationMethod = Field(default_factory=EmbeddingNormalizationMethod)
 
 
 class RequestKind(StrEnum):
@@ -135,8 +133,7 @@ def parse_generation_request(variant: str, body: Any) -> GenerationParams:
     if variant == RequestKind.CONVERSATION:
         return ContinueFromConversationHistoryParams.model_validate(body)
     raise ValueError(
-        f"unknown request variant {variant!r}; expected ContinueFromRawPrompt or "
-        "ContinueFromConversationHistory"
+        f"unknown request variant {variant!r}; expected ContinueFromRawPrompt or ContinueFromConversationHistory"
     )
 
 
@@ -182,9 +179,7 @@ def generated_error_payload(kind: str, message: str) -> dict[str, Any]:
     return {"GeneratedToken": {kind: message}}
 
 
-def response_envelope(
-    request_id: str, payload: Any, generated_by: str | None = None
-) -> dict[str, Any]:
+def response_envelope(request_id: str, payload: Any, generated_by: str | None = None) -> dict[str, Any]:
     envelope: dict[str, Any] = {"request_id": request_id, "response": payload}
     if generated_by is not None:
         envelope["generated_by"] = generated_by

@@ -63,7 +63,7 @@ class AgentIssue(BaseModel):
         if isinstance(data, str):
             return {"variant": data}
         if isinstance(data, dict) and "variant" not in data and len(data) == 1:
-            (variant, params), = data.items()
+            ((variant, params),) = data.items()
             return {"variant": variant, "params": params if isinstance(params, dict) else {"value": params}}
         return data
 

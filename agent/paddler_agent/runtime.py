@@ -1,0 +1,296 @@
+"""The agent process: dials the balancer, applies desired state, runs the engine.
+
+One WebSocket to ``/api/v1/agent_socket/{agent_id}``; reconnects with backoff.
+Outgoing messages collect in an outbox that one writer task flushes: everything
+emitted in one event-loop turn (e.g. the tokens of one decode step) leaves as
+one frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import ValidationError
+
+from paddler_agent.engine import Engine, StatusBoard
+from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.prefix import request_prefix_keys
+from paddler_core.protocol import (
+    AGENT_SOCKET_PATH,
+    PROTOCOL_VERSION,
+    STATUS_INTERVAL_S,
+    EmbedMessage,
+    GenerateMessage,
+    RegisterMessage,
+    ReplyMessage,
+    StatusMessage,
+)
+
+log = logging.getLogger(__name__)
+
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    management_addr: str
+    """The balancer's management address, host:port."""
+    slots: int
+    name: str | None = None
+    model_group: str = "default"
+    engine: str = "llama"
+    """``llama`` or ``simulated``."""
+    model_cache_dir: str | None = None
+    simulated_tokens_per_second: float = 100.0
+    """Simulated engine: decode steps per second (one token per busy slot per step)."""
+    simulated_max_tokens: int = 100
+    agent_id: str | None = None
+
+
+class AgentRuntime:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.agent_id = settings.agent_id or uuid.uuid4().hex
+        self.board = StatusBoard()
+        self.engine = self._make_engine()
+        self._outbox: list[dict[str, Any]] = []
+        self._outbox_ready = asyncio.Event()
+        self._status_version = 0
+        self._status_dirty = False
+        self._active: set[str] = set()
+        self._recent_prefixes: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._desired: BalancerDesiredState | None = None
+        self._apply_task: asyncio.Task[None] | None = None
+
+    def _make_engine(self) -> Engine:
+        s = self.settings
+        if s.engine == "simulated":
+            from paddler_agent.simulated import SimulatedEngine
+
+            return SimulatedEngine(
+                self,
+                self.board,
+                s.slots,
+                tokens_per_second=s.simulated_tokens_per_second,
+                max_tokens=s.simulated_max_tokens,
+            )
+        from paddler_agent.llama_engine import LlamaEngine
+
+        cache = Path(s.model_cache_dir) if s.model_cache_dir else None
+        return LlamaEngine(self, self.board, s.slots, model_cache_dir=cache)
+
+    # ---- EngineHost --------------------------------------------------------------------
+
+    def emit(self, request_id: str, payload: dict[str, Any] | str, final: bool) -> None:
+        if request_id not in self._active:
+            return  # stopped or unknown: say nothing more about it
+        if final:
+            self._active.discard(request_id)
+        self._outbox.append({"type": "response", "request_id": request_id, "response": payload, "final": final})
+        self._outbox_ready.set()
+
+    def status_changed(self) -> None:
+        self._status_dirty = True
+        self._outbox_ready.set()
+
+    # ---- connection ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = BACKOFF_INITIAL_S
+        url = f"ws://{self.settings.management_addr}" + AGENT_SOCKET_PATH.format(agent_id=self.agent_id)
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                try:
+                    async with session.ws_connect(url, heartbeat=5.0, max_msg_size=64 * 1024 * 1024) as ws:
+                        backoff = BACKOFF_INITIAL_S
+                        await self._serve_connection(ws, stop)
+                except (aiohttp.ClientError, OSError) as err:
+                    log.info("balancer unreachable url=%s error=%s retry_in=%.1fs", url, err, backoff)
+                except RejectedError as err:
+                    log.error("balancer rejected this agent reason=%s", err)
+                except (TimeoutError, ValueError) as err:
+                    log.warning("handshake with balancer failed error=%s", err)
+                self._connection_lost()
+                if stop.is_set():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff * (0.5 + random.random())):
+                        await stop.wait()
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+        await self._cancel_apply()
+        await self.engine.close()
+
+    async def _serve_connection(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> None:
+        register = RegisterMessage(
+            protocol_version=PROTOCOL_VERSION,
+            name=self.settings.name,
+            model_group=self.settings.model_group,
+            status=self._next_status(),
+        )
+        await ws.send_str(register.model_dump_json())
+        decoded = await ws.receive_json(timeout=10.0)
+        messages = decoded if isinstance(decoded, list) else [decoded]
+        first = messages[0] if messages and isinstance(messages[0], dict) else {}
+        if first.get("type") != "registered":
+            raise RejectedError(str(first.get("reason", decoded)))
+        log.info("registered agent_id=%s balancer=%s", self.agent_id, self.settings.management_addr)
+        for message in messages[1:]:
+            self._handle(message)
+        tasks = [
+            asyncio.create_task(self._write_loop(ws)),
+            asyncio.create_task(self._status_ticker()),
+            asyncio.create_task(stop.wait()),
+        ]
+        reader = asyncio.create_task(self._read_loop(ws))
+        try:
+            await asyncio.wait([reader, tasks[2]], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in [*tasks, reader]:
+                task.cancel()
+            for task in [*tasks, reader]:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+                    await task
+            await ws.close()
+
+    def _connection_lost(self) -> None:
+        """The balancer dropped our requests with the socket: stop them all."""
+        for request_id in list(self._active):
+            self._active.discard(request_id)
+            self.engine.stop(request_id)
+        self._outbox.clear()
+
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            decoded = json.loads(msg.data)
+            for message in decoded if isinstance(decoded, list) else (decoded,):
+                self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        try:
+            if kind == "generate":
+                generate = GenerateMessage.model_validate(message)
+                self._active.add(generate.request_id)
+                self._remember_prefix(generate)
+                self.engine.generate(generate)
+            elif kind == "embed":
+                embed = EmbedMessage.model_validate(message)
+                self._active.add(embed.request_id)
+                self.engine.embed(embed)
+            elif kind == "stop":
+                request_id = str(message["request_id"])
+                if request_id in self._active:
+                    self._active.discard(request_id)
+                    self.engine.stop(request_id)
+            elif kind == "set_desired_state":
+                state = BalancerDesiredState.model_validate(message["state"])
+                self._start_apply(state)
+            elif kind == "query":
+                self._answer_query(str(message["request_id"]), str(message.get("what")))
+            else:
+                log.warning("unknown message from balancer type=%s", kind)
+        except ValidationError as err:
+            log.error("invalid message from balancer type=%s error=%s", kind, err)
+
+    def _answer_query(self, request_id: str, what: str) -> None:
+        body: Any = None
+        if what == "model_metadata":
+            metadata = self.engine.model_metadata()
+            body = {"metadata": metadata} if metadata is not None else None
+        elif what == "chat_template_override":
+            state = self._desired
+            if state is not None and state.use_chat_template_override and state.chat_template_override:
+                body = state.chat_template_override.model_dump()
+        self._outbox.append(ReplyMessage(request_id=request_id, body=body).model_dump())
+        self._outbox_ready.set()
+
+    def _remember_prefix(self, generate: GenerateMessage) -> None:
+        """Publish the prefix keys of the last ``slots`` requests: what the slots'
+        KV caches hold, so the balancer can route repeats here."""
+        keys = request_prefix_keys(generate.variant, generate.params)
+        if not keys:
+            return
+        self._recent_prefixes[generate.request_id] = keys
+        while len(self._recent_prefixes) > self.settings.slots:
+            self._recent_prefixes.popitem(last=False)
+        merged = sorted({k for ks in self._recent_prefixes.values() for k in ks})
+        if merged != self.board.prefix_hashes:
+            self.board.prefix_hashes = merged
+            self.status_changed()
+
+    def _start_apply(self, state: BalancerDesiredState) -> None:
+        if self._desired == state and self._apply_task is not None:
+            return
+        self._desired = state
+        self.board.uses_chat_template_override = bool(state.use_chat_template_override and state.chat_template_override)
+        previous = self._apply_task
+
+        async def apply() -> None:
+            if previous is not None:
+                previous.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await previous
+            log.info("applying desired state model=%s", state.model.describe())
+            await self.engine.apply_desired_state(state)
+            self.status_changed()
+
+        self._apply_task = asyncio.create_task(apply(), name="apply-desired-state")
+
+    async def _cancel_apply(self) -> None:
+        if self._apply_task is not None:
+            self._apply_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._apply_task
+
+    def _next_status(self) -> Any:
+        self._status_version += 1
+        self._status_dirty = False
+        return self.board.snapshot(self._status_version)
+
+    async def _status_ticker(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            self.status_changed()
+
+    async def _write_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            messages, self._outbox = self._outbox, []
+            if self._status_dirty:
+                messages.append(StatusMessage(status=self._next_status()).model_dump(mode="json"))
+            if not messages:
+                continue
+            if len(messages) == 1:
+                await ws.send_str(json.dumps(messages[0]))
+            else:
+                await ws.send_str(json.dumps(messages))
+
+
+class RejectedError(Exception):
+    pass
+
+
+async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
+    runtime = AgentRuntime(settings)
+    log.info(
+        "agent starting agent_id=%s engine=%s slots=%d model_group=%s",
+        runtime.agent_id,
+        settings.engine,
+        settings.slots,
+        settings.model_group,
+    )
+    await runtime.run(stop)

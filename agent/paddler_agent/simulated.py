@@ -1,0 +1,225 @@
+"""The simulated engine: real agent, no model.
+
+Its slots emit deterministic tokens at a set rate, like a batched engine: every
+step (``1 / tokens_per_second`` seconds) each busy slot yields one token. It
+serves as soon as it registers. Use it to load-test a balancer without weights;
+its metadata reports the most slots it ever had busy, so tests can check the
+balancer never over-commits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from paddler_agent.engine import Engine, EngineHost, StatusBoard
+from paddler_core.desired_state import BalancerDesiredState, EmbeddingNormalizationMethod
+from paddler_core.inference import done_payload, token_payload, usage_dict
+from paddler_core.protocol import EmbedMessage, GenerateMessage, StateApplicationStatus
+
+log = logging.getLogger(__name__)
+
+VOCABULARY = (
+    "Paddler",
+    " balances",
+    " requests",
+    " across",
+    " agents",
+    " with",
+    " free",
+    " slots",
+    " and",
+    " buffers",
+    " them",
+    " while",
+    " none",
+    " is",
+    " free",
+    ".",
+)
+EMBEDDING_DIMENSION = 16
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request_id: str
+    offset: int
+    limit: int
+    prompt_tokens: int
+    received_ns: int
+    produced: int = 0
+    first_token_ns: int | None = None
+
+
+@dataclass
+class _Counters:
+    peak_processing: int = 0
+    held_requests: int = 0
+    completed: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class SimulatedEngine(Engine):
+    def __init__(
+        self,
+        host: EngineHost,
+        board: StatusBoard,
+        slots: int,
+        *,
+        tokens_per_second: float = 100.0,
+        max_tokens: int = 100,
+    ) -> None:
+        super().__init__(host, board, slots)
+        self.step_s = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
+        self.max_tokens = max_tokens
+        self.active: dict[str, _Sequence] = {}
+        self.waiting: deque[_Sequence] = deque()
+        self.counters = _Counters()
+        self._loop_task: asyncio.Task[None] | None = None
+        board.slots_total = slots
+        board.state_application_status = StateApplicationStatus.APPLIED
+
+    async def apply_desired_state(self, state: BalancerDesiredState) -> None:
+        self.board.model_path = None if state.model.is_none else state.model.describe()
+        self.board.state_application_status = StateApplicationStatus.APPLIED
+        self.host.status_changed()
+
+    def generate(self, message: GenerateMessage) -> None:
+        params = message.params
+        prompt = str(params.get("raw_prompt") or params.get("conversation_history"))
+        seed = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "big")
+        seq = _Sequence(
+            request_id=message.request_id,
+            offset=seed % len(VOCABULARY),
+            limit=max(1, min(int(params.get("max_tokens", self.max_tokens)), self.max_tokens)),
+            prompt_tokens=max(1, len(prompt) // 4),
+            received_ns=time.monotonic_ns(),
+        )
+        if len(self.active) >= self.slots:
+            # The balancer sent more than our slots: hold it (and count it: a bug upstream).
+            self.counters.held_requests += 1
+            log.warning("request beyond slots held request_id=%s", message.request_id)
+            self.waiting.append(seq)
+            return
+        self._admit(seq)
+
+    def _admit(self, seq: _Sequence) -> None:
+        self.active[seq.request_id] = seq
+        self.counters.peak_processing = max(self.counters.peak_processing, len(self.active))
+        self._slots_changed()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run_steps(), name="simulated-steps")
+
+    def stop(self, request_id: str) -> None:
+        if self.active.pop(request_id, None) is not None:
+            self._slots_changed()
+            self._admit_waiting()
+        else:
+            self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
+
+    def embed(self, message: EmbedMessage) -> None:
+        from paddler_core.inference import GenerateEmbeddingBatchParams
+
+        params = GenerateEmbeddingBatchParams.model_validate(message.params)
+        method = params.normalization_method
+        for doc in params.input_batch:
+            vector = normalize(_embedding_of(doc.content), method)
+            self.host.emit(
+                message.request_id,
+                {
+                    "Embedding": {
+                        "Embedding": {
+                            "embedding": vector,
+                            "normalization_method": method.model_dump(),
+                            "pooling_type": "Mean",
+                            "source_document_id": doc.id,
+                        }
+                    }
+                },
+                False,
+            )
+        self.host.emit(message.request_id, {"Embedding": "Done"}, True)
+
+    def model_metadata(self) -> dict[str, str]:
+        return {
+            "general.name": "simulated",
+            "simulated.slots": str(self.slots),
+            "simulated.peak_slots_processing": str(self.counters.peak_processing),
+            "simulated.requests_beyond_slots": str(self.counters.held_requests),
+            "simulated.completed_requests": str(self.counters.completed),
+        }
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    async def _run_steps(self) -> None:
+        next_step = time.monotonic()
+        while self.active:
+            next_step += self.step_s
+            delay = next_step - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                next_step = time.monotonic()
+                await asyncio.sleep(0)
+            self._step()
+
+    def _step(self) -> None:
+        finished = []
+        now = time.monotonic_ns()
+        for seq in list(self.active.values()):
+            text = VOCABULARY[(seq.offset + seq.produced) % len(VOCABULARY)]
+            seq.produced += 1
+            if seq.first_token_ns is None:
+                seq.first_token_ns = now
+            self.host.emit(seq.request_id, token_payload(text), False)
+            if seq.produced >= seq.limit:
+                finished.append(seq)
+        for seq in finished:
+            del self.active[seq.request_id]
+            self.counters.completed += 1
+            done = done_payload(usage_dict(prompt_tokens=seq.prompt_tokens, content_tokens=seq.produced))
+            done["GeneratedToken"]["Done"]["timings"] = _timings(seq)
+            self.host.emit(seq.request_id, done, True)
+        if finished:
+            self._slots_changed()
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and len(self.active) < self.slots:
+            self._admit(self.waiting.popleft())
+
+    def _slots_changed(self) -> None:
+        self.board.slots_processing = len(self.active)
+        self.host.status_changed()
+
+
+def _timings(seq: _Sequence) -> dict[str, Any]:
+    """Agent-side timestamps (CLOCK_MONOTONIC ns, comparable across local processes)."""
+    return {"received_ns": seq.received_ns, "first_token_ns": seq.first_token_ns}
+
+
+def _embedding_of(text: str) -> list[float]:
+    digest = hashlib.blake2b(text.encode(), digest_size=EMBEDDING_DIMENSION).digest()
+    return [(b - 127.5) / 127.5 for b in digest]
+
+
+def normalize(vector: list[float], method: EmbeddingNormalizationMethod) -> list[float]:
+    if method.kind == "L2":
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        return [v / norm for v in vector]
+    if method.kind == "RmsNorm":
+        eps = method.epsilon or 0.0
+        rms = math.sqrt(sum(v * v for v in vector) / len(vector) + eps)
+        return [v / rms for v in vector]
+    return vector

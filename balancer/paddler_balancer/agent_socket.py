@@ -1,0 +1,148 @@
+"""``/api/v1/agent_socket/{agent_id}``: the WebSocket agents dial into.
+
+Reader: register handshake, then status snapshots, streamed responses and query
+replies. Writer: a queue drained by one task, so ``AgentController.send`` never
+blocks the caller. When the socket closes the agent is removed at once and its
+requests fail with 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from pydantic import ValidationError
+
+from paddler_balancer.agents import AgentController
+from paddler_balancer.service import Balancer
+from paddler_core.protocol import (
+    PROTOCOL_VERSION,
+    AgentStatus,
+    RegisteredMessage,
+    RegisterMessage,
+    RejectedMessage,
+)
+
+log = logging.getLogger(__name__)
+
+REGISTER_TIMEOUT_S = 10.0
+
+
+async def handle_agent_socket(request: web.Request, balancer: Balancer) -> web.WebSocketResponse:
+    agent_id = request.match_info["agent_id"]
+    ws = web.WebSocketResponse(heartbeat=5.0, max_msg_size=64 * 1024 * 1024)
+    await ws.prepare(request)
+
+    register = await _read_register(ws, agent_id)
+    if register is None:
+        await ws.close()
+        return ws
+
+    outbox: asyncio.Queue[str] = asyncio.Queue()
+    agent = AgentController(
+        id=agent_id,
+        name=register.name,
+        model_group=register.model_group,
+        send=lambda message: outbox.put_nowait(json.dumps(message)),
+        status=register.status,
+    )
+    agent.send(RegisteredMessage(agent_id=agent_id).model_dump())
+    agent.send(balancer.desired_state_message(agent.model_group))
+    replaced = balancer.pool.add(agent)
+    if replaced is not None:
+        balancer.agent_lost(replaced)
+    log.info(
+        "agent registered agent_id=%s name=%s model_group=%s slots_total=%d",
+        agent_id,
+        register.name,
+        register.model_group,
+        register.status.slots_total,
+    )
+
+    writer = asyncio.create_task(_write_loop(ws, outbox), name=f"agent-writer-{agent_id}")
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            _dispatch_frame(balancer, agent, msg.data)
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+            await writer
+        if balancer.pool.agents.get(agent_id) is agent:
+            balancer.agent_lost(agent)
+        else:
+            agent.connected = False
+        await ws.close()
+    return ws
+
+
+async def _read_register(ws: web.WebSocketResponse, agent_id: str) -> RegisterMessage | None:
+    try:
+        async with asyncio.timeout(REGISTER_TIMEOUT_S):
+            msg = await ws.receive()
+    except TimeoutError:
+        log.warning("agent did not register in time agent_id=%s", agent_id)
+        return None
+    if msg.type != WSMsgType.TEXT:
+        return None
+    try:
+        register = RegisterMessage.model_validate_json(msg.data)
+    except ValidationError as err:
+        await ws.send_str(RejectedMessage(reason=f"invalid register message: {err}").model_dump_json())
+        log.warning("agent rejected agent_id=%s reason=invalid-register", agent_id)
+        return None
+    if register.protocol_version != PROTOCOL_VERSION:
+        reason = (
+            f"protocol version {register.protocol_version} is not supported; "
+            f"this balancer speaks version {PROTOCOL_VERSION}"
+        )
+        await ws.send_str(RejectedMessage(reason=reason).model_dump_json())
+        log.warning("agent rejected agent_id=%s reason=version-mismatch", agent_id)
+        return None
+    return register
+
+
+async def _write_loop(ws: web.WebSocketResponse, outbox: asyncio.Queue[str]) -> None:
+    while True:
+        first = await outbox.get()
+        if outbox.empty():
+            await ws.send_str(first)
+            continue
+        frames = [first]
+        while not outbox.empty():
+            frames.append(outbox.get_nowait())
+        await ws.send_str("[" + ",".join(frames) + "]")
+
+
+def _dispatch_frame(balancer: Balancer, agent: AgentController, data: str) -> None:
+    try:
+        decoded = json.loads(data)
+    except json.JSONDecodeError:
+        log.warning("agent sent invalid JSON agent_id=%s", agent.id)
+        return
+    for message in decoded if isinstance(decoded, list) else (decoded,):
+        _dispatch_message(balancer, agent, message)
+
+
+def _dispatch_message(balancer: Balancer, agent: AgentController, message: Any) -> None:
+    kind = message.get("type") if isinstance(message, dict) else None
+    if kind == "response":
+        stream = agent.streams.get(message["request_id"])
+        if stream is not None:
+            stream.push(message["response"], bool(message.get("final")))
+    elif kind == "status":
+        try:
+            status = AgentStatus.model_validate(message["status"])
+        except (ValidationError, KeyError) as err:
+            log.warning("agent sent invalid status agent_id=%s error=%s", agent.id, err)
+            return
+        balancer.pool.update_status(agent, status)
+    elif kind == "reply":
+        balancer.reply_received(str(message.get("request_id")), message.get("body"))
+    else:
+        log.warning("agent sent unknown message agent_id=%s type=%s", agent.id, kind)

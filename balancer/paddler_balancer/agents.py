@@ -1,0 +1,152 @@
+"""Connected agents: their reported status and the balancer's own slot accounting.
+
+The agent is the authority on ``slots_total``; the balancer counts the requests it
+has in flight on each agent and never sends more than ``slots_total``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from paddler_balancer.streams import ResponseStream
+from paddler_core.protocol import AgentStatus
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[dict[str, Any]], None]
+
+
+@dataclass(eq=False)
+class AgentController:
+    """One connected agent, as the balancer sees it."""
+
+    id: str
+    name: str | None
+    model_group: str
+    send: Sender
+    """Queue one message to the agent (never blocks)."""
+    status: AgentStatus = field(default_factory=AgentStatus)
+    in_flight: int = 0
+    streams: dict[str, ResponseStream] = field(default_factory=dict)
+    connected: bool = True
+    order: int = field(default_factory=itertools.count().__next__)
+    """Registration order: a stable tie-break for routing."""
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.status.slots_total - self.in_flight) if self.connected else 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """Paddler's AgentControllerSnapshot JSON, plus our ``model_group``."""
+        s = self.status
+        return {
+            "id": self.id,
+            "name": self.name,
+            "model_group": self.model_group,
+            "slots_total": s.slots_total,
+            "slots_processing": s.slots_processing,
+            "slots_in_flight": self.in_flight,
+            "desired_slots_total": s.desired_slots_total,
+            "model_path": s.model_path,
+            "download_current": s.download_current,
+            "download_total": s.download_total,
+            "download_filename": s.download_filename,
+            "download_indeterminate": s.download_indeterminate,
+            "issues": [i.model_dump() for i in s.issues],
+            "state_application_status": s.state_application_status.value,
+            "uses_chat_template_override": s.uses_chat_template_override,
+        }
+
+
+class AgentPool:
+    """Registry of connected agents, indexed by model group and prefix hash."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, AgentController] = {}
+        self.available: dict[str, set[AgentController]] = {}
+        """Per model group: the agents with at least one free slot."""
+        self.prefix_index: dict[str, set[AgentController]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.version = 0
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.remove(listener)
+
+    def changed(self) -> None:
+        self.version += 1
+        for listener in self._listeners:
+            listener()
+
+    def add(self, agent: AgentController) -> AgentController | None:
+        """Register ``agent``; returns the controller it replaces (same id), if any."""
+        previous = self.agents.get(agent.id)
+        if previous is not None:
+            self._forget(previous)
+        self.agents[agent.id] = agent
+        self._index_prefixes(agent, [], agent.status.prefix_hashes)
+        self.refresh(agent)
+        self.changed()
+        return previous
+
+    def update_status(self, agent: AgentController, status: AgentStatus) -> bool:
+        """Apply a snapshot; a stale one (lower version) is dropped. True if applied."""
+        if status.version < agent.status.version:
+            return False
+        old = agent.status.prefix_hashes
+        agent.status = status
+        if old != status.prefix_hashes:
+            self._index_prefixes(agent, old, status.prefix_hashes)
+        self.refresh(agent)
+        self.changed()
+        return True
+
+    def remove(self, agent: AgentController) -> None:
+        if self.agents.get(agent.id) is agent:
+            del self.agents[agent.id]
+        self._forget(agent)
+        self.changed()
+
+    def refresh(self, agent: AgentController) -> None:
+        """Keep ``available`` true after the agent's slots or in-flight count changed."""
+        group = self.available.setdefault(agent.model_group, set())
+        if agent.free_slots > 0 and agent.connected:
+            group.add(agent)
+        else:
+            group.discard(agent)
+
+    def in_group(self, group: str) -> list[AgentController]:
+        return [a for a in self.agents.values() if a.model_group == group]
+
+    def holding_prefix(self, hashes: list[str]) -> set[AgentController]:
+        found: set[AgentController] = set()
+        for h in hashes:
+            found |= self.prefix_index.get(h, set())
+        return found
+
+    def _forget(self, agent: AgentController) -> None:
+        agent.connected = False
+        self.refresh(agent)
+        self._index_prefixes(agent, agent.status.prefix_hashes, [])
+
+    def _index_prefixes(self, agent: AgentController, old: list[str], new: list[str]) -> None:
+        for h in set(old) - set(new):
+            holders = self.prefix_index.get(h)
+            if holders is not None:
+                holders.discard(agent)
+                if not holders:
+                    del self.prefix_index[h]
+        if agent.connected:
+            for h in set(new) - set(old):
+                self.prefix_index.setdefault(h, set()).add(agent)
+
+
+def totals(agents: list[AgentController]) -> tuple[int, int]:
+    """(slots_total, slots_in_flight) over ``agents``."""
+    return sum(a.status.slots_total for a in agents), sum(a.in_flight for a in agents)

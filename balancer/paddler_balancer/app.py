@@ -1,0 +1,87 @@
+"""App factories and the server lifecycle of ``paddler balancer``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from paddler_balancer import inference_api, management_api
+from paddler_balancer.http_util import cors_middleware
+from paddler_balancer.inference_api import BALANCER_KEY
+from paddler_balancer.metrics import statsd_reporter
+from paddler_balancer.service import Balancer
+from paddler_balancer.settings import BalancerSettings, parse_addr
+
+log = logging.getLogger(__name__)
+
+
+def inference_app(balancer: Balancer) -> web.Application:
+    app = web.Application(middlewares=[cors_middleware], client_max_size=64 * 1024 * 1024)
+    app[BALANCER_KEY] = balancer
+    inference_api.add_routes(app)
+    return app
+
+
+def management_app(balancer: Balancer) -> web.Application:
+    app = web.Application(middlewares=[cors_middleware], client_max_size=64 * 1024 * 1024)
+    app[BALANCER_KEY] = balancer
+    management_api.add_routes(app)
+    if balancer.settings.statsd_addr:
+        app.cleanup_ctx.append(_statsd_ctx)
+    return app
+
+
+async def _statsd_ctx(app: web.Application) -> AsyncIterator[None]:
+    balancer = app[BALANCER_KEY]
+    settings = balancer.settings
+    assert settings.statsd_addr is not None
+    task = asyncio.create_task(
+        statsd_reporter(
+            balancer.metrics,
+            parse_addr(settings.statsd_addr),
+            settings.statsd_prefix,
+            settings.statsd_reporting_interval,
+        )
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _start(app: web.Application, addr: str, name: str) -> web.AppRunner:
+    # handler_cancellation: a client that disconnects cancels its handler at once,
+    # which leaves the buffer and frees the slot (see Balancer.generation).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    host, port = parse_addr(addr)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    actual = sockets[0].getsockname()[1] if sockets else port
+    # One stable line per listener: tests and scripts read the real port from it.
+    print(f"paddler listening service={name} url=http://{host}:{actual}", flush=True)
+    log.info("listening service=%s host=%s port=%s", name, host, actual)
+    return runner
+
+
+async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -> None:
+    balancer = Balancer(settings)
+    runners = [
+        await _start(management_app(balancer), settings.management_addr, "management"),
+        await _start(inference_app(balancer), settings.inference_addr, "inference"),
+    ]
+    if settings.web_admin_panel_addr:
+        from paddler_balancer.admin_panel import admin_panel_app
+
+        runners.append(await _start(admin_panel_app(settings), settings.web_admin_panel_addr, "web_admin_panel"))
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()

@@ -1,0 +1,183 @@
+"""Slot leases and the request buffer.
+
+``Dispatcher.acquire`` returns a :class:`Lease` on one slot of one agent: at once
+when an agent has a free slot and nobody of the same group waits before us,
+otherwise after waiting in the FIFO buffer. A lease is released exactly once
+(``Lease.release`` is idempotent and ``async with`` always calls it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from paddler_balancer import routing
+from paddler_balancer.agents import AgentController, AgentPool
+from paddler_balancer.streams import InferenceFailure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Lease:
+    """One claimed slot. Release it exactly once; ``async with`` does."""
+
+    agent: AgentController
+    dispatcher: Dispatcher
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.dispatcher._release(self.agent)
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    request: routing.RouteRequest
+    future: asyncio.Future[Lease] = field(repr=False)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: AgentPool,
+        *,
+        max_buffered: int,
+        buffer_timeout: float,
+        candidate_limit: int = 64,
+        load_cap: float = 0.75,
+    ) -> None:
+        self.pool = pool
+        self.max_buffered = max_buffered
+        self.buffer_timeout = buffer_timeout
+        self.candidate_limit = candidate_limit
+        self.load_cap = load_cap
+        self._waiters: deque[_Waiter] = deque()
+        self._rng = random.Random(0)
+        self._listeners: list[asyncio.Event] = []
+        self._drain_scheduled = False
+        pool.on_change(self.schedule_drain)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._waiters)
+
+    def waiting_requests(self) -> list[routing.RouteRequest]:
+        return [w.request for w in self._waiters]
+
+    def watch(self) -> asyncio.Event:
+        """An event set whenever the buffered count may have changed."""
+        event = asyncio.Event()
+        self._listeners.append(event)
+        return event
+
+    def unwatch(self, event: asyncio.Event) -> None:
+        self._listeners.remove(event)
+
+    def try_claim(self, request: routing.RouteRequest) -> Lease | None:
+        agent = self._select(request)
+        if agent is None:
+            return None
+        agent.in_flight += 1
+        self.pool.refresh(agent)
+        return Lease(agent, self)
+
+    async def acquire(self, request: routing.RouteRequest) -> Lease:
+        """A lease on a free slot; waits in the buffer if none is free.
+
+        Raises InferenceFailure 503 when the buffer is full (or disabled) and 504
+        when the wait runs past the buffer timeout.
+        """
+        if not any(w.request.model_group == request.model_group for w in self._waiters):
+            lease = self.try_claim(request)
+            if lease is not None:
+                return lease
+        if len(self._waiters) >= self.max_buffered:
+            raise InferenceFailure(
+                503,
+                f"too many buffered requests (limit {self.max_buffered}); retry later",
+                "buffer_full",
+            )
+        waiter = _Waiter(request, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._notify()
+        try:
+            async with asyncio.timeout(self.buffer_timeout):
+                return await asyncio.shield(waiter.future)
+        except TimeoutError:
+            self._abandon(waiter)
+            raise InferenceFailure(
+                504,
+                f"no agent freed a slot within the buffer timeout ({self.buffer_timeout:g}s)",
+                "buffer_timeout",
+            ) from None
+        except BaseException:  # cancelled: the client went away
+            self._abandon(waiter)
+            raise
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """The caller stopped waiting: leave the buffer, or give back a lease granted
+        in the same instant (the grant raced the timeout or the cancel)."""
+        if waiter.future.done():
+            if not waiter.future.cancelled():
+                waiter.future.result().release()
+        else:
+            waiter.future.cancel()
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        self._notify()
+
+    def _release(self, agent: AgentController) -> None:
+        agent.in_flight = max(0, agent.in_flight - 1)
+        self.pool.refresh(agent)
+        self.schedule_drain()
+
+    def schedule_drain(self) -> None:
+        if self._waiters and not self._drain_scheduled:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Hand free slots to waiters, first come first served within a model group."""
+        self._drain_scheduled = False
+        blocked: set[str] = set()
+        for waiter in list(self._waiters):
+            group = waiter.request.model_group
+            if group in blocked or waiter.future.done():
+                continue
+            lease = self.try_claim(waiter.request)
+            if lease is None:
+                blocked.add(group)
+                continue
+            waiter.future.set_result(lease)
+            self._waiters.remove(waiter)
+        self._notify()
+
+    def _select(self, request: routing.RouteRequest) -> AgentController | None:
+        available = self.pool.available.get(request.model_group)
+        if not available:
+            return None
+        holders = self.pool.holding_prefix(list(request.prefix_hashes)) if request.prefix_hashes else set()
+        pool = routing.candidates(available, holders, self.candidate_limit, self._rng)
+        return routing.pick(pool, request, self.load_cap)
+
+    def _notify(self) -> None:
+        for event in self._listeners:
+            event.set()

@@ -1,0 +1,232 @@
+"""Paddler's native inference API (the inference address).
+
+``POST /api/v1/continue_from_raw_prompt``, ``.../continue_from_conversation_history``
+and ``.../generate_embedding_batch`` stream NDJSON; ``GET /api/v1/inference_socket``
+multiplexes requests by id over one WebSocket (``paddler-client``'s transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from pydantic import ValidationError
+
+from paddler_balancer.batches import Batch, run_embedding, run_generation
+from paddler_balancer.http_util import json_error, read_json, validation_message
+from paddler_balancer.service import Balancer
+from paddler_balancer.streams import InferenceFailure
+from paddler_core.desired_state import DEFAULT_MODEL_GROUP
+from paddler_core.inference import (
+    TIMEOUT,
+    TOO_MANY_BUFFERED_REQUESTS,
+    GenerateEmbeddingBatchParams,
+    RequestKind,
+    error_envelope,
+    parse_generation_request,
+    response_envelope,
+)
+
+log = logging.getLogger(__name__)
+
+BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_post("/api/v1/continue_from_raw_prompt", continue_from_raw_prompt)
+    app.router.add_post("/api/v1/continue_from_conversation_history", continue_from_conversation_history)
+    app.router.add_post("/api/v1/generate_embedding_batch", generate_embedding_batch)
+    app.router.add_get("/api/v1/inference_socket", inference_socket)
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+
+async def continue_from_raw_prompt(request: web.Request) -> web.StreamResponse:
+    return await _generation_ndjson(request, RequestKind.RAW_PROMPT)
+
+
+async def continue_from_conversation_history(request: web.Request) -> web.StreamResponse:
+    return await _generation_ndjson(request, RequestKind.CONVERSATION)
+
+
+async def _generation_ndjson(request: web.Request, variant: RequestKind) -> web.StreamResponse:
+    body = await read_json(request)
+    try:
+        params = parse_generation_request(variant, body)
+    except ValidationError as err:
+        return json_error(400, validation_message(err), "invalid_request")
+    balancer = request.app[BALANCER_KEY]
+    request_id = uuid.uuid4().hex
+    runner = run_generation(
+        balancer,
+        model_group=DEFAULT_MODEL_GROUP,
+        variant=variant.value,
+        params=params.model_dump(mode="json", by_alias=True, exclude_none=True),
+        request_id=request_id,
+    )
+    return await stream_ndjson(request, request_id, runner)
+
+
+async def generate_embedding_batch(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    try:
+        params = GenerateEmbeddingBatchParams.model_validate(body)
+    except ValidationError as err:
+        return json_error(400, validation_message(err), "invalid_request")
+    request_id = uuid.uuid4().hex
+    runner = run_embedding(
+        request.app[BALANCER_KEY],
+        model_group=DEFAULT_MODEL_GROUP,
+        params=params,
+        request_id=request_id,
+    )
+    return await stream_ndjson(request, request_id, runner)
+
+
+async def stream_ndjson(request: web.Request, request_id: str, runner: AsyncIterator[Batch]) -> web.StreamResponse:
+    """Write a runner's payloads as NDJSON envelopes. Status first, then lines."""
+    async with contextlib.aclosing(runner):  # type: ignore[type-var]
+        try:
+            first = await anext(runner)
+        except InferenceFailure as failure:
+            return json_error(failure.status, failure.message, failure.kind)
+        except StopAsyncIteration:
+            return json_error(502, "the agent ended the request without a response", "agent_lost")
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        batch: Batch | None = first
+        while batch is not None:
+            agent_id, items = batch
+            await response.write(
+                "".join(json.dumps(response_envelope(request_id, p, agent_id)) + "\n" for p, _ in items).encode()
+            )
+            try:
+                batch = await anext(runner)
+            except StopAsyncIteration:
+                batch = None
+            except InferenceFailure as failure:
+                line = json.dumps(error_envelope(request_id, failure.status, failure.message))
+                await response.write((line + "\n").encode())
+                batch = None
+        await response.write_eof()
+        return response
+
+
+# ---- WebSocket ------------------------------------------------------------------------------
+
+
+def _failure_payload(request_id: str, failure: InferenceFailure) -> dict[str, Any]:
+    """Paddler's WebSocket shapes: named responses for buffer outcomes, else an Error."""
+    if failure.kind == "buffer_full":
+        return response_envelope(request_id, TOO_MANY_BUFFERED_REQUESTS)
+    if failure.kind in ("buffer_timeout", "item_timeout"):
+        return response_envelope(request_id, TIMEOUT)
+    return error_envelope(request_id, failure.status, failure.message)
+
+
+async def inference_socket(request: web.Request) -> web.WebSocketResponse:
+    balancer = request.app[BALANCER_KEY]
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024 * 1024)
+    await ws.prepare(request)
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def send(message: dict[str, Any]) -> None:
+        if not ws.closed:
+            await ws.send_str(json.dumps(message))
+
+    def start(request_id: str, make_runner: Callable[[], AsyncIterator[Batch]]) -> None:
+        async def run() -> None:
+            try:
+                async with contextlib.aclosing(make_runner()) as runner:  # type: ignore[type-var]
+                    async for agent_id, items in runner:
+                        for payload, _final in items:
+                            await send(response_envelope(request_id, payload, agent_id))
+            except InferenceFailure as failure:
+                await send(_failure_payload(request_id, failure))
+            except (ConnectionResetError, asyncio.CancelledError):
+                pass
+            finally:
+                tasks.pop(request_id, None)
+
+        tasks[request_id] = asyncio.create_task(run(), name=f"ws-request-{request_id}")
+
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            await _handle_socket_message(balancer, msg.data, send, start, tasks)
+    finally:
+        for task in list(tasks.values()):
+            task.cancel()
+        for task in list(tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return ws
+
+
+async def _handle_socket_message(
+    balancer: Balancer,
+    data: str,
+    send: Callable[[dict[str, Any]], Any],
+    start: Callable[[str, Callable[[], AsyncIterator[Batch]]], None],
+    tasks: dict[str, asyncio.Task[None]],
+) -> None:
+    try:
+        message = json.loads(data)
+    except json.JSONDecodeError as err:
+        await send(error_envelope("", 400, f"message is not valid JSON: {err}"))
+        return
+    if not isinstance(message, dict):
+        await send(error_envelope("", 400, "message must be a JSON object"))
+        return
+    cancel = message.get("Cancel") or message.get("StopRespondingTo")
+    if cancel is not None:
+        cancel_id = cancel.get("id") if isinstance(cancel, dict) else cancel
+        task = tasks.get(str(cancel_id))
+        if task is not None:
+            task.cancel()
+        return
+    envelope = message.get("Request")
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("request"), dict):
+        await send(error_envelope("", 400, 'expected {"Request": {"id": ..., "request": {...}}}'))
+        return
+    request_id = str(envelope.get("id") or uuid.uuid4())
+    body = envelope["request"]
+    if len(body) != 1:
+        await send(error_envelope(request_id, 400, "request must hold exactly one variant"))
+        return
+    ((variant, raw_params),) = body.items()
+    if request_id in tasks:
+        await send(error_envelope(request_id, 400, f"request id {request_id} is already in flight"))
+        return
+    try:
+        if variant == RequestKind.EMBEDDING:
+            embed_params = GenerateEmbeddingBatchParams.model_validate(raw_params)
+            start(
+                request_id,
+                lambda: run_embedding(
+                    balancer, model_group=DEFAULT_MODEL_GROUP, params=embed_params, request_id=request_id
+                ),
+            )
+            return
+        params = parse_generation_request(variant, raw_params)
+    except (ValidationError, ValueError) as err:
+        text = validation_message(err) if isinstance(err, ValidationError) else str(err)
+        await send(error_envelope(request_id, 400, text))
+        return
+    dumped = params.model_dump(mode="json", by_alias=True, exclude_none=True)
+    start(
+        request_id,
+        lambda: run_generation(
+            balancer, model_group=DEFAULT_MODEL_GROUP, variant=variant, params=dumped, request_id=request_id
+        ),
+    )

@@ -1,0 +1,200 @@
+"""Management API (the management address): agents, buffer, desired state, metrics.
+
+Paddler's routes, plus per-model-group desired state for pools that serve several
+models (the native ``/api/v1/balancer_desired_state`` is the default group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from paddler_balancer.agent_socket import handle_agent_socket
+from paddler_balancer.http_util import json_error, read_json, validation_message
+from paddler_balancer.inference_api import BALANCER_KEY
+from paddler_balancer.service import Balancer
+from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState
+
+log = logging.getLogger(__name__)
+
+OWNER_HEADER = "X-Paddler-Owner"
+SSE_KEEPALIVE_S = 15.0
+_GROUP_NAME = r"{group:[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?}"
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    r.add_get("/api/v1/agent_socket/{agent_id}", agent_socket)
+    r.add_get("/api/v1/agents", agents)
+    r.add_get("/api/v1/agents/stream", agents_stream)
+    r.add_get("/api/v1/buffered_requests", buffered_requests)
+    r.add_get("/api/v1/buffered_requests/stream", buffered_requests_stream)
+    r.add_get("/api/v1/balancer_desired_state", get_default_state)
+    r.add_put("/api/v1/balancer_desired_state", put_default_state)
+    r.add_get("/api/v1/model_groups", model_groups)
+    r.add_get(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", get_group_state)
+    r.add_put(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", put_group_state)
+    r.add_delete(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", delete_group_state)
+    r.add_get("/api/v1/agent/{agent_id}/model_metadata", model_metadata)
+    r.add_get("/api/v1/agent/{agent_id}/chat_template_override", chat_template_override)
+
+
+def _balancer(request: web.Request) -> Balancer:
+    return request.app[BALANCER_KEY]
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = _balancer(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def agent_socket(request: web.Request) -> web.StreamResponse:
+    return await handle_agent_socket(request, _balancer(request))
+
+
+def _agents_body(balancer: Balancer) -> dict[str, Any]:
+    ordered = sorted(balancer.pool.agents.values(), key=lambda a: a.order)
+    return {"agents": [a.snapshot() for a in ordered]}
+
+
+def _buffered_body(balancer: Balancer) -> dict[str, Any]:
+    return {"buffered_requests_current": balancer.dispatcher.buffered}
+
+
+async def agents(request: web.Request) -> web.Response:
+    return web.json_response(_agents_body(_balancer(request)))
+
+
+async def buffered_requests(request: web.Request) -> web.Response:
+    return web.json_response(_buffered_body(_balancer(request)))
+
+
+async def agents_stream(request: web.Request) -> web.StreamResponse:
+    balancer = _balancer(request)
+    changed = asyncio.Event()
+    balancer.pool.on_change(changed.set)
+    try:
+        return await _sse(request, changed, lambda: _agents_body(balancer))
+    finally:
+        balancer.pool.remove_listener(changed.set)
+
+
+async def buffered_requests_stream(request: web.Request) -> web.StreamResponse:
+    balancer = _balancer(request)
+    changed = balancer.dispatcher.watch()
+    try:
+        return await _sse(request, changed, lambda: _buffered_body(balancer))
+    finally:
+        balancer.dispatcher.unwatch(changed)
+
+
+async def _sse(request: web.Request, changed: asyncio.Event, body: Callable[[], dict[str, Any]]) -> web.StreamResponse:
+    """Server-sent events: the current body at once, then again on each change."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    last = ""
+    while True:
+        current = json.dumps(body())
+        if current != last:
+            await response.write(f"data: {current}\n\n".encode())
+            last = current
+        changed.clear()
+        try:
+            async with asyncio.timeout(SSE_KEEPALIVE_S):
+                await changed.wait()
+        except TimeoutError:
+            await response.write(b": keepalive\n\n")
+        await asyncio.sleep(0.05)  # coalesce bursts of changes into one event
+
+
+def _parse_state(body: Any) -> BalancerDesiredState | web.Response:
+    try:
+        return BalancerDesiredState.model_validate(body)
+    except ValidationError as err:
+        return json_error(400, validation_message(err), "invalid_desired_state")
+
+
+async def get_default_state(request: web.Request) -> web.Response:
+    return web.json_response(_balancer(request).store.get(DEFAULT_MODEL_GROUP).to_json_dict())
+
+
+async def put_default_state(request: web.Request) -> web.Response:
+    return await _put_state(request, DEFAULT_MODEL_GROUP)
+
+
+async def get_group_state(request: web.Request) -> web.Response:
+    group = request.match_info["group"]
+    store = _balancer(request).store
+    if group not in store.groups and group != DEFAULT_MODEL_GROUP:
+        return json_error(404, f"model group {group!r} has no desired state", "unknown_model_group")
+    return web.json_response(store.get(group).to_json_dict())
+
+
+async def put_group_state(request: web.Request) -> web.Response:
+    return await _put_state(request, request.match_info["group"])
+
+
+async def delete_group_state(request: web.Request) -> web.Response:
+    group = request.match_info["group"]
+    if not _balancer(request).store.delete(group):
+        return json_error(404, f"model group {group!r} has no desired state", "unknown_model_group")
+    _balancer(request).pool.changed()
+    return web.Response(status=204)
+
+
+async def _put_state(request: web.Request, group: str) -> web.Response:
+    parsed = _parse_state(await read_json(request))
+    if isinstance(parsed, web.Response):
+        return parsed
+    _balancer(request).set_desired_state(group, parsed, request.headers.get(OWNER_HEADER))
+    return web.Response(status=204)
+
+
+async def model_groups(request: web.Request) -> web.Response:
+    balancer = _balancer(request)
+    groups = []
+    for name in balancer.store.names():
+        entry = balancer.store.groups.get(name)
+        members = balancer.pool.in_group(name)
+        groups.append(
+            {
+                "name": name,
+                "owner": entry.owner if entry else None,
+                "desired_state": balancer.store.get(name).to_json_dict(),
+                "agents": len(members),
+                "slots_total": sum(a.status.slots_total for a in members),
+                "slots_in_flight": sum(a.in_flight for a in members),
+            }
+        )
+    return web.json_response({"model_groups": groups})
+
+
+async def _query(request: web.Request, what: str) -> web.Response:
+    agent_id = request.match_info["agent_id"]
+    try:
+        body = await _balancer(request).query_agent(agent_id, what)
+    except KeyError:
+        return json_error(404, f"agent {agent_id!r} is not connected", "unknown_agent")
+    except TimeoutError:
+        return json_error(504, f"agent {agent_id!r} did not answer in time", "agent_timeout")
+    return web.json_response(body)
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    return await _query(request, "model_metadata")
+
+
+async def chat_template_override(request: web.Request) -> web.Response:
+    return await _query(request, "chat_template_override")

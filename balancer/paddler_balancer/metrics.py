@@ -1,0 +1,111 @@
+"""Prometheus metrics (and StatsD gauges). Gauges are read from live state at
+scrape time, so they always exist and read 0 when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class GroupGauges:
+    model_group: str
+    agents: int
+    slots_total: int
+    slots_processing: int
+    requests_buffered: int
+
+
+class _LiveGauges(Collector):
+    def __init__(self, read: Callable[[], list[GroupGauges]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rows = self._read()
+        families = {
+            "agents": GaugeMetricFamily("paddler_agents", "Connected agents", labels=["model_group"]),
+            "slots_total": GaugeMetricFamily("paddler_slots_total", "Slots reported by agents", labels=["model_group"]),
+            "slots_processing": GaugeMetricFamily(
+                "paddler_slots_processing", "Slots busy with a request", labels=["model_group"]
+            ),
+            "requests_buffered": GaugeMetricFamily(
+                "paddler_requests_buffered",
+                "Requests waiting for a free slot",
+                labels=["model_group"],
+            ),
+        }
+        for row in rows:
+            for key, family in families.items():
+                family.add_metric([row.model_group], float(getattr(row, key)))
+        # Unlabelled total: the metric HPA / KEDA scale on (ARCHITECTURE.md).
+        total = GaugeMetricFamily("paddler_buffered_requests", "Requests waiting for a free slot, all model groups")
+        total.add_metric([], float(sum(r.requests_buffered for r in rows)))
+        yield total
+        yield from families.values()
+
+
+class Metrics:
+    def __init__(self, read_gauges: Callable[[], list[GroupGauges]]) -> None:
+        self.read_gauges = read_gauges
+        self.registry = CollectorRegistry()
+        self.registry.register(_LiveGauges(read_gauges))
+        self.time_to_first_token = Histogram(
+            "paddler_time_to_first_token_seconds",
+            "From request arrival to the first token sent to the client",
+            ["model_group"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "paddler_request_duration_seconds",
+            "From request arrival to its last byte",
+            ["model_group"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "paddler_generated_tokens",
+            "Tokens streamed to clients",
+            ["model_group"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "paddler_requests",
+            "Finished requests by outcome (HTTP status code)",
+            ["model_group", "code"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def statsd_reporter(metrics: Metrics, addr: tuple[str, int], prefix: str, interval: float) -> None:
+    """Send gauges to StatsD over UDP every ``interval`` seconds until cancelled."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    try:
+        while True:
+            rows = metrics.read_gauges()
+            lines = [
+                f"{prefix}{key}:{sum(getattr(r, key) for r in rows)}|g"
+                for key in ("agents", "slots_total", "slots_processing", "requests_buffered")
+            ]
+            try:
+                sock.sendto("\n".join(lines).encode(), addr)
+            except OSError as err:
+                log.warning("statsd send failed addr=%s:%s error=%s", addr[0], addr[1], err)
+            await asyncio.sleep(interval)
+    finally:
+        sock.close()

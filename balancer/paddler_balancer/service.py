@@ -1,0 +1,215 @@
+"""The balancer's state and the one path every inference request takes.
+
+``Balancer.generation(...)`` is an async context manager: it leases a slot (maybe
+after buffering), sends the request to the agent and yields a
+:class:`Generation` to read payloads from. Leaving the block, for any reason,
+tells the agent to stop (if the request had not finished) and releases the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from paddler_balancer.agents import AgentController, AgentPool, totals
+from paddler_balancer.dispatcher import Dispatcher, Lease
+from paddler_balancer.metrics import GroupGauges, Metrics
+from paddler_balancer.routing import RouteRequest
+from paddler_balancer.settings import BalancerSettings
+from paddler_balancer.state_store import StateStore
+from paddler_balancer.streams import InferenceFailure, ResponseStream, StreamFailure
+from paddler_core.desired_state import BalancerDesiredState, SamplingOverrides
+from paddler_core.protocol import (
+    EmbedMessage,
+    GenerateMessage,
+    QueryMessage,
+    SetDesiredStateMessage,
+    StopMessage,
+)
+
+log = logging.getLogger(__name__)
+
+QUERY_TIMEOUT_S = 10.0
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request in flight on one agent."""
+
+    request_id: str
+    lease: Lease
+    stream: ResponseStream
+    item_timeout: float
+    started_at: float
+    model_group: str
+    tokens: int = 0
+    first_token_at: float | None = None
+    outcome: int = 200
+
+    @property
+    def agent_id(self) -> str:
+        return self.lease.agent.id
+
+    async def next_batch(self) -> list[tuple[Any, bool]]:
+        try:
+            batch = await self.stream.next_batch(self.item_timeout)
+        except InferenceFailure as failure:
+            self.outcome = failure.status
+            raise
+        for payload, _final in batch:
+            if isinstance(payload, dict) and "GeneratedToken" in payload:
+                gen = payload["GeneratedToken"]
+                if "Done" not in gen:
+                    self.tokens += 1
+                    if self.first_token_at is None:
+                        self.first_token_at = time.monotonic()
+        return batch
+
+
+@dataclass
+class Balancer:
+    settings: BalancerSettings
+    pool: AgentPool = field(default_factory=AgentPool)
+    store: StateStore = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
+    metrics: Metrics = field(init=False)
+    _queries: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.store = StateStore(self.settings.state_database)
+        self.dispatcher = Dispatcher(
+            self.pool,
+            max_buffered=self.settings.max_buffered_requests,
+            buffer_timeout=self.settings.buffered_request_timeout,
+            candidate_limit=self.settings.routing_candidates,
+            load_cap=self.settings.prefix_affinity_load_cap,
+        )
+        self.metrics = Metrics(self.gauges)
+
+    # ---- state -------------------------------------------------------------------------
+
+    def gauges(self) -> list[GroupGauges]:
+        groups = set(self.store.names()) | {a.model_group for a in self.pool.agents.values()}
+        buffered: dict[str, int] = {}
+        for request in self.dispatcher.waiting_requests():
+            buffered[request.model_group] = buffered.get(request.model_group, 0) + 1
+        rows = []
+        for group in sorted(groups):
+            agents = self.pool.in_group(group)
+            slots_total, in_flight = totals(agents)
+            rows.append(GroupGauges(group, len(agents), slots_total, in_flight, buffered.get(group, 0)))
+        return rows
+
+    def set_desired_state(self, group: str, state: BalancerDesiredState, owner: str | None = None) -> None:
+        self.store.put(group, state, owner)
+        message = SetDesiredStateMessage(state=state).model_dump(mode="json")
+        for agent in self.pool.in_group(group):
+            agent.send(message)
+        log.info("desired state set group=%s model=%s owner=%s", group, state.model.describe(), owner)
+        self.pool.changed()
+
+    def desired_state_message(self, group: str) -> dict[str, Any]:
+        return SetDesiredStateMessage(state=self.store.get(group)).model_dump(mode="json")
+
+    # ---- agents --------------------------------------------------------------------------
+
+    def agent_lost(self, agent: AgentController) -> None:
+        """The agent's socket closed: forget it and fail its requests at once."""
+        self.pool.remove(agent)
+        for stream in list(agent.streams.values()):
+            stream.fail(StreamFailure.AGENT_LOST)
+        log.info("agent removed agent_id=%s in_flight=%d", agent.id, len(agent.streams))
+
+    async def query_agent(self, agent_id: str, what: str) -> Any:
+        agent = self.pool.agents.get(agent_id)
+        if agent is None:
+            raise KeyError(agent_id)
+        query_id = uuid.uuid4().hex
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queries[query_id] = future
+        try:
+            agent.send(QueryMessage(request_id=query_id, what=what).model_dump())
+            async with asyncio.timeout(QUERY_TIMEOUT_S):
+                return await future
+        finally:
+            self._queries.pop(query_id, None)
+
+    def reply_received(self, request_id: str, body: Any) -> None:
+        future = self._queries.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(body)
+
+    # ---- inference -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def generation(
+        self,
+        *,
+        model_group: str,
+        variant: str,
+        params: dict[str, Any],
+        overrides: SamplingOverrides | None = None,
+        prefix_hashes: tuple[str, ...] = (),
+        request_id: str | None = None,
+    ) -> AsyncIterator[Generation]:
+        message = GenerateMessage(
+            request_id=request_id or uuid.uuid4().hex,
+            variant=variant,
+            params=params,
+            overrides=overrides,
+        ).model_dump(mode="json", exclude_none=True)
+        async with self._in_flight(model_group, message, prefix_hashes) as generation:
+            yield generation
+
+    @asynccontextmanager
+    async def embedding(
+        self, *, model_group: str, params: dict[str, Any], request_id: str
+    ) -> AsyncIterator[Generation]:
+        message = EmbedMessage(request_id=request_id, params=params).model_dump(mode="json")
+        async with self._in_flight(model_group, message, ()) as generation:
+            yield generation
+
+    @asynccontextmanager
+    async def _in_flight(
+        self, model_group: str, message: dict[str, Any], prefix_hashes: tuple[str, ...]
+    ) -> AsyncIterator[Generation]:
+        started = time.monotonic()
+        request_id: str = message["request_id"]
+        try:
+            lease = await self.dispatcher.acquire(RouteRequest(model_group, prefix_hashes))
+        except InferenceFailure as failure:
+            self.metrics.requests.labels(model_group, str(failure.status)).inc()
+            raise
+        stream = ResponseStream(request_id)
+        agent = lease.agent
+        agent.streams[request_id] = stream
+        generation = Generation(request_id, lease, stream, self.settings.inference_item_timeout, started, model_group)
+        try:
+            agent.send(message)
+            yield generation
+        except BaseException:
+            if generation.outcome == 200:
+                generation.outcome = 499  # client went away or the handler failed
+            raise
+        finally:
+            if not stream.finished and agent.connected:
+                agent.send(StopMessage(request_id=request_id).model_dump())
+            agent.streams.pop(request_id, None)
+            lease.release()
+            self._record(generation)
+
+    def _record(self, generation: Generation) -> None:
+        group = generation.model_group
+        m = self.metrics
+        m.requests.labels(group, str(generation.outcome)).inc()
+        m.request_duration.labels(group).observe(time.monotonic() - generation.started_at)
+        if generation.first_token_at is not None:
+            m.time_to_first_token.labels(group).observe(generation.first_token_at - generation.started_at)
+        if generation.tokens:
+            m.generated_tokens.labels(group).inc(generation.tokens)

@@ -1,0 +1,58 @@
+"""Balancer settings: one typed dataclass, units in the docstrings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"10000"`` (bare number: milliseconds, like Paddler's flags),
+    ``"500ms"``, ``"10s"``, ``"2m"`` or ``"1h"``."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"invalid duration {text!r}; use e.g. 10000 (ms), 500ms, 10s, 2m")
+    value, unit = float(match.group(1)), match.group(2) or "ms"
+    return value * _UNIT_SECONDS[unit]
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); port 0 picks a free port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid address {text!r}; expected host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class BalancerSettings:
+    inference_addr: str = "127.0.0.1:8061"
+    """Native + OpenAI inference APIs (host:port)."""
+    management_addr: str = "127.0.0.1:8060"
+    """Management API, agent sockets and /metrics (host:port)."""
+    web_admin_panel_addr: str | None = None
+    """Web admin panel (host:port); None turns it off."""
+    compat_openai_addr: str | None = None
+    """Optional extra address serving only the OpenAI API (Paddler compatibility)."""
+    max_buffered_requests: int = 30
+    """Requests held while no agent has a free slot; 0 disables buffering."""
+    buffered_request_timeout: float = 10.0
+    """Seconds a request may wait in the buffer before a 504."""
+    inference_item_timeout: float = 30.0
+    """Seconds without a token from the agent before a 504."""
+    state_database: str = "memory://"
+    """``memory://`` or ``file:///path.json`` (desired state survives a restart)."""
+    statsd_addr: str | None = None
+    """StatsD host:port; None turns StatsD off."""
+    statsd_prefix: str = "paddler_"
+    statsd_reporting_interval: float = 10.0
+    """Seconds between StatsD reports."""
+    api_key: str | None = None
+    """When set, inference requests need ``Authorization: Bearer <key>``."""
+    routing_candidates: int = 64
+    """Most agents scored per decision (random sample beyond it keeps decisions O(1))."""
+    prefix_affinity_load_cap: float = 0.75
+    """Prefix affinity only counts for agents using less than this share of their slots."""

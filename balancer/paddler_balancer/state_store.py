@@ -1,0 +1,77 @@
+"""Desired state per model group, kept in memory or in a JSON file.
+
+``memory://`` forgets on restart; ``file:///path.json`` survives it. The file is
+written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupState:
+    state: BalancerDesiredState
+    owner: str | None = None
+    """Who manages this group, e.g. ``ModelDeployment/ns/name``; None when edited by hand."""
+
+
+class StateStore:
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme == "memory":
+            self.path: Path | None = None
+        elif parsed.scheme == "file" and parsed.path:
+            self.path = Path(parsed.path)
+        else:
+            raise ValueError(f"invalid --state-database {url!r}; use memory:// or file:///path.json")
+        self.groups: dict[str, GroupState] = {}
+        self._load()
+
+    def get(self, group: str) -> BalancerDesiredState:
+        entry = self.groups.get(group)
+        return entry.state if entry is not None else BalancerDesiredState()
+
+    def put(self, group: str, state: BalancerDesiredState, owner: str | None = None) -> None:
+        self.groups[group] = GroupState(state, owner)
+        self._save()
+
+    def delete(self, group: str) -> bool:
+        if group not in self.groups:
+            return False
+        del self.groups[group]
+        self._save()
+        return True
+
+    def names(self) -> list[str]:
+        return sorted(set(self.groups) | {DEFAULT_MODEL_GROUP})
+
+    def _load(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        data = json.loads(self.path.read_text())
+        for name, entry in data.get("groups", {}).items():
+            self.groups[name] = GroupState(BalancerDesiredState.model_validate(entry["state"]), entry.get("owner"))
+        log.info("state loaded path=%s groups=%d", self.path, len(self.groups))
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        data = {
+            "groups": {name: {"state": g.state.to_json_dict(), "owner": g.owner} for name, g in self.groups.items()}
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, self.path)

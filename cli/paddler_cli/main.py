@@ -1,0 +1,167 @@
+"""The ``paddler`` command: ``balancer``, ``agent``, ``operator``, ``quickstart``.
+
+Subcommands import their component lazily, so ``paddler balancer`` never loads
+llama.cpp and ``paddler agent`` never loads kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from paddler_balancer.settings import BalancerSettings, parse_duration
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_balancer(sub: Any) -> None:
+    p = sub.add_parser("balancer", help="run the load balancer (inference + management APIs)")
+    p.add_argument("--inference-addr", default="127.0.0.1:8061", help="native and OpenAI APIs (host:port)")
+    p.add_argument("--management-addr", default="127.0.0.1:8060", help="management API, agent sockets, /metrics")
+    p.add_argument("--web-admin-panel-addr", default=None, help="serve the web admin panel here (off by default)")
+    p.add_argument("--compat-openai-addr", default=None, help="also serve the OpenAI API alone on this address")
+    p.add_argument(
+        "--max-buffered-requests",
+        type=int,
+        default=30,
+        help="requests held while no slot is free; 0 disables buffering",
+    )
+    p.add_argument(
+        "--buffered-request-timeout",
+        type=_duration,
+        default=10.0,
+        help="max wait in the buffer: 10000 (ms), 10s, 500ms",
+    )
+    p.add_argument(
+        "--inference-item-timeout", type=_duration, default=30.0, help="max wait for the next token: 30000 (ms), 30s"
+    )
+    p.add_argument("--state-database", default="memory://", help="memory:// or file:///path.json (survives restarts)")
+    p.add_argument("--statsd-addr", default=None, help="report gauges to StatsD at host:port")
+    p.add_argument("--statsd-prefix", default="paddler_")
+    p.add_argument("--statsd-reporting-interval", type=_duration, default=10.0, help="10000 (ms), 10s")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PADDLER_API_KEY"),
+        help="require Bearer auth on inference (env PADDLER_API_KEY)",
+    )
+    p.set_defaults(run=_run_balancer)
+
+
+def _run_balancer(args: argparse.Namespace) -> int:
+    if args.max_buffered_requests < 0:
+        print("error: --max-buffered-requests must be >= 0", file=sys.stderr)
+        return 2
+    settings = BalancerSettings(
+        inference_addr=args.inference_addr,
+        management_addr=args.management_addr,
+        web_admin_panel_addr=args.web_admin_panel_addr,
+        compat_openai_addr=args.compat_openai_addr,
+        max_buffered_requests=args.max_buffered_requests,
+        buffered_request_timeout=args.buffered_request_timeout,
+        inference_item_timeout=args.inference_item_timeout,
+        state_database=args.state_database,
+        statsd_addr=args.statsd_addr,
+        statsd_prefix=args.statsd_prefix,
+        statsd_reporting_interval=args.statsd_reporting_interval,
+        api_key=args.api_key,
+    )
+    from paddler_balancer.app import serve
+
+    return _run_until_signal(lambda stop: serve(settings, stop))
+
+
+def _add_agent(sub: Any) -> None:
+    p = sub.add_parser("agent", help="run an agent that serves slots to a balancer")
+    p.add_argument("--management-addr", required=True, help="the balancer's management address (host:port)")
+    p.add_argument("--slots", type=int, required=True, help="concurrent sequences this agent serves")
+    p.add_argument("--name", default=None, help="a name shown in the admin panel")
+    p.add_argument("--model-group", default="default", help="the model group this agent serves")
+    p.add_argument("--engine", choices=["llama", "simulated"], default="llama")
+    p.add_argument(
+        "--model-cache-dir", default=None, help="downloaded models go here (default ~/.cache/paddler/models)"
+    )
+    p.add_argument(
+        "--simulated-tokens-per-second", type=float, default=100.0, help="simulated engine: tokens/s per slot"
+    )
+    p.add_argument("--simulated-max-tokens", type=int, default=100, help="simulated engine: tokens per request at most")
+    p.set_defaults(run=_run_agent)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    if args.slots < 1:
+        print("error: --slots must be >= 1", file=sys.stderr)
+        return 2
+    from paddler_agent.runtime import AgentSettings, run_agent
+
+    settings = AgentSettings(
+        management_addr=args.management_addr,
+        slots=args.slots,
+        name=args.name,
+        model_group=args.model_group,
+        engine=args.engine,
+        model_cache_dir=args.model_cache_dir,
+        simulated_tokens_per_second=args.simulated_tokens_per_second,
+        simulated_max_tokens=args.simulated_max_tokens,
+    )
+    return _run_until_signal(lambda stop: run_agent(settings, stop))
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+    return 0
+
+
+def build_parser(extensions: list[Callable[[Any], None]] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paddler", description="Paddler LLM load balancer for Kubernetes")
+    parser.add_argument("--log-level", default=os.environ.get("PADDLER_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in [_add_balancer, _add_agent, *(extensions or [])]:
+        add(sub)
+    return parser
+
+
+def _extensions() -> list[Callable[[Any], None]]:
+    """Subcommands owned by other components (operator, quickstart), if installed."""
+    found: list[Callable[[Any], None]] = []
+    for module, attr in (("paddler_operator.cli", "add_subcommand"), ("paddler_cli.quickstart", "add_subcommand")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError:
+            continue
+        found.append(getattr(mod, attr))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(_extensions()).parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    run: Runner = args.run
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
