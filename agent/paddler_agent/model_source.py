@@ -1,0 +1,699 @@
+"""Resolve a desired-state model source to a local GGUF file, reporting progress.
+
+Three sources (see :class:`paddler_core.desired_state.ModelSource`):
+
+* ``LocalToAgent(path)``: the file must exist, be a regular file and be GGUF.
+* ``Url``: ``http(s)://`` is downloaded with aiohttp into
+  ``<cache_dir>/url/<sha256(url)>/<basename>`` through a ``.part`` file that a later
+  attempt resumes with a ``Range`` request; an optional sha256 is checked; the file
+  is renamed into place atomically, and a complete cached file is reused without
+  touching the network. ``file://`` URLs are read in place.
+* ``HuggingFace``: ``huggingface_hub.hf_hub_download`` in a worker thread, so the
+  usual ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE``, ``HF_TOKEN`` and
+  ``HF_HUB_OFFLINE`` variables behave as users expect (read at call time).
+
+Every failure is a :class:`ModelSourceError` whose ``variant`` is the agent-issue
+name and whose ``message`` is meant for people. ``progress`` is always called on
+the event loop thread, at most about ten times a second, plus once at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import aiohttp
+
+from paddler_core.desired_state import ModelSource, UrlModelReference
+from paddler_core.protocol import AgentIssue
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+PROGRESS_INTERVAL_S = 0.1
+"""At most one progress report per this many seconds (plus the final one)."""
+CHUNK_SIZE = 1 << 20
+DEFAULT_DOWNLOAD_RETRIES = 3
+"""Attempts after the first for transient failures (connection lost, truncated body, 5xx)."""
+DEFAULT_RETRY_DELAY_S = 1.0
+
+# Agent-issue variants this module reports.
+MODEL_FILE_DOES_NOT_EXIST = "ModelFileDoesNotExist"
+MODEL_FILE_CANNOT_BE_READ = "ModelFileCannotBeRead"
+MODEL_IS_NOT_GGUF = "ModelIsNotGguf"
+MODEL_DOWNLOAD_FAILED = "ModelDownloadFailed"
+MODEL_CHECKSUM_MISMATCH = "ModelChecksumMismatch"
+MODEL_SOURCE_IS_NONE = "ModelSourceIsNone"
+HUGGINGFACE_MODEL_DOES_NOT_EXIST = "HuggingFaceModelDoesNotExist"
+HUGGINGFACE_PERMISSIONS = "HuggingFacePermissions"
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """One progress report. ``total`` is 0 and ``indeterminate`` True when unknown."""
+
+    filename: str
+    current: int
+    total: int
+    indeterminate: bool
+
+
+ProgressCallback = Callable[[DownloadProgress], None]
+
+
+class ModelSourceError(Exception):
+    """The model could not be resolved; ``variant`` names the agent issue."""
+
+    def __init__(self, variant: str, message: str, **details: str) -> None:
+        super().__init__(message)
+        self.variant = variant
+        self.message = message
+        self.details: dict[str, str] = dict(details)
+
+    def __str__(self) -> str:
+        return f"{self.variant}: {self.message}"
+
+    def to_issue(self) -> AgentIssue:
+        """The agent issue to put on the status board."""
+        return AgentIssue(variant=self.variant, params={"message": self.message, **self.details})
+
+
+class _Transient(Exception):
+    """A download failure worth another attempt (resuming from the ``.part`` file)."""
+
+    def __init__(self, error: ModelSourceError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# ---- public entry point ------------------------------------------------------------------
+
+
+async def resolve_model(
+    source: ModelSource,
+    cache_dir: Path,
+    progress: ProgressCallback,
+    *,
+    retries: int = DEFAULT_DOWNLOAD_RETRIES,
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S,
+) -> Path:
+    """The local GGUF path for ``source``, downloading it first when needed.
+
+    Raises :class:`ModelSourceError`. Cancelling the call stops a download; what was
+    received stays in the cache's ``.part`` file (URL) or the hub's incomplete blob
+    (Hugging Face) and the next call resumes from there.
+    """
+    if source.kind == "LocalToAgent" and source.local_path is not None:
+        return await asyncio.to_thread(check_local_gguf, Path(source.local_path))
+    if source.kind == "Url" and source.url is not None:
+        return await _resolve_url(source.url, cache_dir, progress, retries, retry_delay_s)
+    if source.kind == "HuggingFace" and source.huggingface is not None:
+        ref = source.huggingface
+        return await _resolve_huggingface(ref.repo_id, ref.filename, ref.revision, progress)
+    raise ModelSourceError(MODEL_SOURCE_IS_NONE, "No model is configured for this agent.")
+
+
+# ---- local files -------------------------------------------------------------------------
+
+
+def check_local_gguf(path: Path) -> Path:
+    """``path`` if it is an existing, readable GGUF file; raises ModelSourceError."""
+    shown = str(path)
+    if not path.exists():
+        raise ModelSourceError(
+            MODEL_FILE_DOES_NOT_EXIST, f"Model file {shown} does not exist on the agent.", path=shown
+        )
+    if not path.is_file():
+        raise ModelSourceError(
+            MODEL_FILE_DOES_NOT_EXIST,
+            f"Model path {shown} exists on the agent but is not a regular file.",
+            path=shown,
+        )
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise ModelSourceError(
+            MODEL_FILE_CANNOT_BE_READ, f"Model file {shown} cannot be read: {e.strerror or e}.",
+            path=shown,
+        ) from e
+    if head != GGUF_MAGIC:
+        raise ModelSourceError(
+            MODEL_IS_NOT_GGUF,
+            f"Model file {shown} is not a GGUF file (it does not start with the GGUF signature).",
+            path=shown,
+        )
+    return path
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- URLs ---------------------------------------------------------------------------------
+
+
+def url_cache_path(url: str, cache_dir: Path) -> Path:
+    """Where a downloaded URL lives: ``<cache_dir>/url/<sha256(url)>/<basename>``."""
+    key = hashlib.sha256(url.encode()).hexdigest()
+    return cache_dir / "url" / key / url_basename(url)
+
+
+def url_basename(url: str) -> str:
+    name = urllib.parse.unquote(PurePosixPath(urllib.parse.urlsplit(url).path).name)
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return "model.gguf"
+    return name
+
+
+async def _resolve_url(
+    ref: UrlModelReference,
+    cache_dir: Path,
+    progress: ProgressCallback,
+    retries: int,
+    retry_delay_s: float,
+) -> Path:
+    scheme = urllib.parse.urlsplit(ref.url).scheme.lower()
+    if scheme == "file":
+        return await asyncio.to_thread(_resolve_file_url, ref)
+    if scheme not in ("http", "https"):
+        raise ModelSourceError(
+            MODEL_DOWNLOAD_FAILED, f"Unsupported URL scheme {scheme!r} in {ref.url}.", url=ref.url
+        )
+    target = url_cache_path(ref.url, cache_dir)
+    async with _DownloadLock(target):
+        return await _resolve_http(ref, target, progress, retries, retry_delay_s)
+
+
+async def _resolve_http(
+    ref: UrlModelReference,
+    target: Path,
+    progress: ProgressCallback,
+    retries: int,
+    retry_delay_s: float,
+) -> Path:
+    if await asyncio.to_thread(_cached_file_is_usable, target, ref.sha256):
+        logger.info("model cached", extra={"url": ref.url, "path": str(target)})
+        size = await asyncio.to_thread(os.path.getsize, target)
+        progress(DownloadProgress(target.name, size, size, indeterminate=False))
+        return target
+    attempt = 0
+    while True:
+        try:
+            await _download(ref.url, target, progress)
+            break
+        except _Transient as e:
+            if attempt >= retries:
+                raise e.error from e
+            attempt += 1
+            delay = retry_delay_s * attempt
+            logger.warning(
+                "model download interrupted; resuming",
+                extra={"url": ref.url, "attempt": attempt, "error": e.error.message, "delay_s": delay},
+            )
+            await asyncio.sleep(delay)
+    await asyncio.to_thread(_finish_download, _part_path(target), target, ref)
+    logger.info("model downloaded", extra={"url": ref.url, "path": str(target)})
+    return target
+
+
+class _DownloadLock:
+    """An exclusive ``flock`` on ``<target>.lock``, so agents (or calls) that share a
+    cache never write the same ``.part`` file at once. Waiting polls, so it can be
+    cancelled."""
+
+    POLL_S = 0.25
+
+    def __init__(self, target: Path) -> None:
+        self.path = target.with_name(target.name + ".lock")
+        self.fd: int | None = None
+
+    async def __aenter__(self) -> None:
+        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            logged = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not logged:
+                        logger.info("waiting for another download", extra={"lock": str(self.path)})
+                        logged = True
+                    await asyncio.sleep(self.POLL_S)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+def _resolve_file_url(ref: UrlModelReference) -> Path:
+    parts = urllib.parse.urlsplit(ref.url)
+    if parts.netloc not in ("", "localhost"):
+        raise ModelSourceError(
+            MODEL_DOWNLOAD_FAILED,
+            f"file:// URL {ref.url} names host {parts.netloc!r}; only local files are supported.",
+            url=ref.url,
+        )
+    path = check_local_gguf(Path(urllib.request.url2pathname(parts.path)))
+    if ref.sha256 is not None:
+        actual = sha256_of_file(path)
+        if actual != ref.sha256:
+            raise _checksum_error(ref, actual)
+    return path
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _part_path(target: Path) -> Path:
+    return target.with_name(target.name + ".part")
+
+
+def _checksum_marker(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _cached_file_is_usable(target: Path, sha256: str | None) -> bool:
+    """A complete cached download that is GGUF and matches the wanted checksum."""
+    if not target.is_file():
+        return False
+    try:
+        with target.open("rb") as f:
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                return False
+        if sha256 is None:
+            return True
+        marker = _checksum_marker(target)
+        if marker.is_file() and marker.read_text().strip() == sha256:
+            return True
+        if sha256_of_file(target) == sha256:
+            marker.write_text(sha256)
+            return True
+    except OSError:
+        return False
+    logger.info("cached model has another checksum; downloading again", extra={"path": str(target)})
+    return False
+
+
+def _finish_download(part: Path, target: Path, ref: UrlModelReference) -> None:
+    """Check the completed ``.part`` file and rename it into place atomically."""
+    try:
+        with part.open("rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise ModelSourceError(
+            MODEL_DOWNLOAD_FAILED, f"Downloaded model from {ref.url} cannot be read: {e}.",
+            url=ref.url,
+        ) from e
+    if head != GGUF_MAGIC:
+        part.unlink(missing_ok=True)
+        raise ModelSourceError(
+            MODEL_IS_NOT_GGUF,
+            f"The file at {ref.url} is not a GGUF model (it does not start with the GGUF "
+            "signature).",
+            url=ref.url,
+        )
+    if ref.sha256 is not None:
+        actual = sha256_of_file(part)
+        if actual != ref.sha256:
+            part.unlink(missing_ok=True)
+            raise _checksum_error(ref, actual)
+    with part.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(part, target)
+    if ref.sha256 is not None:
+        _checksum_marker(target).write_text(ref.sha256)
+    else:
+        _checksum_marker(target).unlink(missing_ok=True)
+
+
+def _checksum_error(ref: UrlModelReference, actual: str) -> ModelSourceError:
+    return ModelSourceError(
+        MODEL_CHECKSUM_MISMATCH,
+        f"The model from {ref.url} has sha256 {actual}, but {ref.sha256} was expected; "
+        "the file was discarded.",
+        url=ref.url,
+    )
+
+
+@dataclass
+class _Throttle:
+    """Forwards progress at most every ``interval_s`` seconds (or when forced)."""
+
+    callback: ProgressCallback
+    interval_s: float = PROGRESS_INTERVAL_S
+    _last: float = field(default=float("-inf"))
+
+    def report(self, event: DownloadProgress, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval_s:
+            self._last = now
+            self.callback(event)
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
+    """``bytes START-END/TOTAL`` -> (START, TOTAL or None)."""
+    if not value or not value.startswith("bytes "):
+        return None
+    spec, _, total = value[len("bytes "):].partition("/")
+    start, _, _end = spec.partition("-")
+    try:
+        return int(start), (None if total in ("", "*") else int(total))
+    except ValueError:
+        return None
+
+
+def _download_error(url: str, message: str) -> ModelSourceError:
+    return ModelSourceError(MODEL_DOWNLOAD_FAILED, message, url=url)
+
+
+async def _download(url: str, target: Path, progress: ProgressCallback) -> None:
+    """Download ``url`` into ``target``'s ``.part`` file, resuming what is there.
+
+    Raises ``_Transient`` for failures a later attempt may get past, and
+    ModelSourceError for those it will not.
+    """
+    part = _part_path(target)
+    have = await asyncio.to_thread(_size_or_zero, part)
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    throttle = _Throttle(progress)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, trust_env=True, auto_decompress=False) as session,
+            session.get(url, headers=headers) as resp,
+        ):
+            if resp.status == 416 and have:
+                # Our .part is at least as long as the file: complete, or stale.
+                cr = _parse_content_range(resp.headers.get("Content-Range"))
+                if cr is not None and cr[1] == have:
+                    throttle.report(DownloadProgress(target.name, have, have, False), force=True)
+                    return
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+                raise _Transient(_download_error(url, f"Cached partial download of {url} is stale."))
+            if resp.status >= 400:
+                raise _http_error(url, resp.status, resp.reason)
+            start = 0
+            total: int | None = None
+            if resp.status == 206:
+                cr = _parse_content_range(resp.headers.get("Content-Range"))
+                if cr is None or cr[0] != have:
+                    await asyncio.to_thread(part.unlink, missing_ok=True)
+                    raise _Transient(
+                        _download_error(url, f"Server sent an unexpected byte range for {url}.")
+                    )
+                start, total = cr
+                if total is None and resp.content_length is not None:
+                    total = start + resp.content_length
+            else:
+                if have:
+                    logger.info("server ignored Range; downloading from the start", extra={"url": url})
+                total = resp.content_length
+            received = await _write_body(resp, part, start, total, target.name, throttle)
+    except aiohttp.ClientResponseError as e:
+        raise _http_error(url, e.status, e.message) from e
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise _Transient(
+            _download_error(url, f"Downloading {url} failed: {_describe(e)}.")
+        ) from e
+    except OSError as e:
+        raise _download_error(url, f"Cannot write the model to {part.parent}: {e}.") from e
+    if total is not None and received != total:
+        raise _Transient(
+            _download_error(
+                url,
+                f"Download of {url} was cut short: got {received} of {total} bytes.",
+            )
+        )
+
+
+async def _write_body(
+    resp: aiohttp.ClientResponse,
+    part: Path,
+    start: int,
+    total: int | None,
+    name: str,
+    throttle: _Throttle,
+) -> int:
+    """Write the response body at offset ``start``; returns the file's length after."""
+    mode = "r+b" if start else "wb"
+    f = await asyncio.to_thread(open, part, mode)
+    try:
+        if start:
+            await asyncio.to_thread(f.seek, start)
+            await asyncio.to_thread(f.truncate)
+        current = start
+        throttle.report(_event(name, current, total), force=True)
+        async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
+            await asyncio.to_thread(f.write, chunk)
+            current += len(chunk)
+            throttle.report(_event(name, current, total))
+        throttle.report(_event(name, current, total), force=True)
+        return current
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+def _event(name: str, current: int, total: int | None) -> DownloadProgress:
+    if total is None:
+        return DownloadProgress(name, current, 0, indeterminate=True)
+    return DownloadProgress(name, current, total, indeterminate=False)
+
+
+def _http_error(url: str, status: int, reason: str | None) -> ModelSourceError | _Transient:
+    if status == 404:
+        return _download_error(url, f"Model URL {url} was not found (HTTP 404).")
+    if status in (401, 403):
+        return _download_error(url, f"Access to {url} was refused (HTTP {status}).")
+    error = _download_error(url, f"Downloading {url} failed: HTTP {status} {reason or ''}".strip())
+    return _Transient(error) if status >= 500 or status in (408, 429) else error
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# ---- Hugging Face -------------------------------------------------------------------------
+
+
+def _hf_cache_dir() -> str | None:
+    """The hub cache the user configured, read now (the hub reads it at import)."""
+    if value := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return os.path.expandvars(os.path.expanduser(value))
+    if value := os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expandvars(os.path.expanduser(value)), "hub")
+    return None
+
+
+def _hf_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+class _HubCancelled(Exception):
+    """Raised inside the hub's download thread to stop it."""
+
+
+def _hub_progress_class(
+    filename: str, publish: Callable[[int, int | None], None], cancelled: threading.Event
+) -> type:
+    """A tqdm stand-in for ``hf_hub_download(tqdm_class=...)`` that reports bytes.
+
+    It is duck-typed (not a tqdm subclass) so the hub calls it with plain keyword
+    arguments; ``update_transfer`` makes the Xet path use one bar, not two.
+    """
+
+    class _HubProgress:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.n: int = int(kwargs.get("initial") or 0)
+            self._total: int | None = kwargs.get("total")
+            self.desc = str(kwargs.get("desc") or filename)
+            self.disable = True
+            self.format_dict: dict[str, Any] = {}
+            publish(self.n, self._total)
+
+        @property
+        def total(self) -> int | None:
+            return self._total
+
+        @total.setter
+        def total(self, value: int | None) -> None:
+            self._total = value
+
+        def update(self, n: float | None = 1) -> bool:
+            if cancelled.is_set():
+                raise _HubCancelled(filename)
+            self.n += int(n or 0)
+            publish(self.n, self._total)
+            return True
+
+        def update_transfer(self, n: float | None = 1) -> None:
+            if cancelled.is_set():
+                raise _HubCancelled(filename)
+
+        def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def set_description(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def refresh(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def reset(self, total: int | None = None) -> None:
+            self.n = 0
+            self._total = total
+
+        def close(self) -> None:
+            pass
+
+        def __enter__(self) -> _HubProgress:
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            self.close()
+
+    return _HubProgress
+
+
+async def _resolve_huggingface(
+    repo_id: str, filename: str, revision: str, progress: ProgressCallback
+) -> Path:
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise ModelSourceError(
+            MODEL_DOWNLOAD_FAILED,
+            "This agent cannot download from Hugging Face: the huggingface_hub package is "
+            "not installed (install the 'agent' extra).",
+        ) from e
+    loop = asyncio.get_running_loop()
+    throttle = _Throttle(progress)
+    name = PurePosixPath(filename).name
+
+    def on_loop(current: int, total: int | None) -> None:
+        throttle.report(_event(name, current, total))
+
+    def publish(current: int, total: int | None) -> None:  # called in the hub's thread
+        loop.call_soon_threadsafe(on_loop, current, total)
+
+    cancelled = threading.Event()
+    kwargs: dict[str, Any] = {
+        "repo_id": repo_id,
+        "filename": filename,
+        "revision": revision or "main",
+        "cache_dir": _hf_cache_dir(),
+        "local_files_only": _hf_offline(),
+        "tqdm_class": _hub_progress_class(name, publish, cancelled),
+    }
+    if endpoint := os.environ.get("HF_ENDPOINT"):
+        kwargs["endpoint"] = endpoint.rstrip("/")
+    where = f"{repo_id}/{filename}@{kwargs['revision']}"
+    logger.info("downloading model from Hugging Face", extra={"model": where})
+
+    def download() -> str:
+        return str(huggingface_hub.hf_hub_download(**kwargs))
+
+    try:
+        local = await asyncio.to_thread(download)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+    except Exception as e:
+        raise _map_hub_error(e, where) from e
+    path = Path(local)
+    size = await asyncio.to_thread(os.path.getsize, path)
+    throttle.report(DownloadProgress(name, size, size, indeterminate=False), force=True)
+    try:
+        return await asyncio.to_thread(check_local_gguf, path)
+    except ModelSourceError as e:
+        if e.variant == MODEL_IS_NOT_GGUF:
+            raise ModelSourceError(
+                MODEL_IS_NOT_GGUF, f"{where} on Hugging Face is not a GGUF model file.",
+                path=str(path),
+            ) from e
+        raise
+
+
+def _map_hub_error(error: Exception, where: str) -> ModelSourceError:
+    """Turn a huggingface_hub exception into the agent issue people see."""
+    # Imported here: huggingface_hub is an optional dependency and slow to import.
+    from huggingface_hub import errors as hf
+
+    if isinstance(error, hf.GatedRepoError):
+        return ModelSourceError(
+            HUGGINGFACE_PERMISSIONS,
+            f"{where} is a gated repository: accept its terms on Hugging Face and give the "
+            "agent a token (HF_TOKEN) with access.",
+        )
+    if isinstance(error, hf.RepositoryNotFoundError):
+        return ModelSourceError(
+            HUGGINGFACE_MODEL_DOES_NOT_EXIST,
+            f"Hugging Face repository for {where} does not exist, or it is private and the "
+            "agent's token (HF_TOKEN) cannot see it.",
+        )
+    if isinstance(error, hf.RevisionNotFoundError):
+        return ModelSourceError(
+            HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Revision of {where} does not exist on Hugging Face."
+        )
+    if isinstance(error, hf.RemoteEntryNotFoundError):
+        return ModelSourceError(
+            HUGGINGFACE_MODEL_DOES_NOT_EXIST,
+            f"File {where} does not exist in that Hugging Face repository.",
+        )
+    if isinstance(error, hf.LocalEntryNotFoundError):
+        return ModelSourceError(
+            MODEL_DOWNLOAD_FAILED,
+            f"{where} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(or HF_HUB_OFFLINE is set).",
+        )
+    if isinstance(error, hf.HFValidationError):
+        return ModelSourceError(
+            HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Invalid Hugging Face reference {where}: {error}"
+        )
+    if isinstance(error, hf.HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            return ModelSourceError(
+                HUGGINGFACE_PERMISSIONS,
+                f"Hugging Face refused access to {where} (HTTP {status}); check HF_TOKEN.",
+            )
+        return ModelSourceError(
+            MODEL_DOWNLOAD_FAILED, f"Downloading {where} from Hugging Face failed: {error}"
+        )
+    return ModelSourceError(
+        MODEL_DOWNLOAD_FAILED,
+        f"Downloading {where} from Hugging Face failed: {_describe(error)}",
+    )
