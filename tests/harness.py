@@ -142,8 +142,16 @@ class Processes:
         env: dict[str, str] | None = None,
     ) -> PaddlerProcess:
         args = [
-            "agent", "--management-addr", balancer.management_addr,
-            "--slots", str(slots), "--name", name, "--engine", engine, *extra,
+            "agent",
+            "--management-addr",
+            balancer.management_addr,
+            "--slots",
+            str(slots),
+            "--name",
+            name,
+            "--engine",
+            engine,
+            *extra,
         ]
         return self.spawn(f"agent-{name}", args, env)
 
