@@ -1,0 +1,360 @@
+"""The custom resources ``LlmPool`` and ``ModelDeployment`` (paddler.dev/v1alpha1).
+
+These pydantic models are the single source of truth: the operator parses
+custom resources with them, and ``python -m paddler_operator.gen_crds``
+generates the CRD OpenAPI schemas in ``crds/`` (and the Helm chart) from them.
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in
+Python. Every field has a default, except ``ModelDeployment.spec.poolRef`` and
+``ModelDeployment.spec.model``: ``spec: {}`` is a valid ``LlmPool``.
+
+Rules that the API server must enforce beyond types (exactly one model source,
+``minReplicas <= maxReplicas``) are CEL ``x-kubernetes-validations`` attached
+with ``json_schema_extra`` and mirrored by pydantic validators, so the operator
+never trusts what the API server may not have checked (e.g. an older CRD).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from paddler_core.desired_state import (
+    BalancerDesiredState,
+    ChatTemplate,
+    HuggingFaceModelReference,
+    InferenceParameters,
+    ModelSource,
+    UrlModelReference,
+)
+
+GROUP = "paddler.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DEFAULT_BALANCER_IMAGE = "ghcr.io/paddler-k8s/balancer:0.1.0"
+DEFAULT_AGENT_IMAGE = "ghcr.io/paddler-k8s/agent:0.1.0"
+
+MANAGEMENT_PORT = 8060
+INFERENCE_PORT = 8061
+ADMIN_PANEL_PORT = 8062
+
+DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"
+"""A duration as the balancer's flags read it: ``10s``, ``500ms``, ``2m``; a bare number is milliseconds."""
+
+Quantity = int | str
+"""A Kubernetes resource quantity (``500m``, ``2Gi``, ``4``): int-or-string in the schema."""
+
+
+class _Spec(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ImagePullPolicy(StrEnum):
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+class ResourceRequirements(_Spec):
+    """Container resources, as in a Pod spec (quantities: 500m, 2Gi)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+    def to_kube(self, extra_limits: dict[str, Quantity] | None = None) -> dict[str, Any]:
+        limits = {**self.limits, **(extra_limits or {})}
+        out: dict[str, Any] = {}
+        if self.requests:
+            out["requests"] = dict(self.requests)
+        if limits:
+            out["limits"] = limits
+        return out
+
+
+class SecretKeyRef(_Spec):
+    name: Annotated[str, Field(min_length=1, description="Secret in the pool's namespace.")]
+    key: str = Field(default="api-key", description="Key inside the Secret that holds the API key.")
+
+
+class ServiceSpec(_Spec):
+    type: ServiceType = Field(default=ServiceType.CLUSTER_IP, description="Type of the inference Service.")
+    inference_port: Annotated[int, Field(ge=1, le=65535)] = INFERENCE_PORT
+    management_port: Annotated[int, Field(ge=1, le=65535)] = MANAGEMENT_PORT
+    admin_panel_port: Annotated[int, Field(ge=1, le=65535)] = ADMIN_PANEL_PORT
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the inference Service.")
+
+
+class AdminPanelSpec(_Spec):
+    enabled: bool = Field(default=False, description="Serve the web admin panel on the inference Service.")
+
+
+class BalancerSpec(_Spec):
+    image: str = DEFAULT_BALANCER_IMAGE
+    image_pull_policy: ImagePullPolicy = ImagePullPolicy.IF_NOT_PRESENT
+    replicas: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1,
+            description=(
+                "Balancer pods: 1, or 0 to stop the pool. Agents and buffered requests live in one balancer's "
+                "memory, so a pool has one balancer."
+            ),
+        ),
+    ] = 1
+    max_buffered_requests: Annotated[
+        int, Field(ge=0, description="Requests held while no slot is free (count); 0 disables buffering.")
+    ] = 30
+    buffered_request_timeout: Annotated[
+        str, Field(pattern=DURATION_PATTERN, description="Longest wait in the buffer (duration: 10s, 500ms).")
+    ] = "10s"
+    inference_item_timeout: Annotated[
+        str, Field(pattern=DURATION_PATTERN, description="Longest wait for the next token (duration).")
+    ] = "30s"
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    admin_panel: AdminPanelSpec = Field(default_factory=AdminPanelSpec)
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(requests={"cpu": "100m", "memory": "128Mi"})
+    )
+    auth_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Require this API key (Bearer) on the inference APIs."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Toleration(_Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+    def to_kube(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class PvcRef(_Spec):
+    claim_name: Annotated[str, Field(min_length=1)]
+
+
+class ModelCacheSpec(_Spec):
+    """Where agents keep downloaded models: an emptyDir unless a claim is named."""
+
+    mount_path: str = "/var/cache/paddler/models"
+    size_limit: Quantity | None = Field(default="20Gi", description="emptyDir size limit (quantity).")
+    persistent_volume_claim: PvcRef | None = Field(default=None, description="Use this PVC instead of an emptyDir.")
+
+    def volume(self) -> dict[str, Any]:
+        if self.persistent_volume_claim is not None:
+            return {"name": "models", "persistentVolumeClaim": {"claimName": self.persistent_volume_claim.claim_name}}
+        empty: dict[str, Any] = {}
+        if self.size_limit is not None:
+            empty["sizeLimit"] = self.size_limit
+        return {"name": "models", "emptyDir": empty}
+
+
+class AgentDefaults(_Spec):
+    """Agent pod defaults for every ModelDeployment of the pool."""
+
+    image: str = DEFAULT_AGENT_IMAGE
+    image_pull_policy: ImagePullPolicy = ImagePullPolicy.IF_NOT_PRESENT
+    slots_per_agent: Annotated[int, Field(ge=1, le=256, description="Concurrent sequences per agent pod.")] = 4
+    resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(requests={"cpu": "1", "memory": "1Gi"})
+    )
+    gpus: Annotated[int, Field(ge=0, description="GPUs per agent pod (added to limits).")] = 0
+    gpu_resource_name: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
+
+
+class LlmPoolSpec(_Spec):
+    balancer: BalancerSpec = Field(default_factory=BalancerSpec)
+    agent: AgentDefaults = Field(default_factory=AgentDefaults)
+
+
+class PoolRef(_Spec):
+    name: Annotated[str, Field(min_length=1, description="An LlmPool in the same namespace.")]
+
+
+class HuggingFaceSource(_Spec):
+    repo_id: Annotated[str, Field(min_length=1)]
+    filename: Annotated[str, Field(min_length=1, description="The GGUF file inside the repository.")]
+    revision: str = "main"
+
+
+_ONE_SOURCE_RULE = "[has(self.huggingFace), has(self.url), has(self.localPath)].filter(x, x).size() == 1"
+_ONE_SOURCE_MESSAGE = "exactly one of huggingFace, url, localPath must be set"
+
+
+class ModelSourceSpec(_Spec):
+    """Where agents get the GGUF file: exactly one of huggingFace, url, localPath."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [{"rule": _ONE_SOURCE_RULE, "message": _ONE_SOURCE_MESSAGE}]}
+    )
+
+    hugging_face: HuggingFaceSource | None = None
+    url: Annotated[str | None, Field(pattern=r"^(https?|file)://", description="Download URL of the GGUF.")] = None
+    sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$", description="Checksum of the url download.")] = None
+    local_path: Annotated[str | None, Field(min_length=1, description="A path that exists inside agent pods.")] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSourceSpec:
+        if sum(x is not None for x in (self.hugging_face, self.url, self.local_path)) != 1:
+            raise ValueError(_ONE_SOURCE_MESSAGE)
+        return self
+
+    def to_core(self) -> ModelSource:
+        if self.hugging_face is not None:
+            hf = self.hugging_face
+            return ModelSource(
+                kind="HuggingFace",
+                huggingface=HuggingFaceModelReference(repo_id=hf.repo_id, filename=hf.filename, revision=hf.revision),
+            )
+        if self.url is not None:
+            return ModelSource(kind="Url", url=UrlModelReference(url=self.url, sha256=self.sha256))
+        assert self.local_path is not None
+        return ModelSource.local(self.local_path)
+
+
+class InferenceParametersSpec(InferenceParameters):
+    """The model group's engine and sampling parameters (Paddler's defaults), camelCase."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    def to_core(self) -> InferenceParameters:
+        return InferenceParameters.model_validate(self.model_dump())
+
+
+class AutoscalingMode(StrEnum):
+    NONE = "None"
+    HPA = "HPA"
+    KEDA = "KEDA"
+    BUILTIN = "Builtin"
+
+
+class AutoscalingSpec(_Spec):
+    """Scale agent pods on buffered requests and busy slots."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must be <= maxReplicas"}
+            ]
+        }
+    )
+
+    mode: AutoscalingMode = Field(
+        default=AutoscalingMode.NONE, description="None: spec.replicas; HPA, KEDA or the operator's Builtin scaler."
+    )
+    min_replicas: Annotated[int, Field(ge=0, description="0 scales to zero; buffered requests wake it.")] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 4
+    target_buffered_requests: Annotated[
+        int, Field(ge=1, description="Buffered requests per agent pod that trigger one more pod.")
+    ] = 1
+    target_slot_utilization: Annotated[
+        int, Field(ge=1, le=100, description="Busy slots / total slots (percent) to keep below.")
+    ] = 80
+    scale_down_delay_seconds: Annotated[int, Field(ge=0, description="Idle time before scaling down (s).")] = 300
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must be <= maxReplicas")
+        return self
+
+
+class RolloutSpec(_Spec):
+    max_unavailable: Quantity = Field(default=1, description="Agent pods down at once during a rollout (int or %).")
+    max_surge: Quantity = Field(default=0, description="Extra agent pods during a rollout (0 for scarce GPUs).")
+
+
+class ModelDeploymentSpec(_Spec):
+    pool_ref: PoolRef
+    model: ModelSourceSpec
+    inference_parameters: InferenceParametersSpec = Field(default_factory=InferenceParametersSpec)
+    chat_template: str | None = Field(default=None, description="Jinja chat template that overrides the GGUF's.")
+    replicas: Annotated[int, Field(ge=0, description="Agent pods (when autoscaling.mode is None).")] = 1
+    slots_per_agent: Annotated[int | None, Field(ge=1, le=256, description="Overrides the pool's default.")] = None
+    resources: ResourceRequirements | None = Field(default=None, description="Overrides the pool's agent resources.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+
+    def desired_state(self) -> BalancerDesiredState:
+        """What the balancer pushes to this deployment's agents (its model group)."""
+        return BalancerDesiredState(
+            model=self.model.to_core(),
+            inference_parameters=self.inference_parameters.to_core(),
+            chat_template_override=ChatTemplate(content=self.chat_template) if self.chat_template else None,
+            use_chat_template_override=self.chat_template is not None,
+        )
+
+
+# --- status -----------------------------------------------------------------------
+
+
+class Condition(_Spec):
+    """A Kubernetes-style condition (Ready, Progressing, Degraded)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class _StatusBase(_Spec):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    observed_generation: int | None = None
+    conditions: Annotated[
+        list[Condition],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+    ] = Field(default_factory=list)
+    ready_agents: int = 0
+    agents: int = 0
+    slots_free: int = 0
+    slots_total: int = 0
+    slots: str = Field(default="0/0", description="Free/total slots, for printer columns.")
+    buffered_requests: int = 0
+
+
+class LlmPoolStatus(_StatusBase):
+    inference_url: str | None = None
+    management_url: str | None = None
+    model_deployments: int = 0
+
+
+class ModelDeploymentStatus(_StatusBase):
+    replicas: int = Field(default=0, description="Agent pods the operator asks for.")
+    agents_summary: str = Field(default="0/0", description="Ready agents / desired replicas.")
+    model: str | None = Field(default=None, description="The model source, in short.")
+    desired_state_applied: bool = False
+
+
+class LlmPool(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    spec: LlmPoolSpec = Field(default_factory=LlmPoolSpec)
+    status: LlmPoolStatus = Field(default_factory=LlmPoolStatus)
+
+
+class ModelDeployment(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    spec: ModelDeploymentSpec
+    status: ModelDeploymentStatus = Field(default_factory=ModelDeploymentStatus)

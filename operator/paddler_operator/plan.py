@@ -1,0 +1,818 @@
+"""Pure planning: custom resource specs -> the Kubernetes objects that should exist.
+
+Nothing here does I/O or reads a clock; every function is a value in, value out,
+tested with tables in ``tests/unit/test_operator_plan.py``. The reconciler
+(:mod:`paddler_operator.reconcile`) observes, calls these, and applies the
+difference through :mod:`paddler_operator.kube`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+from paddler_core.desired_state import BalancerDesiredState
+from paddler_operator.crd_models import (
+    ADMIN_PANEL_PORT,
+    API_VERSION,
+    INFERENCE_PORT,
+    MANAGEMENT_PORT,
+    AutoscalingMode,
+    AutoscalingSpec,
+    Condition,
+    LlmPoolSpec,
+    LlmPoolStatus,
+    ModelDeploymentSpec,
+    ModelDeploymentStatus,
+    ResourceRequirements,
+)
+
+MANAGED_BY = "paddler-operator"
+OWNER_HEADER_KIND = "ModelDeployment"
+CONFIG_HASH_ANNOTATION = "paddler.dev/config-hash"
+POOL_LABEL = "paddler.dev/pool"
+COMPONENT_LABEL = "paddler.dev/component"
+MD_LABEL = "paddler.dev/model-deployment"
+RUN_AS_USER = 10001
+MODEL_CACHE_VOLUME = "models"
+
+Obj = dict[str, Any]
+
+
+# --- identities -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource that owns what a plan creates."""
+
+    kind: Literal["LlmPool", "ModelDeployment"]
+    namespace: str
+    name: str
+    uid: str
+    generation: int = 1
+
+    def reference(self) -> Obj:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class ObjRef:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> ObjRef:
+        meta = obj["metadata"]
+        return cls(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+def balancer_name(pool: str) -> str:
+    return f"{pool}-balancer"
+
+
+def inference_service_name(pool: str) -> str:
+    return f"{pool}-inference"
+
+
+def management_service_name(pool: str) -> str:
+    return f"{pool}-management"
+
+
+def agent_name(md: str) -> str:
+    return f"{md}-agent"
+
+
+def management_addr(pool: str, namespace: str, spec: LlmPoolSpec) -> str:
+    """Where agents dial the balancer (cluster DNS)."""
+    return f"{management_service_name(pool)}.{namespace}.svc:{spec.balancer.service.management_port}"
+
+
+def balancer_url(template: str, pool: str, namespace: str, spec: LlmPoolSpec | None) -> str:
+    """The operator's URL for a pool's management API, from a template with
+    ``{pool}``, ``{namespace}``, ``{service}`` and ``{port}`` fields."""
+    port = spec.balancer.service.management_port if spec is not None else MANAGEMENT_PORT
+    return template.format(pool=pool, namespace=namespace, service=management_service_name(pool), port=port)
+
+
+def owner_header(namespace: str, name: str) -> str:
+    """``X-Paddler-Owner`` value of a ModelDeployment's model group."""
+    return f"{OWNER_HEADER_KIND}/{namespace}/{name}"
+
+
+# --- shared pieces -------------------------------------------------------------------
+
+
+def _labels(owner: Owner, pool: str, component: str, app: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": "paddler",
+        POOL_LABEL: pool,
+        COMPONENT_LABEL: component,
+    }
+
+
+def _meta(owner: Owner, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels,
+        "ownerReferences": [owner.reference()],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def _container_security() -> Obj:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> Obj:
+    return {"runAsNonRoot": True, "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def config_hash(data: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- LlmPool -------------------------------------------------------------------------
+
+
+def balancer_args(spec: LlmPoolSpec) -> list[str]:
+    b = spec.balancer
+    args = [
+        "--log-level",
+        b.log_level,
+        "balancer",
+        "--management-addr",
+        f"0.0.0.0:{MANAGEMENT_PORT}",
+        "--inference-addr",
+        f"0.0.0.0:{INFERENCE_PORT}",
+        "--max-buffered-requests",
+        str(b.max_buffered_requests),
+        "--buffered-request-timeout",
+        b.buffered_request_timeout,
+        "--inference-item-timeout",
+        b.inference_item_timeout,
+    ]
+    if b.admin_panel.enabled:
+        args += ["--web-admin-panel-addr", f"0.0.0.0:{ADMIN_PANEL_PORT}"]
+    return args
+
+
+def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
+    """ConfigMap, balancer Deployment, inference and management Services of a pool."""
+    pool = owner.name
+    b = spec.balancer
+    labels = _labels(owner, pool, "balancer", "paddler-balancer")
+    selector = {POOL_LABEL: pool, COMPONENT_LABEL: "balancer"}
+    config = {
+        "pool.json": json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True),
+        "management-addr": management_addr(pool, owner.namespace, spec),
+        "inference-url": (f"http://{inference_service_name(pool)}.{owner.namespace}.svc:{b.service.inference_port}"),
+    }
+    config_map: Obj = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner, balancer_name(pool), labels),
+        "data": config,
+    }
+    env: list[Obj] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if b.auth_secret_ref is not None:
+        env.append(
+            {
+                "name": "PADDLER_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": b.auth_secret_ref.name, "key": b.auth_secret_ref.key}},
+            }
+        )
+    ports = [
+        {"name": "management", "containerPort": MANAGEMENT_PORT, "protocol": "TCP"},
+        {"name": "inference", "containerPort": INFERENCE_PORT, "protocol": "TCP"},
+    ]
+    if b.admin_panel.enabled:
+        ports.append({"name": "admin", "containerPort": ADMIN_PANEL_PORT, "protocol": "TCP"})
+    probe = {"httpGet": {"path": "/health", "port": "management"}, "periodSeconds": 5, "timeoutSeconds": 2}
+    container: Obj = {
+        "name": "balancer",
+        "image": b.image,
+        "imagePullPolicy": b.image_pull_policy.value,
+        "command": ["paddler"],
+        "args": balancer_args(spec),
+        "env": env,
+        "ports": ports,
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "resources": b.resources.to_kube(),
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    deployment: Obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, balancer_name(pool), labels),
+        "spec": {
+            "replicas": b.replicas,
+            "selector": {"matchLabels": selector},
+            # One balancer at a time: agents and buffered requests live in its memory.
+            "strategy": {"type": "Recreate"},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config)}},
+                "spec": {
+                    "securityContext": _pod_security(),
+                    "automountServiceAccountToken": False,
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+    inference_ports = [
+        {"name": "inference", "port": b.service.inference_port, "targetPort": "inference", "protocol": "TCP"}
+    ]
+    if b.admin_panel.enabled:
+        inference_ports.append(
+            {"name": "admin", "port": b.service.admin_panel_port, "targetPort": "admin", "protocol": "TCP"}
+        )
+    inference_service: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, inference_service_name(pool), labels, dict(b.service.annotations) or None),
+        "spec": {"type": b.service.type.value, "selector": selector, "ports": inference_ports},
+    }
+    management_service: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, management_service_name(pool), labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {
+                    "name": "management",
+                    "port": b.service.management_port,
+                    "targetPort": "management",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+    return [config_map, deployment, inference_service, management_service]
+
+
+# --- ModelDeployment -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MdPlan:
+    objects: list[Obj]
+    """Objects that must exist with (at least) these fields."""
+    absent: list[ObjRef]
+    """Objects of ours that must not exist (e.g. an HPA after autoscaling.mode changed)."""
+    desired_state: BalancerDesiredState
+    replicas: int | None
+    """Agent replicas the operator sets; None when an HPA/KEDA owns the count."""
+    slots_per_agent: int
+
+
+def slots_per_agent(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> int:
+    return md.slots_per_agent if md.slots_per_agent is not None else pool.agent.slots_per_agent
+
+
+def agent_args(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec, log_level: str) -> list[str]:
+    return [
+        "--log-level",
+        log_level,
+        "agent",
+        "--management-addr",
+        management_addr(md.pool_ref.name, owner.namespace, pool),
+        "--slots",
+        str(slots_per_agent(md, pool)),
+        "--model-group",
+        owner.name,
+        "--name",
+        "$(POD_NAME)",
+        "--model-cache-dir",
+        pool.agent.model_cache.mount_path,
+    ]
+
+
+def agent_resources(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+    base: ResourceRequirements = md.resources if md.resources is not None else pool.agent.resources
+    extra: dict[str, int | str] | None = {pool.agent.gpu_resource_name: pool.agent.gpus} if pool.agent.gpus else None
+    return base.to_kube(extra)
+
+
+def plan_model_deployment(
+    owner: Owner,
+    md: ModelDeploymentSpec,
+    pool: LlmPoolSpec,
+    *,
+    builtin_replicas: int | None = None,
+) -> MdPlan:
+    """Agent Deployment (+ HPA or ScaledObject) of a ModelDeployment, and its desired state.
+
+    ``builtin_replicas`` is the Builtin scaler's answer (see :func:`builtin_scale`);
+    it is used only when ``autoscaling.mode`` is ``Builtin``.
+    """
+    pool_name = md.pool_ref.name
+    labels = {**_labels(owner, pool_name, "agent", "paddler-agent"), MD_LABEL: owner.name}
+    selector = {MD_LABEL: owner.name, COMPONENT_LABEL: "agent"}
+    cache = pool.agent.model_cache
+    container: Obj = {
+        "name": "agent",
+        "image": pool.agent.image,
+        "imagePullPolicy": pool.agent.image_pull_policy.value,
+        "command": ["paddler"],
+        "args": agent_args(owner, md, pool, pool.balancer.log_level),
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": f"{cache.mount_path}/huggingface"},
+        ],
+        "resources": agent_resources(md, pool),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": MODEL_CACHE_VOLUME, "mountPath": cache.mount_path},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: Obj = {
+        "securityContext": _pod_security(),
+        "automountServiceAccountToken": False,
+        # An agent finishes its in-flight requests before it exits.
+        "terminationGracePeriodSeconds": 60,
+        "containers": [container],
+        "volumes": [cache.volume(), {"name": "tmp", "emptyDir": {}}],
+    }
+    if pool.agent.node_selector:
+        pod_spec["nodeSelector"] = dict(pool.agent.node_selector)
+    if pool.agent.tolerations:
+        pod_spec["tolerations"] = [t.to_kube() for t in pool.agent.tolerations]
+
+    mode = md.autoscaling.mode
+    replicas: int | None
+    if mode == AutoscalingMode.NONE:
+        replicas = md.replicas
+    elif mode == AutoscalingMode.BUILTIN:
+        low, high = md.autoscaling.min_replicas, md.autoscaling.max_replicas
+        replicas = min(high, max(low, builtin_replicas if builtin_replicas is not None else low))
+    else:
+        replicas = None
+    deployment_spec: Obj = {
+        "selector": {"matchLabels": selector},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {
+                "maxUnavailable": md.rollout.max_unavailable,
+                "maxSurge": md.rollout.max_surge,
+            },
+        },
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if replicas is not None:
+        deployment_spec = {"replicas": replicas, **deployment_spec}
+    name = agent_name(owner.name)
+    deployment: Obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, name, labels),
+        "spec": deployment_spec,
+    }
+    objects = [deployment]
+    hpa_ref = ObjRef("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, name)
+    keda_ref = ObjRef("keda.sh/v1alpha1", "ScaledObject", owner.namespace, name)
+    absent = []
+    spa = slots_per_agent(md, pool)
+    if mode == AutoscalingMode.HPA:
+        objects.append(_hpa(owner, name, labels, md.autoscaling, spa))
+    else:
+        absent.append(hpa_ref)
+    if mode == AutoscalingMode.KEDA:
+        addr = management_addr(pool_name, owner.namespace, pool)
+        objects.append(_scaled_object(owner, name, labels, md.autoscaling, addr))
+    else:
+        absent.append(keda_ref)
+    return MdPlan(
+        objects=objects,
+        absent=absent,
+        desired_state=md.desired_state(),
+        replicas=replicas,
+        slots_per_agent=spa,
+    )
+
+
+def busy_slots_target(autoscaling: AutoscalingSpec, slots: int) -> str:
+    """Average busy slots per agent pod that the autoscaler keeps (a quantity)."""
+    milli = max(1, slots * autoscaling.target_slot_utilization * 10)  # slots * percent / 100 * 1000
+    return f"{milli}m" if milli % 1000 else str(milli // 1000)
+
+
+def _hpa(owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, slots: int) -> Obj:
+    group = {"matchLabels": {"model_group": owner.name}}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(owner, name, labels),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"name": "paddler_requests_buffered", "selector": group},
+                        "target": {"type": "AverageValue", "averageValue": str(a.target_buffered_requests)},
+                    },
+                },
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"name": "paddler_slots_processing", "selector": group},
+                        "target": {"type": "AverageValue", "averageValue": busy_slots_target(a, slots)},
+                    },
+                },
+            ],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": min(a.scale_down_delay_seconds, 3600)}},
+        },
+    }
+
+
+def _scaled_object(owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, addr: str) -> Obj:
+    base = f"http://{addr}"
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _meta(owner, name, labels),
+        "spec": {
+            "scaleTargetRef": {"name": name},
+            "minReplicaCount": a.min_replicas,
+            "maxReplicaCount": a.max_replicas,
+            "cooldownPeriod": a.scale_down_delay_seconds,
+            "pollingInterval": 5,
+            "triggers": [
+                {
+                    # The balancer's own JSON: no Prometheus needed (it is pushed, never stale).
+                    "type": "metrics-api",
+                    "metadata": {
+                        "url": f"{base}/api/v1/buffered_requests",
+                        "valueLocation": "buffered_requests_current",
+                        "targetValue": str(a.target_buffered_requests),
+                        "activationTargetValue": "0",
+                    },
+                }
+            ],
+        },
+    }
+
+
+# --- comparing desired with actual -----------------------------------------------------
+
+_QUANTITY = re.compile(r"^([+-]?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)(n|u|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_QUANTITY_SUFFIX = {
+    "n": "1e-9", "u": "1e-6", "m": "1e-3", "": "1", "k": "1e3", "M": "1e6", "G": "1e9", "T": "1e12", "P": "1e15",
+    "E": "1e18", "Ki": "1024", "Mi": str(1024**2), "Gi": str(1024**3), "Ti": str(1024**4), "Pi": str(1024**5),
+    "Ei": str(1024**6),
+}  # fmt: skip
+
+
+def quantity_value(text: str) -> Decimal | None:
+    """The numeric value of a Kubernetes quantity (``500m`` -> 0.5), or None if it is not one."""
+    match = _QUANTITY.match(text)
+    if match is None:
+        return None
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        return Decimal(number) * Decimal(_QUANTITY_SUFFIX[suffix])
+    except (InvalidOperation, KeyError):
+        return None
+
+
+def _scalar_equal(want: Any, have: Any) -> bool:
+    if want == have and type(want) is type(have):
+        return True
+    if isinstance(want, bool) or isinstance(have, bool):
+        return False
+    if isinstance(want, int | float | str) and isinstance(have, int | float | str):
+        a, b = quantity_value(str(want)), quantity_value(str(have))
+        return a is not None and a == b
+    return False
+
+
+def differences(desired: Any, actual: Any, path: str = "") -> list[str]:
+    """Paths where ``actual`` does not carry ``desired`` (fields only in ``actual`` are fine:
+    the API server adds defaults). Lists must match element by element."""
+    if isinstance(desired, dict):
+        if not isinstance(actual, dict):
+            return [path or "."]
+        out: list[str] = []
+        for key, value in desired.items():
+            out += differences(value, actual.get(key), f"{path}.{key}")
+        return out
+    if isinstance(desired, list):
+        if not isinstance(actual, list) or len(actual) != len(desired):
+            return [path or "."]
+        out = []
+        for i, (want, have) in enumerate(zip(desired, actual, strict=True)):
+            out += differences(want, have, f"{path}[{i}]")
+        return out
+    return [] if _scalar_equal(desired, actual) else [path or "."]
+
+
+def patch_for(desired: Obj) -> Obj:
+    """A JSON merge patch that makes an object carry ``desired`` (lists are replaced whole)."""
+    meta = desired["metadata"]
+    patch: Obj = {
+        "metadata": {k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta},
+    }
+    for key, value in desired.items():
+        if key not in ("apiVersion", "kind", "metadata"):
+            patch[key] = value
+    return patch
+
+
+# --- status -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """One agent as the balancer's ``GET /api/v1/agents`` shows it."""
+
+    id: str
+    name: str | None
+    model_group: str
+    slots_total: int
+    slots_in_flight: int
+    state: str
+    issues: tuple[str, ...] = ()
+    model_path: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AgentView:
+        issues = []
+        for issue in data.get("issues") or []:
+            issues.append(json.dumps(issue, sort_keys=True) if not isinstance(issue, str) else issue)
+        return cls(
+            id=str(data.get("id", "")),
+            name=data.get("name"),
+            model_group=str(data.get("model_group", "default")),
+            slots_total=int(data.get("slots_total") or 0),
+            slots_in_flight=int(data.get("slots_in_flight") or 0),
+            state=str(data.get("state_application_status", "Fresh")),
+            issues=tuple(issues),
+            model_path=data.get("model_path"),
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "Applied" and self.slots_total > 0
+
+
+@dataclass(frozen=True)
+class BalancerSnapshot:
+    """What the operator read from a pool's balancer in one pass."""
+
+    agents: tuple[AgentView, ...] = ()
+    buffered_total: int = 0
+    buffered_by_group: Mapping[str, int] = field(default_factory=dict)
+    group_states: Mapping[str, Obj] = field(default_factory=dict)
+    """Model group -> desired state JSON the balancer holds."""
+
+    def in_group(self, group: str) -> list[AgentView]:
+        return [a for a in self.agents if a.model_group == group]
+
+
+@dataclass(frozen=True)
+class Load:
+    agents: int
+    ready: int
+    slots_total: int
+    slots_free: int
+    busy: int
+    buffered: int
+
+
+def load_of(agents: Sequence[AgentView], buffered: int) -> Load:
+    total = sum(a.slots_total for a in agents)
+    busy = sum(min(a.slots_in_flight, a.slots_total) for a in agents)
+    return Load(
+        agents=len(agents),
+        ready=sum(a.ready for a in agents),
+        slots_total=total,
+        slots_free=max(0, total - busy),
+        busy=busy,
+        buffered=buffered,
+    )
+
+
+def _cond(type_: str, ok: bool, reason: str, message: str = "") -> Condition:
+    return Condition(type=type_, status="True" if ok else "False", reason=reason, message=message)
+
+
+def merge_conditions(
+    previous: Sequence[Condition], current: Sequence[Condition], now: str, generation: int
+) -> list[Condition]:
+    """``current`` with ``lastTransitionTime`` kept from ``previous`` where the status did not change."""
+    before = {c.type: c for c in previous}
+    out = []
+    for c in current:
+        old = before.get(c.type)
+        since = old.last_transition_time if old is not None and old.status == c.status else None
+        out.append(c.model_copy(update={"last_transition_time": since or now, "observed_generation": generation}))
+    return out
+
+
+def pool_status(
+    spec: LlmPoolSpec,
+    *,
+    generation: int,
+    snapshot: BalancerSnapshot | None,
+    balancer_error: str | None,
+    apply_errors: Sequence[str],
+    model_deployments: int,
+    inference_url: str,
+    management_url: str,
+    previous: Sequence[Condition],
+    now: str,
+) -> LlmPoolStatus:
+    load = load_of(snapshot.agents if snapshot else (), snapshot.buffered_total if snapshot else 0)
+    if spec.balancer.replicas == 0:
+        ready = _cond("Ready", False, "Stopped", "balancer.replicas is 0")
+        progressing = _cond("Progressing", False, "Stopped")
+    elif snapshot is None:
+        msg = f"balancer management API unreachable: {balancer_error or 'unknown error'}; retrying"
+        ready = _cond("Ready", False, "BalancerUnreachable", msg)
+        progressing = _cond("Progressing", True, "BalancerUnreachable", msg)
+    else:
+        msg = f"balancer up: {load.ready} ready agents, {load.slots_free}/{load.slots_total} free slots"
+        ready = _cond("Ready", True, "BalancerReady", msg)
+        progressing = _cond("Progressing", False, "Complete", msg)
+    degraded = (
+        _cond("Degraded", True, "ApplyFailed", "; ".join(apply_errors))
+        if apply_errors
+        else _cond("Degraded", False, "AsExpected")
+    )
+    return LlmPoolStatus(
+        observed_generation=generation,
+        conditions=merge_conditions(previous, [ready, progressing, degraded], now, generation),
+        ready_agents=load.ready,
+        agents=load.agents,
+        slots_free=load.slots_free,
+        slots_total=load.slots_total,
+        slots=f"{load.slots_free}/{load.slots_total}",
+        buffered_requests=load.buffered,
+        inference_url=inference_url,
+        management_url=management_url,
+        model_deployments=model_deployments,
+    )
+
+
+def model_deployment_status(
+    name: str,
+    spec: ModelDeploymentSpec,
+    *,
+    generation: int,
+    pool_found: bool,
+    desired_replicas: int,
+    snapshot: BalancerSnapshot | None,
+    balancer_error: str | None,
+    desired_state_error: str | None,
+    apply_errors: Sequence[str],
+    previous: Sequence[Condition],
+    now: str,
+) -> ModelDeploymentStatus:
+    agents = snapshot.in_group(name) if snapshot else []
+    load = load_of(agents, (snapshot.buffered_by_group.get(name, 0) if snapshot else 0))
+    applied = snapshot is not None and desired_state_error is None and name in snapshot.group_states
+    problems = list(apply_errors)
+    if desired_state_error:
+        problems.append(f"balancer refused the desired state: {desired_state_error}")
+    stuck = [a for a in agents if a.state in ("Stuck", "AttemptedAndNotAppliable")]
+    issues = [f"{a.name or a.id}: {i}" for a in agents for i in a.issues]
+
+    if not pool_found:
+        msg = f"LlmPool {spec.pool_ref.name!r} not found in this namespace; waiting for it"
+        ready = _cond("Ready", False, "PoolNotFound", msg)
+        progressing = _cond("Progressing", False, "PoolNotFound", msg)
+    elif snapshot is None:
+        msg = f"balancer management API unreachable: {balancer_error or 'unknown error'}; retrying"
+        ready = _cond("Ready", False, "BalancerUnreachable", msg)
+        progressing = _cond("Progressing", True, "BalancerUnreachable", msg)
+    elif desired_replicas == 0:
+        ready = _cond("Ready", True, "ScaledToZero", "0 agent replicas; buffered requests wake the pool")
+        progressing = _cond("Progressing", False, "Complete")
+    elif applied and load.ready >= desired_replicas:
+        msg = f"{load.ready}/{desired_replicas} agents serve {spec.model.to_core().describe()}"
+        ready = _cond("Ready", True, "AgentsReady", msg)
+        progressing = _cond("Progressing", False, "Complete", msg)
+    else:
+        msg = f"{load.ready}/{desired_replicas} agents ready"
+        if not applied:
+            msg += "; desired state not yet on the balancer"
+        ready = _cond("Ready", False, "AgentsNotReady", msg)
+        progressing = _cond("Progressing", True, "WaitingForAgents", msg)
+    if problems:
+        degraded = _cond("Degraded", True, "ApplyFailed", "; ".join(problems))
+    elif stuck:
+        degraded = _cond(
+            "Degraded", True, "ModelNotAppliable", ", ".join(f"{a.name or a.id}: {a.state}" for a in stuck)
+        )
+    elif issues:
+        degraded = _cond("Degraded", True, "AgentIssues", "; ".join(issues)[:1000])
+    else:
+        degraded = _cond("Degraded", False, "AsExpected")
+    return ModelDeploymentStatus(
+        observed_generation=generation,
+        conditions=merge_conditions(previous, [ready, progressing, degraded], now, generation),
+        ready_agents=load.ready,
+        agents=load.agents,
+        slots_free=load.slots_free,
+        slots_total=load.slots_total,
+        slots=f"{load.slots_free}/{load.slots_total}",
+        buffered_requests=load.buffered,
+        replicas=desired_replicas,
+        agents_summary=f"{load.ready}/{desired_replicas}",
+        model=spec.model.to_core().describe(),
+        desired_state_applied=applied,
+    )
+
+
+def status_patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Obj | None:
+    """The status to write, or None when nothing but timestamps would change."""
+    if (
+        previous is not None
+        and not differences(dict(new), dict(previous))
+        and not differences(dict(previous), dict(new))
+    ):
+        return None
+    return dict(new)
+
+
+# --- Builtin autoscaler ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    replicas: int
+    low_since: float | None
+    """Since when (monotonic seconds) fewer replicas would do; None if not."""
+    reason: str
+
+
+def builtin_scale(
+    a: AutoscalingSpec,
+    slots: int,
+    current: int,
+    load: Load | None,
+    low_since: float | None,
+    now: float,
+) -> ScaleDecision:
+    """Agent replicas for the Builtin scaler: up at once (0 -> 1 as soon as a request is
+    buffered), down only after ``scaleDownDelaySeconds`` of continuously lower demand."""
+    low, high = a.min_replicas, a.max_replicas
+    current_clamped = min(high, max(low, current))
+    if load is None:
+        return ScaleDecision(current_clamped, low_since, "no load reading; holding")
+    capacity = slots * a.target_slot_utilization / 100.0
+    demand = load.busy + load.buffered
+    wanted = math.ceil(demand / capacity - 1e-9) if demand else 0
+    if load.buffered > 0:
+        wanted = max(wanted, 1)
+    wanted = min(high, max(low, wanted))
+    if wanted >= current_clamped:
+        reason = "scale up" if wanted > current else "steady"
+        return ScaleDecision(wanted, None, f"{reason}: {demand} busy+buffered, {capacity:g} per agent")
+    if low_since is None:
+        return ScaleDecision(current_clamped, now, f"demand fits {wanted}; waiting {a.scale_down_delay_seconds}s")
+    if now - low_since >= a.scale_down_delay_seconds:
+        return ScaleDecision(wanted, None, f"scale down: demand fits {wanted} for {a.scale_down_delay_seconds}s")
+    return ScaleDecision(current_clamped, low_since, f"demand fits {wanted}; waiting")
