@@ -10,7 +10,9 @@ Three sources (see :class:`paddler_core.desired_state.ModelSource`):
   touching the network. ``file://`` URLs are read in place.
 * ``HuggingFace``: ``huggingface_hub.hf_hub_download`` in a worker thread, so the
   usual ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE``, ``HF_TOKEN`` and
-  ``HF_HUB_OFFLINE`` variables behave as users expect (read at call time).
+  ``HF_HUB_OFFLINE`` variables behave as users expect (read at call time). With
+  neither ``HF_HOME`` nor ``HF_HUB_CACHE`` set, the hub cache is
+  ``<cache_dir>/huggingface``, so one volume holds every download.
 
 Every failure is a :class:`ModelSourceError` whose ``variant`` is the agent-issue
 name and whose ``message`` is meant for people. ``progress`` is always called on
@@ -120,7 +122,9 @@ async def resolve_model(
         return await _resolve_url(source.url, cache_dir, progress, retries, retry_delay_s)
     if source.kind == "HuggingFace" and source.huggingface is not None:
         ref = source.huggingface
-        return await _resolve_huggingface(ref.repo_id, ref.filename, ref.revision, progress)
+        return await _resolve_huggingface(
+            ref.repo_id, ref.filename, ref.revision, hf_cache_dir(cache_dir), progress
+        )
     raise ModelSourceError(MODEL_SOURCE_IS_NONE, "No model is configured for this agent.")
 
 
@@ -196,8 +200,15 @@ async def _resolve_url(
             MODEL_DOWNLOAD_FAILED, f"Unsupported URL scheme {scheme!r} in {ref.url}.", url=ref.url
         )
     target = url_cache_path(ref.url, cache_dir)
-    async with _DownloadLock(target):
-        return await _resolve_http(ref, target, progress, retries, retry_delay_s)
+    try:
+        async with _DownloadLock(target):
+            return await _resolve_http(ref, target, progress, retries, retry_delay_s)
+    except OSError as e:
+        raise ModelSourceError(
+            MODEL_DOWNLOAD_FAILED,
+            f"Cannot store the model from {ref.url} in the cache {cache_dir}: {e}",
+            url=ref.url,
+        ) from e
 
 
 async def _resolve_http(
@@ -505,13 +516,15 @@ def _describe(error: BaseException) -> str:
 # ---- Hugging Face -------------------------------------------------------------------------
 
 
-def _hf_cache_dir() -> str | None:
-    """The hub cache the user configured, read now (the hub reads it at import)."""
+def hf_cache_dir(cache_dir: Path) -> Path:
+    """The hub cache: the one the user configured (``HF_HUB_CACHE``, ``HF_HOME``),
+    read now since the hub reads them only at import; else ``<cache_dir>/huggingface``,
+    so the agent's model cache holds every download."""
     if value := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return os.path.expandvars(os.path.expanduser(value))
+        return Path(os.path.expandvars(os.path.expanduser(value)))
     if value := os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expandvars(os.path.expanduser(value)), "hub")
-    return None
+        return Path(os.path.expandvars(os.path.expanduser(value))) / "hub"
+    return cache_dir / "huggingface"
 
 
 def _hf_offline() -> bool:
@@ -589,7 +602,7 @@ def _hub_progress_class(
 
 
 async def _resolve_huggingface(
-    repo_id: str, filename: str, revision: str, progress: ProgressCallback
+    repo_id: str, filename: str, revision: str, cache: Path, progress: ProgressCallback
 ) -> Path:
     try:
         import huggingface_hub
@@ -614,7 +627,7 @@ async def _resolve_huggingface(
         "repo_id": repo_id,
         "filename": filename,
         "revision": revision or "main",
-        "cache_dir": _hf_cache_dir(),
+        "cache_dir": str(cache),
         "local_files_only": _hf_offline(),
         "tqdm_class": _hub_progress_class(name, publish, cancelled),
     }

@@ -292,6 +292,14 @@ class OutputClassifier:
         return True
 
 
+def prompt_opens_reasoning(prompt: str) -> bool:
+    """Whether the rendered prompt ends inside an open ``<think>`` block (templates
+    such as Qwen3's or DeepSeek-R1's start the answer with it): then build the
+    classifier with ``start_in_reasoning=True``."""
+    opened = prompt.rfind(THINK_OPEN)
+    return opened >= 0 and prompt.rfind(THINK_CLOSE) < opened
+
+
 # ---- parsing and validating tool calls ------------------------------------------------------
 
 

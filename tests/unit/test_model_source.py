@@ -396,3 +396,21 @@ async def test_concurrent_downloads_of_one_url_share_the_file(
     paths = await asyncio.gather(*(resolve_model(source, tmp_path, Events()) for _ in range(3)))
     assert len(set(paths)) == 1 and paths[0].read_bytes() == FAKE_GGUF
     assert len(files.hits) == 1
+
+
+async def test_huggingface_cache_defaults_to_the_agent_cache(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HOME")
+    path = await resolve_model(hf_source("org/tiny-GGUF", "tiny.gguf"), tmp_path / "c", Events())
+    assert (tmp_path / "c" / "huggingface") in path.parents
+
+
+async def test_unusable_cache_dir(aiohttp_server: ServerFactory, tmp_path: Path) -> None:
+    server = await start_file_server(aiohttp_server, FileServer({"model.gguf": FAKE_GGUF}))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(ModelSourceError) as info:
+        await resolve_model(url_source(str(server.make_url("/files/model.gguf"))), not_a_dir, Events())
+    assert info.value.variant == "ModelDownloadFailed"
+    assert str(not_a_dir) in info.value.message

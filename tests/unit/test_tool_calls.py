@@ -17,6 +17,7 @@ from paddler_agent.tool_calls import (
     OutputClassifier,
     Piece,
     parse_tool_calls,
+    prompt_opens_reasoning,
     tool_call_grammar,
     tool_call_schema,
     validate_json,
@@ -141,6 +142,21 @@ def test_classifier_last_kind_counts_tags() -> None:
     assert classifier.feed("ok") == [(C, "ok")]
     assert classifier.last_kind == C
     assert not classifier.saw_tool_call
+
+
+@pytest.mark.parametrize(
+    ("prompt", "opens"),
+    [
+        ("<|im_start|>assistant\n", False),
+        ("<|im_start|>assistant\n<think>\n", True),
+        ("<|im_start|>assistant\n<think>", True),
+        ("<|im_start|>assistant\n<think>\n\n</think>\n\n", False),
+        ("<think>old</think> user: hi <|im_start|>assistant\n", False),
+        ("<think>\nreasoning already under way", True),
+    ],
+)
+def test_prompt_opens_reasoning(prompt: str, opens: bool) -> None:
+    assert prompt_opens_reasoning(prompt) is opens
 
 
 # ---- parser --------------------------------------------------------------------------------
