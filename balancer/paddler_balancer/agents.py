@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,52 @@ from paddler_core.protocol import AgentStatus
 log = logging.getLogger(__name__)
 
 Sender = Callable[[dict[str, Any]], None]
+
+
+class IndexedSet:
+    """A set with O(1) add, discard and random access (for O(k) sampling)."""
+
+    __slots__ = ("_index", "_items")
+
+    def __init__(self) -> None:
+        self._items: list[AgentController] = []
+        self._index: dict[AgentController, int] = {}
+
+    def add(self, item: AgentController) -> None:
+        if item not in self._index:
+            self._index[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: AgentController) -> None:
+        position = self._index.pop(item, None)
+        if position is None:
+            return
+        last = self._items.pop()
+        if last is not item:
+            self._items[position] = last
+            self._index[last] = position
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._index
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[AgentController]:
+        return iter(self._items)
+
+    def sample(self, k: int, rng: random.Random) -> list[AgentController]:
+        """``k`` items from a random starting point (a window, wrapping): O(k).
+
+        Swap-removal keeps shuffling the order, so windows do not favour anyone."""
+        n = len(self._items)
+        if k >= n:
+            return list(self._items)
+        start = rng.randrange(n)
+        window = self._items[start : start + k]
+        if len(window) < k:
+            window += self._items[: k - len(window)]
+        return window
 
 
 @dataclass(eq=False)
@@ -30,6 +77,8 @@ class AgentController:
     send: Sender
     """Queue one message to the agent (never blocks)."""
     status: AgentStatus = field(default_factory=AgentStatus)
+    held_prefixes: frozenset[str] = frozenset()
+    """``status.prefix_hashes`` as a set, kept in step by AgentPool."""
     in_flight: int = 0
     streams: dict[str, ResponseStream] = field(default_factory=dict)
     connected: bool = True
@@ -67,7 +116,7 @@ class AgentPool:
 
     def __init__(self) -> None:
         self.agents: dict[str, AgentController] = {}
-        self.available: dict[str, set[AgentController]] = {}
+        self.available: dict[str, IndexedSet] = {}
         """Per model group: the agents with at least one free slot."""
         self.prefix_index: dict[str, set[AgentController]] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -115,7 +164,9 @@ class AgentPool:
 
     def refresh(self, agent: AgentController) -> None:
         """Keep ``available`` true after the agent's slots or in-flight count changed."""
-        group = self.available.setdefault(agent.model_group, set())
+        group = self.available.get(agent.model_group)
+        if group is None:
+            group = self.available[agent.model_group] = IndexedSet()
         if agent.free_slots > 0 and agent.connected:
             group.add(agent)
         else:
@@ -136,6 +187,7 @@ class AgentPool:
         self._index_prefixes(agent, agent.status.prefix_hashes, [])
 
     def _index_prefixes(self, agent: AgentController, old: list[str], new: list[str]) -> None:
+        agent.held_prefixes = frozenset(new) if agent.connected else frozenset()
         for h in set(old) - set(new):
             holders = self.prefix_index.get(h)
             if holders is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
-from paddler_balancer import inference_api, management_api
+from paddler_balancer import inference_api, management_api, openai_api
 from paddler_balancer.http_util import cors_middleware
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.metrics import statsd_reporter
@@ -19,15 +21,39 @@ from paddler_balancer.settings import BalancerSettings, parse_addr
 log = logging.getLogger(__name__)
 
 
+async def _cors_on_prepare(_request: web.Request, response: web.StreamResponse) -> None:
+    """Streaming responses (SSE) send their headers before the CORS middleware runs."""
+    response.headers.setdefault("Access-Control-Allow-Origin", "*")
+
+
+def _inference_middlewares(balancer: Balancer) -> list[Any]:
+    api_key = balancer.settings.api_key
+    return [cors_middleware, openai_api.auth_middleware(api_key)] if api_key else [cors_middleware]
+
+
 def inference_app(balancer: Balancer) -> web.Application:
-    app = web.Application(middlewares=[cors_middleware], client_max_size=64 * 1024 * 1024)
+    """Native and OpenAI-compatible inference APIs on one address."""
+    app = web.Application(middlewares=_inference_middlewares(balancer), client_max_size=64 * 1024 * 1024)
+    app.on_response_prepare.append(_cors_on_prepare)
     app[BALANCER_KEY] = balancer
     inference_api.add_routes(app)
+    openai_api.add_routes(app)
+    return app
+
+
+def compat_openai_app(balancer: Balancer) -> web.Application:
+    """The OpenAI-compatible API alone (``--compat-openai-addr``, Paddler compatibility)."""
+    app = web.Application(middlewares=_inference_middlewares(balancer), client_max_size=64 * 1024 * 1024)
+    app.on_response_prepare.append(_cors_on_prepare)
+    app[BALANCER_KEY] = balancer
+    app.router.add_get("/health", inference_api.health)
+    openai_api.add_routes(app)
     return app
 
 
 def management_app(balancer: Balancer) -> web.Application:
     app = web.Application(middlewares=[cors_middleware], client_max_size=64 * 1024 * 1024)
+    app.on_response_prepare.append(_cors_on_prepare)
     app[BALANCER_KEY] = balancer
     management_api.add_routes(app)
     if balancer.settings.statsd_addr:
@@ -70,16 +96,34 @@ async def _start(app: web.Application, addr: str, name: str) -> web.AppRunner:
     return runner
 
 
+def _bound_addr(runner: web.AppRunner, addr: str) -> str:
+    """``addr`` with the port the runner actually listens on."""
+    host, port = parse_addr(addr)
+    for sockname in runner.addresses:
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            port = int(sockname[1])
+            break
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -> None:
     balancer = Balancer(settings)
     runners = [
         await _start(management_app(balancer), settings.management_addr, "management"),
         await _start(inference_app(balancer), settings.inference_addr, "inference"),
     ]
+    if settings.compat_openai_addr:
+        runners.append(await _start(compat_openai_app(balancer), settings.compat_openai_addr, "compat_openai"))
     if settings.web_admin_panel_addr:
         from paddler_balancer.admin_panel import admin_panel_app
 
-        runners.append(await _start(admin_panel_app(settings), settings.web_admin_panel_addr, "web_admin_panel"))
+        # The panel's pages call the APIs: hand it the bound addresses (port 0 resolved).
+        bound = dataclasses.replace(
+            settings,
+            management_addr=_bound_addr(runners[0], settings.management_addr),
+            inference_addr=_bound_addr(runners[1], settings.inference_addr),
+        )
+        runners.append(await _start(admin_panel_app(bound), settings.web_admin_panel_addr, "web_admin_panel"))
     try:
         await (stop or asyncio.Event()).wait()
     finally:

@@ -61,7 +61,7 @@ class Dispatcher:
         *,
         max_buffered: int,
         buffer_timeout: float,
-        candidate_limit: int = 64,
+        candidate_limit: int = 16,
         load_cap: float = 0.75,
     ) -> None:
         self.pool = pool

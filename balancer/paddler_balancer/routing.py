@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from paddler_balancer.agents import AgentController
+from paddler_balancer.agents import AgentController, IndexedSet
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ def free_slots_score(agent: AgentController) -> float:
 
 def prefix_affinity_score(agent: AgentController, request: RouteRequest, load_cap: float) -> float:
     """Matched prefix blocks, counted only while the agent is below ``load_cap`` usage."""
-    if not request.prefix_hashes or agent.status.slots_total == 0:
+    held = agent.held_prefixes
+    if not request.prefix_hashes or not held or agent.status.slots_total == 0:
         return 0.0
     if agent.in_flight / agent.status.slots_total >= load_cap:
         return 0.0
-    held = set(agent.status.prefix_hashes)
     matched = 0
     for h in request.prefix_hashes:  # cumulative hashes: stop at the first miss
         if h not in held:
@@ -77,13 +77,17 @@ def pick(candidates: Iterable[AgentController], request: RouteRequest, load_cap:
 
 
 def candidates(
-    available: set[AgentController],
+    available: IndexedSet,
     prefix_holders: set[AgentController],
     limit: int,
     rng: random.Random,
 ) -> list[AgentController]:
-    """Agents worth scoring: every available one if few, else prefix holders plus a
-    random sample of ``limit`` (power-of-k choices keeps the decision O(limit))."""
+    """Agents worth scoring: every available one if few; else up to ``limit // 2``
+    available prefix holders plus a random sample, ``limit`` in all (power-of-k
+    choices: the decision costs O(limit) whatever the pool size)."""
     if len(available) <= limit:
         return list(available)
-    return list(prefix_holders & available) + rng.sample(list(available), limit)
+    holders = [a for a in prefix_holders if a in available]
+    if len(holders) > limit // 2:
+        holders = rng.sample(holders, limit // 2)
+    return holders + available.sample(limit - len(holders), rng)

@@ -52,7 +52,7 @@ class BalancerSettings:
     """Seconds between StatsD reports."""
     api_key: str | None = None
     """When set, inference requests need ``Authorization: Bearer <key>``."""
-    routing_candidates: int = 64
-    """Most agents scored per decision (random sample beyond it keeps decisions O(1))."""
+    routing_candidates: int = 16
+    """Most agents scored per decision (a random sample beyond it keeps decisions O(1))."""
     prefix_affinity_load_cap: float = 0.75
     """Prefix affinity only counts for agents using less than this share of their slots."""

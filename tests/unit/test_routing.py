@@ -7,7 +7,7 @@ import random
 import pytest
 
 from paddler_balancer import routing
-from paddler_balancer.agents import AgentController
+from paddler_balancer.agents import AgentController, IndexedSet
 from paddler_balancer.routing import RouteRequest
 from paddler_core.protocol import AgentStatus
 
@@ -17,6 +17,7 @@ def agent(
 ) -> AgentController:
     a = AgentController(id=name, name=name, model_group=group, send=lambda m: None)
     a.status = AgentStatus(slots_total=total, prefix_hashes=list(prefixes))
+    a.held_prefixes = frozenset(prefixes)
     a.in_flight = in_flight
     return a
 
@@ -73,9 +74,28 @@ def test_pick(agents: list[AgentController], keys: tuple[str, ...], winner: str 
     assert (chosen.name if chosen else None) == winner
 
 
+def indexed(agents: list[AgentController]) -> IndexedSet:
+    s = IndexedSet()
+    for a in agents:
+        s.add(a)
+    return s
+
+
 def test_candidates_are_capped_but_keep_prefix_holders() -> None:
-    many = {agent(f"a{i}") for i in range(1000)}
-    holder = next(iter(many))
-    chosen = routing.candidates(many, {holder}, limit=64, rng=random.Random(1))
-    assert len(chosen) <= 65 and holder in chosen
-    assert routing.candidates(set(list(many)[:10]), set(), limit=64, rng=random.Random(1)).__len__() == 10
+    many = [agent(f"a{i}") for i in range(1000)]
+    holder = many[500]
+    chosen = routing.candidates(indexed(many), {holder}, limit=16, rng=random.Random(1))
+    assert len(chosen) == 16 and holder in chosen
+    many_holders = set(many[:100])
+    assert len(routing.candidates(indexed(many), many_holders, limit=16, rng=random.Random(1))) == 16
+    assert len(routing.candidates(indexed(many[:10]), set(), limit=16, rng=random.Random(1))) == 10
+
+
+def test_indexed_set_discard_keeps_the_rest_reachable() -> None:
+    agents = [agent(f"a{i}") for i in range(5)]
+    s = indexed(agents)
+    s.discard(agents[1])
+    s.discard(agents[1])
+    s.discard(agents[4])
+    assert sorted(a.id for a in s) == ["a0", "a2", "a3"]
+    assert agents[1] not in s and len(s) == 3

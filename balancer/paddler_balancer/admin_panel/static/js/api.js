@@ -1,0 +1,78 @@
+// Calls to the balancer's management and inference APIs (other origins; both send CORS headers).
+
+let configPromise = null;
+
+/** The panel's config: API base URLs and the inference parameter catalogue. */
+export function getConfig() {
+  if (configPromise === null) {
+    configPromise = fetch("/config.json", { cache: "no-store" }).then((r) => {
+      if (!r.ok) throw new Error(`config.json: HTTP ${r.status}`);
+      return r.json();
+    });
+  }
+  return configPromise;
+}
+
+export class ApiError extends Error {
+  constructor(status, message, body) {
+    super(message);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+/** JSON request; resolves to the parsed body (null for 204), rejects with ApiError. */
+export async function api(base, path, { method = "GET", body } = {}) {
+  const init = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(base + path, init);
+  } catch (err) {
+    throw new ApiError(0, `Cannot reach the balancer at ${base} (${err.message}).`, null);
+  }
+  if (response.status === 204) return null;
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const message = (data && data.error && data.error.message) || text || response.statusText;
+    throw new ApiError(response.status, message, data);
+  }
+  return data;
+}
+
+/**
+ * Server-sent events from the management API. Calls onData(parsed) for each event
+ * and onState("live" | "down") when the connection opens or drops (EventSource retries).
+ * Returns a function that closes the stream.
+ */
+export function subscribe(url, onData, onState = () => {}) {
+  const source = new EventSource(url);
+  source.onopen = () => onState("live");
+  source.onerror = () => onState(source.readyState === EventSource.CLOSED ? "down" : "down");
+  source.onmessage = (event) => {
+    onState("live");
+    try {
+      onData(JSON.parse(event.data));
+    } catch (err) {
+      console.error("bad event", err);
+    }
+  };
+  return () => source.close();
+}
+
+/** Update the connection indicator in the top bar. */
+export function setConnection(state, text) {
+  const el = document.getElementById("connection");
+  if (!el) return;
+  el.dataset.state = state;
+  el.querySelector(".connection-text").textContent = text;
+}

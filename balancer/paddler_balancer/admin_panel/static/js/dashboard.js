@@ -1,0 +1,187 @@
+// Dashboard: balancer addresses, buffered requests and one live card per agent.
+
+import { subscribe } from "./api.js";
+import { copyButton, formatBytes, h } from "./dom.js";
+import { onAgents } from "./live.js";
+
+const STATE_WORDS = {
+  Applied: { tone: "ok", text: "Desired state applied" },
+  Fresh: { tone: "idle", text: "Waiting for its desired state" },
+  AttemptedAndRetrying: { tone: "warn", text: "Applying the desired state failed; retrying" },
+  AttemptedAndNotAppliable: { tone: "bad", text: "The desired state cannot be applied" },
+  Stuck: { tone: "bad", text: "Stuck while applying the desired state" },
+};
+
+export function stateWords(status) {
+  return STATE_WORDS[status] || { tone: "idle", text: status || "Unknown" };
+}
+
+/** AgentIssue serde: "Variant" or {"Variant": {"message": ..., ...}}. */
+export function issueText(issue) {
+  if (typeof issue === "string") return { title: humanize(issue), message: "" };
+  const [[variant, params]] = Object.entries(issue);
+  const message = params && typeof params === "object"
+    ? params.message || Object.entries(params).map(([k, v]) => `${k}: ${v}`).join(", ")
+    : String(params ?? "");
+  return { title: humanize(variant), message };
+}
+
+function humanize(variant) {
+  const words = variant.replace(/([a-z0-9])([A-Z])/g, "$1 $2").toLowerCase();
+  return words.charAt(0).toUpperCase() + words.slice(1);
+}
+
+function stat(label, valueId, initial) {
+  return h("div", { class: "stat" },
+    h("div", { class: "stat-label", id: `${valueId}-label` }, label),
+    h("div", { class: "stat-value", id: valueId, "aria-labelledby": `${valueId}-label ${valueId}` }, initial));
+}
+
+export async function mount(main, config) {
+  const bufferStat = stat("Buffered requests", "stat-buffered", "0");
+  bufferStat.querySelector(".stat-value").setAttribute("aria-live", "polite");
+  const openaiUrl = `${config.inference_url}/v1`;
+  const grid = h("ul", { class: "agent-grid", id: "agents", "aria-label": "Agents" });
+  const emptyState = h("div", { class: "empty", id: "agents-empty", hidden: true },
+    h("h3", {}, "No agents connected"),
+    h("p", { class: "muted" },
+      "Agents dial in to the balancer and offer their slots. Start one on any machine that can reach this balancer; "
+      + "it downloads and loads the model set on the Model page."),
+    h("div", { class: "command" },
+      h("code", { id: "agent-command" }, config.agent_command),
+      copyButton(config.agent_command, "Copy command")));
+
+  main.append(
+    h("div", { class: "page-header" },
+      h("div", {},
+        h("h1", {}, "Dashboard"),
+        h("p", { class: "lead" }, "Agents connected to this balancer, their slots and the requests waiting for one."))),
+    h("section", { class: "stats", "aria-label": "Summary" },
+      stat("Agents", "stat-agents", "0"),
+      stat("Slots busy", "stat-slots", "0"),
+      bufferStat,
+      stat("Models served", "stat-models", "0")),
+    h("section", { class: "panel", "aria-labelledby": "addresses-title" },
+      h("h2", { id: "addresses-title" }, "Balancer addresses"),
+      h("dl", { class: "addresses" },
+        h("dt", {}, "Inference API"), h("dd", { id: "inference-url" }, config.inference_url),
+        copyButton(config.inference_url, "Copy inference URL"),
+        h("dt", {}, "OpenAI-compatible"), h("dd", {}, openaiUrl), copyButton(openaiUrl, "Copy OpenAI base URL"),
+        h("dt", {}, "Management API"), h("dd", { id: "management-url" }, config.management_url),
+        copyButton(config.management_url, "Copy management URL"))),
+    h("section", { "aria-labelledby": "agents-title" },
+      h("div", { class: "panel-header" },
+        h("h2", { id: "agents-title" }, "Agents"),
+        h("span", { class: "muted small", id: "agents-summary", "aria-live": "polite" }, "")),
+      emptyState,
+      grid),
+  );
+
+  subscribe(`${config.management_url}/api/v1/buffered_requests/stream`, (body) => {
+    const n = body.buffered_requests_current ?? 0;
+    const el = document.getElementById("stat-buffered");
+    el.replaceChildren(String(n), h("small", {}, ` / ${config.max_buffered_requests}`));
+    bufferStat.dataset.alert = n > 0 ? "true" : "false";
+  });
+
+  const cards = new Map();
+  onAgents(config, (agents) => {
+    const seen = new Set();
+    agents.forEach((agent, index) => {
+      seen.add(agent.id);
+      const key = JSON.stringify(agent);
+      let entry = cards.get(agent.id);
+      if (!entry || entry.key !== key) {
+        const card = agentCard(agent);
+        if (entry) entry.el.replaceWith(card);
+        entry = { el: card, key };
+        cards.set(agent.id, entry);
+      }
+      if (grid.children[index] !== entry.el) grid.insertBefore(entry.el, grid.children[index] || null);
+    });
+    for (const [id, entry] of cards) {
+      if (!seen.has(id)) {
+        entry.el.remove();
+        cards.delete(id);
+      }
+    }
+    const total = agents.reduce((s, a) => s + a.slots_total, 0);
+    const busy = agents.reduce((s, a) => s + a.slots_in_flight, 0);
+    const models = new Set(agents.map((a) => a.model_path).filter(Boolean));
+    document.getElementById("stat-agents").textContent = String(agents.length);
+    document.getElementById("stat-slots").replaceChildren(String(busy), h("small", {}, ` / ${total}`));
+    document.getElementById("stat-models").textContent = String(models.size);
+    document.getElementById("agents-summary").textContent =
+      agents.length ? `${agents.length} connected · ${total - busy} free slot${total - busy === 1 ? "" : "s"}` : "";
+    emptyState.hidden = agents.length > 0;
+    grid.hidden = agents.length === 0;
+  });
+}
+
+function agentCard(agent) {
+  const name = agent.name || agent.id;
+  const titleId = `agent-${agent.id}-name`;
+  const state = stateWords(agent.state_application_status);
+  const total = agent.slots_total;
+  const busy = agent.slots_in_flight;
+  const pct = total > 0 ? Math.min(100, Math.round((busy / total) * 100)) : 0;
+  const slotsText = `${busy} of ${total} busy`;
+
+  const facts = h("dl", { class: "facts" },
+    h("dt", {}, "Model"),
+    h("dd", { class: "agent-model" }, agent.model_path ? h("span", { class: "mono" }, agent.model_path)
+      : h("span", { class: "muted" }, "No model loaded")),
+    h("dt", {}, "State"),
+    h("dd", {}, h("span", { class: "status agent-state", dataset: { tone: state.tone } },
+      h("span", { class: "dot", "aria-hidden": "true" }), state.text)),
+    h("dt", {}, "Processing"),
+    h("dd", {}, `${agent.slots_processing} sequence${agent.slots_processing === 1 ? "" : "s"}`
+      + (agent.desired_slots_total && agent.desired_slots_total !== total
+        ? ` · wants ${agent.desired_slots_total} slots` : "")),
+  );
+  if (agent.uses_chat_template_override) {
+    facts.append(h("dt", {}, "Template"), h("dd", {}, "Chat template override"));
+  }
+
+  const slots = h("div", { class: "slots" },
+    h("div", { class: "meter-row" }, h("span", {}, "Slots"), h("span", { class: "agent-slots" }, slotsText)),
+    h("div", {
+      class: "bar", role: "progressbar", "aria-label": `Slots busy on ${name}`,
+      "aria-valuemin": "0", "aria-valuemax": String(total), "aria-valuenow": String(busy), "aria-valuetext": slotsText,
+    }, h("div", { class: "bar-fill", style: { width: `${pct}%` }, dataset: { full: String(total > 0 && busy >= total) } })));
+
+  const card = h("li", { class: "agent-card", dataset: { agentId: agent.id }, "aria-labelledby": titleId },
+    h("header", {},
+      h("div", {},
+        h("h3", { id: titleId, class: "agent-name" }, name),
+        h("div", { class: "agent-id" }, agent.id)),
+      h("span", { class: "badge accent", title: "Model group" }, agent.model_group)),
+    facts,
+    slots);
+
+  const downloading = agent.download_indeterminate
+    || (agent.download_total > 0 && agent.download_current < agent.download_total);
+  if (downloading) {
+    const file = agent.download_filename || "model";
+    const pctDl = agent.download_total > 0 ? Math.floor((agent.download_current / agent.download_total) * 100) : 0;
+    const text = agent.download_indeterminate
+      ? `${formatBytes(agent.download_current)} so far`
+      : `${pctDl}% · ${formatBytes(agent.download_current)} of ${formatBytes(agent.download_total)}`;
+    card.append(h("div", { class: "download" },
+      h("div", { class: "meter-row" }, h("span", {}, `Downloading ${file}`), h("span", {}, text)),
+      h("div", {
+        class: `bar${agent.download_indeterminate ? " indeterminate" : ""}`, role: "progressbar",
+        "aria-label": `Download of ${file}`, "aria-valuemin": "0", "aria-valuemax": "100",
+        "aria-valuenow": agent.download_indeterminate ? undefined : String(pctDl), "aria-valuetext": text,
+      }, h("div", { class: "bar-fill", style: agent.download_indeterminate ? {} : { width: `${pctDl}%` } }))));
+  }
+
+  if (agent.issues && agent.issues.length) {
+    card.append(h("ul", { class: "issues", "aria-label": `Issues on ${name}` },
+      agent.issues.map((issue) => {
+        const { title, message } = issueText(issue);
+        return h("li", {}, h("strong", {}, title), message);
+      })));
+  }
+  return card;
+}
