@@ -152,7 +152,9 @@ async def main():
     await asyncio.gather(*(r.run(stop) for r in runtimes))
 asyncio.run(main())
 """
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+    )
 
 
 async def count_agents(management_url: str) -> int:
@@ -180,8 +182,12 @@ def main() -> None:
         balancer = processes.balancer("--max-buffered-requests", "1000")
         # 4 agents x 64 slots, 400 tokens/s per slot: far more than one balancer can move.
         for i in range(4):
-            processes.agent(balancer, slots=64, name=f"sim{i}", extra=(
-                "--simulated-tokens-per-second", "400", "--simulated-max-tokens", "200"))
+            processes.agent(
+                balancer,
+                slots=64,
+                name=f"sim{i}",
+                extra=("--simulated-tokens-per-second", "400", "--simulated-max-tokens", "200"),
+            )
         while asyncio.run(count_agents(balancer.management_url)) < 4:
             time.sleep(0.1)
         results["throughput"] = run_client(balancer.inference_url, 200, duration, 200)
@@ -191,8 +197,12 @@ def main() -> None:
         processes = Processes(REPO / "bench" / "results")
         balancer = processes.balancer("--max-buffered-requests", "1000")
         for i in range(4):
-            processes.agent(balancer, slots=64, name=f"lat{i}", extra=(
-                "--simulated-tokens-per-second", "20", "--simulated-max-tokens", "10"))
+            processes.agent(
+                balancer,
+                slots=64,
+                name=f"lat{i}",
+                extra=("--simulated-tokens-per-second", "20", "--simulated-max-tokens", "10"),
+            )
         while asyncio.run(count_agents(balancer.management_url)) < 4:
             time.sleep(0.1)
         results["latency_200_streams"] = run_client(balancer.inference_url, 200, duration, 10)

@@ -28,7 +28,8 @@ SAMPLING, PENALTIES, ENGINE, EMBEDDINGS = "Sampling", "Repetition penalties", "E
 PARAMETERS: dict[str, tuple[str, str, str]] = {
     # name: (section, label, one-sentence explanation)
     "temperature": (
-        SAMPLING, "Temperature",
+        SAMPLING,
+        "Temperature",
         "Randomness of sampling: 0 always picks the likeliest token, higher is more varied.",
     ),
     "top_k": (SAMPLING, "Top K", "Sample only from the K likeliest tokens; 0 turns it off."),
@@ -36,11 +37,15 @@ PARAMETERS: dict[str, tuple[str, str, str]] = {
     "min_p": (SAMPLING, "Min P", "Drop tokens less likely than this share of the likeliest token; 0 turns it off."),
     "penalty_repeat": (PENALTIES, "Repeat penalty", "Divide the odds of recently used tokens by this; 1 turns it off."),
     "penalty_presence": (
-        PENALTIES, "Presence penalty", "Penalise tokens that appeared at all, nudging the model to new topics.",
+        PENALTIES,
+        "Presence penalty",
+        "Penalise tokens that appeared at all, nudging the model to new topics.",
     ),
     "penalty_frequency": (PENALTIES, "Frequency penalty", "Penalise tokens by how often they already appeared."),
     "penalty_last_n": (
-        PENALTIES, "Penalty window", "Recent tokens the penalties look at; -1 is the whole context, 0 turns them off.",
+        PENALTIES,
+        "Penalty window",
+        "Recent tokens the penalties look at; -1 is the whole context, 0 turns them off.",
     ),
     "context_size": (ENGINE, "Context size", "Tokens each slot holds: prompt plus reply. Long chats need more."),
     "n_batch": (ENGINE, "Batch size", "Prompt tokens decoded per engine step; larger is faster, uses more memory."),
@@ -51,7 +56,9 @@ PARAMETERS: dict[str, tuple[str, str, str]] = {
     "embedding_batch_size": (EMBEDDINGS, "Embedding batch size", "Documents embedded together in one engine call."),
     "pooling_type": (EMBEDDINGS, "Pooling", "How the vectors of a document's tokens become one embedding."),
     "image_resize_to_fit": (
-        EMBEDDINGS, "Image size limit", "Images wider or taller than this many pixels are scaled down first.",
+        EMBEDDINGS,
+        "Image size limit",
+        "Images wider or taller than this many pixels are scaled down first.",
     ),
 }
 """Section, label and explanation of each inference parameter, in the order the model page shows them."""
