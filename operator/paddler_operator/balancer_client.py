@@ -1,0 +1,118 @@
+"""HTTP client of a pool balancer's management API, as the operator uses it.
+
+Reads agents, model groups and buffered-request gauges, writes a model group's
+desired state with the ``X-Paddler-Owner`` header. A balancer that cannot be
+reached (no pod yet, DNS, timeout) raises :class:`BalancerUnreachable`; one that
+answers with an error raises :class:`BalancerRejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from paddler_operator.plan import AgentView, BalancerSnapshot
+
+OWNER_HEADER = "X-Paddler-Owner"
+_GAUGE = re.compile(r'^paddler_requests_buffered\{[^}]*model_group="([^"]*)"[^}]*\}\s+([0-9.eE+-]+)\s*$')
+
+
+class BalancerUnreachable(Exception):
+    """Connection refused, DNS failure or timeout."""
+
+
+class BalancerRejected(Exception):
+    """The balancer answered with an HTTP error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BalancerClientSettings:
+    request_timeout: float = 3.0
+    """Seconds for one management API request, connect included."""
+
+
+def parse_buffered_by_group(metrics_text: str) -> dict[str, int]:
+    """``paddler_requests_buffered{model_group="x"} 2`` lines of a Prometheus scrape."""
+    out: dict[str, int] = {}
+    for line in metrics_text.splitlines():
+        match = _GAUGE.match(line.strip())
+        if match:
+            out[match.group(1)] = int(float(match.group(2)))
+    return out
+
+
+class BalancerClient:
+    def __init__(self, settings: BalancerClientSettings | None = None) -> None:
+        self.settings = settings or BalancerClientSettings()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self, method: str, url: str, *, json_body: Any = None, headers: dict[str, str] | None = None, text: bool = False
+    ) -> Any:
+        try:
+            async with self._http().request(method, url, json=json_body, headers=headers) as resp:
+                body = await resp.text()
+                if resp.status >= 400:
+                    raise BalancerRejected(resp.status, body[:500])
+                if text:
+                    return body
+                return await resp.json(content_type=None) if body else None
+        except (aiohttp.ClientConnectionError, aiohttp.InvalidURL, TimeoutError) as err:
+            raise BalancerUnreachable(f"{method} {url}: {type(err).__name__}: {err}") from err
+        except aiohttp.ClientResponseError as err:
+            raise BalancerRejected(err.status, err.message) from err
+
+    async def snapshot(self, base_url: str) -> BalancerSnapshot:
+        """Agents, model groups and buffered requests, read in parallel."""
+        base = base_url.rstrip("/")
+        agents, groups, buffered, metrics = await asyncio.gather(
+            self._request("GET", f"{base}/api/v1/agents"),
+            self._request("GET", f"{base}/api/v1/model_groups"),
+            self._request("GET", f"{base}/api/v1/buffered_requests"),
+            self._request("GET", f"{base}/metrics", text=True),
+        )
+        return BalancerSnapshot(
+            agents=tuple(AgentView.from_json(a) for a in (agents or {}).get("agents", [])),
+            buffered_total=int((buffered or {}).get("buffered_requests_current", 0)),
+            buffered_by_group=parse_buffered_by_group(metrics or ""),
+            group_states={g["name"]: g.get("desired_state") or {} for g in (groups or {}).get("model_groups", [])},
+        )
+
+    async def put_desired_state(self, base_url: str, group: str, state: dict[str, Any], owner: str) -> None:
+        await self._request(
+            "PUT",
+            f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/desired_state",
+            json_body=state,
+            headers={OWNER_HEADER: owner},
+        )
+
+    async def delete_desired_state(self, base_url: str, group: str) -> bool:
+        """True if the group had a state; False if the balancer did not know it."""
+        try:
+            await self._request("DELETE", f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/desired_state")
+            return True
+        except BalancerRejected as err:
+            if err.status == 404:
+                return False
+            raise

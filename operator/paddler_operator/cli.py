@@ -1,0 +1,75 @@
+"""``paddler operator``: the subcommand, discovered by :mod:`paddler_cli.main`.
+
+kopf is imported only when the operator runs, so ``paddler balancer`` and
+``paddler agent`` never pay for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from paddler_operator.settings import BALANCER_URL_TEMPLATE_ENV, OperatorSettings
+
+
+def add_subcommand(sub: Any) -> None:
+    p = sub.add_parser("operator", help="run the Kubernetes operator (LlmPool, ModelDeployment)")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "--namespace", "-n", action="append", default=[], metavar="NS", help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    p.add_argument(
+        "--balancer-url-template",
+        default=OperatorSettings.template_from_env(),
+        help=f"management API URL of a pool's balancer; fields {{pool}} {{namespace}} {{service}} {{port}} "
+        f"(env {BALANCER_URL_TEMPLATE_ENV})",
+    )
+    p.add_argument(
+        "--resync-interval",
+        type=float,
+        default=float(os.environ.get("PADDLER_OPERATOR_RESYNC_INTERVAL", "10")),
+        help="seconds between full reconciles of an idle resource (env PADDLER_OPERATOR_RESYNC_INTERVAL)",
+    )
+    p.add_argument("--retry-max-delay", type=float, default=30.0, help="ceiling of the retry backoff (seconds)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: $KUBECONFIG or in-cluster)")
+    p.add_argument(
+        "--liveness-endpoint", default=None, help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
+    )
+    p.set_defaults(run=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
+    return OperatorSettings(
+        namespaces=tuple(args.namespace),
+        all_namespaces=args.all_namespaces,
+        balancer_url_template=args.balancer_url_template,
+        resync_interval=args.resync_interval,
+        retry_max_delay=args.retry_max_delay,
+        kubeconfig=args.kubeconfig,
+        liveness_endpoint=args.liveness_endpoint,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if settings.kubeconfig:
+        os.environ["KUBECONFIG"] = settings.kubeconfig  # kopf's own login reads it too
+    import kopf
+
+    from paddler_operator import handlers
+
+    handlers.configure(settings)
+    kopf.run(
+        standalone=True,
+        clusterwide=settings.all_namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=settings.liveness_endpoint,
+    )
+    return 0

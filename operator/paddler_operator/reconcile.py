@@ -1,0 +1,501 @@
+"""Observe -> plan -> apply, one custom resource at a time.
+
+Each LlmPool and ModelDeployment gets one worker task (:class:`Workers`) that
+reconciles it, then sleeps until woken (a watch event on it or on an object it
+owns) or until the resync interval (or, after a failure, the retry backoff)
+passes. One worker per object serialises its reconciles; a reconcile reads
+everything fresh, so any number of wake-ups collapse into one pass.
+
+This module never imports kopf: :mod:`paddler_operator.handlers` feeds it events.
+It talks to Kubernetes only through :class:`~paddler_operator.kube.KubeApi` and
+to balancers only through :class:`~paddler_operator.balancer_client.BalancerClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from paddler_core.desired_state import BalancerDesiredState
+from paddler_operator import plan
+from paddler_operator.balancer_client import BalancerClient, BalancerRejected, BalancerUnreachable
+from paddler_operator.crd_models import (
+    API_VERSION,
+    AutoscalingMode,
+    Condition,
+    LlmPoolSpec,
+    ModelDeploymentSpec,
+)
+from paddler_operator.kube import KubeApi, KubeError
+from paddler_operator.plan import BalancerSnapshot, Obj, ObjRef, Owner
+from paddler_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["LlmPool", "ModelDeployment"]
+Key = tuple[Kind, str, str]
+"""(kind, namespace, name)"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    retry: bool = False
+    """A transient failure: try again after the backoff, not the resync interval."""
+    message: str = ""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ref(kind: Kind, namespace: str, name: str) -> ObjRef:
+    return ObjRef(API_VERSION, kind, namespace, name)
+
+
+def _owner(obj: Mapping[str, Any]) -> Owner:
+    meta = obj["metadata"]
+    return Owner(
+        kind=obj["kind"],
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta["uid"],
+        generation=int(meta.get("generation") or 1),
+    )
+
+
+def _conditions(obj: Mapping[str, Any]) -> list[Condition]:
+    out = []
+    for raw in (obj.get("status") or {}).get("conditions") or []:
+        with contextlib.suppress(ValidationError):
+            out.append(Condition.model_validate(raw))
+    return out
+
+
+def _condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def _validation_message(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors())
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: KubeApi,
+        balancers: BalancerClient,
+        settings: OperatorSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kube = kube
+        self.balancers = balancers
+        self.settings = settings
+        self.clock = clock
+        self._low_since: dict[Key, float] = {}
+        """Builtin scaler: since when fewer agents would do (monotonic seconds)."""
+
+    # --- apply -----------------------------------------------------------------------
+
+    async def apply(self, owner_obj: Obj, desired: Sequence[Obj], absent: Sequence[ObjRef] = ()) -> list[str]:
+        """Create or patch what differs, delete what must not exist; returns error messages."""
+        errors: list[str] = []
+        uid = owner_obj["metadata"]["uid"]
+        for want in desired:
+            ref = ObjRef.of(want)
+            try:
+                have = await self.kube.get(ref)
+                if have is None:
+                    await self.kube.create(want)
+                    log.info("created object=%s owner=%s", ref, owner_obj["metadata"]["name"])
+                    await self.kube.event(owner_obj, "Normal", "Created", f"Created {ref.kind} {ref.name}")
+                    continue
+                controller = _controller_uid(have)
+                if controller is not None and controller != uid:
+                    errors.append(f"{ref} exists and is controlled by another object (uid {controller})")
+                    continue
+                diff = plan.differences({k: v for k, v in want.items() if k != "metadata"}, have)
+                diff += plan.differences(
+                    {
+                        k: want["metadata"][k]
+                        for k in ("labels", "annotations", "ownerReferences")
+                        if k in want["metadata"]
+                    },
+                    have.get("metadata", {}),
+                    ".metadata",
+                )
+                if diff:
+                    await self.kube.patch(ref, plan.patch_for(want))
+                    fields = ", ".join(sorted(diff)[:5])
+                    log.info("patched object=%s fields=%s", ref, fields)
+                    await self.kube.event(owner_obj, "Normal", "Updated", f"Updated {ref.kind} {ref.name}: {fields}")
+            except KubeError as err:
+                log.warning("apply failed object=%s err=%s", ref, err)
+                errors.append(f"{ref.kind} {ref.name}: {err.message}")
+        for ref in absent:
+            try:
+                have = await self.kube.get(ref)
+                if have is not None and _controller_uid(have) == uid and await self.kube.delete(ref):
+                    log.info("deleted object=%s", ref)
+                    await self.kube.event(owner_obj, "Normal", "Deleted", f"Deleted {ref.kind} {ref.name}")
+            except KubeError as err:
+                if err.status not in (403, 404):  # kind not installed (e.g. KEDA) or not allowed
+                    errors.append(f"{ref.kind} {ref.name}: {err.message}")
+        return errors
+
+    async def _write_status(
+        self, obj: Obj, kind: Kind, status: Mapping[str, Any], previous_conditions: Sequence[Condition]
+    ) -> None:
+        ref = _ref(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        new = dict(status)
+        if plan.status_patch(obj.get("status"), new) is not None:
+            try:
+                await self.kube.patch_status(ref, new)
+            except KubeError as err:
+                if not err.not_found:
+                    raise
+                return
+        await self._condition_events(obj, previous_conditions, [Condition.model_validate(c) for c in new["conditions"]])
+
+    async def _condition_events(self, obj: Obj, before: Sequence[Condition], after: Sequence[Condition]) -> None:
+        old, new = _condition(before, "Ready"), _condition(after, "Ready")
+        if new is None or (old is not None and (old.status, old.reason) == (new.status, new.reason)):
+            return
+        kind = "Normal" if new.status == "True" or new.reason in ("ScaledToZero", "WaitingForAgents") else "Warning"
+        await self.kube.event(obj, kind, new.reason, new.message or new.reason)
+        log.info(
+            "condition object=%s/%s Ready=%s reason=%s message=%s",
+            obj["metadata"]["namespace"], obj["metadata"]["name"], new.status, new.reason, new.message,
+        )  # fmt: skip
+
+    async def _snapshot(self, url: str) -> tuple[BalancerSnapshot | None, str | None]:
+        try:
+            return await self.balancers.snapshot(url), None
+        except (BalancerUnreachable, BalancerRejected) as err:
+            return None, str(err)
+
+    def balancer_url(self, pool: str, namespace: str, spec: LlmPoolSpec | None) -> str:
+        return plan.balancer_url(self.settings.balancer_url_template, pool, namespace, spec)
+
+    async def _invalid(self, obj: Obj, kind: Kind, err: ValidationError) -> Outcome:
+        message = f"invalid spec: {_validation_message(err)}"
+        previous = _conditions(obj)
+        gen = int(obj["metadata"].get("generation") or 1)
+        conds = plan.merge_conditions(
+            previous,
+            [
+                Condition(type="Ready", status="False", reason="InvalidSpec", message=message),
+                Condition(type="Progressing", status="False", reason="InvalidSpec", message=message),
+                Condition(type="Degraded", status="True", reason="InvalidSpec", message=message),
+            ],
+            _now(),
+            gen,
+        )
+        status = {**(obj.get("status") or {}), "observedGeneration": gen}
+        status["conditions"] = [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conds]
+        await self._write_status(obj, kind, status, previous)
+        return Outcome(ok=False, message=message)
+
+    # --- LlmPool ---------------------------------------------------------------------
+
+    async def reconcile_pool(self, namespace: str, name: str) -> Outcome:
+        obj = await self.kube.get(_ref("LlmPool", namespace, name))
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return Outcome(ok=True, message="gone")
+        try:
+            spec = LlmPoolSpec.model_validate(obj.get("spec") or {})
+        except ValidationError as err:
+            return await self._invalid(obj, "LlmPool", err)
+        owner = _owner(obj)
+        errors = await self.apply(obj, plan.plan_pool(owner, spec))
+        url = self.balancer_url(name, namespace, spec)
+        snapshot: BalancerSnapshot | None = None
+        balancer_error: str | None = "balancer.replicas is 0"
+        if spec.balancer.replicas > 0:
+            snapshot, balancer_error = await self._snapshot(url)
+        members = await self.members(namespace, name)
+        previous = _conditions(obj)
+        status = plan.pool_status(
+            spec,
+            generation=owner.generation,
+            snapshot=snapshot,
+            balancer_error=balancer_error,
+            apply_errors=errors,
+            model_deployments=len(members),
+            inference_url=f"http://{plan.inference_service_name(name)}.{namespace}.svc:"
+            f"{spec.balancer.service.inference_port}",
+            management_url=url,
+            previous=previous,
+            now=_now(),
+        )
+        await self._write_status(
+            obj, "LlmPool", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
+        )
+        transient = bool(errors) or (spec.balancer.replicas > 0 and snapshot is None)
+        return Outcome(ok=not transient, retry=transient, message=balancer_error or "; ".join(errors))
+
+    async def members(self, namespace: str, pool: str) -> list[str]:
+        """Names of the ModelDeployments that name ``pool``."""
+        items = await self.kube.list(API_VERSION, "ModelDeployment", namespace)
+        return sorted(
+            i["metadata"]["name"] for i in items if ((i.get("spec") or {}).get("poolRef") or {}).get("name") == pool
+        )
+
+    # --- ModelDeployment ---------------------------------------------------------------
+
+    async def reconcile_model_deployment(self, namespace: str, name: str) -> Outcome:
+        key: Key = ("ModelDeployment", namespace, name)
+        obj = await self.kube.get(_ref("ModelDeployment", namespace, name))
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            self._low_since.pop(key, None)
+            return Outcome(ok=True, message="gone")
+        try:
+            spec = ModelDeploymentSpec.model_validate(obj.get("spec") or {})
+        except ValidationError as err:
+            return await self._invalid(obj, "ModelDeployment", err)
+        owner = _owner(obj)
+        previous = _conditions(obj)
+        pool_obj = await self.kube.get(_ref("LlmPool", namespace, spec.pool_ref.name))
+        pool_spec: LlmPoolSpec | None = None
+        if pool_obj is not None:
+            try:
+                pool_spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
+            except ValidationError:
+                pool_spec = None  # the pool reports its own InvalidSpec
+        if pool_spec is None:
+            status = plan.model_deployment_status(
+                name,
+                spec,
+                generation=owner.generation,
+                pool_found=False,
+                desired_replicas=0,
+                snapshot=None,
+                balancer_error=None,
+                desired_state_error=None,
+                apply_errors=[],
+                previous=previous,
+                now=_now(),
+            )
+            await self._write_status(
+                obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
+            )
+            # Woken when the pool appears (handlers wake a namespace's deployments on pool events).
+            return Outcome(ok=False, retry=False, message="pool not found")
+
+        url = self.balancer_url(spec.pool_ref.name, namespace, pool_spec)
+        snapshot, balancer_error = await self._snapshot(url)
+        deployment_ref = ObjRef("apps/v1", "Deployment", namespace, plan.agent_name(name))
+        builtin: int | None = None
+        current: Obj | None = None
+        if spec.autoscaling.mode != AutoscalingMode.NONE:
+            current = await self.kube.get(deployment_ref)
+        if spec.autoscaling.mode == AutoscalingMode.BUILTIN:
+            replicas_now = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+            load = plan.load_of(snapshot.in_group(name), snapshot.buffered_by_group.get(name, 0)) if snapshot else None
+            decision = plan.builtin_scale(
+                spec.autoscaling,
+                plan.slots_per_agent(spec, pool_spec),
+                replicas_now,
+                load,
+                self._low_since.get(key),
+                self.clock(),
+            )
+            builtin = decision.replicas
+            if decision.low_since is None:
+                self._low_since.pop(key, None)
+            else:
+                self._low_since[key] = decision.low_since
+            if decision.replicas != replicas_now and current is not None:
+                log.info("builtin scale md=%s/%s %d->%d %s", namespace, name, replicas_now, builtin, decision.reason)
+        md_plan = plan.plan_model_deployment(owner, spec, pool_spec, builtin_replicas=builtin)
+        errors = await self.apply(obj, md_plan.objects, md_plan.absent)
+
+        desired_state_error: str | None = None
+        if snapshot is not None:
+            desired_state_error, snapshot, push_error = await self._push_desired_state(
+                obj, url, name, md_plan.desired_state, snapshot
+            )
+            balancer_error = balancer_error or push_error
+        desired_replicas = md_plan.replicas
+        if desired_replicas is None:  # HPA / KEDA own the count
+            current = await self.kube.get(deployment_ref)
+            desired_replicas = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+        status = plan.model_deployment_status(
+            name,
+            spec,
+            generation=owner.generation,
+            pool_found=True,
+            desired_replicas=desired_replicas,
+            snapshot=snapshot,
+            balancer_error=balancer_error,
+            desired_state_error=desired_state_error,
+            apply_errors=errors,
+            previous=previous,
+            now=_now(),
+        )
+        await self._write_status(
+            obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
+        )
+        transient = bool(errors) or snapshot is None or desired_state_error is not None
+        return Outcome(
+            ok=not transient,
+            retry=transient,
+            message=balancer_error or desired_state_error or "; ".join(errors),
+        )
+
+    async def _push_desired_state(
+        self, obj: Obj, url: str, group: str, desired: BalancerDesiredState, snapshot: BalancerSnapshot
+    ) -> tuple[str | None, BalancerSnapshot | None, str | None]:
+        """(rejection message, snapshot with the new state, unreachable message)."""
+        want = desired.to_json_dict()
+        have = snapshot.group_states.get(group)
+        if have is not None:
+            try:
+                if BalancerDesiredState.model_validate(have).to_json_dict() == want:
+                    return None, snapshot, None
+            except ValidationError:
+                pass
+        meta = obj["metadata"]
+        try:
+            await self.balancers.put_desired_state(url, group, want, plan.owner_header(meta["namespace"], meta["name"]))
+        except BalancerRejected as err:
+            await self.kube.event(obj, "Warning", "DesiredStateRejected", str(err))
+            return str(err), snapshot, None
+        except BalancerUnreachable as err:
+            return None, None, str(err)
+        log.info("desired state applied group=%s model=%s url=%s", group, desired.model.describe(), url)
+        await self.kube.event(
+            obj,
+            "Normal",
+            "DesiredStateApplied",
+            f"Balancer model group {group!r} now serves {desired.model.describe()}",
+        )
+        states = {**snapshot.group_states, group: want}
+        updated = BalancerSnapshot(
+            agents=snapshot.agents,
+            buffered_total=snapshot.buffered_total,
+            buffered_by_group=snapshot.buffered_by_group,
+            group_states=states,
+        )
+        return None, updated, None
+
+    async def forget_model_deployment(self, namespace: str, name: str, pool: str | None) -> None:
+        """Best effort on deletion: drop the model group's desired state from the balancer."""
+        self._low_since.pop(("ModelDeployment", namespace, name), None)
+        if not pool:
+            return
+        pool_obj = await self.kube.get(_ref("LlmPool", namespace, pool))
+        spec = None
+        if pool_obj is not None:
+            with contextlib.suppress(ValidationError):
+                spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
+        url = self.balancer_url(pool, namespace, spec)
+        try:
+            if await self.balancers.delete_desired_state(url, name):
+                log.info("desired state removed group=%s url=%s", name, url)
+        except (BalancerUnreachable, BalancerRejected) as err:
+            log.info("desired state not removed group=%s err=%s", name, err)
+
+    async def reconcile(self, key: Key) -> Outcome:
+        kind, namespace, name = key
+        if kind == "LlmPool":
+            return await self.reconcile_pool(namespace, name)
+        return await self.reconcile_model_deployment(namespace, name)
+
+
+@dataclass
+class _Worker:
+    task: asyncio.Task[None]
+    wake: asyncio.Event
+    generation: int | None = None
+
+
+@dataclass
+class Workers:
+    """One reconcile loop per custom resource; woken by events, resynced by a timer."""
+
+    reconciler: Reconciler
+    _workers: dict[Key, _Worker] = field(default_factory=dict)
+    _failures: dict[Key, int] = field(default_factory=dict)
+
+    def keys(self) -> list[Key]:
+        return list(self._workers)
+
+    def touch(self, key: Key, generation: int | None = None) -> bool:
+        """Make sure ``key`` has a worker; wake it if it is new or its generation moved.
+        True if it was woken (status-only changes do not wake it)."""
+        worker = self._workers.get(key)
+        if worker is None:
+            wake = asyncio.Event()
+            wake.set()
+            task = asyncio.create_task(self._loop(key, wake), name=f"reconcile {key[0]}/{key[1]}/{key[2]}")
+            self._workers[key] = _Worker(task, wake, generation)
+            return True
+        if generation is None or generation != worker.generation:
+            worker.generation = generation
+            worker.wake.set()
+            return True
+        return False
+
+    def wake(self, key: Key) -> None:
+        worker = self._workers.get(key)
+        if worker is not None:
+            worker.wake.set()
+
+    def wake_namespace(self, kind: Kind, namespace: str) -> None:
+        for key, worker in self._workers.items():
+            if key[0] == kind and key[1] == namespace:
+                worker.wake.set()
+
+    async def forget(self, key: Key) -> None:
+        worker = self._workers.pop(key, None)
+        self._failures.pop(key, None)
+        if worker is not None:
+            worker.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker.task
+
+    async def stop(self) -> None:
+        for key in list(self._workers):
+            await self.forget(key)
+
+    async def _loop(self, key: Key, wake: asyncio.Event) -> None:
+        settings = self.reconciler.settings
+        while True:
+            wake.clear()
+            try:
+                outcome = await self.reconciler.reconcile(key)
+            except asyncio.CancelledError:
+                raise
+            except KubeError as err:
+                outcome = Outcome(ok=False, retry=True, message=str(err))
+                log.warning("reconcile failed object=%s/%s/%s err=%s", *key, err)
+            except Exception:  # a bug: log it, keep the loop (and the operator) alive
+                log.exception("reconcile crashed object=%s/%s/%s", *key)
+                outcome = Outcome(ok=False, retry=True, message="internal error")
+            if outcome.retry:
+                failures = self._failures.get(key, 0) + 1
+                self._failures[key] = failures
+                delay = settings.retry_delay(failures)
+                log.debug("retry object=%s/%s/%s in=%.1fs reason=%s", *key, delay, outcome.message)
+            else:
+                self._failures.pop(key, None)
+                delay = settings.resync_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await wake.wait()

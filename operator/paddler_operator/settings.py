@@ -1,0 +1,55 @@
+"""Operator settings (``paddler operator`` flags and environment)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+BALANCER_URL_TEMPLATE_ENV = "PADDLER_OPERATOR_BALANCER_URL_TEMPLATE"
+DEFAULT_BALANCER_URL_TEMPLATE = "http://{service}.{namespace}.svc:{port}"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty with ``all_namespaces`` watches the whole cluster."""
+    all_namespaces: bool = False
+    balancer_url_template: str = DEFAULT_BALANCER_URL_TEMPLATE
+    """Management API URL of a pool's balancer; fields ``{pool}``, ``{namespace}``, ``{service}``, ``{port}``.
+    Tests point it at a local ``paddler balancer`` (env PADDLER_OPERATOR_BALANCER_URL_TEMPLATE)."""
+    resync_interval: float = 10.0
+    """Seconds between two full reconciles of one resource when nothing happens (drift repair, status)."""
+    retry_min_delay: float = 1.0
+    """Seconds before the first retry after a failure (unreachable balancer, API error)."""
+    retry_max_delay: float = 30.0
+    """Ceiling (seconds) of the exponential retry backoff."""
+    balancer_timeout: float = 3.0
+    """Seconds for one request to a balancer's management API."""
+    kubeconfig: str | None = None
+    """kubeconfig path; None: $KUBECONFIG, ~/.kube/config or the in-cluster service account."""
+    liveness_endpoint: str | None = None
+    """e.g. ``http://0.0.0.0:8080/healthz`` (kopf's liveness probe); None: off."""
+
+    def __post_init__(self) -> None:
+        if not self.all_namespaces and not self.namespaces:
+            raise ValueError("pass --namespace NS (repeatable) or --all-namespaces")
+        if self.all_namespaces and self.namespaces:
+            raise ValueError("--namespace and --all-namespaces exclude each other")
+        if self.resync_interval <= 0 or self.retry_min_delay <= 0 or self.retry_max_delay < self.retry_min_delay:
+            raise ValueError("intervals must be > 0 and retry_max_delay >= retry_min_delay")
+        try:
+            self.balancer_url_template.format(pool="p", namespace="n", service="s", port=1)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"invalid balancer URL template {self.balancer_url_template!r}: {err}") from None
+
+    @staticmethod
+    def template_from_env(env: Mapping[str, str] | None = None) -> str:
+        env = os.environ if env is None else env
+        return env.get(BALANCER_URL_TEMPLATE_ENV) or DEFAULT_BALANCER_URL_TEMPLATE
+
+    def retry_delay(self, failures: int) -> float:
+        """Backoff (seconds) after ``failures`` consecutive failures (1, 2, 4, ... capped)."""
+        if failures <= 0:
+            return 0.0
+        return float(min(self.retry_max_delay, self.retry_min_delay * 2 ** min(failures - 1, 30)))
