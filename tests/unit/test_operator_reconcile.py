@@ -1,0 +1,322 @@
+"""Reconciler: observe -> plan -> apply against an in-memory API (FakeKube) and a real
+``paddler balancer`` process (plus a simulated agent) where the balancer matters."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+
+from paddler_operator.balancer_client import BalancerClient, BalancerClientSettings, parse_buffered_by_group
+from paddler_operator.kube import KubeError
+from paddler_operator.plan import Obj, ObjRef
+from paddler_operator.reconcile import Reconciler, Workers
+from paddler_operator.settings import OperatorSettings
+from tests.harness import Processes
+from tests.harness import wait_until as async_wait_until
+
+NS = "ns"
+UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing listens
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+class FakeKube:
+    """Just enough of the API server: objects, generations, server-side defaults, events."""
+
+    def __init__(self) -> None:
+        self.objects: dict[ObjRef, Obj] = {}
+        self.events: list[tuple[str, str, str]] = []
+        self.calls: list[tuple[str, str]] = []
+        self._uids = itertools.count(1)
+
+    def add(self, obj: Obj) -> Obj:
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", NS)
+        meta["uid"] = f"uid-{next(self._uids)}"
+        meta["generation"] = 1
+        if obj["kind"] == "Deployment":  # a server-side default, as the real API server adds
+            for c in obj["spec"]["template"]["spec"]["containers"]:
+                c.setdefault("terminationMessagePath", "/dev/termination-log")
+        self.objects[ObjRef.of(obj)] = obj
+        return obj
+
+    async def get(self, ref: ObjRef) -> Obj | None:
+        found = self.objects.get(ref)
+        return copy.deepcopy(found) if found is not None else None
+
+    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str | None = None) -> list[Obj]:
+        return [
+            copy.deepcopy(o)
+            for r, o in self.objects.items()
+            if (r.api_version, r.kind, r.namespace) == (api_version, kind, namespace)
+        ]
+
+    async def create(self, obj: Obj) -> Obj:
+        ref = ObjRef.of(obj)
+        self.calls.append(("create", str(ref)))
+        if ref in self.objects:
+            raise KubeError(409, "AlreadyExists", f"{ref} already exists")
+        return self.add(obj)
+
+    async def patch(self, ref: ObjRef, patch: Mapping[str, Any]) -> Obj:
+        self.calls.append(("patch", str(ref)))
+        current = self.objects[ref]
+        patched = merge_patch(current, dict(patch))
+        if patched.get("spec") != current.get("spec"):
+            patched["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        self.objects[ref] = patched
+        return copy.deepcopy(patched)
+
+    async def delete(self, ref: ObjRef) -> bool:
+        self.calls.append(("delete", str(ref)))
+        return self.objects.pop(ref, None) is not None
+
+    async def patch_status(self, ref: ObjRef, status: Mapping[str, Any]) -> Obj:
+        self.calls.append(("status", str(ref)))
+        self.objects[ref]["status"] = merge_patch(self.objects[ref].get("status") or {}, dict(status))
+        return copy.deepcopy(self.objects[ref])
+
+    async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def close(self) -> None:
+        pass
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] != "status"]
+
+    def condition(self, kind: str, name: str, type_: str = "Ready") -> tuple[str, str]:
+        obj = self.objects[ObjRef("paddler.dev/v1alpha1", kind, NS, name)]
+        for c in obj["status"]["conditions"]:
+            if c["type"] == type_:
+                return c["status"], c["reason"]
+        raise AssertionError(f"no {type_} condition")
+
+
+def pool(name: str = "p", **spec: Any) -> Obj:
+    return {"apiVersion": "paddler.dev/v1alpha1", "kind": "LlmPool", "metadata": {"name": name}, "spec": spec}
+
+
+def model_deployment(name: str = "m", pool_name: str = "p", **spec: Any) -> Obj:
+    return {
+        "apiVersion": "paddler.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"poolRef": {"name": pool_name}, "model": {"localPath": "/models/m.gguf"}, **spec},
+    }
+
+
+def deployment_ref(name: str) -> ObjRef:
+    return ObjRef("apps/v1", "Deployment", NS, name)
+
+
+@pytest.fixture
+async def balancers() -> AsyncIterator[BalancerClient]:
+    client = BalancerClient(BalancerClientSettings(request_timeout=2.0))
+    yield client
+    await client.close()
+
+
+def reconciler(kube: FakeKube, balancers: BalancerClient, url: str = UNREACHABLE) -> Reconciler:
+    settings = OperatorSettings(namespaces=(NS,), balancer_url_template=url, resync_interval=0.2, retry_min_delay=0.1, retry_max_delay=0.5)
+    return Reconciler(kube, balancers, settings)  # type: ignore[arg-type]
+
+
+async def test_pool_objects_are_created_once(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool())
+    r = reconciler(kube, balancers)
+    outcome = await r.reconcile_pool(NS, "p")
+    assert outcome.retry  # the balancer is unreachable: retry with backoff
+    assert sorted(kube.writes()) == [
+        ("create", "ConfigMap/ns/p-balancer"),
+        ("create", "Deployment/ns/p-balancer"),
+        ("create", "Service/ns/p-inference"),
+        ("create", "Service/ns/p-management"),
+    ]
+    assert kube.condition("LlmPool", "p") == ("False", "BalancerUnreachable")
+    assert kube.condition("LlmPool", "p", "Progressing") == ("True", "BalancerUnreachable")
+    kube.calls.clear()
+    await r.reconcile_pool(NS, "p")
+    assert kube.calls == []  # nothing differs: no write at all, status included
+    assert [e[1] for e in kube.events].count("Created") == 4
+
+
+async def test_drift_is_put_back_and_spec_changes_applied(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool())
+    r = reconciler(kube, balancers)
+    await r.reconcile_pool(NS, "p")
+    deployment = kube.objects[deployment_ref("p-balancer")]
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"] = ["hacked"]
+    deployment["metadata"]["ownerReferences"] = []
+    kube.calls.clear()
+    await r.reconcile_pool(NS, "p")
+    assert kube.writes() == [("patch", "Deployment/ns/p-balancer")]
+    fixed = kube.objects[deployment_ref("p-balancer")]
+    assert "balancer" in fixed["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert fixed["metadata"]["ownerReferences"][0]["kind"] == "LlmPool"
+    assert any(e[1] == "Updated" for e in kube.events)
+
+    # A changed pool spec reaches the agents of its ModelDeployments.
+    kube.add(model_deployment())
+    await r.reconcile_model_deployment(NS, "m")
+    args = kube.objects[deployment_ref("m-agent")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--slots") + 1] == "4"
+    kube.objects[ObjRef("paddler.dev/v1alpha1", "LlmPool", NS, "p")]["spec"] = {"agent": {"slotsPerAgent": 6}}
+    await r.reconcile_model_deployment(NS, "m")
+    args = kube.objects[deployment_ref("m-agent")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--slots") + 1] == "6"
+
+
+async def test_object_controlled_by_someone_else_is_left_alone(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "p-balancer", "ownerReferences": [{"controller": True, "uid": "other"}]},
+            "data": {},
+        }
+    )
+    r = reconciler(kube, balancers)
+    await r.reconcile_pool(NS, "p")
+    assert ("patch", "ConfigMap/ns/p-balancer") not in kube.calls
+    assert kube.condition("LlmPool", "p", "Degraded") == ("True", "ApplyFailed")
+
+
+async def test_model_deployment_waits_for_its_pool(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(model_deployment())
+    r = reconciler(kube, balancers)
+    outcome = await r.reconcile_model_deployment(NS, "m")
+    assert not outcome.ok and not outcome.retry
+    assert kube.condition("ModelDeployment", "m") == ("False", "PoolNotFound")
+    assert kube.writes() == []
+    kube.add(pool())
+    await r.reconcile_model_deployment(NS, "m")
+    assert ("create", "Deployment/ns/m-agent") in kube.calls
+    assert kube.condition("ModelDeployment", "m") == ("False", "BalancerUnreachable")
+    assert kube.condition("ModelDeployment", "m", "Progressing") == ("True", "BalancerUnreachable")
+
+
+async def test_invalid_spec_is_reported_not_crashed(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(model_deployment(model={"url": "https://x.invalid/a.gguf", "localPath": "/m.gguf"}))  # two sources
+    r = reconciler(kube, balancers)
+    outcome = await r.reconcile_model_deployment(NS, "m")
+    assert not outcome.ok
+    assert kube.condition("ModelDeployment", "m") == ("False", "InvalidSpec")
+
+
+async def test_autoscaling_mode_switch_removes_the_hpa(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(model_deployment(autoscaling={"mode": "HPA", "minReplicas": 0}))
+    r = reconciler(kube, balancers)
+    await r.reconcile_model_deployment(NS, "m")
+    hpa = ObjRef("autoscaling/v2", "HorizontalPodAutoscaler", NS, "m-agent")
+    assert hpa in kube.objects
+    assert "replicas" not in kube.objects[deployment_ref("m-agent")]["spec"]
+    kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["spec"]["autoscaling"] = {"mode": "None"}
+    await r.reconcile_model_deployment(NS, "m")
+    assert hpa not in kube.objects
+    assert kube.objects[deployment_ref("m-agent")]["spec"]["replicas"] == 1
+
+
+async def test_workers_retry_with_backoff_and_stop(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool())
+    workers = Workers(reconciler(kube, balancers))
+    assert workers.touch(("LlmPool", NS, "p"), 1)
+    assert not workers.touch(("LlmPool", NS, "p"), 1)  # same generation: a status-only event
+    await async_wait_until(
+        lambda: _true(sum(1 for c in kube.calls if c[0] == "create") == 4), timeout=5, what="objects created"
+    )
+    await asyncio.sleep(0.3)
+    await workers.stop()
+    assert workers.keys() == []
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# --- against a real balancer ---------------------------------------------------------
+
+
+async def test_desired_state_and_status_from_a_real_balancer(paddler: Processes, balancers: BalancerClient) -> None:
+    balancer = paddler.balancer()
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(model_deployment(inferenceParameters={"temperature": 0.2}))
+    r = reconciler(kube, balancers, balancer.management_url)
+
+    assert (await r.reconcile_pool(NS, "p")).ok
+    assert kube.condition("LlmPool", "p") == ("True", "BalancerReady")
+    await r.reconcile_model_deployment(NS, "m")
+    snap = await balancers.snapshot(balancer.management_url)
+    assert snap.group_states["m"]["model"] == {"LocalToAgent": "/models/m.gguf"}
+    assert snap.group_states["m"]["inference_parameters"]["temperature"] == 0.2
+    assert kube.condition("ModelDeployment", "m") == ("False", "AgentsNotReady")
+    assert ("Normal", "DesiredStateApplied") in [(e[0], e[1]) for e in kube.events]
+
+    paddler.agent(balancer, slots=3, name="a1", extra=("--model-group", "m"))
+
+    async def md_ready() -> bool:
+        await r.reconcile_model_deployment(NS, "m")
+        return kube.condition("ModelDeployment", "m") == ("True", "AgentsReady")
+
+    await async_wait_until(md_ready, timeout=15, what="ModelDeployment Ready with a real agent")
+    status = kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["status"]
+    assert (status["readyAgents"], status["slots"], status["agentsSummary"]) == (1, "3/3", "1/1")
+    assert status["desiredStateApplied"] is True
+
+    # Idempotent: the state is not pushed again when it already matches.
+    pushed = [e for e in kube.events if e[1] == "DesiredStateApplied"]
+    await r.reconcile_model_deployment(NS, "m")
+    assert [e for e in kube.events if e[1] == "DesiredStateApplied"] == pushed
+
+    await r.forget_model_deployment(NS, "m", "p")
+    snap = await balancers.snapshot(balancer.management_url)
+    assert "m" not in snap.group_states
+
+
+async def test_owner_header_reaches_the_balancer(paddler: Processes, balancers: BalancerClient) -> None:
+    balancer = paddler.balancer()
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(model_deployment())
+    await reconciler(kube, balancers, balancer.management_url).reconcile_model_deployment(NS, "m")
+    session = balancers._http()
+    async with session.get(f"{balancer.management_url}/api/v1/model_groups") as resp:
+        groups = {g["name"]: g for g in (await resp.json())["model_groups"]}
+    assert groups["m"]["owner"] == "ModelDeployment/ns/m"
+
+
+def test_parse_buffered_by_group() -> None:
+    text = (
+        "# HELP paddler_requests_buffered x\n"
+        'paddler_requests_buffered{model_group="m"} 3.0\n'
+        'paddler_requests_buffered{model_group="other"} 0.0\n'
+        "paddler_buffered_requests 3.0\n"
+    )
+    assert parse_buffered_by_group(text) == {"m": 3, "other": 0}
