@@ -137,10 +137,11 @@ def test_pydantic_rejects_bad_specs(spec: dict[str, Any], message: str) -> None:
 
 def test_printer_columns() -> None:
     crds = gen_crds.build_crds()
-    pool_cols = [c["name"] for c in crds["paddler.dev_llmpools.yaml"]["spec"]["versions"][0]["additionalPrinterColumns"]]
-    md_cols = [
-        c["name"] for c in crds["paddler.dev_modeldeployments.yaml"]["spec"]["versions"][0]["additionalPrinterColumns"]
-    ]
+
+    def columns(name: str) -> list[str]:
+        return [c["name"] for c in crds[name]["spec"]["versions"][0]["additionalPrinterColumns"]]
+
+    pool_cols, md_cols = columns("paddler.dev_llmpools.yaml"), columns("paddler.dev_modeldeployments.yaml")
     assert pool_cols == ["Ready", "Agents", "Slots", "Buffered", "Models", "Age"]
     assert md_cols == ["Pool", "Ready", "Agents", "Slots", "Buffered", "Model", "Age"]
     assert crds["paddler.dev_llmpools.yaml"]["spec"]["names"]["shortNames"] == ["lp"]

@@ -98,8 +98,10 @@ def test_balancer_args(spec: dict[str, Any], flag: str, value: str | None) -> No
         (
             {"balancer": {"service": {"type": "LoadBalancer", "inferencePort": 80, "annotations": {"a": "b"}}}},
             "p-inference",
-            lambda s: (s["spec"]["type"], s["spec"]["ports"][0]["port"], s["metadata"]["annotations"])
-            == ("LoadBalancer", 80, {"a": "b"}),
+            lambda s: (
+                (s["spec"]["type"], s["spec"]["ports"][0]["port"], s["metadata"]["annotations"])
+                == ("LoadBalancer", 80, {"a": "b"})
+            ),
         ),
         (
             {"balancer": {"adminPanel": {"enabled": True}}},

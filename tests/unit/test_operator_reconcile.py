@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import copy
 import itertools
 from collections.abc import AsyncIterator, Mapping
@@ -99,7 +100,7 @@ class FakeKube:
     def close(self) -> None:
         pass
 
-    def writes(self) -> list[tuple[str, str]]:
+    def writes(self) -> builtins.list[tuple[str, str]]:
         return [c for c in self.calls if c[0] != "status"]
 
     def condition(self, kind: str, name: str, type_: str = "Ready") -> tuple[str, str]:
@@ -135,7 +136,9 @@ async def balancers() -> AsyncIterator[BalancerClient]:
 
 
 def reconciler(kube: FakeKube, balancers: BalancerClient, url: str = UNREACHABLE) -> Reconciler:
-    settings = OperatorSettings(namespaces=(NS,), balancer_url_template=url, resync_interval=0.2, retry_min_delay=0.1, retry_max_delay=0.5)
+    settings = OperatorSettings(
+        namespaces=(NS,), balancer_url_template=url, resync_interval=0.2, retry_min_delay=0.1, retry_max_delay=0.5
+    )
     return Reconciler(kube, balancers, settings)  # type: ignore[arg-type]
 
 
