@@ -98,7 +98,7 @@ function sourceEditor(prefix, board, legend, intro) {
       field({ id: `${prefix}-hf-revision`, label: "Revision", path: `${prefix}.huggingface.revision`,
         control: inputs.revision, hint: "Branch, tag or commit; main when empty.", board })),
     Url: h("div", { class: "source-fields", dataset: { kind: "Url" } },
-      field({ id: `${prefix}-url`, label: "URL", path: `${prefix}.url.url`, control: inputs.url,
+      field({ id: `${prefix}-url`, label: "File URL", path: `${prefix}.url.url`, control: inputs.url,
         hint: "http(s):// or file:// address of a .gguf file.", board }),
       field({ id: `${prefix}-sha256`, label: "SHA-256", path: `${prefix}.url.sha256`, control: inputs.sha256,
         hint: "Agents check the download against it.", board })),
@@ -335,7 +335,7 @@ export async function mount(main, config) {
     "Discard changes");
   const fields = h("fieldset", { id: "state-fields" },
     h("legend", { class: "visually-hidden" }, "Desired state"),
-    h("section", { class: "panel", "aria-labelledby": "source-title" },
+    h("section", { class: "panel", id: "model-source", "aria-labelledby": "source-title" },
       h("h2", { id: "source-title" }, "Model source"), model.el),
     h("section", { class: "panel", "aria-labelledby": "params-title" },
       h("div", { class: "panel-header" }, h("h2", { id: "params-title" }, "Inference parameters"),
@@ -344,7 +344,7 @@ export async function mount(main, config) {
       inference.el),
     h("section", { class: "panel", "aria-labelledby": "template-title" },
       h("h2", { id: "template-title" }, "Chat template"), template.el),
-    h("details", { class: "panel" }, h("summary", {}, "Multimodal projection"), mmproj.el),
+    h("details", { class: "panel", id: "mmproj-source" }, h("summary", {}, "Multimodal projection"), mmproj.el),
     h("div", { class: "form-actions" }, summary, saveButton, discardButton, saveStatus));
   const form = h("form", { id: "state-form", novalidate: true, "aria-label": "Desired state" }, fields);
 
