@@ -290,11 +290,15 @@ class TextRenderer:
         return chunks
 
 
+Absorbed = tuple[list[Token | ToolCalls], OpenAIError | None, bool]
+"""(events to render, the terminal error if any, whether the generation ended)."""
+
+
 def _events(batch: Batch) -> list[Event]:
     return [classify(payload) for payload, _final in batch[1]]
 
 
-def _absorb(acc: Accumulated, events: list[Event]) -> tuple[list[Token | ToolCalls], OpenAIError | None, bool]:
+def _absorb(acc: Accumulated, events: list[Event]) -> Absorbed:
     """Add events to ``acc``: (events to render, terminal error, finished)."""
     shown: list[Token | ToolCalls] = []
     for event in events:
@@ -329,46 +333,62 @@ async def _stream(
     """SSE. The first batch is awaited before the headers, so a failure before any
     output is an HTTP status; later failures are an error chunk, then ``[DONE]``."""
     async with contextlib.aclosing(runner):  # type: ignore[type-var]
-        try:
-            first = await anext(runner)
-        except InferenceFailure as failure:
-            raise _failure(failure) from None
-        except StopAsyncIteration:
-            raise OpenAIError(502, "the agent ended the request without a response", code="agent_lost") from None
-        shown, error, finished = _absorb(renderer.acc, _events(first))
-        if error is not None and not shown:
-            raise error
+        first = await _first_events(runner, renderer.acc)
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         await response.prepare(request)
-        chunks = renderer.opening()
-        while True:
-            for event in shown:
-                chunks.extend(renderer.on_event(event))
-            if chunks:
-                await response.write(b"".join(sse(c) for c in chunks))
-                chunks = []
-            if finished:
-                break
-            try:
-                batch = await anext(runner)
-            except StopAsyncIteration:
-                break
-            except InferenceFailure as failure:
-                error = _failure(failure)
-                break
-            shown, error, finished = _absorb(renderer.acc, _events(batch))
-        outcome.tokens = renderer.acc.tokens
-        if error is not None:
-            outcome.status = error.status
-            log.info("openai stream failed status=%d code=%s message=%s", error.status, error.code, error.message)
-            await response.write(sse(error.body()))
-        else:
-            await response.write(b"".join(sse(c) for c in renderer.closing()))
-        await response.write(SSE_DONE)
-        await response.write_eof()
+        try:
+            error = await _pump(response, runner, renderer, first)
+            outcome.tokens = renderer.acc.tokens
+            if error is not None:
+                outcome.status = error.status
+                log.info("openai stream failed status=%d code=%s message=%s", error.status, error.code, error.message)
+                await response.write(sse(error.body()))
+            else:
+                await response.write(b"".join(sse(c) for c in renderer.closing()))
+            await response.write(SSE_DONE)
+            await response.write_eof()
+        except ConnectionResetError:
+            outcome.status = 499  # the client went away mid-stream; leaving frees the slot
         return response
+
+
+async def _first_events(runner: AsyncIterator[Batch], acc: Accumulated) -> Absorbed:
+    """The first batch, or the OpenAIError to answer with before any header."""
+    try:
+        first = await anext(runner)
+    except InferenceFailure as failure:
+        raise _failure(failure) from None
+    except StopAsyncIteration:
+        raise OpenAIError(502, "the agent ended the request without a response", code="agent_lost") from None
+    shown, error, finished = _absorb(acc, _events(first))
+    if error is not None and not shown:
+        raise error
+    return shown, error, finished
+
+
+async def _pump(
+    response: web.StreamResponse, runner: AsyncIterator[Batch], renderer: Renderer, first: Absorbed
+) -> OpenAIError | None:
+    """Write chunks until the generation ends; the error that ended it, if any."""
+    shown, error, finished = first
+    chunks = renderer.opening()
+    while True:
+        for event in shown:
+            chunks.extend(renderer.on_event(event))
+        if chunks:
+            await response.write(b"".join(sse(c) for c in chunks))
+            chunks = []
+        if finished:
+            return error
+        try:
+            batch = await anext(runner)
+        except StopAsyncIteration:
+            return None
+        except InferenceFailure as failure:
+            return _failure(failure)
+        shown, error, finished = _absorb(renderer.acc, _events(batch))
 
 
 async def chat_completions(request: web.Request, outcome: Outcome) -> web.StreamResponse:
