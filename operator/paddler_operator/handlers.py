@@ -79,7 +79,7 @@ async def cleanup(**_: Any) -> None:
     if _runtime.balancers is not None:
         await _runtime.balancers.close()
     if _runtime.kube is not None:
-        _runtime.kube.close()
+        await _runtime.kube.close()
     log.info("paddler operator stopped")
 
 

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Install steps of the container images (Dockerfile.balancer, Dockerfile.agent).
+# The Dockerfiles only call this script, and CI runs it too (the balancer
+# variant, into a temporary prefix: tests/unit/test_operator_image.py), so the
+# install steps are tested even where Docker cannot run.
+#
+# Usage:
+#   image-install.sh system-deps build|runtime   apt packages (python3 on CUDA bases, compilers, libgomp)
+#   image-install.sh llama-wheel DIR             build a portable llama-cpp-python wheel into DIR
+#   image-install.sh balancer PREFIX             venv at PREFIX with paddler[operator] (balancer + operator)
+#   image-install.sh agent PREFIX                venv at PREFIX with paddler[agent], llama from $PADDLER_WHEELHOUSE
+#
+# Env: PADDLER_SRC (project source, default: this repository), PADDLER_WHEELHOUSE
+# (agent: folder with the llama_cpp_python wheel), GGML_CUDA (ON|OFF, llama-wheel),
+# LLAMA_CPP_PYTHON_VERSION (default 0.3.16), PADDLER_PIP_CACHE=1 (use pip's cache;
+# images leave it off to stay small), PYTHON (default python3).
+set -euo pipefail
+
+MODE="${1:?usage: image-install.sh system-deps|llama-wheel|balancer|agent ARG}"
+ARG="${2:?missing argument (prefix, directory or build|runtime)}"
+SRC="${PADDLER_SRC:-$(cd "$(dirname "$0")/.." && pwd)}"
+PYTHON="${PYTHON:-python3}"
+LLAMA_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.16}"
+PIP_CACHE=(--no-cache-dir)
+[[ "${PADDLER_PIP_CACHE:-0}" == 1 ]] && PIP_CACHE=()
+
+log() { echo "[image-install $MODE] $*" >&2; }
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "$@"
+  rm -rf /var/lib/apt/lists/*
+}
+
+make_venv() {
+  local prefix="$1"
+  "$PYTHON" -m venv "$prefix"
+  "$prefix/bin/pip" install -q "${PIP_CACHE[@]}" --upgrade pip
+}
+
+# Small and read-only-root friendly: bytecode compiled now, no pip left behind.
+finish_venv() {
+  local prefix="$1"
+  "$prefix/bin/python" -m compileall -q -j 0 "$prefix/lib" >/dev/null || true
+  "$prefix/bin/pip" uninstall -q -y pip >/dev/null
+  find "$prefix" -name '*.pyi' -delete
+  log "installed into $prefix ($(du -sh "$prefix" | cut -f1))"
+}
+
+case "$MODE" in
+  system-deps)
+    case "$ARG" in
+      build)
+        pkgs=(build-essential git ca-certificates)
+        command -v "$PYTHON" >/dev/null || pkgs+=(python3 python3-venv python3-dev)
+        "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || pkgs+=(python3-venv)
+        apt_install "${pkgs[@]}"
+        ;;
+      runtime)
+        pkgs=(libgomp1 ca-certificates)
+        command -v "$PYTHON" >/dev/null || pkgs+=(python3)
+        apt_install "${pkgs[@]}"
+        ;;
+      *) echo "system-deps: build or runtime" >&2; exit 2 ;;
+    esac
+    ;;
+
+  llama-wheel)
+    # Portable: no -march=native (GGML_NATIVE=OFF); AMX off as in scripts/install-llama.sh
+    # (gcc 12 miscompiles ggml's AMX tile set-up). GGML_CUDA=ON for the CUDA variant.
+    mkdir -p "$ARG"
+    export CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CXXFLAGS="$CFLAGS"
+    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA=${GGML_CUDA:-OFF}"
+    export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+    TMPV="$(mktemp -d)"
+    trap 'rm -rf "$TMPV"' EXIT
+    "$PYTHON" -m venv "$TMPV/venv"
+    log "building llama-cpp-python $LLAMA_VERSION (CMAKE_ARGS=$CMAKE_ARGS)"
+    "$TMPV/venv/bin/pip" wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
+      -w "$ARG" "llama-cpp-python==$LLAMA_VERSION"
+    ls "$ARG"/llama_cpp_python-*.whl >&2
+    ;;
+
+  balancer)
+    make_venv "$ARG"
+    "$ARG/bin/pip" install -q "${PIP_CACHE[@]}" "$SRC[operator]"
+    "$ARG/bin/paddler" balancer --help >/dev/null
+    "$ARG/bin/paddler" operator --help >/dev/null
+    "$ARG/bin/python" -c "import kopf, paddler_operator.handlers"
+    finish_venv "$ARG"
+    ;;
+
+  agent)
+    WHEELHOUSE="${PADDLER_WHEELHOUSE:?set PADDLER_WHEELHOUSE to a folder with the llama_cpp_python wheel}"
+    make_venv "$ARG"
+    # --only-binary: never fall back to a (non-portable) source build of llama-cpp-python.
+    "$ARG/bin/pip" install -q "${PIP_CACHE[@]}" --find-links "$WHEELHOUSE" --only-binary llama-cpp-python \
+      "$SRC[agent]"
+    "$ARG/bin/paddler" agent --help >/dev/null
+    "$ARG/bin/python" -c "import llama_cpp, paddler_agent.runtime"
+    finish_venv "$ARG"
+    ;;
+
+  *)
+    echo "unknown mode $MODE (system-deps, llama-wheel, balancer, agent)" >&2
+    exit 2
+    ;;
+esac
