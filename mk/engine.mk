@@ -1,0 +1,15 @@
+# Engine: llama-cpp-python built from source with AMX disabled (cached wheel) and the
+# SmolLM2 test model. Both scripts are idempotent and fast when warm.
+.PHONY: llama model llama-server
+
+llama: venv
+	VENV=$(VENV) scripts/install-llama.sh
+
+model: venv
+	scripts/fetch-model.sh >/dev/null
+
+# Peer for benchmarks only (not part of install).
+llama-server:
+	scripts/install-llama-server.sh >/dev/null
+
+INSTALL_TARGETS += llama model
