@@ -86,8 +86,10 @@ class BalancerClient:
     async def snapshot(self, base_url: str) -> BalancerSnapshot:
         """Agents, model groups and buffered requests, read in parallel."""
         base = base_url.rstrip("/")
-        agents, groups, buffered, metrics = await asyncio.gather(
-            self._request("GET", f"{base}/api/v1/agents"),
+        # One request first: an unreachable balancer fails here, always with the same message
+        # (conditions stay stable while it is down, so the status is not rewritten on every retry).
+        agents = await self._request("GET", f"{base}/api/v1/agents")
+        groups, buffered, metrics = await asyncio.gather(
             self._request("GET", f"{base}/api/v1/model_groups"),
             self._request("GET", f"{base}/api/v1/buffered_requests"),
             self._request("GET", f"{base}/metrics", text=True),

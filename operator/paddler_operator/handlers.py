@@ -53,8 +53,9 @@ def _workers() -> Workers:
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if _runtime is None:
         raise RuntimeError("paddler_operator.handlers.configure() was not called")
-    # We post our own Events; kopf's per-handler ones would be noise.
+    # We post our own Events and log our own lines; kopf's per-handler ones would be noise.
     settings.posting.level = logging.WARNING
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
