@@ -127,10 +127,11 @@ def test_agent_status_in_plain_words(paddler: Processes, page: Page, browser: Br
         )
         open_panel(page, balancer)
         card = page.locator(".agent-card", has=page.locator(".agent-name", has_text="downloader"))
-        expect(card.locator(".download")).to_contain_text("Downloading Qwen3-0.6B-Q8_0.gguf")
+        expect(card.locator(".download-file")).to_have_text("Qwen3-0.6B-Q8_0.gguf")
         expect(card.locator(".download")).to_contain_text("25% · 250 MB of 1.0 GB")
         expect(card.locator(".download [role=progressbar]")).to_have_attribute("aria-valuenow", "25")
-        expect(card.locator(".agent-state")).to_have_text("Applying the desired state failed; retrying")
+        expect(card.locator(".agent-state")).to_have_text("Downloading the model")
+        expect(card.locator(".agent-slots")).to_have_text("No slots open yet")
         expect(card.locator(".issues li")).to_have_text(
             "Model file does not exist/models/missing.gguf does not exist on this agent"
         )

@@ -6,7 +6,7 @@ import { onAgents } from "./live.js";
 
 const STATE_WORDS = {
   Applied: { tone: "ok", text: "Desired state applied" },
-  Fresh: { tone: "idle", text: "Waiting for its desired state" },
+  Fresh: { tone: "idle", text: "Not applied yet" },
   AttemptedAndRetrying: { tone: "warn", text: "Applying the desired state failed; retrying" },
   AttemptedAndNotAppliable: { tone: "bad", text: "The desired state cannot be applied" },
   Stuck: { tone: "bad", text: "Stuck while applying the desired state" },
@@ -14,6 +14,19 @@ const STATE_WORDS = {
 
 export function stateWords(status) {
   return STATE_WORDS[status] || { tone: "idle", text: status || "Unknown" };
+}
+
+export function isDownloading(agent) {
+  return Boolean(agent.download_indeterminate
+    || (agent.download_total > 0 && agent.download_current < agent.download_total));
+}
+
+/** The state in plain words; a download in progress says so. */
+export function agentStateWords(agent) {
+  if (isDownloading(agent) && agent.state_application_status !== "Applied") {
+    return { tone: "warn", text: "Downloading the model" };
+  }
+  return stateWords(agent.state_application_status);
 }
 
 /** AgentIssue serde: "Variant" or {"Variant": {"message": ..., ...}}. */
@@ -118,19 +131,28 @@ export async function mount(main, config) {
   });
 }
 
+/** A model path as "folder/" (muted) over "file" (emphasised): long paths stay readable. */
+export function modelLabel(path) {
+  if (!path) return h("span", { class: "muted" }, "No model loaded");
+  const cut = path.lastIndexOf("/");
+  if (cut <= 0 || cut === path.length - 1) return h("span", { class: "model-file" }, path);
+  return h("span", { class: "model-label" },
+    h("span", { class: "model-dir" }, path.slice(0, cut + 1)),
+    h("span", { class: "model-file" }, path.slice(cut + 1)));
+}
+
 function agentCard(agent) {
   const name = agent.name || agent.id;
   const titleId = `agent-${agent.id}-name`;
-  const state = stateWords(agent.state_application_status);
+  const state = agentStateWords(agent);
   const total = agent.slots_total;
   const busy = agent.slots_in_flight;
   const pct = total > 0 ? Math.min(100, Math.round((busy / total) * 100)) : 0;
-  const slotsText = `${busy} of ${total} busy`;
+  const slotsText = total > 0 ? `${busy} of ${total} busy` : "No slots open yet";
 
   const facts = h("dl", { class: "facts" },
     h("dt", {}, "Model"),
-    h("dd", { class: "agent-model" }, agent.model_path ? h("span", { class: "mono" }, agent.model_path)
-      : h("span", { class: "muted" }, "No model loaded")),
+    h("dd", { class: "agent-model", title: agent.model_path || "" }, modelLabel(agent.model_path)),
     h("dt", {}, "State"),
     h("dd", {}, h("span", { class: "status agent-state", dataset: { tone: state.tone } },
       h("span", { class: "dot", "aria-hidden": "true" }), state.text)),
@@ -159,16 +181,15 @@ function agentCard(agent) {
     facts,
     slots);
 
-  const downloading = agent.download_indeterminate
-    || (agent.download_total > 0 && agent.download_current < agent.download_total);
-  if (downloading) {
+  if (isDownloading(agent)) {
     const file = agent.download_filename || "model";
     const pctDl = agent.download_total > 0 ? Math.floor((agent.download_current / agent.download_total) * 100) : 0;
     const text = agent.download_indeterminate
       ? `${formatBytes(agent.download_current)} so far`
       : `${pctDl}% · ${formatBytes(agent.download_current)} of ${formatBytes(agent.download_total)}`;
     card.append(h("div", { class: "download" },
-      h("div", { class: "meter-row" }, h("span", {}, `Downloading ${file}`), h("span", {}, text)),
+      h("div", { class: "meter-row" }, h("span", {}, "Downloading"), h("span", {}, text)),
+      h("div", { class: "download-file mono" }, file),
       h("div", {
         class: `bar${agent.download_indeterminate ? " indeterminate" : ""}`, role: "progressbar",
         "aria-label": `Download of ${file}`, "aria-valuemin": "0", "aria-valuemax": "100",

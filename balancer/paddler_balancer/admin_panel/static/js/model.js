@@ -5,7 +5,7 @@
 import { api, ApiError } from "./api.js";
 import { h } from "./dom.js";
 import { onAgents } from "./live.js";
-import { stateWords } from "./dashboard.js";
+import { agentStateWords, modelLabel } from "./dashboard.js";
 
 const SOURCE_KINDS = [
   { kind: "HuggingFace", label: "Hugging Face" },
@@ -458,13 +458,13 @@ export async function mount(main, config) {
   function renderRollout() {
     const members = agents.filter((a) => a.model_group === groupName);
     rolloutBody.replaceChildren(...members.map((a) => {
-      const s = stateWords(a.state_application_status);
+      const s = agentStateWords(a);
       return h("tr", { dataset: { agentId: a.id } },
         h("td", {}, a.name || a.id),
-        h("td", { class: "mono rollout-model" }, a.model_path || h("span", { class: "muted" }, "none")),
+        h("td", { class: "rollout-model", title: a.model_path || "" }, modelLabel(a.model_path)),
         h("td", {}, h("span", { class: "status", dataset: { tone: s.tone } },
           h("span", { class: "dot", "aria-hidden": "true" }), s.text)),
-        h("td", {}, `${a.slots_in_flight} / ${a.slots_total}`));
+        h("td", {}, a.slots_total ? `${a.slots_in_flight} / ${a.slots_total}` : h("span", { class: "muted" }, "none open")));
     }));
     rolloutEmpty.textContent = members.length ? ""
       : `No agent serves “${groupName}” yet. Start one with --model-group ${groupName}.`;
@@ -473,28 +473,37 @@ export async function mount(main, config) {
 
   async function refreshModelTemplate() {
     const members = agents.filter((a) => a.model_group === groupName);
-    const agent = members.find((a) => a.model_path) || null;
-    const key = agent ? `${agent.id}|${agent.model_path}` : `none|${members.length > 0}`;
+    const loaded = members.filter((a) => a.model_path);
+    const key = loaded.length ? loaded.map((a) => `${a.id}|${a.model_path}`).join(",") : `none|${members.length > 0}`;
     if (key === templateKey) return;
     templateKey = key;
-    if (!agent) {
+    if (!loaded.length) {
       template.showModelTemplate(null, members.length
         ? "No agent of this group has a model loaded yet."
         : "No agent of this group is connected, so the model's template is not known.");
       return;
     }
-    try {
-      const body = await api(config.management_url, `/api/v1/agent/${encodeURIComponent(agent.id)}/model_metadata`);
-      if (templateKey !== key) return;
-      const metadata = (body && body.metadata) || {};
-      const text = metadata["tokenizer.chat_template"];
-      template.showModelTemplate(text || null,
-        text ? `From ${agent.model_path} on ${agent.name || agent.id}.`
-          : `The model ${agent.model_path} has no chat template of its own.`);
-    } catch (err) {
-      if (templateKey === key) template.showModelTemplate(null, `Could not read the model's metadata: ${err.message}`);
-      templateKey = null;
+    // Ask a few agents: one may be mid-swap, or run an engine without templates.
+    let lastError = null;
+    for (const agent of loaded.slice(0, 4)) {
+      try {
+        const body = await api(config.management_url,
+          `/api/v1/agent/${encodeURIComponent(agent.id)}/model_metadata`);
+        if (templateKey !== key) return;
+        const text = ((body && body.metadata) || {})["tokenizer.chat_template"];
+        if (text) {
+          template.showModelTemplate(text, `From ${agent.model_path} on ${agent.name || agent.id}.`);
+          return;
+        }
+      } catch (err) {
+        lastError = err;
+      }
     }
+    if (templateKey !== key) return;
+    template.showModelTemplate(null, lastError
+      ? `Could not read the model's metadata: ${lastError.message}`
+      : `The model ${loaded[0].model_path} has no chat template of its own.`);
+    if (lastError) templateKey = null;
   }
 
   try {

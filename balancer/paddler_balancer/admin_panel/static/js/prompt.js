@@ -74,7 +74,7 @@ export async function mount(main, config) {
   const sendButton = h("button", { type: "submit", class: "primary", id: "send" }, "Send");
   const stopButton = h("button", { type: "button", class: "danger", id: "stop", disabled: true, onclick: stop },
     "Stop");
-  const composer = h("form", { class: "composer", id: "composer", "aria-label": "Message" },
+  const composer = h("form", { class: "composer", id: "composer", "aria-label": "Compose a message" },
     h("label", { for: "prompt-input", class: "visually-hidden" }, "Message"),
     input,
     h("div", { class: "composer-row" },
@@ -249,10 +249,10 @@ export async function mount(main, config) {
           turn.reasoningEl));
       }
       turn.reasoning += text;
-      turn.reasoningEl.textContent = turn.reasoning;
+      turn.reasoningEl.textContent = turn.reasoning.trimStart();
     } else {
       turn.text += text;
-      turn.bubble.textContent = turn.text;
+      turn.bubble.textContent = turn.text.trimStart();
     }
     const nearBottom = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 80;
     if (nearBottom) transcript.scrollTop = transcript.scrollHeight;
