@@ -476,6 +476,7 @@ class Workers:
 
     async def _loop(self, key: Key, wake: asyncio.Event) -> None:
         settings = self.reconciler.settings
+        first = True
         while True:
             wake.clear()
             try:
@@ -488,6 +489,9 @@ class Workers:
             except Exception:  # a bug: log it, keep the loop (and the operator) alive
                 log.exception("reconcile crashed object=%s/%s/%s", *key)
                 outcome = Outcome(ok=False, retry=True, message="internal error")
+            level = logging.INFO if first else logging.DEBUG  # the first pass says the object is handled
+            log.log(level, "reconciled object=%s/%s/%s ok=%s retry=%s", *key, outcome.ok, outcome.retry)
+            first = False
             if outcome.retry:
                 failures = self._failures.get(key, 0) + 1
                 self._failures[key] = failures
