@@ -1,0 +1,1 @@
+"""Tests against a real local Kubernetes control plane (scripts/k8s/)."""
