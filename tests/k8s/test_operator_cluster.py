@@ -83,8 +83,10 @@ class Operators:
         self.cluster = cluster
         self.started: list[OperatorProcess] = []
 
-    def start(self, namespace: str, balancer_url: str | None = None) -> OperatorProcess:
+    def start(self, namespace: str, balancer_url: str | None = None, kubeconfig: Path | None = None) -> OperatorProcess:
         env = {**self.cluster.env, "PYTHONUNBUFFERED": "1"}
+        if kubeconfig is not None:
+            env["KUBECONFIG"] = str(kubeconfig)
         env.pop("PADDLER_OPERATOR_BALANCER_URL_TEMPLATE", None)
         if balancer_url is not None:
             env["PADDLER_OPERATOR_BALANCER_URL_TEMPLATE"] = balancer_url

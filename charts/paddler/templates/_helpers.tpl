@@ -59,3 +59,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [events]
   verbs: [create]
 {{- end -}}
+
+
+{{/* kopf itself watches CRDs (to notice ours appear) and namespaces, at cluster scope, read-only. */}}
+{{- define "paddler.frameworkRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end -}}
