@@ -8,8 +8,8 @@
 #   .k8s/pids/        one pid file per process (down.sh stops them)
 #   .k8s/logs/        one log per process
 #   .k8s/pki/         self-signed CA, serving cert, service-account keys
-# Idempotent: if the control plane is already up and healthy, it does nothing.
 #   .k8s/cluster-id   changes each time a new control plane is started
+# Idempotent: if the control plane is already up and healthy, it does nothing.
 # Environment: PADDLER_K8S_DIR (default <repo>/.k8s), K8S_FAKE_NODES (2),
 # K8S_UP_TIMEOUT (seconds, 120), plus what build.sh reads.
 set -euo pipefail
@@ -26,9 +26,16 @@ TIMEOUT="${K8S_UP_TIMEOUT:-120}"
 KUBECONFIG_FILE="$STATE/kubeconfig"
 
 log() { printf '[k8s-up %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
-die() { echo "k8s-up: $*" >&2; exit 1; }
 
-alive() { [[ -f "$STATE/pids/$1.pid" ]] && kill -0 "$(cat "$STATE/pids/$1.pid")" 2>/dev/null; }
+# Is the process of pid file NAME running, and is it still NAME (pids recycle)?
+alive() {
+  local f="$STATE/pids/$1.pid" pid exe
+  [[ -f "$f" ]] || return 1
+  pid="$(cat "$f")"
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
+  [[ -z "$exe" || "$(basename "${exe% (deleted)}")" == "$1" ]]
+}
 kctl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" --request-timeout=10s "$@"; }
 api_ready() { [[ "$(kctl get --raw /readyz 2>/dev/null)" == ok ]]; }
 
@@ -188,7 +195,13 @@ start etcd "$BIN/etcd" --name paddler --data-dir "$STATE/run/etcd" \
   --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
   --initial-cluster "paddler=http://127.0.0.1:$ETCD_PEER_PORT" \
   --unsafe-no-fsync --log-level warn
-etcd_ok() { curl -fsS "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
+etcd_ok() {
+  python3 - "http://127.0.0.1:$ETCD_PORT/health" <<'PY'
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+    sys.exit(0 if b'"health":"true"' in r.read() else 1)
+PY
+}
 wait_for "etcd health" etcd_ok
 
 # --- kube-apiserver -----------------------------------------------------------
