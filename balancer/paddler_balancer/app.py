@@ -79,10 +79,10 @@ async def _statsd_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _start(app: web.Application, addr: str, name: str) -> web.AppRunner:
+async def _start(app: web.Application, addr: str, name: str, shutdown_timeout: float = 60.0) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler at once,
     # which leaves the buffer and frees the slot (see Balancer.generation).
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     host, port = parse_addr(addr)
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -109,7 +109,9 @@ def _bound_addr(runner: web.AppRunner, addr: str) -> str:
 async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -> None:
     balancer = Balancer(settings)
     runners = [
-        await _start(management_app(balancer), settings.management_addr, "management"),
+        # Its streams (SSE of an open admin panel, agent sockets) never end on their own: without a
+        # short timeout they hold a SIGTERM for 60 s. It stops last, after inference has drained.
+        await _start(management_app(balancer), settings.management_addr, "management", shutdown_timeout=1.0),
         await _start(inference_app(balancer), settings.inference_addr, "inference"),
     ]
     if settings.compat_openai_addr:

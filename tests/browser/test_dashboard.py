@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from paddler_balancer.admin_panel import parameter_fields, public_url
+from paddler_core.desired_state import InferenceParameters
 from tests.browser.conftest import VIEWPORT, fake_agent, open_panel, wait_for_agents
 from tests.harness import Processes
 
@@ -22,6 +26,28 @@ def test_config_points_the_pages_at_the_bound_api_addresses(paddler: Processes) 
     # The pages stream SSE from the management address, another origin: its headers must allow it.
     with httpx.stream("GET", balancer.management_url + "/api/v1/agents/stream", timeout=5) as stream:
         assert stream.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize(
+    ("addr", "host", "url"),
+    [
+        ("127.0.0.1:8060", "panel.example", "http://127.0.0.1:8060"),
+        ("0.0.0.0:8060", "panel.example", "http://panel.example:8060"),
+        ("[::]:8061", "10.1.2.3", "http://10.1.2.3:8061"),
+        ("[::]:8061", "fd00::5", "http://[fd00::5]:8061"),
+        ("[::1]:8061", "x", "http://[::1]:8061"),
+    ],
+)
+def test_wildcard_hosts_become_the_host_the_browser_used(addr: str, host: str, url: str) -> None:
+    assert public_url(addr, host) == url
+
+
+def test_every_inference_parameter_is_explained() -> None:
+    fields = parameter_fields()
+    assert [f["name"] for f in fields if not f["help"]] == []
+    assert {f["name"] for f in fields} == set(InferenceParameters.model_fields)
+    top_p = next(f for f in fields if f["name"] == "top_p")
+    assert (top_p["default"], top_p["exclusiveMinimum"], top_p["maximum"]) == (0.8, 0.0, 1.0)
 
 
 def test_static_files_are_served_offline(paddler: Processes, page: Page) -> None:
@@ -139,3 +165,18 @@ def test_agent_status_in_plain_words(paddler: Processes, page: Page, browser: Br
     finally:
         agent_page.context.close()
     expect(page.locator(".agent-card")).to_have_count(0)
+
+
+def test_lost_connection_is_shown(paddler: Processes, page: Page) -> None:
+    balancer = paddler.balancer(admin_panel=True)
+    paddler.agent(balancer, slots=1, name="stale")
+    wait_for_agents(balancer, {"stale"})
+    open_panel(page, balancer)
+    expect(page.locator(".agent-card")).to_have_count(1)
+    expect(page.locator("#connection")).to_have_text("Live")
+    started = time.monotonic()
+    balancer.process.stop()  # SIGTERM, with the page's SSE streams open
+    assert time.monotonic() - started < 8, "open admin panel streams held the balancer's shutdown"
+    expect(page.locator("#connection")).to_have_attribute("data-state", "down")
+    expect(page.locator("#connection")).to_have_text("Reconnecting…")
+    expect(page.locator("body")).to_have_attribute("data-connection", "down")

@@ -68,7 +68,7 @@ def test_screenshots_of_every_page(paddler: Processes, page: Page, browser: Brow
     balancer = paddler.balancer("--buffered-request-timeout", "60s", admin_panel=True)
     state = {"model": MODEL, "inference_parameters": {"temperature": 0.6, "context_size": 4096}}
     put_state(balancer, "default", state)
-    slow = ("--simulated-tokens-per-second", "5", "--simulated-max-tokens", "1000")
+    slow = ("--simulated-tokens-per-second", "10", "--simulated-max-tokens", "1000")
     paddler.agent(balancer, slots=4, name="gpu-node-a", extra=slow)
     paddler.agent(balancer, slots=4, name="gpu-node-b", extra=slow)
     wait_for_agents(balancer, {"gpu-node-a", "gpu-node-b"})

@@ -57,7 +57,7 @@ export async function api(base, path, { method = "GET", body } = {}) {
 export function subscribe(url, onData, onState = () => {}) {
   const source = new EventSource(url);
   source.onopen = () => onState("live");
-  source.onerror = () => onState(source.readyState === EventSource.CLOSED ? "down" : "down");
+  source.onerror = () => onState("down"); // EventSource keeps retrying on its own
   source.onmessage = (event) => {
     onState("live");
     try {
@@ -74,5 +74,6 @@ export function setConnection(state, text) {
   const el = document.getElementById("connection");
   if (!el) return;
   el.dataset.state = state;
+  document.body.dataset.connection = state;
   el.querySelector(".connection-text").textContent = text;
 }
