@@ -44,6 +44,9 @@ Kind = Literal["LlmPool", "ModelDeployment"]
 Key = tuple[Kind, str, str]
 """(kind, namespace, name)"""
 
+WARNING_REASONS = frozenset({"BalancerUnreachable", "PoolNotFound", "InvalidSpec"})
+"""Ready=False reasons that deserve a Warning event (the rest are normal progress)."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -173,15 +176,25 @@ class Reconciler:
         await self._condition_events(obj, previous_conditions, [Condition.model_validate(c) for c in new["conditions"]])
 
     async def _condition_events(self, obj: Obj, before: Sequence[Condition], after: Sequence[Condition]) -> None:
+        """An Event when Ready changes (a warning for what needs a human) or Degraded turns True."""
+        meta = obj["metadata"]
         old, new = _condition(before, "Ready"), _condition(after, "Ready")
-        if new is None or (old is not None and (old.status, old.reason) == (new.status, new.reason)):
-            return
-        kind = "Normal" if new.status == "True" or new.reason in ("ScaledToZero", "WaitingForAgents") else "Warning"
-        await self.kube.event(obj, kind, new.reason, new.message or new.reason)
-        log.info(
-            "condition object=%s/%s Ready=%s reason=%s message=%s",
-            obj["metadata"]["namespace"], obj["metadata"]["name"], new.status, new.reason, new.message,
-        )  # fmt: skip
+        if new is not None and (old is None or (old.status, old.reason) != (new.status, new.reason)):
+            kind = "Warning" if new.reason in WARNING_REASONS else "Normal"
+            await self.kube.event(obj, kind, new.reason, new.message or new.reason)
+            log.info(
+                "condition object=%s/%s Ready=%s reason=%s message=%s",
+                meta["namespace"], meta["name"], new.status, new.reason, new.message,
+            )  # fmt: skip
+        old, new = _condition(before, "Degraded"), _condition(after, "Degraded")
+        if (
+            new is not None
+            and new.status == "True"
+            and (old is None or (old.status, old.reason) != ("True", new.reason))
+        ):
+            await self.kube.event(obj, "Warning", new.reason, new.message or new.reason)
+            log.warning("degraded object=%s/%s reason=%s message=%s", meta["namespace"], meta["name"], new.reason,
+                        new.message)  # fmt: skip
 
     async def _snapshot(self, url: str) -> tuple[BalancerSnapshot | None, str | None]:
         try:
