@@ -311,18 +311,32 @@ def test_restarting_the_operator_creates_nothing_twice(operators: Operators, k8s
     wait_condition(cluster, ns, "md/m", "Ready", ("False", "BalancerUnreachable"))
     wait_until(lambda: first.count("reconciled object=") >= 2, timeout=TIMEOUT, what="first passes")
 
-    def snapshot() -> dict[str, tuple[str, str]]:
+    def snapshot() -> dict[str, Any]:
+        """What a re-create or a real patch by the operator would change: uid, generation,
+        and the operator's managedFields entries (a no-op patch leaves them alone; status
+        updates by the Deployment controller or kwok do not touch them)."""
         out = {}
         for what in [*OWNED, "deployment/m-agent", "lp/p", "md/m"]:
-            obj = get(cluster, ns, what)
-            out[what] = (obj["metadata"]["uid"], obj["metadata"]["resourceVersion"])
+            meta = get(cluster, ns, what)["metadata"]
+            ours = sorted(
+                (f.get("operation"), f.get("subresource", ""), f.get("time"))
+                for f in meta.get("managedFields") or []
+                if f.get("manager") == "paddler-operator"
+            )
+            out[what] = (meta["uid"], meta.get("generation"), ours)
         return out
 
     def created_events() -> int:
         return sum(e["reason"] == "Created" for e in get(cluster, ns, "events")["items"])
 
     # Let the first operator settle (its retries write nothing new), then swap it.
-    wait_until(lambda: snapshot() == snapshot(), timeout=TIMEOUT, what="objects stable")
+    settled: list[Any] = []
+
+    def stable() -> bool:
+        settled.append(snapshot())
+        return len(settled) >= 3 and settled[-1] == settled[-3]
+
+    wait_until(stable, timeout=TIMEOUT, interval=1.0, what="operator writes settled")
     before, events_before = snapshot(), created_events()
     first.stop()
     second = operators.start(ns)
