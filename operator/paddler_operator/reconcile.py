@@ -149,7 +149,10 @@ class Reconciler:
                     await self.kube.event(owner_obj, "Normal", "Updated", f"Updated {ref.kind} {ref.name}: {fields}")
             except KubeError as err:
                 log.warning("apply failed object=%s err=%s", ref, err)
-                errors.append(f"{ref.kind} {ref.name}: {err.message}")
+                message = err.message
+                if err.status == 404:  # the collection itself is missing: a CRD that is not installed
+                    message = f"{ref.api_version} {ref.kind} is not served by this cluster (is its CRD installed?)"
+                errors.append(f"{ref.kind} {ref.name}: {message}")
         for ref in absent:
             try:
                 have = await self.kube.get(ref)

@@ -83,7 +83,13 @@ class Operators:
         self.cluster = cluster
         self.started: list[OperatorProcess] = []
 
-    def start(self, namespace: str, balancer_url: str | None = None, kubeconfig: Path | None = None) -> OperatorProcess:
+    def start(
+        self,
+        namespace: str,
+        balancer_url: str | None = None,
+        kubeconfig: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> OperatorProcess:
         env = {**self.cluster.env, "PYTHONUNBUFFERED": "1"}
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
@@ -92,7 +98,7 @@ class Operators:
             env["PADDLER_OPERATOR_BALANCER_URL_TEMPLATE"] = balancer_url
         popen = subprocess.Popen(
             [sys.executable, "-m", "paddler_cli.main", "operator", "--namespace", namespace,
-             "--resync-interval", "2", "--retry-max-delay", "4"],
+             "--resync-interval", "2", "--retry-max-delay", "4", *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
         )  # fmt: skip
         proc = OperatorProcess(popen)
@@ -434,3 +440,32 @@ def test_desired_state_arrives_at_a_real_balancer(operators: Operators, k8s_name
     # Deleting the ModelDeployment removes its model group from the balancer.
     cluster.kubectl_run("-n", ns, "delete", "md/m")
     wait_until(lambda: "m" not in balancer_groups(balancer.management_url), timeout=TIMEOUT, what="group removed")
+
+
+def test_keda_mode_without_keda_is_degraded_not_crashed(operators: Operators, k8s_namespace: str) -> None:
+    cluster, ns = operators.cluster, k8s_namespace
+    op = operators.start(ns)
+    cluster.apply(POOL + "---" + MODEL.replace("  model:", "  autoscaling: {mode: KEDA}\n  model:"), namespace=ns)
+    md = wait_condition(cluster, ns, "md/m", "Degraded", ("True", "ApplyFailed"))
+    message = next(c["message"] for c in md["status"]["conditions"] if c["type"] == "Degraded")
+    assert "keda.sh/v1alpha1 ScaledObject is not served by this cluster" in message
+    wait_object(cluster, ns, "deployment/m-agent", lambda d: "replicas" in d["spec"])
+    assert op.popen.poll() is None
+
+
+def test_liveness_endpoint(operators: Operators, k8s_namespace: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    operators.start(k8s_namespace, extra_args=("--liveness-endpoint", f"http://127.0.0.1:{port}/healthz"))
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    wait_until(healthy, timeout=30, what="kopf liveness probe answers")
