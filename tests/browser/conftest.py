@@ -102,7 +102,7 @@ def wait_for_agents(balancer: Balancer, names: set[str]) -> list[dict[str, Any]]
 
 
 _FAKE_AGENT_JS = """
-([url, register, metadata]) => new Promise((resolve, reject) => {
+([url, register, metadata, replies]) => new Promise((resolve, reject) => {
   const ws = new WebSocket(url);
   ws.onopen = () => ws.send(JSON.stringify(register));
   ws.onerror = () => reject(new Error("fake agent could not connect"));
@@ -110,6 +110,10 @@ _FAKE_AGENT_JS = """
     const frame = JSON.parse(event.data);
     for (const m of Array.isArray(frame) ? frame : [frame]) {
       if (m.type === "registered") resolve(m.agent_id);
+      if (m.type === "generate") {
+        replies.forEach((response, i) => ws.send(JSON.stringify(
+          {type: "response", request_id: m.request_id, response, final: i === replies.length - 1})));
+      }
       if (m.type === "query") {
         const body = m.what === "model_metadata" ? {metadata} : null;
         ws.send(JSON.stringify({type: "reply", request_id: m.request_id, body}));
@@ -129,16 +133,18 @@ def fake_agent(
     status: dict[str, Any],
     metadata: dict[str, str] | None = None,
     model_group: str = "default",
+    replies: list[Any] | None = None,
 ) -> None:
     """An agent that speaks the real protocol from a browser page: it registers with
-    ``status`` (download progress, issues, ...) and answers metadata queries. It stays
-    connected while ``page`` is open."""
+    ``status`` (download progress, issues, ...), answers metadata queries and each
+    generation request with ``replies`` (response payloads). It stays connected while
+    ``page`` is open."""
     url = balancer.management_url.replace("http://", "ws://") + f"/api/v1/agent_socket/{agent_id}"
     register = {"type": "register", "protocol_version": 1, "name": name, "model_group": model_group, "status": status}
     # Chromium blocks about:blank from dialing loopback (local network access checks): run
     # the script from a page of the panel's origin.
     page.goto(balancer.admin_panel_url + "/health")
-    page.evaluate(_FAKE_AGENT_JS, [url, register, metadata or {}])
+    page.evaluate(_FAKE_AGENT_JS, [url, register, metadata or {}, replies or []])
     wait_for(lambda: any(a["id"] == agent_id for a in agents(balancer)), what=f"fake agent {name} registered")
 
 

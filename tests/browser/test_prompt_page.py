@@ -8,9 +8,9 @@ import re
 import time
 
 import pytest
-from playwright.sync_api import Page, WebSocket, expect
+from playwright.sync_api import Browser, Page, WebSocket, expect
 
-from tests.browser.conftest import agents, open_panel, wait_for, wait_for_agents
+from tests.browser.conftest import agents, fake_agent, open_panel, wait_for, wait_for_agents
 from tests.harness import Processes
 
 pytestmark = pytest.mark.browser
@@ -105,3 +105,61 @@ def test_buffer_timeout_is_explained(paddler: Processes, page: Page) -> None:
         "No agent answered in time: the request waited in the buffer, or the agent stopped sending tokens."
     )
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
+
+
+def test_reasoning_is_shown_apart_from_the_reply(paddler: Processes, page: Page, browser: Browser) -> None:
+    balancer = paddler.balancer(admin_panel=True)
+    agent_page = browser.new_context().new_page()
+    usage = {"prompt_tokens": 12, "cached_prompt_tokens": 4, "content_tokens": 2, "reasoning_tokens": 3}
+    try:
+        fake_agent(
+            agent_page,
+            balancer,
+            "thinker-1",
+            "thinker",
+            {"version": 1, "slots_total": 1, "model_path": "/models/qwen3.gguf", "state_application_status": "Applied"},
+            replies=[
+                {"GeneratedToken": {"ReasoningToken": "The user"}},
+                {"GeneratedToken": {"ReasoningToken": " greets"}},
+                {"GeneratedToken": {"ReasoningToken": " me."}},
+                {"GeneratedToken": {"ContentToken": "Hello"}},
+                {"GeneratedToken": {"ContentToken": " there!"}},
+                {"GeneratedToken": {"Done": {"usage": usage}}},
+            ],
+        )
+        open_panel(page, balancer, "/prompt")
+        page.get_by_label("Enable thinking").check()
+        page.get_by_label("Message", exact=True).fill("Hi")
+        page.get_by_role("button", name="Send").click()
+        reply = page.locator(".message.assistant").last
+        expect(reply).to_have_attribute("data-state", "done")
+        expect(reply.locator(".bubble")).to_have_text("Hello there!")
+        expect(reply.locator(".thinking div")).to_have_text("The user greets me.")
+        expect(reply.locator(".usage")).to_have_text("Usage: 12 prompt + 2 reply + 3 reasoning tokens")
+        expect(page.locator("#m-reasoning")).to_have_text("3")
+        expect(page.locator("#m-cached")).to_have_text("4")
+        expect(page.locator("#m-agent")).to_have_text("thinker")
+    finally:
+        agent_page.context.close()
+
+
+def test_agent_errors_are_shown(paddler: Processes, page: Page, browser: Browser) -> None:
+    balancer = paddler.balancer(admin_panel=True)
+    agent_page = browser.new_context().new_page()
+    try:
+        fake_agent(
+            agent_page,
+            balancer,
+            "broken-1",
+            "broken",
+            {"version": 1, "slots_total": 1, "model_path": "/models/x.gguf", "state_application_status": "Applied"},
+            replies=[{"GeneratedToken": {"ChatTemplateError": "undefined variable 'messages'"}}],
+        )
+        open_panel(page, balancer, "/prompt")
+        page.get_by_label("Message", exact=True).fill("Hi")
+        page.get_by_role("button", name="Send").click()
+        reply = page.locator(".message.assistant").last
+        expect(reply).to_have_attribute("data-state", "error")
+        expect(reply.locator("[role=alert]")).to_have_text("Chat template error: undefined variable 'messages'")
+    finally:
+        agent_page.context.close()

@@ -39,7 +39,7 @@ export function issueText(issue) {
   return { title: humanize(variant), message };
 }
 
-function humanize(variant) {
+export function humanize(variant) {
   const words = variant.replace(/([a-z0-9])([A-Z])/g, "$1 $2").toLowerCase();
   return words.charAt(0).toUpperCase() + words.slice(1);
 }

@@ -2,6 +2,7 @@
 // WebSocket. Tokens stream in as they are generated; Stop cancels the request on
 // the balancer, which stops the agent and frees the slot.
 
+import { humanize } from "./dashboard.js";
 import { h, requestId } from "./dom.js";
 import { onAgents } from "./live.js";
 
@@ -230,8 +231,7 @@ export async function mount(main, config) {
       finish("done");
     } else {
       const [[variant, detail]] = Object.entries(generated);
-      finish("error", `${variant.replace(/([a-z])([A-Z])/g, "$1 $2")}: ${typeof detail === "string" ? detail
-        : JSON.stringify(detail)}`);
+      finish("error", `${humanize(variant)}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
     }
   }
 
