@@ -45,6 +45,7 @@ from paddler_balancer.openai_types import (
     Event,
     OpenAIError,
     Token,
+    ToolCallFailed,
     ToolCalls,
     ToolDefinition,
     agent_error,
@@ -307,8 +308,12 @@ def _absorb(acc: Accumulated, events: list[Event]) -> Absorbed:
                 acc.length_stop = True
                 return shown, None, True
             return shown, agent_error(event), True
-        acc.add(event)
-        if isinstance(event, Token | ToolCalls):
+        replacement = acc.add(event)
+        if isinstance(event, ToolCallFailed):
+            log.info("tool call not parsed kind=%s message=%s; returned as content", event.kind, event.message)
+            if replacement is not None and replacement.text:
+                shown.append(replacement)
+        elif isinstance(event, Token | ToolCalls):
             shown.append(event)
     return shown, None, False
 

@@ -492,7 +492,15 @@ class AgentError:
     message: str
 
 
-Event = Token | ToolCalls | Done | AgentError
+@dataclass(frozen=True)
+class ToolCallFailed:
+    """The model wrote a tool call the agent could not parse or validate."""
+
+    kind: str
+    message: str
+
+
+Event = Token | ToolCalls | ToolCallFailed | Done | AgentError
 
 _TOKEN_KINDS: dict[str, Literal["content", "reasoning", "tool_call"]] = {
     "ContentToken": "content",
@@ -538,6 +546,8 @@ def classify(payload: Any) -> Event:
         return ToolCalls([openai_tool_call(c, i) for i, c in enumerate(value) if isinstance(c, dict)])
     if key == "UnrecognizedToolCallFormat" and isinstance(value, dict):
         return Token(str(value.get("text", "")), "content")
+    if key in ("ToolCallParseFailed", "ToolCallValidationFailed"):
+        return ToolCallFailed(key, value if isinstance(value, str) else json.dumps(value))
     return AgentError(key, value if isinstance(value, str) else json.dumps(value))
 
 
@@ -596,22 +606,33 @@ class Accumulated:
 
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    tool_text: list[str] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     tokens: int = 0
     usage: dict[str, int] | None = None
     length_stop: bool = False
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event) -> Token | None:
+        """Record ``event``; a failed tool call comes back as the content token that
+        replaces it (its raw text, as llama-server falls back to content)."""
         if isinstance(event, Token):
             self.tokens += 1
             if event.kind == "content":
                 self.content.append(event.text)
             elif event.kind == "reasoning":
                 self.reasoning.append(event.text)
+            else:
+                self.tool_text.append(event.text)
         elif isinstance(event, ToolCalls):
             self.tool_calls.extend(event.calls)
+        elif isinstance(event, ToolCallFailed):
+            raw = "".join(self.tool_text)
+            self.tool_text.clear()
+            self.content.append(raw)
+            return Token(raw, "content")
         elif isinstance(event, Done):
             self.usage = event.usage
+        return None
 
     @property
     def text(self) -> str:

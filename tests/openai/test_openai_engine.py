@@ -154,6 +154,36 @@ async def test_json_schema_response_parses_and_validates(engine_pool: Balancer) 
         assert (loose.choices[0].message.content or "").startswith("{")
 
 
+async def test_json_answer_beside_offered_tools_stays_content(engine_pool: Balancer) -> None:
+    """With tools offered, the agent reads an answer that starts with ``{`` as a tool
+    call; when it is not a valid call the text comes back as content, not an error."""
+    async with openai_client(engine_pool) as client:
+        reply = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Describe a cat as a JSON object with a color field."}],
+            tools=[WEATHER_TOOL],
+            response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT_SCHEMA}},
+            max_tokens=40,
+            temperature=0,
+        )
+    choice = reply.choices[0]
+    assert choice.message.tool_calls is None
+    content = choice.message.content or ""
+    assert content.startswith('{"color":')
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(content)["color"], str)
+    else:  # greedy output may run on inside the string until max_tokens
+        assert choice.finish_reason == "length"
+
+
+CAT_SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"type": "string", "maxLength": 20}},
+    "required": ["color"],
+    "additionalProperties": False,
+}
+
+
 class Person(BaseModel):
     name: str = Field(max_length=30)
     age: int

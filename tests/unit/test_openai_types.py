@@ -21,6 +21,7 @@ from paddler_balancer.openai_types import (
     EmbeddingRequest,
     OpenAIError,
     Token,
+    ToolCallFailed,
     ToolCalls,
     agent_error,
     chat_chunk,
@@ -388,7 +389,12 @@ def test_models_list_validates_as_sdk_models() -> None:
             Token("raw", "content"),
         ),
         ({"GeneratedToken": {"ChatTemplateError": "bad"}}, AgentError("ChatTemplateError", "bad")),
-        ({"GeneratedToken": {"ToolCallValidationFailed": ["e1"]}}, AgentError("ToolCallValidationFailed", '["e1"]')),
+        (
+            {"GeneratedToken": {"ToolCallValidationFailed": ["e1"]}},
+            ToolCallFailed("ToolCallValidationFailed", '["e1"]'),
+        ),
+        ({"GeneratedToken": {"ToolCallParseFailed": "bad json"}}, ToolCallFailed("ToolCallParseFailed", "bad json")),
+        ({"GeneratedToken": {"GrammarRejectedModelOutput": "x"}}, AgentError("GrammarRejectedModelOutput", "x")),
         ("Timeout", AgentError("UnknownPayload", "unexpected payload from the agent: 'Timeout'")),
     ],
 )
@@ -533,6 +539,19 @@ def test_forced_tool_calls(text: str, name: str | None, arguments: str | None) -
     (call,) = calls
     assert call["function"] == {"name": name, "arguments": arguments}
     assert call["id"].startswith("call_")
+
+
+def test_failed_tool_call_falls_back_to_its_raw_text_as_content() -> None:
+    acc = accumulated(Token("Sure: ", "content"), Token('{"name": "nope"', "tool_call"), Token("}", "tool_call"))
+    replacement = acc.add(ToolCallFailed("ToolCallValidationFailed", '["nope: no such tool"]'))
+    assert replacement == Token('{"name": "nope"}', "content")
+    acc.add(Done({"content_tokens": 1, "tool_call_tokens": 2}))
+    assert acc.text == 'Sure: {"name": "nope"}'
+    assert acc.tool_calls == [] and acc.tool_text == []
+    assert finish_reason(acc, 100) == "stop"
+    body = chat_completion("chatcmpl-3", "m", 1, acc, 100)
+    assert body["choices"][0]["message"]["content"] == 'Sure: {"name": "nope"}'
+    assert body["usage"]["completion_tokens"] == 3
 
 
 def test_chat_completion_validates_with_the_sdk() -> None:
