@@ -124,7 +124,8 @@ def _endpoint(name: str, handler: Endpoint) -> Handler:
                 response = await handler(request, outcome)
                 if outcome.status == 200:
                     outcome.status = response.status
-            except OpenAIError as err:
+            except (OpenAIError, ValidationError) as raised:
+                err = invalid_request(raised) if isinstance(raised, ValidationError) else raised
                 outcome.status = err.status
                 response = error_response(err)
         except BaseException:
