@@ -46,6 +46,7 @@ def test_model_edit_reaches_the_agents(paddler: Processes, page: Page) -> None:
     source(page).get_by_label("File", exact=True).fill("SmolLM2-135M-Instruct-Q4_K_M.gguf")
     page.locator("#param-temperature").fill("0.3")
     page.locator("#param-k_cache_dtype").select_option("F16")
+    expect(page.locator("#save-status")).to_have_text("Unsaved changes.")
     page.get_by_role("button", name="Save desired state").click()
     expect(page.locator("#save-status")).to_contain_text("Saved")
 
@@ -108,6 +109,11 @@ def test_invalid_model_source_shows_the_message_at_its_field(paddler: Processes,
     page.get_by_role("button", name="Save desired state").click()
     expect(field(page, "model.url.url").locator(".error")).to_contain_text("String should match pattern")
     assert state(balancer)["model"] == "None"
+
+    page.get_by_role("button", name="Discard changes").click()
+    expect(source(page).get_by_role("radio", name="None")).to_be_checked()
+    expect(field(page, "model.url.url").locator(".error")).to_be_empty()
+    expect(page.locator("#error-summary")).to_be_empty()
 
 
 def test_group_owned_by_a_model_deployment_is_read_only(paddler: Processes, page: Page) -> None:

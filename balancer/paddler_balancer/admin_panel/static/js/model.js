@@ -369,6 +369,22 @@ export async function mount(main, config) {
     form,
   );
 
+  // Edits not yet saved: say so, once, until the form is saved or reloaded.
+  const markDirty = () => {
+    if (form.dataset.dirty === "true") return;
+    form.dataset.dirty = "true";
+    if (saveStatus.dataset.tone !== "bad") {
+      saveStatus.textContent = "Unsaved changes.";
+      saveStatus.dataset.tone = "";
+    }
+  };
+  form.addEventListener("input", markDirty);
+  form.addEventListener("change", markDirty);
+  form.addEventListener("click", (event) => {
+    if (event.target instanceof HTMLButtonElement && event.target.type === "button"
+      && event.target.id !== "discard") markDirty();
+  });
+
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = {
@@ -386,6 +402,7 @@ export async function mount(main, config) {
         { method: "PUT", body });
       saveStatus.textContent = `Saved. Agents in “${groupName}” are applying it.`;
       saveStatus.dataset.tone = "ok";
+      form.dataset.dirty = "false";
       await refreshGroups();
     } catch (err) {
       saveStatus.dataset.tone = "bad";
@@ -445,6 +462,7 @@ export async function mount(main, config) {
     board.clear();
     saveStatus.textContent = entry ? "" : "This group has no desired state yet; it starts from the defaults.";
     saveStatus.dataset.tone = "";
+    form.dataset.dirty = "false";
     model.set(state.model);
     mmproj.set(state.multimodal_projection);
     inference.set(state.inference_parameters || {});

@@ -45,11 +45,6 @@ class Socket {
     };
     return this.ready;
   }
-
-  async send(message) {
-    const ws = await this.open();
-    ws.send(JSON.stringify(message));
-  }
 }
 
 function metric(label, id) {
@@ -176,15 +171,18 @@ export async function mount(main, config) {
     setBusy(true);
     resetMetrics();
     const max = Math.max(1, parseInt(maxTokens.value, 10) || 512);
+    const request = { Request: { id, request: { ContinueFromConversationHistory: {
+      conversation_history: conversation,
+      max_tokens: max,
+      add_generation_prompt: true,
+      enable_thinking: thinking.checked,
+    } } } };
     try {
-      await socket.send({ Request: { id, request: { ContinueFromConversationHistory: {
-        conversation_history: conversation,
-        max_tokens: max,
-        add_generation_prompt: true,
-        enable_thinking: thinking.checked,
-      } } } });
+      const ws = await socket.open();
+      if (!turn || turn.id !== id) return; // stopped while the socket was opening: send nothing
+      ws.send(JSON.stringify(request));
     } catch (err) {
-      finish("error", err.message);
+      if (turn && turn.id === id) finish("error", err.message);
     }
   }
 
