@@ -7,11 +7,12 @@ import json
 import re
 import time
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, WebSocket, expect
 
 from tests.browser.conftest import agents, fake_agent, open_panel, wait_for, wait_for_agents
-from tests.harness import Processes
+from tests.harness import Balancer, Processes
 
 pytestmark = pytest.mark.browser
 
@@ -163,3 +164,22 @@ def test_agent_errors_are_shown(paddler: Processes, page: Page, browser: Browser
         expect(reply.locator("[role=alert]")).to_have_text("Chat template error: undefined variable 'messages'")
     finally:
         agent_page.context.close()
+
+
+def test_stop_while_buffered_leaves_the_buffer(paddler: Processes, page: Page) -> None:
+    balancer = paddler.balancer("--buffered-request-timeout", "60s", admin_panel=True)
+    open_panel(page, balancer, "/prompt")
+    page.get_by_label("Message", exact=True).fill("Is anyone there?")
+    page.get_by_role("button", name="Send").click()
+    reply = page.locator(".message.assistant").last
+    expect(reply.locator(".meta")).to_have_text("Waiting for a free slot…")
+    wait_for(lambda: buffered(balancer) == 1, what="the request waits in the buffer")
+    page.get_by_role("button", name="Stop").click()
+    expect(reply).to_have_attribute("data-state", "stopped")
+    wait_for(lambda: buffered(balancer) == 0, timeout=5, what="the stopped request left the buffer")
+
+
+def buffered(balancer: Balancer) -> int:
+    response = httpx.get(balancer.management_url + "/api/v1/buffered_requests", timeout=5)
+    count: int = response.json()["buffered_requests_current"]
+    return count
