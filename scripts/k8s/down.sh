@@ -21,6 +21,8 @@ fi
 ours() {
   local pid="$1" name="$2" exe
   kill -0 "$pid" 2>/dev/null || return 1
+  # A zombie (exited, not yet reaped by its new parent) counts as stopped.
+  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 1
   exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
   [[ -z "$exe" || "$(basename "${exe% (deleted)}")" == "$name" ]]
 }
@@ -57,7 +59,7 @@ for entry in "${stopped[@]+"${stopped[@]}"}"; do
     if (( SECONDS >= deadline )); then
       log "$name (pid $pid) ignored SIGTERM, sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
-      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+      for _ in $(seq 100); do ours "$pid" "$name" || break; sleep 0.05; done
       break
     fi
     sleep 0.05

@@ -33,6 +33,7 @@ alive() {
   [[ -f "$f" ]] || return 1
   pid="$(cat "$f")"
   [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 1
   exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
   [[ -z "$exe" || "$(basename "${exe% (deleted)}")" == "$1" ]]
 }
@@ -178,7 +179,7 @@ wait_for() {
   local delay=0.05
   until "$@" >/dev/null 2>&1; do
     local p; for p in "$STATE"/pids/*.pid; do
-      kill -0 "$(cat "$p")" 2>/dev/null || fail "$(basename "$p" .pid) exited while waiting for $desc"
+      alive "$(basename "$p" .pid)" || fail "$(basename "$p" .pid) exited while waiting for $desc"
     done
     (( SECONDS < DEADLINE )) || fail "timed out after ${TIMEOUT}s waiting for $desc"
     sleep "$delay"
