@@ -33,6 +33,12 @@ def add_subcommand(sub: Any) -> None:
         default=float(os.environ.get("PADDLER_OPERATOR_RESYNC_INTERVAL", "10")),
         help="seconds between full reconciles of an idle resource (env PADDLER_OPERATOR_RESYNC_INTERVAL)",
     )
+    p.add_argument(
+        "--builtin-poll-interval",
+        type=float,
+        default=1.0,
+        help="seconds between load readings of Builtin-autoscaled deployments (wake-up latency from zero)",
+    )
     p.add_argument("--retry-max-delay", type=float, default=30.0, help="ceiling of the retry backoff (seconds)")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig path (default: $KUBECONFIG or in-cluster)")
     p.add_argument(
@@ -48,6 +54,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         balancer_url_template=args.balancer_url_template,
         resync_interval=args.resync_interval,
         retry_max_delay=args.retry_max_delay,
+        builtin_poll_interval=args.builtin_poll_interval,
         kubeconfig=args.kubeconfig,
         liveness_endpoint=args.liveness_endpoint,
     )

@@ -54,6 +54,8 @@ class Outcome:
     retry: bool = False
     """A transient failure: try again after the backoff, not the resync interval."""
     message: str = ""
+    resync_after: float | None = None
+    """Seconds until the next pass when it should come sooner than the resync interval."""
 
 
 def _now() -> str:
@@ -368,10 +370,12 @@ class Reconciler:
             obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
         transient = bool(errors) or snapshot is None or desired_state_error is not None
+        builtin_mode = spec.autoscaling.mode == AutoscalingMode.BUILTIN
         return Outcome(
             ok=not transient,
             retry=transient,
             message=balancer_error or desired_state_error or "; ".join(errors),
+            resync_after=self.settings.builtin_poll_interval if builtin_mode else None,
         )
 
     async def _push_desired_state(
@@ -515,7 +519,7 @@ class Workers:
                 log.debug("retry object=%s/%s/%s in=%.1fs reason=%s", *key, delay, outcome.message)
             else:
                 self._failures.pop(key, None)
-                delay = settings.resync_interval
+                delay = min(settings.resync_interval, outcome.resync_after or settings.resync_interval)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await wake.wait()

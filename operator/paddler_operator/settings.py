@@ -24,6 +24,9 @@ class OperatorSettings:
     """Seconds before the first retry after a failure (unreachable balancer, API error)."""
     retry_max_delay: float = 30.0
     """Ceiling (seconds) of the exponential retry backoff."""
+    builtin_poll_interval: float = 1.0
+    """Seconds between load readings of a ModelDeployment scaled by the Builtin autoscaler: how soon a
+    request buffered at zero agents wakes the pool (a plain resync would take ``resync_interval``)."""
     balancer_timeout: float = 3.0
     """Seconds for one request to a balancer's management API."""
     kubeconfig: str | None = None
@@ -36,7 +39,10 @@ class OperatorSettings:
             raise ValueError("pass --namespace NS (repeatable) or --all-namespaces")
         if self.all_namespaces and self.namespaces:
             raise ValueError("--namespace and --all-namespaces exclude each other")
-        if self.resync_interval <= 0 or self.retry_min_delay <= 0 or self.retry_max_delay < self.retry_min_delay:
+        if (
+            min(self.resync_interval, self.retry_min_delay, self.builtin_poll_interval) <= 0
+            or self.retry_max_delay < self.retry_min_delay
+        ):
             raise ValueError("intervals must be > 0 and retry_max_delay >= retry_min_delay")
         try:
             self.balancer_url_template.format(pool="p", namespace="n", service="s", port=1)

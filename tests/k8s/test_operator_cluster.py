@@ -469,3 +469,38 @@ def test_liveness_endpoint(operators: Operators, k8s_namespace: str) -> None:
             return False
 
     wait_until(healthy, timeout=30, what="kopf liveness probe answers")
+
+
+def test_builtin_autoscaler_wakes_from_zero_and_goes_back(
+    operators: Operators, k8s_namespace: str, paddler: Processes
+) -> None:
+    cluster, ns = operators.cluster, k8s_namespace
+    balancer = paddler.balancer("--buffered-request-timeout", "60s")
+    operators.start(ns, balancer_url=balancer.management_url)
+    builtin = "  autoscaling: {mode: Builtin, minReplicas: 0, maxReplicas: 3, scaleDownDelaySeconds: 3}\n  model:"
+    cluster.apply(POOL + "---" + MODEL.replace("  model:", builtin), namespace=ns)
+    wait_condition(cluster, ns, "md/m", "Ready", ("True", "ScaledToZero"))
+    assert get(cluster, ns, "deployment/m-agent")["spec"]["replicas"] == 0
+
+    answer: dict[str, Any] = {}
+
+    def call() -> None:
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()
+        request = urllib.request.Request(
+            f"{balancer.inference_url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            answer["status"] = resp.status
+
+    thread = threading.Thread(target=call)
+    thread.start()  # no agent: the balancer buffers it, the operator sees it and wakes the pool
+    try:
+        wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 1)
+        md = get(cluster, ns, "md/m")
+        assert md["status"]["bufferedRequests"] >= 0
+        paddler.agent(balancer, slots=4, name="agent-0", extra=("--model-group", "m"))  # the pod comes up
+    finally:
+        thread.join(timeout=60)
+    assert answer.get("status") == 200
+    # Idle for scaleDownDelaySeconds: back to zero.
+    wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 0)
