@@ -171,9 +171,12 @@ class Reconciler:
     ) -> None:
         ref = _ref(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
         new = dict(status)
+        previous = obj.get("status") or {}
         if plan.status_patch(obj.get("status"), new) is not None:
+            # A merge patch keeps keys it does not mention: drop the ones no longer set.
+            patch = {**{k: None for k in previous if k not in new}, **new}
             try:
-                await self.kube.patch_status(ref, new)
+                await self.kube.patch_status(ref, patch)
             except KubeError as err:
                 if not err.not_found:
                     raise

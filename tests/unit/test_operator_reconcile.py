@@ -323,3 +323,16 @@ def test_parse_buffered_by_group() -> None:
         "paddler_buffered_requests 3.0\n"
     )
     assert parse_buffered_by_group(text) == {"m": 3, "other": 0}
+
+
+async def test_status_keys_no_longer_set_are_removed_once(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    obj = kube.add(pool())
+    obj["status"] = {"stale": 1, "slots": "9/9"}
+    r = reconciler(kube, balancers)
+    await r.reconcile_pool(NS, "p")
+    status = kube.objects[ObjRef("paddler.dev/v1alpha1", "LlmPool", NS, "p")]["status"]
+    assert "stale" not in status and status["slots"] == "0/0"
+    kube.calls.clear()
+    await r.reconcile_pool(NS, "p")
+    assert kube.calls == []
