@@ -3,10 +3,11 @@ SmolLM2-135M (scripts/fetch-model.sh), driven with the real ``openai`` SDK."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,7 @@ def _loaded(model: str) -> Any:
     return lambda a: a["model_path"] == model and a["state_application_status"] == "Applied"
 
 
-@pytest.fixture
-async def engine_pool(paddler: Processes, model_path: str) -> AsyncIterator[Balancer]:
-    """One 2-slot llama agent serving SmolLM2 with embeddings on and a tools-aware
-    chat template override (Hermes / Qwen style)."""
-    balancer = paddler.balancer("--inference-item-timeout", "60s")
+async def _start_pool(processes: Processes, balancer: Balancer, model_path: str) -> None:
     await _put_state(
         balancer,
         {
@@ -77,9 +74,22 @@ async def engine_pool(paddler: Processes, model_path: str) -> AsyncIterator[Bala
             "use_chat_template_override": True,
         },
     )
-    paddler.agent(balancer, slots=2, name="llama", engine="llama")
+    processes.agent(balancer, slots=2, name="llama", engine="llama")
     await wait_for_agents(balancer, 1, _loaded(model_path))
-    yield balancer
+
+
+@pytest.fixture(scope="module")
+def engine_pool(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    """One 2-slot llama agent serving SmolLM2 with embeddings on and a tools-aware
+    chat template override (Hermes / Qwen style), shared by this module's tests
+    (loading the model is the slow part); stopped at the end even on failure."""
+    processes = Processes(tmp_path_factory.mktemp("openai-engine"))
+    try:
+        balancer = processes.balancer("--inference-item-timeout", "60s")
+        asyncio.run(_start_pool(processes, balancer, model_path))
+        yield balancer
+    finally:
+        processes.close()
 
 
 USER = [{"role": "user", "content": "Write one short sentence about the sea."}]
