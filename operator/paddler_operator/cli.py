@@ -68,15 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.kubeconfig:
         os.environ["KUBECONFIG"] = settings.kubeconfig  # kopf's own login reads it too
-    import kopf
+    from paddler_operator import handlers  # imports kopf: only now, only here
 
-    from paddler_operator import handlers
-
-    handlers.configure(settings)
-    kopf.run(
-        standalone=True,
-        clusterwide=settings.all_namespaces,
-        namespaces=list(settings.namespaces),
-        liveness_endpoint=settings.liveness_endpoint,
-    )
+    handlers.run(settings)
     return 0

@@ -43,6 +43,17 @@ def configure(settings: OperatorSettings) -> None:
     _runtime = _Runtime(settings)
 
 
+def run(settings: OperatorSettings) -> None:
+    """Run the operator until SIGINT/SIGTERM (standalone: no kopf peering objects needed)."""
+    configure(settings)
+    kopf.run(
+        standalone=True,
+        clusterwide=settings.all_namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=settings.liveness_endpoint,
+    )
+
+
 def _workers() -> Workers:
     if _runtime is None or _runtime.workers is None:
         raise kopf.PermanentError("operator not started")

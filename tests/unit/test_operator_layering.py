@@ -1,0 +1,53 @@
+"""The operator's layering, checked on the source: one module talks to Kubernetes, one
+imports kopf, the plan is pure."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "paddler_operator"
+
+
+def imports(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_only_handlers_imports_kopf(module: str) -> None:
+    uses_kopf = any(name == "kopf" or name.startswith("kopf.") for name in imports(module))
+    assert uses_kopf == (module == "handlers"), module
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_only_kube_reads_kubernetes_credentials(module: str) -> None:
+    text = (PACKAGE / f"{module}.py").read_text()
+    talks = "serviceaccount" in text or "kubeconfig_paths" in text or "merge-patch+json" in text
+    assert talks == (module == "kube"), module
+
+
+def test_plan_is_pure() -> None:
+    io = {"asyncio", "aiohttp", "time", "datetime", "os", "subprocess", "socket", "random"}
+    names = imports("plan")
+    assert not {n for n in names if n.split(".")[0] in io}
+    assert not {n for n in names if n.startswith(("paddler_operator.kube", "paddler_operator.balancer_client"))}
+
+
+def test_reconcile_reaches_the_world_only_through_its_clients() -> None:
+    names = imports("reconcile")
+    assert "aiohttp" not in names and "kopf" not in names
+    assert "paddler_operator.kube.KubeApi" in names
+    assert "paddler_operator.balancer_client.BalancerClient" in names
