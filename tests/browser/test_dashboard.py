@@ -10,7 +10,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from paddler_balancer.admin_panel import parameter_fields, public_url
 from paddler_core.desired_state import InferenceParameters
-from tests.browser.conftest import VIEWPORT, fake_agent, open_panel, wait_for_agents
+from tests.browser.conftest import VIEWPORT, fake_agent, open_panel, put_state, wait_for_agents
 from tests.harness import Processes
 
 pytestmark = pytest.mark.browser
@@ -180,3 +180,24 @@ def test_lost_connection_is_shown(paddler: Processes, page: Page) -> None:
     expect(page.locator("#connection")).to_have_attribute("data-state", "down")
     expect(page.locator("#connection")).to_have_text("Reconnecting…")
     expect(page.locator("body")).to_have_attribute("data-connection", "down")
+
+
+def test_model_groups_are_summarised_when_there_are_several(paddler: Processes, page: Page) -> None:
+    balancer = paddler.balancer(admin_panel=True)
+    embed = {"model": {"LocalToAgent": "/models/embed.gguf"}}
+    put_state(balancer, "embeddings", embed, owner="ModelDeployment/ml/embed")
+    paddler.agent(balancer, slots=2, name="chat")
+    paddler.agent(balancer, slots=1, name="embedder", extra=("--model-group", "embeddings"))
+    wait_for_agents(balancer, {"chat", "embedder"})
+    open_panel(page, balancer)
+    rows = page.locator("#groups tr")
+    expect(rows).to_have_count(2)
+    embeddings = page.locator('#groups tr[data-group="embeddings"]')
+    expect(embeddings).to_contain_text("/models/embed.gguf")
+    expect(embeddings).to_contain_text("ModelDeployment/ml/embed")
+    expect(embeddings.locator("td").nth(3)).to_have_text("0 / 1")
+    expect(page.locator('#groups tr[data-group="default"] td').nth(3)).to_have_text("0 / 2")
+    embeddings.get_by_role("link", name="embeddings").click()
+    page.wait_for_selector("main[data-ready=true]")
+    expect(page.get_by_label("Model group")).to_have_value("embeddings")
+    expect(page.locator("#owner-notice")).to_contain_text("ModelDeployment/ml/embed")

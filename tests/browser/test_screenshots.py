@@ -68,10 +68,13 @@ def test_screenshots_of_every_page(paddler: Processes, page: Page, browser: Brow
     balancer = paddler.balancer("--buffered-request-timeout", "60s", admin_panel=True)
     state = {"model": MODEL, "inference_parameters": {"temperature": 0.6, "context_size": 4096}}
     put_state(balancer, "default", state)
+    embed = {"model": {"LocalToAgent": "/models/nomic-embed-text-v1.5.Q8_0.gguf"}}
+    put_state(balancer, "embeddings", embed, owner="ModelDeployment/search/nomic-embed")
     slow = ("--simulated-tokens-per-second", "10", "--simulated-max-tokens", "1000")
     paddler.agent(balancer, slots=4, name="gpu-node-a", extra=slow)
     paddler.agent(balancer, slots=4, name="gpu-node-b", extra=slow)
-    wait_for_agents(balancer, {"gpu-node-a", "gpu-node-b"})
+    paddler.agent(balancer, slots=2, name="embed-node", extra=("--model-group", "embeddings"))
+    wait_for_agents(balancer, {"gpu-node-a", "gpu-node-b", "embed-node"})
 
     helpers = browser.new_context()
     try:
@@ -117,8 +120,9 @@ def test_screenshots_of_every_page(paddler: Processes, page: Page, browser: Brow
         _start_requests(load, balancer, 10)  # 8 slots busy, 2 requests buffered
 
         open_panel(page, balancer)
-        expect(page.locator(".agent-card")).to_have_count(4)
-        expect(page.locator("#stat-slots")).to_have_text("8 / 8")
+        expect(page.locator(".agent-card")).to_have_count(5)
+        expect(page.locator("#groups tr")).to_have_count(2)
+        expect(page.locator("#stat-slots")).to_have_text("8 / 10")
         expect(page.locator("#stat-buffered")).to_have_text("2 / 30")
         _full_page(page, out / "dashboard.png")
 

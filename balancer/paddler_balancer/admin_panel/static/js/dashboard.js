@@ -1,6 +1,6 @@
 // Dashboard: balancer addresses, buffered requests and one live card per agent.
 
-import { subscribe } from "./api.js";
+import { api, subscribe } from "./api.js";
 import { copyButton, formatBytes, h } from "./dom.js";
 import { onAgents } from "./live.js";
 
@@ -55,6 +55,13 @@ export async function mount(main, config) {
   bufferStat.querySelector(".stat-value").setAttribute("aria-live", "polite");
   const openaiUrl = `${config.inference_url}/v1`;
   const grid = h("ul", { class: "agent-grid", id: "agents", "aria-label": "Agents" });
+  const groupsBody = h("tbody", { id: "groups" });
+  const groupsPanel = h("section", { class: "panel", id: "groups-panel", hidden: true, "aria-labelledby": "groups-title" },
+    h("h2", { id: "groups-title" }, "Model groups"),
+    h("table", { class: "rollout" },
+      h("thead", {}, h("tr", {}, ...["Group", "Desired model", "Agents", "Slots busy", "Managed by"].map(
+        (t) => h("th", { scope: "col" }, t)))),
+      groupsBody));
   const emptyState = h("div", { class: "empty", id: "agents-empty", hidden: true },
     h("h3", {}, "No agents connected"),
     h("p", { class: "muted" },
@@ -82,6 +89,7 @@ export async function mount(main, config) {
         h("dt", {}, "OpenAI-compatible"), h("dd", {}, openaiUrl), copyButton(openaiUrl, "Copy OpenAI base URL"),
         h("dt", {}, "Management API"), h("dd", { id: "management-url" }, config.management_url),
         copyButton(config.management_url, "Copy management URL"))),
+    groupsPanel,
     h("section", { "aria-labelledby": "agents-title" },
       h("div", { class: "panel-header" },
         h("h2", { id: "agents-title" }, "Agents"),
@@ -96,6 +104,39 @@ export async function mount(main, config) {
     el.replaceChildren(String(n), h("small", {}, ` / ${config.max_buffered_requests}`));
     bufferStat.dataset.alert = n > 0 ? "true" : "false";
   });
+
+  // Pools that serve several models: one row per model group (its desired model comes
+  // from the management API, refreshed when the set of groups changes; counts are live).
+  let groupStates = new Map();
+  let groupsKey = "";
+  async function loadGroupStates() {
+    try {
+      const body = await api(config.management_url, "/api/v1/model_groups");
+      groupStates = new Map((body.model_groups || []).map((g) => [g.name, g]));
+    } catch {
+      // keep the last known states; the connection indicator tells the rest
+    }
+  }
+
+  function renderGroups(agents) {
+    const names = new Set([...groupStates.keys(), ...agents.map((a) => a.model_group)]);
+    groupsPanel.hidden = names.size < 2;
+    if (names.size < 2) return;
+    groupsBody.replaceChildren(...[...names].sort().map((name) => {
+      const members = agents.filter((a) => a.model_group === name);
+      const total = members.reduce((n, a) => n + a.slots_total, 0);
+      const busy = members.reduce((n, a) => n + a.slots_in_flight, 0);
+      const entry = groupStates.get(name);
+      const source = entry ? entry.desired_state.model : "None";
+      const described = source && typeof source === "object" ? describeSource(source) : null;
+      return h("tr", { dataset: { group: name } },
+        h("td", {}, h("a", { href: `/model?group=${encodeURIComponent(name)}` }, name)),
+        h("td", {}, described ? modelLabel(described) : h("span", { class: "muted" }, "none")),
+        h("td", {}, String(members.length)),
+        h("td", {}, total ? `${busy} / ${total}` : h("span", { class: "muted" }, "none open")),
+        h("td", {}, entry && entry.owner ? h("code", {}, entry.owner) : h("span", { class: "muted" }, "edited here")));
+    }));
+  }
 
   const cards = new Map();
   onAgents(config, (agents) => {
@@ -128,7 +169,24 @@ export async function mount(main, config) {
       agents.length ? `${agents.length} connected · ${total - busy} free slot${total - busy === 1 ? "" : "s"}` : "";
     emptyState.hidden = agents.length > 0;
     grid.hidden = agents.length === 0;
+    const key = [...new Set(agents.map((a) => a.model_group))].sort().join(",");
+    if (key !== groupsKey) {
+      groupsKey = key;
+      loadGroupStates().then(() => renderGroups(latestAgents));
+    }
+    latestAgents = agents;
+    renderGroups(agents);
   });
+}
+
+let latestAgents = [];
+
+/** The desired model source in a few words (the same label agents report as model_path). */
+export function describeSource(source) {
+  if (source.HuggingFace) return `${source.HuggingFace.repo_id}/${source.HuggingFace.filename}`;
+  if (source.Url) return source.Url.url;
+  if (source.LocalToAgent) return source.LocalToAgent;
+  return null;
 }
 
 /** A model path as "folder/" (muted) over "file" (emphasised): long paths stay readable. */
