@@ -348,6 +348,7 @@ class ModelDeploymentStatus(_StatusBase):
     agents_summary: str = Field(default="0/0", description="Ready agents / desired replicas.")
     model: str | None = Field(default=None, description="The model source, in short.")
     desired_state_applied: bool = False
+    pool: str | None = Field(default=None, description="The pool whose balancer holds this model group's state.")
 
 
 class LlmPool(BaseModel):

@@ -430,6 +430,21 @@ def plan_model_deployment(
     )
 
 
+def parked(owner: Owner) -> tuple[ObjRef, Obj, list[ObjRef]]:
+    """What a ModelDeployment whose pool is gone does: its agent Deployment scaled to 0 (agents
+    would only retry a balancer that is not there, holding GPUs) and its autoscaler removed,
+    until the pool is back and the normal plan applies again. (deployment, patch, absent)"""
+    name = agent_name(owner.name)
+    return (
+        ObjRef("apps/v1", "Deployment", owner.namespace, name),
+        {"spec": {"replicas": 0}},
+        [
+            ObjRef("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, name),
+            ObjRef("keda.sh/v1alpha1", "ScaledObject", owner.namespace, name),
+        ],
+    )
+
+
 def busy_slots_target(autoscaling: AutoscalingSpec, slots: int) -> str:
     """Average busy slots per agent pod that the autoscaler keeps (a quantity)."""
     milli = max(1, slots * autoscaling.target_slot_utilization * 10)  # slots * percent / 100 * 1000

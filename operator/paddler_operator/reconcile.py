@@ -298,7 +298,12 @@ class Reconciler:
                 pool_spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
             except ValidationError:
                 pool_spec = None  # the pool reports its own InvalidSpec
+        previous_pool = (obj.get("status") or {}).get("pool")
+        if previous_pool and previous_pool != spec.pool_ref.name:
+            await self._leave_pool(obj, previous_pool)
+            previous_pool = None
         if pool_spec is None:
+            await self._park(obj, owner)
             status = plan.model_deployment_status(
                 name,
                 spec,
@@ -312,6 +317,7 @@ class Reconciler:
                 previous=previous,
                 now=_now(),
             )
+            status = status.model_copy(update={"pool": previous_pool})
             await self._write_status(
                 obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
             )
@@ -369,6 +375,9 @@ class Reconciler:
             previous=previous,
             now=_now(),
         )
+        status = status.model_copy(
+            update={"pool": spec.pool_ref.name if status.desired_state_applied else previous_pool}
+        )
         await self._write_status(
             obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
@@ -416,6 +425,27 @@ class Reconciler:
             group_states=states,
         )
         return None, updated, None
+
+    async def _park(self, obj: Obj, owner: Owner) -> None:
+        """The pool is gone: scale the agents to zero and drop the autoscaler until it is back."""
+        ref, patch, absent = plan.parked(owner)
+        try:
+            have = await self.kube.get(ref)
+            if have is not None and _controller_uid(have) == owner.uid and (have.get("spec") or {}).get("replicas"):
+                await self.kube.patch(ref, patch)
+                log.info("parked object=%s pool=%s", ref, (obj.get("spec") or {}).get("poolRef"))
+                await self.kube.event(
+                    obj, "Normal", "AgentsParked", f"Scaled {ref.kind} {ref.name} to 0 until the pool exists"
+                )
+        except KubeError as err:
+            log.warning("park failed object=%s err=%s", ref, err)
+        await self.apply(obj, [], absent)
+
+    async def _leave_pool(self, obj: Obj, old_pool: str) -> None:
+        """poolRef changed: the old pool's balancer forgets this model group (best effort)."""
+        meta = obj["metadata"]
+        await self.forget_model_deployment(meta["namespace"], meta["name"], old_pool)
+        await self.kube.event(obj, "Normal", "PoolChanged", f"Model group removed from LlmPool {old_pool!r}")
 
     async def forget_model_deployment(self, namespace: str, name: str, pool: str | None) -> None:
         """Best effort on deletion: drop the model group's desired state from the balancer."""

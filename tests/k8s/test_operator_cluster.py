@@ -504,3 +504,16 @@ def test_builtin_autoscaler_wakes_from_zero_and_goes_back(
     assert answer.get("status") == 200
     # Idle for scaleDownDelaySeconds: back to zero.
     wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 0)
+
+
+def test_agents_parked_while_the_pool_is_gone(operators: Operators, k8s_namespace: str) -> None:
+    cluster, ns = operators.cluster, k8s_namespace
+    operators.start(ns)
+    cluster.apply(POOL + "---" + MODEL, namespace=ns)
+    wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 1)
+    cluster.kubectl_run("-n", ns, "delete", "lp/p", "--wait=true", timeout=90)
+    wait_condition(cluster, ns, "md/m", "Ready", ("False", "PoolNotFound"))
+    wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 0)
+    cluster.apply(POOL, namespace=ns)
+    wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 1)
+    wait_condition(cluster, ns, "md/m", "Ready", ("False", "BalancerUnreachable"))

@@ -336,3 +336,46 @@ async def test_status_keys_no_longer_set_are_removed_once(balancers: BalancerCli
     kube.calls.clear()
     await r.reconcile_pool(NS, "p")
     assert kube.calls == []
+
+
+async def test_agents_parked_while_the_pool_is_gone(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(model_deployment(replicas=2, autoscaling={"mode": "HPA"}))
+    r = reconciler(kube, balancers)
+    await r.reconcile_model_deployment(NS, "m")
+    kube.objects[deployment_ref("m-agent")]["spec"]["replicas"] = 2  # as the HPA would set it
+    hpa = ObjRef("autoscaling/v2", "HorizontalPodAutoscaler", NS, "m-agent")
+    assert hpa in kube.objects
+    del kube.objects[ObjRef("paddler.dev/v1alpha1", "LlmPool", NS, "p")]
+    await r.reconcile_model_deployment(NS, "m")
+    assert kube.objects[deployment_ref("m-agent")]["spec"]["replicas"] == 0
+    assert hpa not in kube.objects
+    assert kube.condition("ModelDeployment", "m") == ("False", "PoolNotFound")
+    assert ("Normal", "AgentsParked") in [(e[0], e[1]) for e in kube.events]
+    kube.calls.clear()
+    await r.reconcile_model_deployment(NS, "m")
+    assert kube.writes() == []  # parked once
+    kube.add(pool())
+    await r.reconcile_model_deployment(NS, "m")
+    assert hpa in kube.objects
+
+
+async def test_pool_change_moves_the_model_group(paddler: Processes, balancers: BalancerClient) -> None:
+    first, second = paddler.balancer(), paddler.balancer()
+    port = {b: b.management_url.rsplit(":", 1)[1] for b in (first, second)}
+    kube = FakeKube()
+    kube.add(pool(port[first]))  # pool names are the ports: the URL template below maps them
+    kube.add(pool(port[second]))
+    kube.add(model_deployment(pool_name=port[first]))
+    r = reconciler(kube, balancers, "http://127.0.0.1:{pool}")
+    await r.reconcile_model_deployment(NS, "m")
+    assert "m" in (await balancers.snapshot(first.management_url)).group_states
+    md = kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]
+    assert md["status"]["pool"] == port[first]
+    md["spec"]["poolRef"] = {"name": port[second]}
+    await r.reconcile_model_deployment(NS, "m")
+    assert "m" not in (await balancers.snapshot(first.management_url)).group_states
+    assert "m" in (await balancers.snapshot(second.management_url)).group_states
+    assert kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["status"]["pool"] == port[second]
+    assert ("Normal", "PoolChanged") in [(e[0], e[1]) for e in kube.events]
