@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -35,11 +36,25 @@ async def pool(paddler: Processes, *balancer_args: str, slots: int = 2, tps: flo
     return balancer
 
 
+@pytest.fixture(scope="module")
+def shared_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    """A balancer with one 2-slot simulated agent, shared by the tests that need no
+    special flags (process start-up is most of their cost)."""
+    processes = Processes(tmp_path_factory.mktemp("openai-shared"))
+    try:
+        balancer = processes.balancer()
+        processes.agent(balancer, slots=2, name="sim", extra=("--simulated-tokens-per-second", "200"))
+        asyncio.run(wait_for_agents(balancer, 1))
+        yield balancer
+    finally:
+        processes.close()
+
+
 # ---- generation ---------------------------------------------------------------------------
 
 
-async def test_chat_non_streaming_and_streaming_agree_and_usage_counts_tokens(paddler: Processes) -> None:
-    balancer = await pool(paddler)
+async def test_chat_non_streaming_and_streaming_agree_and_usage_counts_tokens(shared_pool: Balancer) -> None:
+    balancer = shared_pool
     async with openai_client(balancer) as client:
         plain = await client.chat.completions.create(
             model="default",
@@ -91,8 +106,8 @@ async def test_chat_non_streaming_and_streaming_agree_and_usage_counts_tokens(pa
     assert all(c.usage is None for c in chunks[:-1])
 
 
-async def test_stream_without_usage_ends_with_done_line(paddler: Processes) -> None:
-    balancer = await pool(paddler)
+async def test_stream_without_usage_ends_with_done_line(shared_pool: Balancer) -> None:
+    balancer = shared_pool
     body = {"model": "default", "messages": USER, "max_tokens": 3, "stream": True}
     async with httpx.AsyncClient() as http:
         response = await http.post(balancer.inference_url + "/v1/chat/completions", json=body)
@@ -105,8 +120,8 @@ async def test_stream_without_usage_ends_with_done_line(paddler: Processes) -> N
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 
-async def test_completions_plain_and_streaming(paddler: Processes) -> None:
-    balancer = await pool(paddler)
+async def test_completions_plain_and_streaming(shared_pool: Balancer) -> None:
+    balancer = shared_pool
     async with openai_client(balancer) as client:
         plain = await client.completions.create(model="default", prompt="Once upon a time")
         listed = await client.completions.create(model="default", prompt=["Once upon a time"], max_tokens=5)
@@ -130,8 +145,8 @@ async def test_completions_plain_and_streaming(paddler: Processes) -> None:
 # ---- models -------------------------------------------------------------------------------
 
 
-async def test_models_single_group(paddler: Processes) -> None:
-    balancer = await pool(paddler)
+async def test_models_single_group(shared_pool: Balancer) -> None:
+    balancer = shared_pool
     async with openai_client(balancer) as client:
         models = await client.models.list()
         assert [m.id for m in models.data] == ["default"]
@@ -180,8 +195,8 @@ async def test_models_two_groups_route_by_model_and_display_name(paddler: Proces
 # ---- embeddings ---------------------------------------------------------------------------
 
 
-async def test_embeddings_float_and_base64(paddler: Processes) -> None:
-    balancer = await pool(paddler)
+async def test_embeddings_float_and_base64(shared_pool: Balancer) -> None:
+    balancer = shared_pool
     inputs = ["first document", "second document", "third"]
     async with openai_client(balancer) as client:
         floats = await client.embeddings.create(model="default", input=inputs, encoding_format="float")
@@ -221,8 +236,8 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     return body["error"]
 
 
-async def test_invalid_requests_are_400_naming_the_field_and_not_retried(paddler: Processes) -> None:
-    balancer = await pool(paddler)
+async def test_invalid_requests_are_400_naming_the_field_and_not_retried(shared_pool: Balancer) -> None:
+    balancer = shared_pool
     malformed = await _post(balancer, "/v1/chat/completions", b'{"messages": [')
     assert malformed.status_code == 400
     assert _error(malformed)["code"] == "invalid_json"
@@ -260,8 +275,10 @@ async def test_invalid_requests_are_400_naming_the_field_and_not_retried(paddler
     assert logged_requests(balancer, "chat.completions", 400) == before + 1
 
 
-async def test_unknown_model_is_404_and_not_retried(paddler: Processes) -> None:
-    balancer = await pool(paddler)
+async def test_unknown_model_is_404_and_not_retried(shared_pool: Balancer) -> None:
+    balancer = shared_pool
+    chat_before = logged_requests(balancer, "chat.completions", 404)
+    embed_before = logged_requests(balancer, "embeddings", 404)
     async with openai_client(balancer, max_retries=2) as client:
         with pytest.raises(openai.NotFoundError) as err:
             await client.chat.completions.create(model="gpt-4o", messages=USER)
@@ -273,8 +290,8 @@ async def test_unknown_model_is_404_and_not_retried(paddler: Processes) -> None:
     assert err.value.param == "model"
     assert "gpt-4o" in err.value.message
     await asyncio.sleep(0.3)
-    assert logged_requests(balancer, "chat.completions", 404) == 1
-    assert logged_requests(balancer, "embeddings", 404) == 1
+    assert logged_requests(balancer, "chat.completions", 404) == chat_before + 1
+    assert logged_requests(balancer, "embeddings", 404) == embed_before + 1
 
 
 async def test_api_key_required_on_openai_and_native_routes(paddler: Processes) -> None:
