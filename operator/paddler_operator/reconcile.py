@@ -126,10 +126,17 @@ class Reconciler:
             try:
                 have = await self.kube.get(ref)
                 if have is None:
-                    await self.kube.create(want)
-                    log.info("created object=%s owner=%s", ref, owner_obj["metadata"]["name"])
-                    await self.kube.event(owner_obj, "Normal", "Created", f"Created {ref.kind} {ref.name}")
-                    continue
+                    try:
+                        await self.kube.create(want)
+                        log.info("created object=%s owner=%s", ref, owner_obj["metadata"]["name"])
+                        await self.kube.event(owner_obj, "Normal", "Created", f"Created {ref.kind} {ref.name}")
+                        continue
+                    except KubeError as err:
+                        if err.status != 409:  # 409: created meanwhile (e.g. by a previous operator): compare it
+                            raise
+                    have = await self.kube.get(ref)
+                    if have is None:
+                        raise KubeError(409, "Conflict", f"{ref} exists but cannot be read")
                 controller = _controller_uid(have)
                 if controller is not None and controller != uid:
                     errors.append(f"{ref} exists and is controlled by another object (uid {controller})")

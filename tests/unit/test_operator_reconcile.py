@@ -379,3 +379,23 @@ async def test_pool_change_moves_the_model_group(paddler: Processes, balancers: 
     assert "m" in (await balancers.snapshot(second.management_url)).group_states
     assert kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["status"]["pool"] == port[second]
     assert ("Normal", "PoolChanged") in [(e[0], e[1]) for e in kube.events]
+
+
+async def test_create_race_is_not_an_error(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool())
+    r = reconciler(kube, balancers)
+    real_get = kube.get
+    hidden = {deployment_ref("p-balancer")}
+
+    async def stale_get(ref: ObjRef) -> Obj | None:  # the first read misses an object that already exists
+        if ref in hidden:
+            hidden.discard(ref)
+            return None
+        return await real_get(ref)
+
+    await r.reconcile_pool(NS, "p")
+    kube.get = stale_get  # type: ignore[method-assign]
+    await r.reconcile_pool(NS, "p")
+    assert kube.condition("LlmPool", "p", "Degraded") == ("False", "AsExpected")
+    assert ("create", "Deployment/ns/p-balancer") in kube.calls  # tried, got 409, compared instead
