@@ -1,0 +1,1508 @@
+"""LlamaEngine: the agent's slots on llama.cpp (through llama-cpp-python's low-level API).
+
+This is the only module of the project that imports ``llama_cpp``.
+
+Design
+------
+* **Continuous batching.** One generation context with ``n_seq_max = slots``; the KV
+  cache of slot *i* is sequence id *i* (non-unified KV, so every slot owns
+  ``context_size`` cells). A decode thread runs steps; each step is one
+  ``llama_decode`` of a batch that holds one token per generating sequence plus
+  prompt chunks of new sequences, bounded by ``n_batch``. ``llama_decode`` releases
+  the GIL, so the event loop stays responsive; the payloads of one step reach the
+  loop in one ``loop.call_soon_threadsafe``.
+* **Sampling** per sequence with llama.cpp's sampler chain (grammar, penalties,
+  top-k, top-p, min-p, temperature, dist; greedy when temperature is 0).
+* **Prefix reuse.** A slot keeps its KV cache after a request. A new request goes to
+  the free slot whose cached tokens share the longest prefix with its prompt; only
+  the rest is evaluated (``cached_prompt_tokens``). The board's ``prefix_hashes`` lists
+  the prefix keys (:func:`paddler_core.prefix.request_prefix_keys`) of the requests
+  whose KV cache the slots hold, so the balancer can route repeats here.
+* **Output classes.** Conversation requests go through the chat template module and
+  their output through :class:`paddler_agent.tool_calls.OutputClassifier`
+  (content / reasoning / tool-call tokens, parsed tool calls at the end).
+* **Embeddings** run in a second context (embeddings on, explicit pooling type) on
+  the same decode thread, one batch between generation steps.
+* **Model swap.** Download while the old model serves; then ``slots_total = 0``,
+  finish in-flight requests, free the old model, load and warm up the new one,
+  serve again. Requests that arrive meanwhile are held and started afterwards. A
+  model that cannot be loaded becomes an issue on the board and the previous model
+  keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+from pydantic import ValidationError
+
+from paddler_agent.chat_template import ChatTemplateError, render_chat
+from paddler_agent.engine import Engine, EngineHost, StatusBoard
+from paddler_agent.model_source import DownloadProgress, ModelSourceError, resolve_model
+from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
+from paddler_core.desired_state import (
+    BalancerDesiredState,
+    EmbeddingNormalizationMethod,
+    InferenceParameters,
+    KvCacheDtype,
+    PoolingType,
+)
+from paddler_core.inference import (
+    ContinueFromConversationHistoryParams,
+    ContinueFromRawPromptParams,
+    GbnfGrammar,
+    GenerateEmbeddingBatchParams,
+    GrammarConstraint,
+    Tool,
+    done_payload,
+    generated_error_payload,
+    parse_generation_request,
+    token_payload,
+    usage_dict,
+)
+from paddler_core.prefix import request_prefix_keys
+from paddler_core.protocol import (
+    AgentIssue,
+    EmbedMessage,
+    GenerateMessage,
+    StateApplicationStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_PREFIX_HASHES = 4096
+MAX_SLOTS = 64
+"""llama.cpp's LLAMA_MAX_SEQ."""
+WARMUP_TOKENS = 4
+EMBEDDING_MAX_SEQS = 32
+"""Documents per embedding decode (each is one sequence of the embedding context)."""
+
+MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
+"""Agent-issue variant of a model file that llama.cpp refuses to load."""
+
+_KV_TYPES: dict[KvCacheDtype, int] = {
+    KvCacheDtype.F32: 0,
+    KvCacheDtype.F16: 1,
+    KvCacheDtype.Q4_0: 2,
+    KvCacheDtype.Q4_1: 3,
+    KvCacheDtype.Q5_0: 6,
+    KvCacheDtype.Q5_1: 7,
+    KvCacheDtype.Q8_0: 8,
+    KvCacheDtype.IQ4_NL: 20,
+    KvCacheDtype.BF16: 30,
+}
+_QUANTIZED_KV = {KvCacheDtype.Q4_0, KvCacheDtype.Q4_1, KvCacheDtype.Q5_0, KvCacheDtype.Q5_1,
+                 KvCacheDtype.Q8_0, KvCacheDtype.IQ4_NL}
+_POOLING: dict[PoolingType, int] = {
+    PoolingType.UNSPECIFIED: -1,
+    PoolingType.NONE: 0,
+    PoolingType.MEAN: 1,
+    PoolingType.CLS: 2,
+    PoolingType.LAST: 3,
+    PoolingType.RANK: 4,
+}
+
+FloatArray = npt.NDArray[np.float32]
+Payload = dict[str, Any] | str
+Emit = tuple[str, Payload, bool]
+
+
+def default_threads() -> int:
+    """``PADDLER_THREADS`` or the machine's CPU count."""
+    value = os.environ.get("PADDLER_THREADS", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            logger.warning("ignoring invalid PADDLER_THREADS value=%r", value)
+    return max(1, os.cpu_count() or 1)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("PADDLER_CACHE") or os.path.join(Path.home(), ".cache", "paddler")
+    return Path(root) / "models"
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    left = np.asarray(a[:n], dtype=np.int64)
+    right = np.asarray(b[:n], dtype=np.int64)
+    mismatch = np.flatnonzero(left != right)
+    return int(mismatch[0]) if mismatch.size else n
+
+
+def normalize_embedding(vector: FloatArray, method: EmbeddingNormalizationMethod) -> FloatArray:
+    if method.kind == "L2":
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm > 0 else vector
+    if method.kind == "RmsNorm":
+        eps = method.epsilon if method.epsilon is not None else 1e-6
+        rms = float(np.sqrt(np.mean(np.square(vector, dtype=np.float64)) + eps))
+        return (vector / rms).astype(np.float32)
+    return vector
+
+
+# ---- llama.cpp logging ----------------------------------------------------------------------
+
+_native_log = logging.getLogger(__name__ + ".native")
+_GGML_LOG_WARN = 3
+_GGML_LOG_ERROR = 4
+_recent_errors = threading.local()
+
+
+def _forward_native_log(level: int, text: bytes, _user_data: Any) -> None:
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if not message:
+        return
+    if level == _GGML_LOG_ERROR:
+        errors: deque[str] | None = getattr(_recent_errors, "lines", None)
+        if errors is not None:
+            errors.append(message)
+        _native_log.warning("llama.cpp error=%s", message)
+    elif level == _GGML_LOG_WARN:
+        _native_log.info("llama.cpp warning=%s", message)
+    else:
+        _native_log.debug("%s", message)
+
+
+_LOG_CALLBACK = llama_cpp.llama_log_callback(_forward_native_log)
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _ensure_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@contextlib.contextmanager
+def _capture_native_errors() -> Any:
+    """Collect llama.cpp error lines logged by this thread inside the block."""
+    lines: deque[str] = deque(maxlen=8)
+    _recent_errors.lines = lines
+    try:
+        yield lines
+    finally:
+        _recent_errors.lines = None
+
+
+# ---- native model and contexts ---------------------------------------------------------------
+
+
+class ModelLoadError(Exception):
+    """llama.cpp refused the model file or could not create a context."""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """What a loaded model depends on; a change of any field means a reload."""
+
+    path: str
+    slots: int
+    context_size: int
+    n_batch: int
+    n_threads: int
+    n_gpu_layers: int
+    k_cache: KvCacheDtype
+    v_cache: KvCacheDtype
+    enable_embeddings: bool
+    embedding_batch_size: int
+    pooling_type: PoolingType
+
+    @classmethod
+    def build(cls, path: str, slots: int, params: InferenceParameters, threads: int) -> LoadConfig:
+        return cls(
+            path=path,
+            slots=slots,
+            context_size=params.context_size,
+            n_batch=params.n_batch,
+            n_threads=threads,
+            n_gpu_layers=params.n_gpu_layers,
+            k_cache=params.k_cache_dtype,
+            v_cache=params.v_cache_dtype,
+            enable_embeddings=params.enable_embeddings,
+            embedding_batch_size=params.embedding_batch_size,
+            pooling_type=params.pooling_type,
+        )
+
+
+class NativeModel:
+    """A loaded ``llama_model`` with its vocabulary helpers."""
+
+    def __init__(self, handle: Any, path: str) -> None:
+        self.handle = handle
+        self.path = path
+        self.vocab = llama_cpp.llama_model_get_vocab(handle)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(handle))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(handle))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        self.metadata = self._read_metadata()
+
+    @classmethod
+    def load(cls, path: str, n_gpu_layers: int, *, vocab_only: bool = False) -> NativeModel:
+        _ensure_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        progress = _LoadProgress(path) if not vocab_only else None
+        if progress is not None:
+            params.progress_callback = progress.callback
+        with _capture_native_errors() as errors:
+            handle = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not handle:
+            detail = "; ".join(errors) or "llama.cpp could not read it"
+            raise ModelLoadError(f"llama.cpp cannot load the model file {path}: {detail}")
+        return cls(handle, path)
+
+    def free(self) -> None:
+        if self.handle:
+            llama_cpp.llama_model_free(self.handle)
+            self.handle = None
+
+    def _read_metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        count = int(llama_cpp.llama_model_meta_count(self.handle))
+        for i in range(count):
+            key = _read_string(llama_cpp.llama_model_meta_key_by_index, self.handle, i)
+            out[key] = _read_string(llama_cpp.llama_model_meta_val_str_by_index, self.handle, i)
+        return out
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.handle, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def token_text(self, token: int) -> str:
+        """The token's text with special tokens rendered (for templates: bos/eos strings)."""
+        if token < 0:
+            return ""
+        return self._to_piece(token, special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * capacity)()
+            n = int(llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, parse_special))
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._to_piece(token, special=False)
+            self._pieces[token] = cached
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        cached = self._eog.get(token)
+        if cached is None:
+            cached = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+            self._eog[token] = cached
+        return cached
+
+    def _to_piece(self, token: int, *, special: bool) -> bytes:
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = int(llama_cpp.llama_token_to_piece(self.vocab, token, buf, size, 0, special))
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+
+def _read_string(call: Callable[[Any, int, Any, int], int], handle: Any, index: int) -> str:
+    """A string out of a llama.cpp ``f(handle, index, buf, size) -> length`` getter."""
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = int(call(handle, index, buf, size))
+        if n < 0:
+            return ""
+        if n < size:
+            return buf.raw[:n].decode("utf-8", errors="replace")
+        size = n + 1
+
+
+class _LoadProgress:
+    """Logs model-load progress in quarters (called by llama.cpp in the loading thread)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.next_mark = 0.25
+        self.started = time.monotonic()
+        self.callback = llama_cpp.llama_progress_callback(self._on_progress)
+
+    def _on_progress(self, progress: float, _user_data: Any) -> bool:
+        if progress >= self.next_mark:
+            logger.info(
+                "model load progress path=%s percent=%d elapsed_s=%.2f",
+                self.path, int(progress * 100), time.monotonic() - self.started,
+            )
+            while self.next_mark <= progress:
+                self.next_mark += 0.25
+        return True
+
+
+class _Batch:
+    """A ``llama_batch`` of single-sequence tokens, filled through numpy views."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+        self._token = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
+        self._pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
+        self._nseq = np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))
+        self._seq = self.raw.seq_id
+        self._nseq[:] = 1
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, tokens: Sequence[int], first_pos: int, seq: int, last_logits: bool) -> int:
+        """Append ``tokens`` of sequence ``seq``; returns the index of the last one."""
+        start, end = self.n, self.n + len(tokens)
+        if end > self.capacity:
+            raise ValueError(f"batch overflow: {end} > {self.capacity}")
+        self._token[start:end] = tokens
+        self._pos[start:end] = np.arange(first_pos, first_pos + len(tokens), dtype=np.int32)
+        self._logits[start:end] = 0
+        if last_logits:
+            self._logits[end - 1] = 1
+        seq_ids = self._seq
+        for i in range(start, end):
+            seq_ids[i][0] = seq
+        self.n = end
+        return end - 1
+
+    def all_logits(self) -> None:
+        self._logits[: self.n] = 1
+
+    def decode(self, ctx: Any) -> int:
+        self.raw.n_tokens = self.n
+        return int(llama_cpp.llama_decode(ctx, self.raw))
+
+    def free(self) -> None:
+        if self.raw is not None:
+            llama_cpp.llama_batch_free(self.raw)
+            self.raw = None
+
+
+def _context_params(config: LoadConfig, *, embeddings: bool) -> Any:
+    params = llama_cpp.llama_context_default_params()
+    params.n_threads = config.n_threads
+    params.n_threads_batch = config.n_threads
+    params.type_k = _KV_TYPES[config.k_cache]
+    params.type_v = _KV_TYPES[config.v_cache]
+    params.flash_attn = config.v_cache in _QUANTIZED_KV
+    params.no_perf = True
+    if embeddings:
+        size = max(config.embedding_batch_size, min(config.context_size, 4096))
+        params.n_ctx = size
+        params.n_batch = size
+        params.n_ubatch = size
+        params.n_seq_max = EMBEDDING_MAX_SEQS
+        params.kv_unified = True
+        params.embeddings = True
+        params.pooling_type = _POOLING[config.pooling_type]
+    else:
+        params.n_ctx = config.context_size * config.slots
+        params.n_batch = config.n_batch
+        params.n_ubatch = min(config.n_batch, 512)
+        params.n_seq_max = config.slots
+        params.kv_unified = False
+        params.embeddings = False
+    return params
+
+
+class GenContext:
+    """The generation context: one KV sequence per slot."""
+
+    def __init__(self, model: NativeModel, config: LoadConfig) -> None:
+        params = _context_params(config, embeddings=False)
+        with _capture_native_errors() as errors:
+            self.handle = llama_cpp.llama_init_from_model(model.handle, params)
+        if not self.handle:
+            raise ModelLoadError(
+                "llama.cpp cannot create the generation context: "
+                + ("; ".join(errors) or "unknown error"))
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx(self.handle)) // config.slots
+        self.n_batch = int(llama_cpp.llama_n_batch(self.handle))
+        self.memory = llama_cpp.llama_get_memory(self.handle)
+        self.batch = _Batch(self.n_batch + config.slots)
+
+    def seq_truncate(self, seq: int, keep: int) -> None:
+        """Drop positions ``>= keep`` of sequence ``seq``."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
+
+    def free(self) -> None:
+        self.batch.free()
+        if self.handle:
+            llama_cpp.llama_free(self.handle)
+            self.handle = None
+
+
+class EmbedContext:
+    """The embedding context: pooled embeddings of up to EMBEDDING_MAX_SEQS documents."""
+
+    def __init__(self, model: NativeModel, config: LoadConfig) -> None:
+        params = _context_params(config, embeddings=True)
+        with _capture_native_errors() as errors:
+            self.handle = llama_cpp.llama_init_from_model(model.handle, params)
+        if not self.handle:
+            raise ModelLoadError(
+                "llama.cpp cannot create the embedding context: "
+                + ("; ".join(errors) or "unknown error"))
+        self.capacity = int(llama_cpp.llama_n_batch(self.handle))
+        self.batch_tokens = config.embedding_batch_size
+        self.memory = llama_cpp.llama_get_memory(self.handle)
+        self.pooling = int(llama_cpp.llama_pooling_type(self.handle))
+        self.n_out = model.n_embd
+        if self.pooling == _POOLING[PoolingType.RANK]:
+            self.n_out = max(1, int(llama_cpp.llama_model_n_cls_out(model.handle)))
+        self.encoder_only = bool(llama_cpp.llama_model_has_encoder(model.handle)) and not bool(
+            llama_cpp.llama_model_has_decoder(model.handle))
+        self.batch = _Batch(self.capacity)
+
+    def embed(self, documents: Sequence[Sequence[int]]) -> list[FloatArray]:
+        """Pooled embeddings of ``documents`` (each fits the context; at most MAX_SEQS)."""
+        self.batch.clear()
+        spans: list[tuple[int, int]] = []
+        for seq, tokens in enumerate(documents):
+            start = self.batch.n
+            self.batch.add(tokens, 0, seq, last_logits=True)
+            spans.append((start, self.batch.n))
+        self.batch.all_logits()
+        self.batch.raw.n_tokens = self.batch.n
+        try:
+            if self.encoder_only:
+                rc = int(llama_cpp.llama_encode(self.handle, self.batch.raw))
+            else:
+                rc = int(llama_cpp.llama_decode(self.handle, self.batch.raw))
+            if rc != 0:
+                raise RuntimeError(f"embedding decode failed with code {rc}")
+            return [self._read(seq, span) for seq, span in enumerate(spans)]
+        finally:
+            llama_cpp.llama_memory_clear(self.memory, True)
+
+    def _read(self, seq: int, span: tuple[int, int]) -> FloatArray:
+        if self.pooling != _POOLING[PoolingType.NONE]:
+            ptr = llama_cpp.llama_get_embeddings_seq(self.handle, seq)
+            if not ptr:
+                raise RuntimeError("llama.cpp produced no pooled embedding")
+            return np.ctypeslib.as_array(ptr, shape=(self.n_out,)).astype(np.float32)
+        rows = [np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self.handle, i),
+                                      shape=(self.n_out,)) for i in range(*span)]
+        pooled: FloatArray = np.mean(np.stack(rows), axis=0).astype(np.float32)
+        return pooled
+
+    def free(self) -> None:
+        self.batch.free()
+        if self.handle:
+            llama_cpp.llama_free(self.handle)
+            self.handle = None
+
+
+@dataclass
+class Runtime:
+    """A loaded model with its contexts, ready to serve."""
+
+    config: LoadConfig
+    model: NativeModel
+    gen: GenContext
+    emb: EmbedContext | None
+
+    @classmethod
+    def load(cls, config: LoadConfig) -> Runtime:
+        started = time.monotonic()
+        logger.info("model load start path=%s slots=%d context_size=%d threads=%d",
+                    config.path, config.slots, config.context_size, config.n_threads)
+        model = NativeModel.load(config.path, config.n_gpu_layers)
+        gen: GenContext | None = None
+        try:
+            gen = GenContext(model, config)
+            emb = EmbedContext(model, config) if config.enable_embeddings else None
+        except BaseException:
+            if gen is not None:
+                gen.free()
+            model.free()
+            raise
+        runtime = cls(config, model, gen, emb)
+        runtime.warm_up()
+        logger.info("model load done path=%s n_vocab=%d n_embd=%d n_ctx_seq=%d elapsed_s=%.2f",
+                    config.path, model.n_vocab, model.n_embd, gen.n_ctx_seq,
+                    time.monotonic() - started)
+        return runtime
+
+    def warm_up(self) -> None:
+        """Decode a few tokens so the first request does not pay for graph set-up."""
+        tokens = self.model.tokenize("Hello, world", add_special=True, parse_special=False)
+        tokens = (tokens or [max(self.model.bos, 0)])[:WARMUP_TOKENS]
+        batch = self.gen.batch
+        batch.clear()
+        batch.add(tokens, 0, 0, last_logits=True)
+        rc = batch.decode(self.gen.handle)
+        self.gen.seq_truncate(0, 0)
+        if rc != 0:
+            self.free()
+            raise ModelLoadError(f"warm-up decode failed with code {rc}")
+        if self.emb is not None:
+            self.emb.embed([tokens])
+
+    def free(self) -> None:
+        if self.emb is not None:
+            self.emb.free()
+        self.gen.free()
+        self.model.free()
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A request that cannot run; ``kind`` is the Paddler GeneratedToken error variant."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None:
+    """(GBNF text, root rule) of a request's grammar; raises RequestError."""
+    if constraint is None:
+        return None
+    if isinstance(constraint, GbnfGrammar):
+        return constraint.grammar, constraint.root
+    try:
+        return json_schema_to_gbnf(constraint.schema_value), "root"
+    except Exception as e:
+        raise RequestError("GrammarSyntaxError", f"invalid JSON schema: {e}") from e
+
+
+def _penalties_neutral(params: InferenceParameters) -> bool:
+    return (
+        params.penalty_repeat == 1.0
+        and params.penalty_frequency == 0.0
+        and params.penalty_presence == 0.0
+    ) or params.penalty_last_n == 0
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one sequence."""
+
+    def __init__(self, model: NativeModel, params: InferenceParameters, seed: int | None,
+                 grammar: tuple[str, str] | None, n_ctx_seq: int) -> None:
+        self.chain = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params())
+        self.penalties: Any = None
+        try:
+            self._build(model, params, seed, grammar, n_ctx_seq)
+        except BaseException:
+            self.free()
+            raise
+
+    def _add(self, sampler: Any) -> Any:
+        llama_cpp.llama_sampler_chain_add(self.chain, sampler)
+        return sampler
+
+    def _build(self, model: NativeModel, params: InferenceParameters, seed: int | None,
+               grammar: tuple[str, str] | None, n_ctx_seq: int) -> None:
+        if grammar is not None:
+            with _capture_native_errors() as errors:
+                g = llama_cpp.llama_sampler_init_grammar(
+                    model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8"))
+            if not g:
+                detail = "; ".join(errors) or "llama.cpp could not parse it"
+                raise RequestError("GrammarSyntaxError", f"invalid grammar: {detail}")
+            self._add(g)
+        if not _penalties_neutral(params):
+            last_n = n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
+            self.penalties = self._add(llama_cpp.llama_sampler_init_penalties(
+                last_n, params.penalty_repeat, params.penalty_frequency,
+                params.penalty_presence))
+        if params.temperature <= 0.0:
+            self._add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            self._add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            self._add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            self._add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        self._add(llama_cpp.llama_sampler_init_temp(params.temperature))
+        self._add(llama_cpp.llama_sampler_init_dist(
+            llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
+
+    def accept_prompt(self, tokens: Sequence[int]) -> None:
+        """Feed prompt tokens to the penalties (not to the grammar), as llama-server does."""
+        if self.penalties is None:
+            return
+        for token in tokens:
+            llama_cpp.llama_sampler_accept(self.penalties, token)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+
+    def free(self) -> None:
+        if self.chain:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+# ---- text streaming ---------------------------------------------------------------------------
+
+
+class TextStream:
+    """Incremental UTF-8 decoding that holds back text that may start a stop string."""
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def push(self, piece: bytes) -> str:
+        """Text that can be sent now; sets ``stopped`` when a stop string appeared."""
+        return self._release(self._held + self._decoder.decode(piece))
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        text = self._held + self._decoder.decode(b"", final=True)
+        self._held = ""
+        cut = self._first_stop(text)
+        if cut is not None:
+            self.stopped = True
+            return text[:cut]
+        return text
+
+    def _release(self, text: str) -> str:
+        if not self._stops:
+            return text
+        cut = self._first_stop(text)
+        if cut is not None:
+            self.stopped = True
+            self._held = ""
+            return text[:cut]
+        keep = self._partial_suffix(text)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def _first_stop(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _partial_suffix(self, text: str) -> int:
+        best = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(text)), best, -1):
+                if stop.startswith(text[len(text) - k:]):
+                    best = k
+                    break
+        return best
+
+
+# ---- requests inside the decode thread ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a request is prepared with: group defaults and the chat template."""
+
+    defaults: InferenceParameters
+    chat_template_override: str | None = None
+
+
+@dataclass
+class Job:
+    """A generation request, prepared (rendered, tokenized, sampler settings resolved)."""
+
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    params: InferenceParameters
+    seed: int | None
+    stops: list[str]
+    grammar: tuple[str, str] | None
+    prefix_keys: tuple[str, ...] = ()
+    tools: list[Tool] | None = None
+    """Set for conversation requests: their output is classified (tools may be empty)."""
+    starts_in_reasoning: bool = False
+
+
+@dataclass
+class Sequence_:
+    """A job running in a slot."""
+
+    job: Job
+    slot: int
+    sampler: Sampler
+    pending: list[int]
+    cached: int
+    n_past: int
+    text: TextStream
+    classifier: OutputClassifier | None
+    next_token: int | None = None
+    generated: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    """Generated tokens per kind (ContentToken, ReasoningToken, ToolCallToken)."""
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    """Tokens the slot's KV cache holds, in order."""
+    seq: Sequence_ | None = None
+    last_used: float = 0.0
+    prefix_keys: tuple[str, ...] = ()
+    """Prefix keys of the request whose KV cache the slot holds."""
+
+
+@dataclass
+class EmbedJob:
+    request_id: str
+    documents: list[tuple[str, list[int]]]
+    normalization: EmbeddingNormalizationMethod
+    pooling_label: str
+    next_index: int = 0
+
+
+@dataclass
+class StatusDelta:
+    slots_processing: int | None = None
+    prefix_hashes: list[str] | None = None
+
+
+Deliver = Callable[[list[Emit], StatusDelta | None], None]
+
+
+class DecodeWorker:
+    """Runs the decode loop of one loaded model in its own thread."""
+
+    def __init__(self, runtime: Runtime, settings: Settings, loop: asyncio.AbstractEventLoop,
+                 deliver: Deliver) -> None:
+        self.runtime = runtime
+        self.model = runtime.model
+        self.gen = runtime.gen
+        self.settings = settings
+        self._loop = loop
+        self._deliver = deliver
+        self._slots = [Slot(i) for i in range(runtime.config.slots)]
+        self._waiting: deque[GenerateMessage] = deque()
+        self._embeds: deque[EmbedJob | EmbedMessage] = deque()
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._out: list[Emit] = []
+        self._busy_reported = 0
+        self._hashes_reported: list[str] = []
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
+
+    # -- called from the event loop -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, message: GenerateMessage | EmbedMessage) -> None:
+        self._post("embed" if isinstance(message, EmbedMessage) else "generate", message)
+
+    def cancel(self, request_id: str) -> None:
+        self._post("cancel", request_id)
+
+    def shutdown(self) -> None:
+        """Stop the thread (blocking; call from a worker thread)."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _post(self, kind: str, item: Any) -> None:
+        with self._wake:
+            self._inbox.append((kind, item))
+            self._wake.notify()
+
+    # -- the decode thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        logger.info("decode loop start slots=%d n_ctx_seq=%d n_batch=%d",
+                    len(self._slots), self.gen.n_ctx_seq, self.gen.n_batch)
+        try:
+            while self._wait_for_work():
+                self._step()
+                self._flush()
+        except Exception:
+            logger.exception("decode loop crashed")
+            self._fail_all("decode loop crashed; see the agent log")
+            self._flush()
+        finally:
+            self._release_samplers()
+            logger.info("decode loop stop steps=%d", self.steps)
+
+    def _wait_for_work(self) -> bool:
+        with self._wake:
+            while not self._closing and not self._inbox and not self._has_work():
+                self._wake.wait()
+            if self._closing:
+                return False
+            inbox = list(self._inbox)
+            self._inbox.clear()
+        for kind, item in inbox:
+            self._handle_command(kind, item)
+        return True
+
+    def _has_work(self) -> bool:
+        return bool(self._embeds) or any(s.seq is not None for s in self._slots)
+
+    def _handle_command(self, kind: str, item: Any) -> None:
+        if kind == "generate":
+            self._waiting.append(item)
+        elif kind == "embed":
+            self._embeds.append(item)
+        elif kind == "cancel":
+            self._cancel(item)
+
+    def _cancel(self, request_id: str) -> None:
+        self._waiting = deque(m for m in self._waiting if m.request_id != request_id)
+        self._embeds = deque(e for e in self._embeds if e.request_id != request_id)
+        for slot in self._slots:
+            if slot.seq is not None and slot.seq.job.request_id == request_id:
+                logger.info("request cancelled request_id=%s slot=%d generated=%d",
+                            request_id, slot.index, slot.seq.generated)
+                self._release(slot)
+
+    def _step(self) -> None:
+        self._admit_waiting()
+        if self._embeds:
+            self._embed_one_batch()
+        entries = self._fill_batch()
+        if not entries:
+            return
+        self.steps += 1
+        rc = self.gen.batch.decode(self.gen.handle)
+        if rc != 0:
+            self._decode_failed(rc, entries)
+            return
+        for seq, index in entries:
+            if index is not None and self._slots[seq.slot].seq is seq:
+                self._on_logits(seq, index)
+
+    def _flush(self) -> None:
+        delta = self._status_delta()
+        if not self._out and delta is None:
+            return
+        out, self._out = self._out, []
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, out, delta)
+        except RuntimeError:
+            logger.warning("event loop closed; dropped payloads count=%d", len(out))
+
+    def _status_delta(self) -> StatusDelta | None:
+        delta = StatusDelta()
+        busy = sum(1 for s in self._slots if s.seq is not None)
+        if busy != self._busy_reported:
+            self._busy_reported = busy
+            delta.slots_processing = busy
+        hashes = self._prefix_hashes()
+        if hashes != self._hashes_reported:
+            self._hashes_reported = hashes
+            delta.prefix_hashes = hashes
+        if delta.slots_processing is None and delta.prefix_hashes is None:
+            return None
+        return delta
+
+    def _prefix_hashes(self) -> list[str]:
+        keys = {k for slot in self._slots for k in slot.prefix_keys}
+        return sorted(keys)[:MAX_PREFIX_HASHES]
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _admit_waiting(self) -> None:
+        while self._waiting:
+            free = [s for s in self._slots if s.seq is None]
+            if not free:
+                return
+            message = self._waiting.popleft()
+            try:
+                job = self._prepare(message)
+                self._start(job, free)
+            except RequestError as e:
+                logger.info("request rejected request_id=%s kind=%s message=%s",
+                            message.request_id, e.kind, e.message)
+                self._emit(message.request_id, generated_error_payload(e.kind, e.message), True)
+
+    def _prepare(self, message: GenerateMessage) -> Job:
+        try:
+            params = parse_generation_request(message.variant, message.params)
+        except (ValidationError, ValueError) as e:
+            raise RequestError("SamplerError", f"invalid request: {e}") from e
+        overrides = message.overrides
+        sampling = overrides.apply(self.settings.defaults) if overrides else self.settings.defaults
+        tools: list[Tool] | None = None
+        if isinstance(params, ContinueFromRawPromptParams):
+            text = params.raw_prompt
+        else:
+            text = self._render(params)
+            tools = list(params.tools)
+        return Job(
+            request_id=message.request_id,
+            prompt=self._tokenize_prompt(text),
+            max_tokens=params.max_tokens,
+            params=sampling,
+            seed=overrides.seed if overrides else None,
+            stops=list(overrides.stop or []) if overrides else [],
+            grammar=grammar_text(params.grammar),
+            prefix_keys=request_prefix_keys(message.variant, message.params),
+            tools=tools,
+            starts_in_reasoning=tools is not None and prompt_opens_reasoning(text),
+        )
+
+    def _render(self, params: ContinueFromConversationHistoryParams) -> str:
+        if params.grammar is not None and params.enable_thinking:
+            raise RequestError(
+                "GrammarIncompatibleWithThinking",
+                "a grammar cannot be combined with enable_thinking; disable thinking to use it",
+            )
+        template = self.settings.chat_template_override or self.model.chat_template()
+        if not template:
+            raise RequestError("ChatTemplateError", "the model has no chat template and no "
+                               "chat template override is set")
+        try:
+            return render_chat(
+                template,
+                params.conversation_history,
+                add_generation_prompt=params.add_generation_prompt,
+                enable_thinking=params.enable_thinking,
+                tools=params.tools,
+                bos_token=self.model.token_text(self.model.bos),
+                eos_token=self.model.token_text(self.model.eos),
+            )
+        except ChatTemplateError as e:
+            raise RequestError("ChatTemplateError", str(e)) from e
+
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        """Tokens of a prompt; special-token text (``<|im_start|>``...) becomes the token."""
+        bos_text = self.model.token_text(self.model.bos)
+        add_special = not (bos_text and text.startswith(bos_text))
+        tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
+        if not tokens:
+            if self.model.bos < 0:
+                raise RequestError("SamplerError", "the prompt is empty")
+            tokens = [self.model.bos]
+        if len(tokens) >= self.gen.n_ctx_seq:
+            raise RequestError(
+                "SamplerError",
+                f"context full: the prompt has {len(tokens)} tokens and a slot's context holds "
+                f"{self.gen.n_ctx_seq}",
+            )
+        return tokens
+
+    def _start(self, job: Job, free: list[Slot]) -> None:
+        slot, shared = self._pick_slot(job.prompt, free)
+        reuse = min(shared, len(job.prompt) - 1)
+        sampler = Sampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
+        sampler.accept_prompt(job.prompt)
+        self.gen.seq_truncate(slot.index, reuse)
+        del slot.tokens[reuse:]
+        classifier = None
+        if job.tools is not None:
+            classifier = OutputClassifier(tools=bool(job.tools),
+                                          start_in_reasoning=job.starts_in_reasoning)
+        slot.seq = Sequence_(
+            job=job, slot=slot.index, sampler=sampler, pending=job.prompt[reuse:],
+            cached=reuse, n_past=reuse, text=TextStream(job.stops), classifier=classifier,
+        )
+        slot.last_used = time.monotonic()
+        slot.prefix_keys = job.prefix_keys
+        logger.info("request start request_id=%s slot=%d prompt_tokens=%d cached_tokens=%d",
+                    job.request_id, slot.index, len(job.prompt), reuse)
+
+    @staticmethod
+    def _pick_slot(prompt: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:
+        best = max(free, key=lambda s: (common_prefix_length(s.tokens, prompt), -s.last_used))
+        return best, common_prefix_length(best.tokens, prompt)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _fill_batch(self) -> list[tuple[Sequence_, int | None]]:
+        batch = self.gen.batch
+        batch.clear()
+        entries: list[tuple[Sequence_, int | None]] = []
+        active = [s.seq for s in self._slots if s.seq is not None]
+        for seq in active:
+            if seq.next_token is not None:
+                index = batch.add([seq.next_token], seq.n_past, seq.slot, last_logits=True)
+                self._slots[seq.slot].tokens.append(seq.next_token)
+                seq.n_past += 1
+                seq.next_token = None
+                entries.append((seq, index))
+        budget = self.gen.n_batch - batch.n
+        for seq in active:
+            if not seq.pending or budget <= 0:
+                continue
+            chunk = seq.pending[:budget]
+            del seq.pending[:budget]
+            last = not seq.pending
+            index = batch.add(chunk, seq.n_past, seq.slot, last_logits=last)
+            self._slots[seq.slot].tokens.extend(chunk)
+            seq.n_past += len(chunk)
+            budget -= len(chunk)
+            entries.append((seq, index if last else None))
+        return entries
+
+    def _decode_failed(self, rc: int, entries: list[tuple[Sequence_, int | None]]) -> None:
+        logger.error("llama_decode failed code=%d sequences=%d", rc, len(entries))
+        for seq, _ in entries:
+            slot = self._slots[seq.slot]
+            if slot.seq is seq:
+                self._emit(seq.job.request_id, generated_error_payload(
+                    "SamplerError", f"llama_decode failed with code {rc}"), True)
+                self._release(slot)
+                self._forget_cache(slot)
+
+    def _on_logits(self, seq: Sequence_, index: int) -> None:
+        token = seq.sampler.sample(self.gen.handle, index)
+        if self.model.is_eog(token):
+            self._finish(seq)
+            return
+        seq.generated += 1
+        self._emit_text(seq, seq.text.push(self.model.piece(token)), count=True)
+        if seq.text.stopped or seq.generated >= seq.job.max_tokens:
+            self._finish(seq)
+        elif seq.n_past >= self.gen.n_ctx_seq:
+            self._context_full(seq)
+        else:
+            seq.next_token = token
+
+    def _emit_text(self, seq: Sequence_, text: str, *, count: bool) -> None:
+        """Emit generated text, classified for conversations; count the token's kind."""
+        rid = seq.job.request_id
+        classifier = seq.classifier
+        if classifier is None:
+            if text:
+                self._emit(rid, token_payload(text), False)
+            kind = "ContentToken"
+        else:
+            for piece_kind, piece_text in classifier.feed(text) if text else []:
+                self._emit(rid, token_payload(piece_text, piece_kind), False)
+            kind = classifier.last_kind
+        if count:
+            seq.counts[kind] = seq.counts.get(kind, 0) + 1
+
+    def _flush_text(self, seq: Sequence_) -> None:
+        """Emit what the stop-string matcher and the classifier held back, and the
+        parsed tool calls."""
+        self._emit_text(seq, seq.text.flush(), count=False)
+        classifier = seq.classifier
+        if classifier is None:
+            return
+        for piece_kind, piece_text in classifier.finish():
+            self._emit(seq.job.request_id, token_payload(piece_text, piece_kind), False)
+        if classifier.saw_tool_call:
+            outcome = parse_tool_calls(classifier.tool_call_text, seq.job.tools or [])
+            self._emit(seq.job.request_id, outcome.payload, False)
+
+    def _finish(self, seq: Sequence_) -> None:
+        self._flush_text(seq)
+        rid = seq.job.request_id
+        usage = usage_dict(
+            prompt_tokens=len(seq.job.prompt),
+            cached_prompt_tokens=seq.cached,
+            content_tokens=seq.counts.get("ContentToken", 0),
+            reasoning_tokens=seq.counts.get("ReasoningToken", 0),
+            tool_call_tokens=seq.counts.get("ToolCallToken", 0),
+        )
+        self._emit(rid, done_payload(usage), True)
+        elapsed = time.monotonic() - seq.started
+        logger.info("request done request_id=%s slot=%d prompt_tokens=%d cached_tokens=%d "
+                    "generated=%d elapsed_s=%.3f", rid, seq.slot, len(seq.job.prompt),
+                    seq.cached, seq.generated, elapsed)
+        self._release(self._slots[seq.slot])
+
+    def _context_full(self, seq: Sequence_) -> None:
+        self._flush_text(seq)
+        rid = seq.job.request_id
+        message = (f"context full: the slot's context of {self.gen.n_ctx_seq} tokens was used up "
+                   f"after {seq.generated} generated tokens")
+        logger.info("request context full request_id=%s slot=%d", rid, seq.slot)
+        self._emit(rid, generated_error_payload("SamplerError", message), True)
+        self._release(self._slots[seq.slot])
+
+    def _release(self, slot: Slot) -> None:
+        if slot.seq is not None:
+            slot.seq.sampler.free()
+            slot.seq = None
+        slot.last_used = time.monotonic()
+
+    def _forget_cache(self, slot: Slot) -> None:
+        self.gen.seq_truncate(slot.index, 0)
+        slot.tokens.clear()
+        slot.prefix_keys = ()
+
+    def _release_samplers(self) -> None:
+        for slot in self._slots:
+            self._release(slot)
+
+    def _fail_all(self, message: str) -> None:
+        for slot in self._slots:
+            if slot.seq is not None:
+                self._emit(slot.seq.job.request_id,
+                           generated_error_payload("SamplerError", message), True)
+                self._release(slot)
+        for waiting in self._waiting:
+            self._emit(waiting.request_id, generated_error_payload("SamplerError", message), True)
+        self._waiting.clear()
+
+    def _emit(self, request_id: str, payload: Payload, final: bool) -> None:
+        self._out.append((request_id, payload, final))
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def _embed_one_batch(self) -> None:
+        item = self._embeds[0]
+        emb = self.runtime.emb
+        try:
+            if emb is None:
+                raise RequestError("Embedding", "embeddings are not enabled for this model; set "
+                                   "enable_embeddings in the inference parameters")
+            job = item if isinstance(item, EmbedJob) else self._prepare_embed(item, emb)
+            self._embeds[0] = job
+            self._run_embed_batch(job, emb)
+        except (RequestError, RuntimeError, ValidationError) as e:
+            text = e.message if isinstance(e, RequestError) else str(e)
+            logger.info("embedding failed request_id=%s error=%s", item.request_id, text)
+            self._emit(item.request_id, {"Embedding": {"Error": text}}, True)
+            self._embeds.popleft()
+
+    def _prepare_embed(self, message: EmbedMessage, emb: EmbedContext) -> EmbedJob:
+        params = GenerateEmbeddingBatchParams.model_validate(message.params)
+        documents: list[tuple[str, list[int]]] = []
+        for doc in params.input_batch:
+            tokens = self.model.tokenize(doc.content, add_special=True, parse_special=False)
+            if not tokens:
+                tokens = [max(self.model.bos, 0)]
+            if len(tokens) > emb.capacity:
+                raise RequestError("Embedding", f"document {doc.id!r} has {len(tokens)} tokens; "
+                                   f"the embedding context holds {emb.capacity}")
+            documents.append((doc.id, tokens))
+        pooling = self.runtime.config.pooling_type
+        return EmbedJob(message.request_id, documents, params.normalization_method, pooling.value)
+
+    def _run_embed_batch(self, job: EmbedJob, emb: EmbedContext) -> None:
+        group: list[tuple[str, list[int]]] = []
+        total = 0
+        for doc_id, tokens in job.documents[job.next_index:]:
+            if group and (total + len(tokens) > emb.batch_tokens or len(group) >= EMBEDDING_MAX_SEQS):
+                break
+            group.append((doc_id, tokens))
+            total += len(tokens)
+        vectors = emb.embed([tokens for _, tokens in group])
+        normalization = job.normalization.model_dump(mode="json")
+        for (doc_id, _), vector in zip(group, vectors, strict=True):
+            values = normalize_embedding(vector, job.normalization)
+            self._emit(job.request_id, {"Embedding": {"Embedding": {
+                "embedding": values.tolist(),
+                "normalization_method": normalization,
+                "pooling_type": job.pooling_label,
+                "source_document_id": doc_id,
+            }}}, False)
+        job.next_index += len(group)
+        if job.next_index >= len(job.documents):
+            self._emit(job.request_id, {"Embedding": "Done"}, True)
+            self._embeds.popleft()
+
+
+# ---- the engine -------------------------------------------------------------------------------
+
+
+class LlamaEngine(Engine):
+    """Slots on llama.cpp; see the module docstring."""
+
+    def __init__(self, host: EngineHost, board: StatusBoard, slots: int, *,
+                 model_cache_dir: Path | None = None, n_threads: int | None = None) -> None:
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, got {slots}")
+        super().__init__(host, board, slots)
+        self.cache_dir = model_cache_dir or default_cache_dir()
+        self.n_threads = n_threads or default_threads()
+        self._runtime: Runtime | None = None
+        self._worker: DecodeWorker | None = None
+        self._settings = Settings(InferenceParameters())
+        self._serving = False
+        self._model_configured = False
+        self._held: deque[GenerateMessage | EmbedMessage] = deque()
+        self._inflight: set[str] = set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._swap_task: asyncio.Task[None] | None = None
+        self._issue_variants: set[str] = set()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def generate(self, message: GenerateMessage) -> None:
+        self._submit(message)
+
+    def embed(self, message: EmbedMessage) -> None:
+        self._submit(message)
+
+    def _submit(self, message: GenerateMessage | EmbedMessage) -> None:
+        rid = message.request_id
+        if self._worker is not None and self._serving:
+            self._inflight.add(rid)
+            self._drained.clear()
+            self._worker.submit(message)
+        elif self._model_configured:
+            logger.info("request held while the model is not serving request_id=%s", rid)
+            self._held.append(message)
+        else:
+            self._reject_unserved(message)
+
+    def _reject_unserved(self, message: GenerateMessage | EmbedMessage) -> None:
+        text = "no model is loaded on this agent"
+        if isinstance(message, EmbedMessage):
+            self.host.emit(message.request_id, {"Embedding": {"Error": text}}, True)
+        else:
+            self.host.emit(message.request_id, generated_error_payload("SamplerError", text), True)
+
+    def stop(self, request_id: str) -> None:
+        before = len(self._held)
+        self._held = deque(m for m in self._held if m.request_id != request_id)
+        if len(self._held) != before:
+            return
+        if request_id in self._inflight:
+            self._inflight.discard(request_id)
+            if self._worker is not None:
+                self._worker.cancel(request_id)
+            if not self._inflight:
+                self._drained.set()
+
+    def _deliver(self, out: list[Emit], delta: StatusDelta | None) -> None:
+        for rid, payload, final in out:
+            if rid not in self._inflight:
+                continue
+            if final:
+                self._inflight.discard(rid)
+            self.host.emit(rid, payload, final)
+        if delta is not None:
+            if delta.slots_processing is not None:
+                self.board.slots_processing = delta.slots_processing
+            if delta.prefix_hashes is not None:
+                self.board.prefix_hashes = delta.prefix_hashes
+            self.host.status_changed()
+        if not self._inflight:
+            self._drained.set()
+
+    def model_metadata(self) -> dict[str, str] | None:
+        return dict(self._runtime.model.metadata) if self._runtime is not None else None
+
+    # -- desired state ------------------------------------------------------------------------
+
+    async def apply_desired_state(self, state: BalancerDesiredState) -> None:
+        previous = self._swap_task
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        task = asyncio.ensure_future(self._apply(state))
+        self._swap_task = task
+        await asyncio.shield(task)
+
+    async def _apply(self, state: BalancerDesiredState) -> None:
+        try:
+            await self._apply_unguarded(state)
+        except Exception as e:
+            logger.exception("applying desired state failed")
+            self._fail("StateApplicationFailed", f"Applying the desired state failed: {e}")
+
+    async def _apply_unguarded(self, state: BalancerDesiredState) -> None:
+        settings = _settings_of(state)
+        if state.model.is_none:
+            self._model_configured = False
+            await self._unload()
+            self._settings = settings
+            self._set_applied(None, settings)
+            return
+        self._model_configured = True
+        try:
+            path = await resolve_model(state.model, self.cache_dir, self._on_download)
+        except ModelSourceError as e:
+            self._fail(e.variant, e.message, **e.details)
+            return
+        config = LoadConfig.build(str(path), self.slots, state.inference_parameters,
+                                  self.n_threads)
+        if self._runtime is not None and self._runtime.config == config:
+            self._update_settings(settings)
+            self._set_applied(config.path, settings)
+            return
+        if not await self._probe(config):
+            return
+        await self._swap(config, settings)
+
+    async def _probe(self, config: LoadConfig) -> bool:
+        """Check that llama.cpp can read the file (vocabulary only) before unloading."""
+        try:
+            probe = await asyncio.to_thread(NativeModel.load, config.path, 0, vocab_only=True)
+        except ModelLoadError as e:
+            self._fail(MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
+            return False
+        await asyncio.to_thread(probe.free)
+        return True
+
+    async def _swap(self, config: LoadConfig, settings: Settings) -> None:
+        old_config = self._runtime.config if self._runtime is not None else None
+        await self._stop_serving()
+        try:
+            runtime = await asyncio.to_thread(Runtime.load, config)
+        except ModelLoadError as e:
+            self._fail(MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
+            if old_config is not None:
+                await self._restore(old_config)
+            return
+        self._settings = settings
+        self._serve(runtime)
+        self._set_applied(config.path, settings)
+
+    async def _restore(self, config: LoadConfig) -> None:
+        logger.warning("reloading the previous model path=%s", config.path)
+        try:
+            runtime = await asyncio.to_thread(Runtime.load, config)
+        except ModelLoadError:
+            logger.exception("the previous model cannot be reloaded path=%s", config.path)
+            self._flush_held_with_error()
+            return
+        self._serve(runtime)
+        self.board.model_path = config.path
+
+    async def _stop_serving(self) -> None:
+        """slots_total = 0, finish in-flight requests, free the loaded model."""
+        self._serving = False
+        if self.board.slots_total != 0:
+            self.board.slots_total = 0
+            self.host.status_changed()
+        if self._worker is None:
+            return
+        logger.info("draining in-flight requests count=%d", len(self._inflight))
+        await self._drained.wait()
+        worker, runtime = self._worker, self._runtime
+        self._worker, self._runtime = None, None
+        await asyncio.to_thread(worker.shutdown)
+        if runtime is not None:
+            await asyncio.to_thread(runtime.free)
+        self.board.slots_processing = 0
+        self.board.prefix_hashes = []
+        logger.info("model unloaded path=%s", runtime.config.path if runtime else None)
+
+    def _serve(self, runtime: Runtime) -> None:
+        loop = asyncio.get_running_loop()
+        self._runtime = runtime
+        self._worker = DecodeWorker(runtime, self._settings, loop, self._deliver)
+        self._worker.start()
+        self._serving = True
+        self.board.slots_total = self.slots
+        held, self._held = list(self._held), deque()
+        for message in held:
+            self._submit(message)
+
+    async def _unload(self) -> None:
+        await self._stop_serving()
+        self._flush_held_with_error()
+
+    def _flush_held_with_error(self) -> None:
+        held, self._held = list(self._held), deque()
+        for message in held:
+            self._reject_unserved(message)
+
+    def _update_settings(self, settings: Settings) -> None:
+        self._settings = settings
+        if self._worker is not None:
+            self._worker.settings = settings
+
+    def _on_download(self, event: DownloadProgress) -> None:
+        board = self.board
+        board.download_filename = event.filename
+        board.download_current = event.current
+        board.download_total = event.total
+        board.download_indeterminate = event.indeterminate
+        self.host.status_changed()
+
+    def _set_applied(self, path: str | None, settings: Settings) -> None:
+        board = self.board
+        board.issues = [i for i in board.issues if i.variant not in self._issue_variants]
+        self._issue_variants.clear()
+        board.model_path = path
+        board.uses_chat_template_override = settings.chat_template_override is not None
+        board.state_application_status = StateApplicationStatus.APPLIED
+        if path is None:
+            board.slots_total = 0
+        self.host.status_changed()
+        logger.info("desired state applied model_path=%s slots_total=%d", path, board.slots_total)
+
+    def _fail(self, variant: str, message: str, **details: str) -> None:
+        logger.warning("desired state not appliable issue=%s message=%s", variant, message)
+        board = self.board
+        issue = AgentIssue(variant=variant, params={"message": message, **details})
+        board.issues = [i for i in board.issues if i.variant not in self._issue_variants]
+        board.issues.append(issue)
+        self._issue_variants = {variant}
+        board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
+        if self._worker is not None and not self._serving:
+            self._serving = True
+        board.slots_total = self.slots if self._serving else 0
+        self.host.status_changed()
+
+    async def close(self) -> None:
+        task = self._swap_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._serving = False
+        for rid in list(self._inflight):
+            self.stop(rid)
+        worker, runtime = self._worker, self._runtime
+        self._worker, self._runtime = None, None
+        if worker is not None:
+            await asyncio.to_thread(worker.shutdown)
+        if runtime is not None:
+            await asyncio.to_thread(runtime.free)
+
+
+def _settings_of(state: BalancerDesiredState) -> Settings:
+    override = state.chat_template_override
+    use = state.use_chat_template_override and override is not None
+    return Settings(
+        defaults=state.inference_parameters,
+        chat_template_override=override.content if use and override is not None else None,
+    )
+
+
