@@ -195,7 +195,11 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
     labels = _labels(owner, pool, "balancer", "paddler-balancer")
     selector = {POOL_LABEL: pool, COMPONENT_LABEL: "balancer"}
     config = {
-        "pool.json": json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True),
+        # Only the balancer's settings: an agent-side change must not restart the balancer
+        # (its pod template carries this data's hash), which would drop every agent and buffered request.
+        "balancer.json": json.dumps(
+            spec.balancer.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True
+        ),
         "management-addr": management_addr(pool, owner.namespace, spec),
         "inference-url": (f"http://{inference_service_name(pool)}.{owner.namespace}.svc:{b.service.inference_port}"),
     }

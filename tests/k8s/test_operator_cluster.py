@@ -304,8 +304,10 @@ def test_changed_spec_applied_and_hand_edits_put_back(operators: Operators, k8s_
     wait_object(cluster, ns, "deployment/p-balancer", lambda d: "balancer" in args_of(d))
     cluster.kubectl_run("-n", ns, "delete", "service/p-inference")
     wait_object(cluster, ns, "service/p-inference")
-    cluster.kubectl_run("-n", ns, "patch", "configmap/p-balancer", "--type=merge", "-p", '{"data":{"pool.json":"{}"}}')
-    wait_object(cluster, ns, "configmap/p-balancer", lambda c: c["data"]["pool.json"] != "{}")
+    cluster.kubectl_run(
+        "-n", ns, "patch", "configmap/p-balancer", "--type=merge", "-p", '{"data":{"balancer.json":"{}"}}'
+    )  # fmt: skip
+    wait_object(cluster, ns, "configmap/p-balancer", lambda c: c["data"]["balancer.json"] != "{}")
 
 
 def test_restarting_the_operator_creates_nothing_twice(operators: Operators, k8s_namespace: str) -> None:

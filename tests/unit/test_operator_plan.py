@@ -149,6 +149,8 @@ def test_config_change_rolls_the_balancer_pod() -> None:
 
     assert annotation(pool_spec()) == annotation(pool_spec())
     assert annotation(pool_spec()) != annotation(pool_spec(balancer={"maxBufferedRequests": 5}))
+    # Agent defaults do not restart the balancer (that would drop every agent and buffered request).
+    assert annotation(pool_spec()) == annotation(pool_spec(agent={"slotsPerAgent": 8, "image": "x"}))
 
 
 # --- ModelDeployment --------------------------------------------------------------------
