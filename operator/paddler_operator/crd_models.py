@@ -69,8 +69,8 @@ class ServiceType(StrEnum):
 class ResourceRequirements(_Spec):
     """Container resources, as in a Pod spec (quantities: 500m, 2Gi)."""
 
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resources reserved (cpu, memory, ...).")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resources not to exceed.")
 
     def to_kube(self, extra_limits: dict[str, Quantity] | None = None) -> dict[str, Any]:
         limits = {**self.limits, **(extra_limits or {})}
@@ -88,20 +88,32 @@ class SecretKeyRef(_Spec):
 
 
 class ServiceSpec(_Spec):
+    """The pool's Services."""
+
     type: ServiceType = Field(default=ServiceType.CLUSTER_IP, description="Type of the inference Service.")
-    inference_port: Annotated[int, Field(ge=1, le=65535)] = INFERENCE_PORT
-    management_port: Annotated[int, Field(ge=1, le=65535)] = MANAGEMENT_PORT
-    admin_panel_port: Annotated[int, Field(ge=1, le=65535)] = ADMIN_PANEL_PORT
+    inference_port: Annotated[
+        int, Field(ge=1, le=65535, description="Port of the native and OpenAI APIs on the inference Service.")
+    ] = INFERENCE_PORT
+    management_port: Annotated[
+        int, Field(ge=1, le=65535, description="Port of the management API (agents, operator) on its Service.")
+    ] = MANAGEMENT_PORT
+    admin_panel_port: Annotated[
+        int, Field(ge=1, le=65535, description="Port of the web admin panel on the inference Service.")
+    ] = ADMIN_PANEL_PORT
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the inference Service.")
 
 
 class AdminPanelSpec(_Spec):
+    """The balancer's web admin panel."""
+
     enabled: bool = Field(default=False, description="Serve the web admin panel on the inference Service.")
 
 
 class BalancerSpec(_Spec):
-    image: str = DEFAULT_BALANCER_IMAGE
-    image_pull_policy: ImagePullPolicy = ImagePullPolicy.IF_NOT_PRESENT
+    """The pool's balancer: one pod that buffers requests and routes them to agent slots."""
+
+    image: str = Field(default=DEFAULT_BALANCER_IMAGE, description="Balancer image (runs `paddler balancer`).")
+    image_pull_policy: ImagePullPolicy = Field(default=ImagePullPolicy.IF_NOT_PRESENT, description="Pull policy.")
     replicas: Annotated[
         int,
         Field(
@@ -122,36 +134,42 @@ class BalancerSpec(_Spec):
     inference_item_timeout: Annotated[
         str, Field(pattern=DURATION_PATTERN, description="Longest wait for the next token (duration).")
     ] = "30s"
-    service: ServiceSpec = Field(default_factory=ServiceSpec)
-    admin_panel: AdminPanelSpec = Field(default_factory=AdminPanelSpec)
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="The inference and management Services.")
+    admin_panel: AdminPanelSpec = Field(default_factory=AdminPanelSpec, description="The web admin panel.")
     resources: ResourceRequirements = Field(
         default_factory=lambda: ResourceRequirements(requests={"cpu": "100m", "memory": "128Mi"})
     )
     auth_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Require this API key (Bearer) on the inference APIs."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of the balancer and of the agents."
+    )
 
 
 class Toleration(_Spec):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """A Pod toleration."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
+    value: str | None = Field(default=None, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(default=None, description="NoExecute: how long the pod stays (s).")
 
     def to_kube(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class PvcRef(_Spec):
-    claim_name: Annotated[str, Field(min_length=1)]
+    claim_name: Annotated[str, Field(min_length=1, description="A PersistentVolumeClaim in the pool's namespace.")]
 
 
 class ModelCacheSpec(_Spec):
     """Where agents keep downloaded models: an emptyDir unless a claim is named."""
 
-    mount_path: str = "/var/cache/paddler/models"
+    mount_path: str = Field(default="/var/cache/paddler/models", description="Where agents see the cache.")
     size_limit: Quantity | None = Field(default="20Gi", description="emptyDir size limit (quantity).")
     persistent_volume_claim: PvcRef | None = Field(default=None, description="Use this PVC instead of an emptyDir.")
 
@@ -167,32 +185,36 @@ class ModelCacheSpec(_Spec):
 class AgentDefaults(_Spec):
     """Agent pod defaults for every ModelDeployment of the pool."""
 
-    image: str = DEFAULT_AGENT_IMAGE
-    image_pull_policy: ImagePullPolicy = ImagePullPolicy.IF_NOT_PRESENT
+    image: str = Field(default=DEFAULT_AGENT_IMAGE, description="Agent image (runs `paddler agent`, llama.cpp).")
+    image_pull_policy: ImagePullPolicy = Field(default=ImagePullPolicy.IF_NOT_PRESENT, description="Pull policy.")
     slots_per_agent: Annotated[int, Field(ge=1, le=256, description="Concurrent sequences per agent pod.")] = 4
     resources: ResourceRequirements = Field(
         default_factory=lambda: ResourceRequirements(requests={"cpu": "1", "memory": "1Gi"})
     )
     gpus: Annotated[int, Field(ge=0, description="GPUs per agent pod (added to limits).")] = 0
-    gpu_resource_name: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
+    gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource name of a GPU.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels agent pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints agent pods tolerate.")
+    model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, description="Downloaded models' volume.")
 
 
 class LlmPoolSpec(_Spec):
-    balancer: BalancerSpec = Field(default_factory=BalancerSpec)
-    agent: AgentDefaults = Field(default_factory=AgentDefaults)
+    balancer: BalancerSpec = Field(default_factory=BalancerSpec, description="The pool's balancer.")
+    agent: AgentDefaults = Field(default_factory=AgentDefaults, description="Defaults of every agent pod.")
 
 
 class PoolRef(_Spec):
+    """A reference to an LlmPool."""
+
     name: Annotated[str, Field(min_length=1, description="An LlmPool in the same namespace.")]
 
 
 class HuggingFaceSource(_Spec):
-    repo_id: Annotated[str, Field(min_length=1)]
+    """A GGUF file in a Hugging Face model repository."""
+
+    repo_id: Annotated[str, Field(min_length=1, description="Repository, e.g. org/model-GGUF.")]
     filename: Annotated[str, Field(min_length=1, description="The GGUF file inside the repository.")]
-    revision: str = "main"
+    revision: str = Field(default="main", description="Branch, tag or commit.")
 
 
 _ONE_SOURCE_RULE = "[has(self.huggingFace), has(self.url), has(self.localPath)].filter(x, x).size() == 1"
@@ -230,10 +252,43 @@ class ModelSourceSpec(_Spec):
         return ModelSource.local(self.local_path)
 
 
+INFERENCE_PARAMETER_DOCS = {
+    "nBatch": "Tokens per llama.cpp batch.",
+    "contextSize": "Context window per agent (tokens), shared by its slots.",
+    "embeddingBatchSize": "Inputs per embedding batch.",
+    "enableEmbeddings": "Serve embeddings (the context is created with embeddings on).",
+    "imageResizeToFit": "Largest image side (pixels) for multimodal models.",
+    "kCacheDtype": "Data type of the K cache.",
+    "vCacheDtype": "Data type of the V cache.",
+    "minP": "Min-p sampling.",
+    "nGpuLayers": "Layers offloaded to the GPU (0: CPU only).",
+    "penaltyFrequency": "Frequency penalty.",
+    "penaltyLastN": "Tokens the repeat penalties look back at (-1: the context).",
+    "penaltyPresence": "Presence penalty.",
+    "penaltyRepeat": "Repeat penalty.",
+    "poolingType": "Embedding pooling.",
+    "temperature": "Sampling temperature (0: greedy).",
+    "topK": "Top-k sampling.",
+    "topP": "Top-p (nucleus) sampling.",
+}
+
+
+def _describe_inference_parameters(schema: dict[str, Any]) -> None:
+    for name, prop in schema.get("properties", {}).items():
+        if name in INFERENCE_PARAMETER_DOCS:
+            prop["description"] = INFERENCE_PARAMETER_DOCS[name]
+
+
 class InferenceParametersSpec(InferenceParameters):
     """The model group's engine and sampling parameters (Paddler's defaults), camelCase."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        json_schema_extra=_describe_inference_parameters,
+    )
 
     def to_core(self) -> InferenceParameters:
         return InferenceParameters.model_validate(self.model_dump())
@@ -265,7 +320,7 @@ class AutoscalingSpec(_Spec):
         default=AutoscalingMode.NONE, description="None: spec.replicas; HPA, KEDA or the operator's Builtin scaler."
     )
     min_replicas: Annotated[int, Field(ge=0, description="0 scales to zero; buffered requests wake it.")] = 1
-    max_replicas: Annotated[int, Field(ge=1)] = 4
+    max_replicas: Annotated[int, Field(ge=1, description="Most agent pods.")] = 4
     target_buffered_requests: Annotated[
         int, Field(ge=1, description="Buffered requests per agent pod that trigger one more pod.")
     ] = 1
@@ -282,20 +337,24 @@ class AutoscalingSpec(_Spec):
 
 
 class RolloutSpec(_Spec):
+    """Rolling updates of the agent Deployment."""
+
     max_unavailable: Quantity = Field(default=1, description="Agent pods down at once during a rollout (int or %).")
     max_surge: Quantity = Field(default=0, description="Extra agent pods during a rollout (0 for scarce GPUs).")
 
 
 class ModelDeploymentSpec(_Spec):
-    pool_ref: PoolRef
+    pool_ref: PoolRef = Field(description="The LlmPool whose balancer serves this model.")
     model: ModelSourceSpec
-    inference_parameters: InferenceParametersSpec = Field(default_factory=InferenceParametersSpec)
+    inference_parameters: InferenceParametersSpec = Field(
+        default_factory=InferenceParametersSpec, description="Engine and sampling parameters of the model group."
+    )
     chat_template: str | None = Field(default=None, description="Jinja chat template that overrides the GGUF's.")
     replicas: Annotated[int, Field(ge=0, description="Agent pods (when autoscaling.mode is None).")] = 1
     slots_per_agent: Annotated[int | None, Field(ge=1, le=256, description="Overrides the pool's default.")] = None
     resources: ResourceRequirements | None = Field(default=None, description="Overrides the pool's agent resources.")
-    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
-    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Agent pod autoscaling.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rolling updates of the agent pods.")
 
     def desired_state(self) -> BalancerDesiredState:
         """What the balancer pushes to this deployment's agents (its model group)."""

@@ -183,6 +183,8 @@ OWNED = ["deployment/p-balancer", "service/p-inference", "service/p-management",
 def test_crds_install_with_short_names_and_defaults(crds: K8sCluster, k8s_namespace: str) -> None:
     resources = crds.kubectl_run("api-resources", "--api-group=paddler.dev", "-o", "wide").stdout
     assert "lp" in resources and "md" in resources
+    explained = crds.kubectl_run("explain", "lp.spec.agent.slotsPerAgent").stdout
+    assert "Concurrent sequences per agent pod" in explained
     crds.apply(POOL, namespace=k8s_namespace)  # spec: {} is a valid pool
     pool = get(crds, k8s_namespace, "lp/p")
     assert pool["spec"]["balancer"]["maxBufferedRequests"] == 30

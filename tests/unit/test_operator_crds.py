@@ -146,3 +146,12 @@ def test_printer_columns() -> None:
     assert md_cols == ["Pool", "Ready", "Agents", "Slots", "Buffered", "Model", "Age"]
     assert crds["paddler.dev_llmpools.yaml"]["spec"]["names"]["shortNames"] == ["lp"]
     assert crds["paddler.dev_modeldeployments.yaml"]["spec"]["names"]["shortNames"] == ["md"]
+
+
+@pytest.mark.parametrize("name", sorted(gen_crds.build_crds()))
+def test_every_spec_field_is_described(name: str) -> None:
+    """`kubectl explain` has something to say about every field."""
+    spec = gen_crds.build_crds()[name]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    nodes = _walk(spec, "spec")
+    missing = [p for p, node in nodes if p != "spec" and not p.endswith(("{}", "[]")) and "description" not in node]
+    assert not missing
