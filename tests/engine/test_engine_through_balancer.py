@@ -1,0 +1,259 @@
+"""The llama engine behind a real balancer: real processes, the real SmolLM2 model,
+driven with paddler-client 4.0.0 as a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from paddler_client import ClientInference, ClientManagement
+from paddler_client.agent_desired_model import AgentDesiredModel
+from paddler_client.balancer_desired_state import BalancerDesiredState
+from paddler_client.continue_from_conversation_history_params import ContinueFromConversationHistoryParams
+from paddler_client.conversation_message import ConversationMessage
+from paddler_client.embedding_input_document import EmbeddingInputDocument
+from paddler_client.embedding_normalization_method import EmbeddingNormalizationMethod
+from paddler_client.generate_embedding_batch_params import GenerateEmbeddingBatchParams
+from paddler_client.grammar_constraint import JsonSchemaGrammarConstraint
+from paddler_client.inference_message import InferenceMessageKind, TokenUsage
+from paddler_client.url_model_reference import UrlModelReference
+
+from tests.harness import Balancer, Processes, wait_until
+
+pytestmark = pytest.mark.engine
+
+SLOTS = 4
+
+
+def desired(model: AgentDesiredModel) -> BalancerDesiredState:
+    """Greedy sampling without penalties, so output can be compared with llama-cpp-python."""
+    state = BalancerDesiredState(model=model)
+    p = state.inference_parameters
+    p.temperature = 0.0
+    p.penalty_repeat = 1.0
+    p.penalty_presence = 0.0
+    p.penalty_frequency = 0.0
+    p.context_size = 2048
+    p.enable_embeddings = True
+    p.pooling_type = p.pooling_type.MEAN
+    return state
+
+
+@pytest.fixture(scope="module")
+def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Balancer, Path]]:
+    processes = Processes(tmp_path_factory.mktemp("stack"))
+    try:
+        balancer = processes.balancer("--buffered-request-timeout", "60s", "--inference-item-timeout", "60s")
+        processes.agent(balancer, slots=SLOTS, name="llama", engine="llama", env={"PADDLER_THREADS": "2"})
+        yield balancer, model_path
+    finally:
+        processes.close()
+
+
+@pytest.fixture
+async def clients(stack: tuple[Balancer, Path]) -> AsyncIterator[tuple[ClientInference, ClientManagement]]:
+    balancer, model_path = stack
+    inference, management = ClientInference(balancer.inference_url), ClientManagement(balancer.management_url)
+    await serve(management, desired(AgentDesiredModel.local_to_agent(str(model_path))))
+    yield inference, management
+    await inference.close()
+    await management.close()
+
+
+async def serve(management: ClientManagement, state: BalancerDesiredState) -> None:
+    """Put ``state`` and wait until the agent serves it on all its slots."""
+    await management.put_balancer_desired_state(state)
+    expected = state.model.local_path
+
+    async def serving() -> bool:
+        agents = (await management.get_agents()).agents
+        return (
+            len(agents) == 1
+            and agents[0].model_path == expected
+            and agents[0].slots_total == SLOTS
+            and agents[0].state_application_status == "Applied"
+        )
+
+    await wait_until(serving, timeout=120, interval=0.2, what=f"agent serving {expected}")
+
+
+def chat(text: str, max_tokens: int = 24, **kwargs: object) -> ContinueFromConversationHistoryParams:
+    return ContinueFromConversationHistoryParams(
+        add_generation_prompt=True,
+        conversation_history=[ConversationMessage(role="user", content=text)],
+        enable_thinking=False,
+        max_tokens=max_tokens,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def complete(inference: ClientInference, params: ContinueFromConversationHistoryParams) -> tuple[str, TokenUsage]:
+    text = ""
+    async for message in await inference.continue_from_conversation_history(params):
+        if message.kind == InferenceMessageKind.CONTENT_TOKEN:
+            text += message.token or ""
+        elif message.is_done:
+            assert message.summary is not None
+            return text, message.summary.usage
+        elif not message.is_token:
+            raise AssertionError(f"request failed: {message}")
+    raise AssertionError("stream ended without Done")
+
+
+async def test_greedy_output_equals_llama_cpp_python(
+    clients: tuple[ClientInference, ClientManagement], stack: tuple[Balancer, Path]
+) -> None:
+    inference, _ = clients
+    question = "What is the capital of France? Answer in one sentence."
+    ours, usage = await complete(inference, chat(question, max_tokens=32))
+
+    reference = await asyncio.to_thread(reference_chat_completion, stack[1], question, 32)
+
+    assert ours == reference
+    assert usage.content_tokens > 0 and usage.prompt_tokens > 0
+
+
+def reference_chat_completion(path: Path, question: str, max_tokens: int) -> str:
+    """llama-cpp-python's own chat completion (in the test process only, as the reference)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=2, verbose=False)
+    try:
+        result = llm.create_chat_completion(
+            messages=[{"role": "user", "content": question}],
+            temperature=0.0,
+            top_k=1,
+            repeat_penalty=1.0,
+            max_tokens=max_tokens,
+        )
+        return str(result["choices"][0]["message"]["content"])  # type: ignore[index]
+    finally:
+        llm.close()
+
+
+async def test_four_concurrent_requests_are_correct_and_faster_than_four_in_a_row(
+    clients: tuple[ClientInference, ClientManagement],
+) -> None:
+    inference, _ = clients
+    questions = [f"Write one sentence about the number {n}." for n in (3, 5, 7, 9)]
+
+    started = time.monotonic()
+    in_a_row = [await complete(inference, chat(q, max_tokens=48)) for q in questions]
+    sequential_s = time.monotonic() - started
+
+    started = time.monotonic()
+    together = await asyncio.gather(*(complete(inference, chat(q, max_tokens=48)) for q in questions))
+    concurrent_s = time.monotonic() - started
+
+    assert [text for text, _ in together] == [text for text, _ in in_a_row]
+    assert concurrent_s < sequential_s, f"4 concurrent took {concurrent_s:.2f}s, 4 in a row {sequential_s:.2f}s"
+
+
+async def test_a_repeated_conversation_reports_cached_prompt_tokens(
+    clients: tuple[ClientInference, ClientManagement],
+) -> None:
+    inference, _ = clients
+    question = "Tell me a short fact about the Moon, and keep it under twenty words please."
+    _, first = await complete(inference, chat(question, max_tokens=8))
+    _, second = await complete(inference, chat(question, max_tokens=8))
+
+    assert second.prompt_tokens == first.prompt_tokens
+    assert second.cached_prompt_tokens > 0
+
+
+async def test_a_json_schema_request_returns_valid_json(clients: tuple[ClientInference, ClientManagement]) -> None:
+    inference, _ = clients
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    grammar = JsonSchemaGrammarConstraint(schema=json.dumps(schema))  # type: ignore[call-arg]
+    text, _ = await complete(inference, chat("Name a city and its country as JSON.", max_tokens=60, grammar=grammar))
+
+    value = json.loads(text)
+    assert set(value) == {"city", "country"} and all(isinstance(v, str) for v in value.values())
+
+
+async def test_embeddings_have_the_model_dimension_and_unit_norm(
+    clients: tuple[ClientInference, ClientManagement],
+) -> None:
+    inference, management = clients
+    agent = (await management.get_agents()).agents[0]
+    metadata = await management.get_model_metadata(agent.id)
+    assert metadata is not None
+    width = int(metadata.metadata["llama.embedding_length"])
+    params = GenerateEmbeddingBatchParams(
+        input_batch=[EmbeddingInputDocument(id=str(i), content=f"sentence number {i}") for i in range(3)],
+        normalization_method=EmbeddingNormalizationMethod.l2(),
+    )
+
+    embeddings = [m.embedding_data async for m in inference.generate_embedding_batch(params) if m.embedding_data]
+
+    assert sorted(e.source_document_id for e in embeddings) == ["0", "1", "2"]
+    for e in embeddings:
+        assert len(e.embedding) == width
+        assert math.sqrt(sum(v * v for v in e.embedding)) == pytest.approx(1.0, abs=1e-4)
+
+
+async def test_a_bad_model_url_shows_an_issue_and_the_previous_model_keeps_serving(
+    clients: tuple[ClientInference, ClientManagement], stack: tuple[Balancer, Path]
+) -> None:
+    inference, management = clients
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    bad = desired(AgentDesiredModel.from_url(UrlModelReference(url=f"http://127.0.0.1:{closed_port}/missing.gguf")))
+    await management.put_balancer_desired_state(bad)
+
+    async def issue_shown() -> bool:
+        agent = (await management.get_agents()).agents[0]
+        return bool(agent.issues) and agent.state_application_status != "Applied"
+
+    await wait_until(issue_shown, timeout=60, interval=0.2, what="agent reports the bad URL")
+    agent = (await management.get_agents()).agents[0]
+    assert agent.model_path == str(stack[1])
+    assert any("missing.gguf" in json.dumps(i.model_dump()) for i in agent.issues)
+
+    text, _ = await complete(inference, chat("Say hi.", max_tokens=4))
+    assert text
+
+
+async def test_a_model_swap_under_continuous_load_fails_no_request(
+    clients: tuple[ClientInference, ClientManagement], stack: tuple[Balancer, Path], tmp_path: Path
+) -> None:
+    inference, management = clients
+    second = tmp_path / "second-copy.gguf"
+    shutil.copyfile(stack[1], second)
+    outcomes: list[str] = []
+    swapping = True
+
+    async def load() -> None:
+        n = 0
+        while swapping:
+            n += 1
+            try:
+                text, _ = await complete(inference, chat(f"Count to {n % 5 + 2}.", max_tokens=12))
+                outcomes.append("ok" if text else "empty")
+            except Exception as err:
+                outcomes.append(f"failed: {err!r}")
+
+    workers = [asyncio.create_task(load()) for _ in range(3)]
+    try:
+        await wait_until(lambda: asyncio.sleep(0, len(outcomes) >= 3), timeout=60, what="load running")
+        await serve(management, desired(AgentDesiredModel.local_to_agent(str(second))))
+        served_before = len(outcomes)
+        await wait_until(lambda: asyncio.sleep(0, len(outcomes) >= served_before + 3), timeout=60, what="after swap")
+    finally:
+        swapping = False
+        await asyncio.gather(*workers)
+
+    assert outcomes and all(o == "ok" for o in outcomes), outcomes
