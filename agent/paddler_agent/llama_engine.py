@@ -107,8 +107,14 @@ _KV_TYPES: dict[KvCacheDtype, int] = {
     KvCacheDtype.IQ4_NL: 20,
     KvCacheDtype.BF16: 30,
 }
-_QUANTIZED_KV = {KvCacheDtype.Q4_0, KvCacheDtype.Q4_1, KvCacheDtype.Q5_0, KvCacheDtype.Q5_1,
-                 KvCacheDtype.Q8_0, KvCacheDtype.IQ4_NL}
+_QUANTIZED_KV = {
+    KvCacheDtype.Q4_0,
+    KvCacheDtype.Q4_1,
+    KvCacheDtype.Q5_0,
+    KvCacheDtype.Q5_1,
+    KvCacheDtype.Q8_0,
+    KvCacheDtype.IQ4_NL,
+}
 _POOLING: dict[PoolingType, int] = {
     PoolingType.UNSPECIFIED: -1,
     PoolingType.NONE: 0,
@@ -308,8 +314,7 @@ class NativeModel:
         capacity = len(data) + 8
         while True:
             buf = (llama_cpp.llama_token * capacity)()
-            n = int(llama_cpp.llama_tokenize(
-                self.vocab, data, len(data), buf, capacity, add_special, parse_special))
+            n = int(llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special))
             if n >= 0:
                 return list(buf[:n])
             capacity = -n
@@ -364,7 +369,9 @@ class _LoadProgress:
         if progress >= self.next_mark:
             logger.info(
                 "model load progress path=%s percent=%d elapsed_s=%.2f",
-                self.path, int(progress * 100), time.monotonic() - self.started,
+                self.path,
+                int(progress * 100),
+                time.monotonic() - self.started,
             )
             while self.next_mark <= progress:
                 self.next_mark += 0.25
@@ -453,8 +460,8 @@ class GenContext:
             self.handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not self.handle:
             raise ModelLoadError(
-                "llama.cpp cannot create the generation context: "
-                + ("; ".join(errors) or "unknown error"))
+                "llama.cpp cannot create the generation context: " + ("; ".join(errors) or "unknown error")
+            )
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx(self.handle)) // config.slots
         self.n_batch = int(llama_cpp.llama_n_batch(self.handle))
         self.memory = llama_cpp.llama_get_memory(self.handle)
@@ -480,8 +487,8 @@ class EmbedContext:
             self.handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not self.handle:
             raise ModelLoadError(
-                "llama.cpp cannot create the embedding context: "
-                + ("; ".join(errors) or "unknown error"))
+                "llama.cpp cannot create the embedding context: " + ("; ".join(errors) or "unknown error")
+            )
         self.capacity = int(llama_cpp.llama_n_batch(self.handle))
         self.batch_tokens = config.embedding_batch_size
         self.memory = llama_cpp.llama_get_memory(self.handle)
@@ -490,7 +497,8 @@ class EmbedContext:
         if self.pooling == _POOLING[PoolingType.RANK]:
             self.n_out = max(1, int(llama_cpp.llama_model_n_cls_out(model.handle)))
         self.encoder_only = bool(llama_cpp.llama_model_has_encoder(model.handle)) and not bool(
-            llama_cpp.llama_model_has_decoder(model.handle))
+            llama_cpp.llama_model_has_decoder(model.handle)
+        )
         self.batch = _Batch(self.capacity)
 
     def embed(self, documents: Sequence[Sequence[int]]) -> list[FloatArray]:
@@ -520,8 +528,10 @@ class EmbedContext:
             if not ptr:
                 raise RuntimeError("llama.cpp produced no pooled embedding")
             return np.ctypeslib.as_array(ptr, shape=(self.n_out,)).astype(np.float32)
-        rows = [np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self.handle, i),
-                                      shape=(self.n_out,)) for i in range(*span)]
+        rows = [
+            np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self.handle, i), shape=(self.n_out,))
+            for i in range(*span)
+        ]
         pooled: FloatArray = np.mean(np.stack(rows), axis=0).astype(np.float32)
         return pooled
 
@@ -544,8 +554,13 @@ class Runtime:
     @classmethod
     def load(cls, config: LoadConfig) -> Runtime:
         started = time.monotonic()
-        logger.info("model load start path=%s slots=%d context_size=%d threads=%d",
-                    config.path, config.slots, config.context_size, config.n_threads)
+        logger.info(
+            "model load start path=%s slots=%d context_size=%d threads=%d",
+            config.path,
+            config.slots,
+            config.context_size,
+            config.n_threads,
+        )
         model = NativeModel.load(config.path, config.n_gpu_layers)
         gen: GenContext | None = None
         try:
@@ -558,9 +573,14 @@ class Runtime:
             raise
         runtime = cls(config, model, gen, emb)
         runtime.warm_up()
-        logger.info("model load done path=%s n_vocab=%d n_embd=%d n_ctx_seq=%d elapsed_s=%.2f",
-                    config.path, model.n_vocab, model.n_embd, gen.n_ctx_seq,
-                    time.monotonic() - started)
+        logger.info(
+            "model load done path=%s n_vocab=%d n_embd=%d n_ctx_seq=%d elapsed_s=%.2f",
+            config.path,
+            model.n_vocab,
+            model.n_embd,
+            gen.n_ctx_seq,
+            time.monotonic() - started,
+        )
         return runtime
 
     def warm_up(self) -> None:
@@ -611,19 +631,22 @@ def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None
 
 def _penalties_neutral(params: InferenceParameters) -> bool:
     return (
-        params.penalty_repeat == 1.0
-        and params.penalty_frequency == 0.0
-        and params.penalty_presence == 0.0
+        params.penalty_repeat == 1.0 and params.penalty_frequency == 0.0 and params.penalty_presence == 0.0
     ) or params.penalty_last_n == 0
 
 
 class Sampler:
     """A llama.cpp sampler chain for one sequence."""
 
-    def __init__(self, model: NativeModel, params: InferenceParameters, seed: int | None,
-                 grammar: tuple[str, str] | None, n_ctx_seq: int) -> None:
-        self.chain = llama_cpp.llama_sampler_chain_init(
-            llama_cpp.llama_sampler_chain_default_params())
+    def __init__(
+        self,
+        model: NativeModel,
+        params: InferenceParameters,
+        seed: int | None,
+        grammar: tuple[str, str] | None,
+        n_ctx_seq: int,
+    ) -> None:
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self.penalties: Any = None
         try:
             self._build(model, params, seed, grammar, n_ctx_seq)
@@ -635,21 +658,30 @@ class Sampler:
         llama_cpp.llama_sampler_chain_add(self.chain, sampler)
         return sampler
 
-    def _build(self, model: NativeModel, params: InferenceParameters, seed: int | None,
-               grammar: tuple[str, str] | None, n_ctx_seq: int) -> None:
+    def _build(
+        self,
+        model: NativeModel,
+        params: InferenceParameters,
+        seed: int | None,
+        grammar: tuple[str, str] | None,
+        n_ctx_seq: int,
+    ) -> None:
         if grammar is not None:
             with _capture_native_errors() as errors:
                 g = llama_cpp.llama_sampler_init_grammar(
-                    model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8"))
+                    model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8")
+                )
             if not g:
                 detail = "; ".join(errors) or "llama.cpp could not parse it"
                 raise RequestError("GrammarSyntaxError", f"invalid grammar: {detail}")
             self._add(g)
         if not _penalties_neutral(params):
             last_n = n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
-            self.penalties = self._add(llama_cpp.llama_sampler_init_penalties(
-                last_n, params.penalty_repeat, params.penalty_frequency,
-                params.penalty_presence))
+            self.penalties = self._add(
+                llama_cpp.llama_sampler_init_penalties(
+                    last_n, params.penalty_repeat, params.penalty_frequency, params.penalty_presence
+                )
+            )
         if params.temperature <= 0.0:
             self._add(llama_cpp.llama_sampler_init_greedy())
             return
@@ -660,8 +692,9 @@ class Sampler:
         if params.min_p > 0.0:
             self._add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
         self._add(llama_cpp.llama_sampler_init_temp(params.temperature))
-        self._add(llama_cpp.llama_sampler_init_dist(
-            llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
+        self._add(
+            llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)
+        )
 
     def accept_prompt(self, tokens: Sequence[int]) -> None:
         """Feed prompt tokens to the penalties (not to the grammar), as llama-server does."""
@@ -715,7 +748,7 @@ class TextStream:
             self._held = ""
             return text[:cut]
         keep = self._partial_suffix(text)
-        self._held = text[len(text) - keep:] if keep else ""
+        self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
     def _first_stop(self, text: str) -> int | None:
@@ -726,7 +759,7 @@ class TextStream:
         best = 0
         for stop in self._stops:
             for k in range(min(len(stop) - 1, len(text)), best, -1):
-                if stop.startswith(text[len(text) - k:]):
+                if stop.startswith(text[len(text) - k :]):
                     best = k
                     break
         return best
@@ -811,8 +844,7 @@ Deliver = Callable[[list[Emit], StatusDelta | None], None]
 class DecodeWorker:
     """Runs the decode loop of one loaded model in its own thread."""
 
-    def __init__(self, runtime: Runtime, settings: Settings, loop: asyncio.AbstractEventLoop,
-                 deliver: Deliver) -> None:
+    def __init__(self, runtime: Runtime, settings: Settings, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
         self.runtime = runtime
         self.model = runtime.model
         self.gen = runtime.gen
@@ -857,8 +889,9 @@ class DecodeWorker:
     # -- the decode thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        logger.info("decode loop start slots=%d n_ctx_seq=%d n_batch=%d",
-                    len(self._slots), self.gen.n_ctx_seq, self.gen.n_batch)
+        logger.info(
+            "decode loop start slots=%d n_ctx_seq=%d n_batch=%d", len(self._slots), self.gen.n_ctx_seq, self.gen.n_batch
+        )
         try:
             while self._wait_for_work():
                 self._step()
@@ -884,7 +917,7 @@ class DecodeWorker:
         return True
 
     def _has_work(self) -> bool:
-        return bool(self._embeds) or any(s.seq is not None for s in self._slots)
+        return bool(self._embeds) or bool(self._waiting) or any(s.seq is not None for s in self._slots)
 
     def _handle_command(self, kind: str, item: Any) -> None:
         if kind == "generate":
@@ -899,8 +932,9 @@ class DecodeWorker:
         self._embeds = deque(e for e in self._embeds if e.request_id != request_id)
         for slot in self._slots:
             if slot.seq is not None and slot.seq.job.request_id == request_id:
-                logger.info("request cancelled request_id=%s slot=%d generated=%d",
-                            request_id, slot.index, slot.seq.generated)
+                logger.info(
+                    "request cancelled request_id=%s slot=%d generated=%d", request_id, slot.index, slot.seq.generated
+                )
                 self._release(slot)
 
     def _step(self) -> None:
@@ -959,8 +993,7 @@ class DecodeWorker:
                 job = self._prepare(message)
                 self._start(job, free)
             except RequestError as e:
-                logger.info("request rejected request_id=%s kind=%s message=%s",
-                            message.request_id, e.kind, e.message)
+                logger.info("request rejected request_id=%s kind=%s message=%s", message.request_id, e.kind, e.message)
                 self._emit(message.request_id, generated_error_payload(e.kind, e.message), True)
 
     def _prepare(self, message: GenerateMessage) -> Job:
@@ -997,8 +1030,9 @@ class DecodeWorker:
             )
         template = self.settings.chat_template_override or self.model.chat_template()
         if not template:
-            raise RequestError("ChatTemplateError", "the model has no chat template and no "
-                               "chat template override is set")
+            raise RequestError(
+                "ChatTemplateError", "the model has no chat template and no chat template override is set"
+            )
         try:
             return render_chat(
                 template,
@@ -1024,8 +1058,7 @@ class DecodeWorker:
         if len(tokens) >= self.gen.n_ctx_seq:
             raise RequestError(
                 "SamplerError",
-                f"context full: the prompt has {len(tokens)} tokens and a slot's context holds "
-                f"{self.gen.n_ctx_seq}",
+                f"context full: the prompt has {len(tokens)} tokens and a slot's context holds {self.gen.n_ctx_seq}",
             )
         return tokens
 
@@ -1038,16 +1071,26 @@ class DecodeWorker:
         del slot.tokens[reuse:]
         classifier = None
         if job.tools is not None:
-            classifier = OutputClassifier(tools=bool(job.tools),
-                                          start_in_reasoning=job.starts_in_reasoning)
+            classifier = OutputClassifier(tools=bool(job.tools), start_in_reasoning=job.starts_in_reasoning)
         slot.seq = Sequence_(
-            job=job, slot=slot.index, sampler=sampler, pending=job.prompt[reuse:],
-            cached=reuse, n_past=reuse, text=TextStream(job.stops), classifier=classifier,
+            job=job,
+            slot=slot.index,
+            sampler=sampler,
+            pending=job.prompt[reuse:],
+            cached=reuse,
+            n_past=reuse,
+            text=TextStream(job.stops),
+            classifier=classifier,
         )
         slot.last_used = time.monotonic()
         slot.prefix_keys = job.prefix_keys
-        logger.info("request start request_id=%s slot=%d prompt_tokens=%d cached_tokens=%d",
-                    job.request_id, slot.index, len(job.prompt), reuse)
+        logger.info(
+            "request start request_id=%s slot=%d prompt_tokens=%d cached_tokens=%d",
+            job.request_id,
+            slot.index,
+            len(job.prompt),
+            reuse,
+        )
 
     @staticmethod
     def _pick_slot(prompt: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:
@@ -1087,8 +1130,11 @@ class DecodeWorker:
         for seq, _ in entries:
             slot = self._slots[seq.slot]
             if slot.seq is seq:
-                self._emit(seq.job.request_id, generated_error_payload(
-                    "SamplerError", f"llama_decode failed with code {rc}"), True)
+                self._emit(
+                    seq.job.request_id,
+                    generated_error_payload("SamplerError", f"llama_decode failed with code {rc}"),
+                    True,
+                )
                 self._release(slot)
                 self._forget_cache(slot)
 
@@ -1146,16 +1192,24 @@ class DecodeWorker:
         )
         self._emit(rid, done_payload(usage), True)
         elapsed = time.monotonic() - seq.started
-        logger.info("request done request_id=%s slot=%d prompt_tokens=%d cached_tokens=%d "
-                    "generated=%d elapsed_s=%.3f", rid, seq.slot, len(seq.job.prompt),
-                    seq.cached, seq.generated, elapsed)
+        logger.info(
+            "request done request_id=%s slot=%d prompt_tokens=%d cached_tokens=%d generated=%d elapsed_s=%.3f",
+            rid,
+            seq.slot,
+            len(seq.job.prompt),
+            seq.cached,
+            seq.generated,
+            elapsed,
+        )
         self._release(self._slots[seq.slot])
 
     def _context_full(self, seq: Sequence_) -> None:
         self._flush_text(seq)
         rid = seq.job.request_id
-        message = (f"context full: the slot's context of {self.gen.n_ctx_seq} tokens was used up "
-                   f"after {seq.generated} generated tokens")
+        message = (
+            f"context full: the slot's context of {self.gen.n_ctx_seq} tokens was used up "
+            f"after {seq.generated} generated tokens"
+        )
         logger.info("request context full request_id=%s slot=%d", rid, seq.slot)
         self._emit(rid, generated_error_payload("SamplerError", message), True)
         self._release(self._slots[seq.slot])
@@ -1178,8 +1232,7 @@ class DecodeWorker:
     def _fail_all(self, message: str) -> None:
         for slot in self._slots:
             if slot.seq is not None:
-                self._emit(slot.seq.job.request_id,
-                           generated_error_payload("SamplerError", message), True)
+                self._emit(slot.seq.job.request_id, generated_error_payload("SamplerError", message), True)
                 self._release(slot)
         for waiting in self._waiting:
             self._emit(waiting.request_id, generated_error_payload("SamplerError", message), True)
@@ -1195,8 +1248,10 @@ class DecodeWorker:
         emb = self.runtime.emb
         try:
             if emb is None:
-                raise RequestError("Embedding", "embeddings are not enabled for this model; set "
-                                   "enable_embeddings in the inference parameters")
+                raise RequestError(
+                    "Embedding",
+                    "embeddings are not enabled for this model; set enable_embeddings in the inference parameters",
+                )
             job = item if isinstance(item, EmbedJob) else self._prepare_embed(item, emb)
             self._embeds[0] = job
             self._run_embed_batch(job, emb)
@@ -1214,8 +1269,10 @@ class DecodeWorker:
             if not tokens:
                 tokens = [max(self.model.bos, 0)]
             if len(tokens) > emb.capacity:
-                raise RequestError("Embedding", f"document {doc.id!r} has {len(tokens)} tokens; "
-                                   f"the embedding context holds {emb.capacity}")
+                raise RequestError(
+                    "Embedding",
+                    f"document {doc.id!r} has {len(tokens)} tokens; the embedding context holds {emb.capacity}",
+                )
             documents.append((doc.id, tokens))
         pooling = self.runtime.config.pooling_type
         return EmbedJob(message.request_id, documents, params.normalization_method, pooling.value)
@@ -1223,7 +1280,7 @@ class DecodeWorker:
     def _run_embed_batch(self, job: EmbedJob, emb: EmbedContext) -> None:
         group: list[tuple[str, list[int]]] = []
         total = 0
-        for doc_id, tokens in job.documents[job.next_index:]:
+        for doc_id, tokens in job.documents[job.next_index :]:
             if group and (total + len(tokens) > emb.batch_tokens or len(group) >= EMBEDDING_MAX_SEQS):
                 break
             group.append((doc_id, tokens))
@@ -1232,12 +1289,20 @@ class DecodeWorker:
         normalization = job.normalization.model_dump(mode="json")
         for (doc_id, _), vector in zip(group, vectors, strict=True):
             values = normalize_embedding(vector, job.normalization)
-            self._emit(job.request_id, {"Embedding": {"Embedding": {
-                "embedding": values.tolist(),
-                "normalization_method": normalization,
-                "pooling_type": job.pooling_label,
-                "source_document_id": doc_id,
-            }}}, False)
+            self._emit(
+                job.request_id,
+                {
+                    "Embedding": {
+                        "Embedding": {
+                            "embedding": values.tolist(),
+                            "normalization_method": normalization,
+                            "pooling_type": job.pooling_label,
+                            "source_document_id": doc_id,
+                        }
+                    }
+                },
+                False,
+            )
         job.next_index += len(group)
         if job.next_index >= len(job.documents):
             self._emit(job.request_id, {"Embedding": "Done"}, True)
@@ -1250,8 +1315,15 @@ class DecodeWorker:
 class LlamaEngine(Engine):
     """Slots on llama.cpp; see the module docstring."""
 
-    def __init__(self, host: EngineHost, board: StatusBoard, slots: int, *,
-                 model_cache_dir: Path | None = None, n_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        host: EngineHost,
+        board: StatusBoard,
+        slots: int,
+        *,
+        model_cache_dir: Path | None = None,
+        n_threads: int | None = None,
+    ) -> None:
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, got {slots}")
         super().__init__(host, board, slots)
@@ -1358,8 +1430,7 @@ class LlamaEngine(Engine):
         except ModelSourceError as e:
             self._fail(e.variant, e.message, **e.details)
             return
-        config = LoadConfig.build(str(path), self.slots, state.inference_parameters,
-                                  self.n_threads)
+        config = LoadConfig.build(str(path), self.slots, state.inference_parameters, self.n_threads)
         if self._runtime is not None and self._runtime.config == config:
             self._update_settings(settings)
             self._set_applied(config.path, settings)
@@ -1504,5 +1575,3 @@ def _settings_of(state: BalancerDesiredState) -> Settings:
         defaults=state.inference_parameters,
         chat_template_override=override.content if use and override is not None else None,
     )
-
-
