@@ -712,6 +712,93 @@ class Sampler:
             self.chain = None
 
 
+class FastSampler:
+    """Sampling in numpy over the logits row, for requests without a grammar.
+
+    Same steps and order as llama.cpp's chain (penalties, top-k, top-p, min-p,
+    temperature, dist; greedy = argmax after penalties), but it reads the row in
+    place instead of building a 49k-entry candidate array per token: measured on
+    SmolLM2, 7 us instead of 310 us for greedy and 120 us instead of 430 us for
+    Paddler's default sampling (bench/engine_vs_llama_server.py --sampling).
+    """
+
+    MAX_TOP_K = 1000
+    """Above this (or top_k = 0, all tokens) the chain's partial sort is cheaper."""
+
+    def __init__(self, n_vocab: int, params: InferenceParameters, seed: int | None, n_ctx_seq: int) -> None:
+        self.n_vocab = n_vocab
+        self.params = params
+        self.rng = np.random.default_rng(seed)
+        self.penalize = not _penalties_neutral(params)
+        last_n = n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
+        self.window: deque[int] = deque(maxlen=max(last_n, 1))
+        self.counts: dict[int, int] = {}
+
+    @classmethod
+    def suits(cls, params: InferenceParameters, grammar: tuple[str, str] | None) -> bool:
+        return grammar is None and (params.temperature <= 0.0 or 0 < params.top_k <= cls.MAX_TOP_K)
+
+    def accept_prompt(self, tokens: Sequence[int]) -> None:
+        if self.penalize:
+            for token in tokens[-(self.window.maxlen or 1) :]:
+                self._accept(token)
+
+    def _accept(self, token: int) -> None:
+        window = self.window
+        if len(window) == window.maxlen:
+            old = window[0]
+            left = self.counts[old] - 1
+            if left:
+                self.counts[old] = left
+            else:
+                del self.counts[old]
+        window.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+    def sample(self, ctx: Any, index: int) -> int:
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+        if self.penalize and self.counts:
+            self._apply_penalties(row)
+        token = self._greedy(row) if self.params.temperature <= 0.0 else self._draw(row)
+        if self.penalize:
+            self._accept(token)
+        return token
+
+    def _apply_penalties(self, row: FloatArray) -> None:
+        p = self.params
+        ids = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
+        counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+        logits = row[ids]
+        logits = np.where(logits <= 0, logits * p.penalty_repeat, logits / p.penalty_repeat)
+        row[ids] = logits - counts * p.penalty_frequency - p.penalty_presence
+
+    @staticmethod
+    def _greedy(row: FloatArray) -> int:
+        return int(row.argmax())
+
+    def _draw(self, row: FloatArray) -> int:
+        p = self.params
+        k = min(p.top_k, self.n_vocab)
+        ids = np.argpartition(row, -k)[-k:]
+        order = np.argsort(-row[ids], kind="stable")
+        ids = ids[order]
+        logits = row[ids].astype(np.float64)
+        if p.top_p < 1.0:
+            probs = np.exp(logits - logits[0])
+            cumulative = np.cumsum(probs / probs.sum())
+            keep = int(np.searchsorted(cumulative, p.top_p)) + 1
+            ids, logits = ids[:keep], logits[:keep]
+        if p.min_p > 0.0:
+            mask = logits >= logits[0] + np.log(p.min_p)
+            ids, logits = ids[mask], logits[mask]
+        weights = np.exp((logits - logits[0]) / p.temperature)
+        choice = self.rng.choice(len(ids), p=weights / weights.sum())
+        return int(ids[choice])
+
+    def free(self) -> None:
+        pass
+
+
 # ---- text streaming ---------------------------------------------------------------------------
 
 
@@ -799,7 +886,7 @@ class Sequence_:
 
     job: Job
     slot: int
-    sampler: Sampler
+    sampler: Sampler | FastSampler
     pending: list[int]
     cached: int
     n_past: int
@@ -1065,7 +1152,11 @@ class DecodeWorker:
     def _start(self, job: Job, free: list[Slot]) -> None:
         slot, shared = self._pick_slot(job.prompt, free)
         reuse = min(shared, len(job.prompt) - 1)
-        sampler = Sampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
+        sampler: Sampler | FastSampler
+        if FastSampler.suits(job.params, job.grammar):
+            sampler = FastSampler(self.model.n_vocab, job.params, job.seed, self.gen.n_ctx_seq)
+        else:
+            sampler = Sampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
         sampler.accept_prompt(job.prompt)
         self.gen.seq_truncate(slot.index, reuse)
         del slot.tokens[reuse:]

@@ -371,3 +371,35 @@ async def test_model_none_unloads(make_engine: EngineFactory) -> None:
     assert e.engine.model_metadata() is None
     e.engine.generate(raw("late", PROMPT, 4, **GREEDY))
     assert "SamplerError" in (await e.host.wait("late")).final["GeneratedToken"]
+
+
+def test_numpy_sampling_matches_the_llama_cpp_sampler_chain(model_path: Path) -> None:
+    """The numpy fast path (no grammar) picks what llama.cpp's chain picks: greedy with
+    Paddler's default penalties, token by token over a generation."""
+    from paddler_agent.llama_engine import FastSampler, LoadConfig, Runtime, Sampler
+    from paddler_core.desired_state import InferenceParameters
+
+    params = InferenceParameters(context_size=256, temperature=0.0, penalty_last_n=32)
+    runtime = Runtime.load(LoadConfig.build(str(model_path), 1, params, 2))
+    try:
+        model, gen = runtime.model, runtime.gen
+        chain = Sampler(model, params, None, None, gen.n_ctx_seq)
+        fast = FastSampler(model.n_vocab, params, None, gen.n_ctx_seq)
+        tokens = model.tokenize("Repeat after me: the cat, the cat, the cat,", add_special=True, parse_special=False)
+        chain.accept_prompt(tokens)
+        fast.accept_prompt(tokens)
+        batch, pos, step = gen.batch, 0, tokens
+        picked = []
+        for _ in range(40):
+            batch.clear()
+            index = batch.add(step, pos, 0, last_logits=True)
+            assert batch.decode(gen.handle) == 0
+            pos += len(step)
+            expected = chain.sample(gen.handle, index)  # reads the row; fast then edits it
+            assert fast.sample(gen.handle, index) == expected
+            picked.append(expected)
+            step = [expected]
+        assert len(set(picked)) > 5, "penalties should keep the output from looping on one token"
+        chain.free()
+    finally:
+        runtime.free()
