@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -955,6 +955,10 @@ class DecodeWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, message: GenerateMessage | EmbedMessage) -> None:
         self._post("embed" if isinstance(message, EmbedMessage) else "generate", message)
 
@@ -1442,7 +1446,9 @@ class LlamaEngine(Engine):
 
     def _submit(self, message: GenerateMessage | EmbedMessage) -> None:
         rid = message.request_id
-        if self._worker is not None and self._serving:
+        if self._worker is not None and self._serving and not self._worker.alive:
+            self._reject(message, "the engine's decode loop stopped after an error; see the agent log")
+        elif self._worker is not None and self._serving:
             self._inflight.add(rid)
             self._drained.clear()
             self._worker.submit(message)
@@ -1453,7 +1459,9 @@ class LlamaEngine(Engine):
             self._reject_unserved(message)
 
     def _reject_unserved(self, message: GenerateMessage | EmbedMessage) -> None:
-        text = "no model is loaded on this agent"
+        self._reject(message, "no model is loaded on this agent")
+
+    def _reject(self, message: GenerateMessage | EmbedMessage, text: str) -> None:
         if isinstance(message, EmbedMessage):
             self.host.emit(message.request_id, {"Embedding": {"Error": text}}, True)
         else:
@@ -1493,10 +1501,16 @@ class LlamaEngine(Engine):
     # -- desired state ------------------------------------------------------------------------
 
     async def apply_desired_state(self, state: BalancerDesiredState) -> None:
+        """Resolving and downloading can be cancelled (a newer state supersedes this
+        one); unloading and swapping cannot: they run shielded, and the next call
+        waits for them to finish."""
         previous = self._swap_task
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
-        task = asyncio.ensure_future(self._apply(state))
+        await self._apply(state)
+
+    async def _shielded(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._swap_task = task
         await asyncio.shield(task)
 
@@ -1511,7 +1525,7 @@ class LlamaEngine(Engine):
         settings = _settings_of(state)
         if state.model.is_none:
             self._model_configured = False
-            await self._unload()
+            await self._shielded(self._unload())
             self._settings = settings
             self._set_applied(None, settings)
             return
@@ -1528,7 +1542,7 @@ class LlamaEngine(Engine):
             return
         if not await self._probe(config):
             return
-        await self._swap(config, settings)
+        await self._shielded(self._swap(config, settings))
 
     async def _probe(self, config: LoadConfig) -> bool:
         """Check that llama.cpp can read the file (vocabulary only) before unloading."""
