@@ -250,7 +250,9 @@ async def _server_run(w: Workload, url: str) -> dict[str, Any]:
 
     result: dict[str, Any] = {}
     timeout = aiohttp.ClientTimeout(total=900)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # llama-server closes a streamed response's connection: one connection per request.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await _server_request(session, url, chat_prompt("Hello"), 8)
         if w.measure_latency:
             ttft, prompt_rates = [], []

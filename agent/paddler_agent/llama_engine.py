@@ -928,8 +928,76 @@ class StatusDelta:
 Deliver = Callable[[list[Emit], StatusDelta | None], None]
 
 
+class NativeThread:
+    """The one thread that touches a model: load, warm-up, decode loop, free.
+
+    llama.cpp's CPU backend runs its graph with OpenMP, which keeps a team of
+    spinning worker threads per calling thread; a second thread that has ever
+    decoded (e.g. a warm-up in an executor thread) keeps its team alive and halved
+    the decode loop's speed on 2 cores. So everything native for one model happens
+    on this thread.
+    """
+
+    def __init__(
+        self, config: LoadConfig, settings: Settings, loop: asyncio.AbstractEventLoop, deliver: Deliver
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.worker: DecodeWorker | None = None
+        self._loop = loop
+        self._deliver = deliver
+        self._ready: asyncio.Future[Runtime] = loop.create_future()
+        self._thread = threading.Thread(target=self._main, name="llama-native", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def ready(self) -> Runtime:
+        """The loaded runtime once warm and serving; raises what loading raised."""
+        return await self._ready
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        """Stop the loop and free the model (blocking; call from a worker thread)."""
+        if self.worker is not None:
+            self.worker.request_stop()
+        self._thread.join()
+
+    def _main(self) -> None:
+        try:
+            runtime = Runtime.load(self.config)
+            worker = DecodeWorker(runtime, self.settings, self._loop, self._deliver)
+        except BaseException as e:
+            self._resolve(None, e)
+            return
+        self.worker = worker
+        self._resolve(runtime, None)
+        try:
+            worker.run()
+        finally:
+            runtime.free()
+            logger.info("model freed path=%s", self.config.path)
+
+    def _resolve(self, runtime: Runtime | None, error: BaseException | None) -> None:
+        def settle() -> None:
+            if self._ready.done():
+                return
+            if error is not None:
+                self._ready.set_exception(error)
+            else:
+                self._ready.set_result(runtime)  # type: ignore[arg-type]
+
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            logger.warning("event loop closed before the model was ready")
+
+
 class DecodeWorker:
-    """Runs the decode loop of one loaded model in its own thread."""
+    """The decode loop of one loaded model (run on its NativeThread)."""
 
     def __init__(self, runtime: Runtime, settings: Settings, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
         self.runtime = runtime
@@ -948,16 +1016,8 @@ class DecodeWorker:
         self._busy_reported = 0
         self._hashes_reported: list[str] = []
         self.steps = 0
-        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
 
     # -- called from the event loop -----------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     def submit(self, message: GenerateMessage | EmbedMessage) -> None:
         self._post("embed" if isinstance(message, EmbedMessage) else "generate", message)
@@ -965,12 +1025,10 @@ class DecodeWorker:
     def cancel(self, request_id: str) -> None:
         self._post("cancel", request_id)
 
-    def shutdown(self) -> None:
-        """Stop the thread (blocking; call from a worker thread)."""
+    def request_stop(self) -> None:
         with self._wake:
             self._closing = True
             self._wake.notify()
-        self._thread.join()
 
     def _post(self, kind: str, item: Any) -> None:
         with self._wake:
@@ -979,7 +1037,7 @@ class DecodeWorker:
 
     # -- the decode thread --------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
         logger.info(
             "decode loop start slots=%d n_ctx_seq=%d n_batch=%d", len(self._slots), self.gen.n_ctx_seq, self.gen.n_batch
         )
@@ -1425,7 +1483,7 @@ class LlamaEngine(Engine):
         self.cache_dir = model_cache_dir or default_cache_dir()
         self.n_threads = n_threads or default_threads()
         self._runtime: Runtime | None = None
-        self._worker: DecodeWorker | None = None
+        self._native: NativeThread | None = None
         self._settings = Settings(InferenceParameters())
         self._serving = False
         self._model_configured = False
@@ -1446,7 +1504,7 @@ class LlamaEngine(Engine):
 
     def _submit(self, message: GenerateMessage | EmbedMessage) -> None:
         rid = message.request_id
-        if self._worker is not None and self._serving and not self._worker.alive:
+        if self._native is not None and self._serving and not self._native.alive:
             self._reject(message, "the engine's decode loop stopped after an error; see the agent log")
         elif self._worker is not None and self._serving:
             self._inflight.add(rid)
@@ -1558,25 +1616,34 @@ class LlamaEngine(Engine):
         old_config = self._runtime.config if self._runtime is not None else None
         await self._stop_serving()
         try:
-            runtime = await asyncio.to_thread(Runtime.load, config)
+            await self._load(config, settings)
         except ModelLoadError as e:
             self._fail(MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
             if old_config is not None:
                 await self._restore(old_config)
             return
-        self._settings = settings
-        self._serve(runtime)
         self._set_applied(config.path, settings)
+
+    async def _load(self, config: LoadConfig, settings: Settings) -> None:
+        """Load on a new native thread and serve from it; raises ModelLoadError."""
+        native = NativeThread(config, settings, asyncio.get_running_loop(), self._deliver)
+        native.start()
+        try:
+            runtime = await native.ready()
+        finally:
+            if not native.alive or native.worker is None:
+                await asyncio.to_thread(native.shutdown)
+        self._settings = settings
+        self._serve(native, runtime)
 
     async def _restore(self, config: LoadConfig) -> None:
         logger.warning("reloading the previous model path=%s", config.path)
         try:
-            runtime = await asyncio.to_thread(Runtime.load, config)
+            await self._load(config, self._settings)
         except ModelLoadError:
             logger.exception("the previous model cannot be reloaded path=%s", config.path)
             self._flush_held_with_error()
             return
-        self._serve(runtime)
         self.board.model_path = config.path
 
     async def _stop_serving(self) -> None:
@@ -1585,24 +1652,24 @@ class LlamaEngine(Engine):
         if self.board.slots_total != 0:
             self.board.slots_total = 0
             self.host.status_changed()
-        if self._worker is None:
+        if self._native is None:
             return
         logger.info("draining in-flight requests count=%d", len(self._inflight))
         await self._drained.wait()
-        worker, runtime = self._worker, self._runtime
-        self._worker, self._runtime = None, None
-        await asyncio.to_thread(worker.shutdown)
-        if runtime is not None:
-            await asyncio.to_thread(runtime.free)
+        native, runtime = self._native, self._runtime
+        self._native, self._runtime = None, None
+        await asyncio.to_thread(native.shutdown)
         self.board.slots_processing = 0
         self.board.prefix_hashes = []
         logger.info("model unloaded path=%s", runtime.config.path if runtime else None)
 
-    def _serve(self, runtime: Runtime) -> None:
-        loop = asyncio.get_running_loop()
+    @property
+    def _worker(self) -> DecodeWorker | None:
+        return self._native.worker if self._native is not None else None
+
+    def _serve(self, native: NativeThread, runtime: Runtime) -> None:
+        self._native = native
         self._runtime = runtime
-        self._worker = DecodeWorker(runtime, self._settings, loop, self._deliver)
-        self._worker.start()
         self._serving = True
         self.board.slots_total = self.slots
         held, self._held = list(self._held), deque()
@@ -1665,12 +1732,10 @@ class LlamaEngine(Engine):
         self._serving = False
         for rid in list(self._inflight):
             self.stop(rid)
-        worker, runtime = self._worker, self._runtime
-        self._worker, self._runtime = None, None
-        if worker is not None:
-            await asyncio.to_thread(worker.shutdown)
-        if runtime is not None:
-            await asyncio.to_thread(runtime.free)
+        native = self._native
+        self._native, self._runtime = None, None
+        if native is not None:
+            await asyncio.to_thread(native.shutdown)
 
 
 def _settings_of(state: BalancerDesiredState) -> Settings:

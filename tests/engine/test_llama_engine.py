@@ -121,17 +121,21 @@ async def test_four_concurrent_requests_beat_four_in_a_row(make_engine: EngineFa
     def batch(tag: str) -> list[GenerateMessage]:
         return [raw(f"{tag}{i}", f"{s} ({tag})", 64, **GREEDY) for i, s in enumerate(starts)]
 
-    sequential_s, sequential_tokens = 0.0, 0
-    for m in batch("seq"):
-        elapsed, tokens = await _run(e.host, e.engine, [m])
-        sequential_s += elapsed
-        sequential_tokens += tokens
-    concurrent_s, concurrent_tokens = await _run(e.host, e.engine, batch("par"))
-    for i in range(4):
-        assert e.host.requests[f"par{i}"].usage["content_tokens"] > 0
-    sequential_rate = sequential_tokens / sequential_s
-    concurrent_rate = concurrent_tokens / concurrent_s
-    print(f"sequential {sequential_rate:.1f} tok/s, concurrent {concurrent_rate:.1f} tok/s")
+    # Side by side, alternating, best of three each: the machine is shared and noisy.
+    sequential_rates, concurrent_rates = [], []
+    for round_ in range(3):
+        sequential_s, sequential_tokens = 0.0, 0
+        for m in batch(f"seq{round_}-"):
+            elapsed, tokens = await _run(e.host, e.engine, [m])
+            sequential_s += elapsed
+            sequential_tokens += tokens
+        sequential_rates.append(sequential_tokens / sequential_s)
+        concurrent_s, concurrent_tokens = await _run(e.host, e.engine, batch(f"par{round_}-"))
+        concurrent_rates.append(concurrent_tokens / concurrent_s)
+        for i in range(4):
+            assert e.host.requests[f"par{round_}-{i}"].usage["content_tokens"] > 0
+    sequential_rate, concurrent_rate = max(sequential_rates), max(concurrent_rates)
+    print(f"sequential {sequential_rates} tok/s, concurrent {concurrent_rates} tok/s")
     assert concurrent_rate > 1.15 * sequential_rate, (sequential_rate, concurrent_rate)
 
 
