@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from paddler_balancer.agents import AgentController, AgentPool  # noqa: E402
 from paddler_balancer.dispatcher import Dispatcher  # noqa: E402
 from paddler_balancer.routing import RouteRequest  # noqa: E402
 from paddler_core.protocol import AgentStatus  # noqa: E402
-from tests.harness import Processes  # noqa: E402
+from tests.harness import Balancer, Processes  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -176,41 +178,18 @@ def main() -> None:
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_at_start": os.getloadavg(),
     }
-    processes = Processes(REPO / "bench" / "results")
-    try:
-        balancer = processes.balancer("--max-buffered-requests", "1000")
-        # 4 agents x 64 slots, 400 tokens/s per slot: far more than one balancer can move.
-        for i in range(4):
-            processes.agent(
-                balancer,
-                slots=64,
-                name=f"sim{i}",
-                extra=("--simulated-tokens-per-second", "400", "--simulated-max-tokens", "200"),
-            )
-        while asyncio.run(count_agents(balancer.management_url)) < 4:
-            time.sleep(0.1)
+    # 4 agents x 64 slots at 400 tokens/s per slot: more than one balancer can move.
+    with simulated_pool(agents=4, tokens_per_second=400, max_tokens=200) as balancer:
         results["throughput"] = run_client(balancer.inference_url, 200, duration, 200)
-        print("throughput", results["throughput"], flush=True)
-        # Added latency at 200 concurrent streams, at a realistic token rate.
-        processes.close()
-        processes = Processes(REPO / "bench" / "results")
-        balancer = processes.balancer("--max-buffered-requests", "1000")
-        for i in range(4):
-            processes.agent(
-                balancer,
-                slots=64,
-                name=f"lat{i}",
-                extra=("--simulated-tokens-per-second", "20", "--simulated-max-tokens", "10"),
-            )
-        while asyncio.run(count_agents(balancer.management_url)) < 4:
-            time.sleep(0.1)
+    print("throughput", results["throughput"], flush=True)
+    # Added latency at 200 concurrent streams, at a realistic token rate.
+    with simulated_pool(agents=4, tokens_per_second=20, max_tokens=10) as balancer:
         results["latency_200_streams"] = run_client(balancer.inference_url, 200, duration, 10)
-        print("latency", results["latency_200_streams"], flush=True)
-        # 1,000 agents connected for real.
-        processes.close()
-        processes = Processes(REPO / "bench" / "results")
-        balancer = processes.balancer("--max-buffered-requests", "1000")
+    print("latency", results["latency_200_streams"], flush=True)
+    # 1,000 agents connected for real over WebSockets (one process holds them all).
+    with simulated_pool(agents=0, tokens_per_second=0, max_tokens=0) as balancer:
         bulk = connect_many_agents(balancer.management_addr, 1000)
         try:
             deadline = time.monotonic() + 120
@@ -218,18 +197,64 @@ def main() -> None:
                 time.sleep(0.5)
             results["connected_agents"] = asyncio.run(count_agents(balancer.management_url))
             results["latency_1000_agents"] = run_client(balancer.inference_url, 50, duration, 10)
-            print("1000 agents", results["latency_1000_agents"], flush=True)
         finally:
             bulk.terminate()
             bulk.wait(30)
-    finally:
-        processes.close()
+    print("1000 agents", results["latency_1000_agents"], flush=True)
     results["decision"] = [decision_time(n) for n in (10, 100, 1000)]
     print("decision", results["decision"])
     out = REPO / "bench" / "results" / "balancer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    plot(results, REPO / "docs" / "benchmarks-balancer.png")
     print(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def simulated_pool(agents: int, tokens_per_second: float, max_tokens: int) -> Iterator[Balancer]:
+    """A balancer process with ``agents`` simulated agents of 64 slots each, registered."""
+    processes = Processes(REPO / "bench" / "results")
+    try:
+        balancer = processes.balancer("--max-buffered-requests", "1000")
+        flags = ("--simulated-tokens-per-second", str(tokens_per_second), "--simulated-max-tokens", str(max_tokens))
+        for i in range(agents):
+            processes.agent(balancer, slots=64, name=f"sim{i}", extra=flags)
+        while asyncio.run(count_agents(balancer.management_url)) < agents:
+            time.sleep(0.1)
+        yield balancer
+    finally:
+        processes.close()
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    scenarios = [("200 streams", "latency_200_streams"), ("1,000 agents", "latency_1000_agents")]
+    labels = [label for label, _ in scenarios]
+    p50 = [results[key]["added_latency_ms_p50"] for _, key in scenarios]
+    p99 = [results[key]["added_latency_ms_p99"] for _, key in scenarios]
+    x = range(len(labels))
+    left.bar([i - 0.2 for i in x], p50, width=0.4, label="p50")
+    left.bar([i + 0.2 for i in x], p99, width=0.4, label="p99")
+    left.set_xticks(list(x), labels)
+    left.set_ylabel("ms added by the balancer")
+    left.set_title("Latency added to time to first token")
+    left.legend()
+    decisions = results["decision"]
+    right.plot([d["agents"] for d in decisions], [d["mean_us"] for d in decisions], marker="o", label="mean")
+    right.plot([d["agents"] for d in decisions], [d["p99_us"] for d in decisions], marker="o", label="p99")
+    right.set_xscale("log")
+    right.set_xlabel("agents in the pool")
+    right.set_ylabel("µs per routing decision")
+    right.set_title("Routing decision time")
+    right.legend()
+    fig.suptitle(f"Balancer benchmark, {results['date']}, {results['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
