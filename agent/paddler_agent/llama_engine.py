@@ -896,6 +896,8 @@ class Sequence_:
     generated: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     """Generated tokens per kind (ContentToken, ReasoningToken, ToolCallToken)."""
+    uncounted: int = 0
+    """Generated tokens whose kind is not known yet (they emitted nothing so far)."""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -1306,19 +1308,30 @@ class DecodeWorker:
             seq.next_token = token
 
     def _emit_text(self, seq: Sequence_, text: str, *, count: bool) -> None:
-        """Emit generated text, classified for conversations; count the token's kind."""
+        """Emit generated text, classified for conversations, and count the token.
+
+        A token counts as the kind of the first piece it emits. One that emits nothing
+        (a tag, or text held back) counts as the kind of the next piece emitted: an
+        opening ``<think>`` counts as reasoning, the text it opens.
+        """
         rid = seq.job.request_id
-        classifier = seq.classifier
-        if classifier is None:
+        pieces = seq.classifier.feed(text) if seq.classifier is not None and text else []
+        if seq.classifier is None:
             if text:
                 self._emit(rid, token_payload(text), False)
-            kind = "ContentToken"
+            pieces = [("ContentToken", text)]
         else:
-            for piece_kind, piece_text in classifier.feed(text) if text else []:
+            for piece_kind, piece_text in pieces:
                 self._emit(rid, token_payload(piece_text, piece_kind), False)
-            kind = classifier.last_kind
         if count:
-            seq.counts[kind] = seq.counts.get(kind, 0) + 1
+            seq.uncounted += 1
+        if pieces and seq.uncounted:
+            self._count(seq, pieces[0][0])
+
+    @staticmethod
+    def _count(seq: Sequence_, kind: str) -> None:
+        seq.counts[kind] = seq.counts.get(kind, 0) + seq.uncounted
+        seq.uncounted = 0
 
     def _flush_text(self, seq: Sequence_) -> None:
         """Emit what the stop-string matcher and the classifier held back, and the
@@ -1327,8 +1340,11 @@ class DecodeWorker:
         classifier = seq.classifier
         if classifier is None:
             return
-        for piece_kind, piece_text in classifier.finish():
+        pieces = classifier.finish()
+        for piece_kind, piece_text in pieces:
             self._emit(seq.job.request_id, token_payload(piece_text, piece_kind), False)
+        if seq.uncounted:
+            self._count(seq, pieces[0][0] if pieces else classifier.last_kind)
         if classifier.saw_tool_call:
             outcome = parse_tool_calls(classifier.tool_call_text, seq.job.tools or [])
             self._emit(seq.job.request_id, outcome.payload, False)

@@ -407,3 +407,44 @@ def test_numpy_sampling_matches_the_llama_cpp_sampler_chain(model_path: Path) ->
         chain.free()
     finally:
         runtime.free()
+
+
+async def test_reasoning_and_tool_calls_are_classified(make_engine: EngineFactory) -> None:
+    """A grammar makes the model write a think block and a tagged tool call; the engine
+    streams them as ReasoningToken / ToolCallToken, parses the call, counts the tokens."""
+    e = await make_engine(slots=1)
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    gbnf = "root ::= " + json.dumps("<think>rain maybe</think>") + " " + json.dumps(call)
+    e.engine.generate(
+        conversation(
+            "tools",
+            "What is the weather in Paris?",
+            max_tokens=80,
+            tools=[tool],
+            grammar={"type": "gbnf", "grammar": gbnf},
+        )
+    )
+    req = await e.host.wait("tools")
+    kinds: dict[str, str] = {}
+    for p in req.payloads:
+        ((kind, value),) = p["GeneratedToken"].items()
+        if isinstance(value, str):
+            kinds[kind] = kinds.get(kind, "") + value
+    assert kinds.get("ReasoningToken") == "rain maybe"
+    assert kinds.get("ToolCallToken") == call
+    assert "ContentToken" not in kinds
+    parsed = next(
+        p["GeneratedToken"]["ToolCallParsed"] for p in req.payloads if "ToolCallParsed" in p["GeneratedToken"]
+    )
+    assert parsed[0]["name"] == "get_weather"
+    assert parsed[0]["arguments"] == {"ValidJson": {"city": "Paris"}}
+    usage = req.usage
+    assert usage["reasoning_tokens"] > 0 and usage["tool_call_tokens"] > 0
+    assert usage["content_tokens"] == 0
