@@ -1621,11 +1621,10 @@ class LlamaEngine(Engine):
     async def _probe(self, config: LoadConfig) -> bool:
         """Check that llama.cpp can read the file (vocabulary only) before unloading."""
         try:
-            probe = await asyncio.to_thread(NativeModel.load, config.path, 0, vocab_only=True)
+            await asyncio.to_thread(_probe_model_file, config.path)
         except ModelLoadError as e:
             self._fail(MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
             return False
-        await asyncio.to_thread(probe.free)
         return True
 
     async def _swap(self, config: LoadConfig, settings: Settings) -> None:
@@ -1752,6 +1751,12 @@ class LlamaEngine(Engine):
         self._native, self._runtime = None, None
         if native is not None:
             await asyncio.to_thread(native.shutdown)
+
+
+def _probe_model_file(path: str) -> None:
+    """Load the vocabulary and metadata only, then free them (one call: nothing leaks
+    when the caller is cancelled). Runs no compute, so it may use any thread."""
+    NativeModel.load(path, 0, vocab_only=True).free()
 
 
 def _settings_of(state: BalancerDesiredState) -> Settings:
