@@ -448,3 +448,39 @@ async def test_reasoning_and_tool_calls_are_classified(make_engine: EngineFactor
     usage = req.usage
     assert usage["reasoning_tokens"] > 0 and usage["tool_call_tokens"] > 0
     assert usage["content_tokens"] == 0
+
+
+def test_lazy_grammar_sampling_matches_the_llama_cpp_chain(model_path: Path) -> None:
+    """The grammar is checked on the picked token first and applied to the whole row
+    only when it rejects it; greedy picks equal the chain's (grammar first)."""
+    from paddler_agent.llama_engine import GrammarSampler, LoadConfig, Runtime, Sampler
+    from paddler_core.desired_state import InferenceParameters
+
+    params = InferenceParameters(context_size=256, temperature=0.0)
+    grammar = ('root ::= "[" item ("," item){5} "]"\nitem ::= [0-9]{1,3}', "root")
+    runtime = Runtime.load(LoadConfig.build(str(model_path), 1, params, 2))
+    try:
+        model, gen = runtime.model, runtime.gen
+        chain = Sampler(model, params, None, grammar, gen.n_ctx_seq)
+        lazy = GrammarSampler(model, params, None, grammar, gen.n_ctx_seq)
+        tokens = model.tokenize("Six numbers:", add_special=True, parse_special=False)
+        chain.accept_prompt(tokens)
+        lazy.accept_prompt(tokens)
+        batch, pos, step, text = gen.batch, 0, tokens, b""
+        for _ in range(40):
+            batch.clear()
+            index = batch.add(step, pos, 0, last_logits=True)
+            assert batch.decode(gen.handle) == 0
+            pos += len(step)
+            expected = chain.sample(gen.handle, index)
+            assert lazy.sample(gen.handle, index) == expected
+            if model.is_eog(expected):
+                break
+            text += model.piece(expected)
+            step = [expected]
+        values = json.loads(text)
+        assert len(values) == 6 and all(isinstance(v, int) for v in values)
+        chain.free()
+        lazy.free()
+    finally:
+        runtime.free()
