@@ -87,6 +87,9 @@ from paddler_core.protocol import (
 logger = logging.getLogger(__name__)
 
 MAX_PREFIX_HASHES = 4096
+COPY_MIN_TOKENS = 16
+"""Copy another slot's KV cache when it holds at least this many more prompt tokens
+(a whole-stream copy costs about as much as evaluating a few tokens)."""
 MAX_SLOTS = 64
 """llama.cpp's LLAMA_MAX_SEQ."""
 WARMUP_TOKENS = 4
@@ -470,6 +473,11 @@ class GenContext:
     def seq_truncate(self, seq: int, keep: int) -> None:
         """Drop positions ``>= keep`` of sequence ``seq``."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Make ``dst`` hold what ``src`` holds (each slot is its own KV stream, so this
+        copies the stream's buffers; llama.cpp does it at the start of the next decode)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def free(self) -> None:
         self.batch.free()
@@ -1277,7 +1285,6 @@ class DecodeWorker:
 
     def _start(self, job: Job, free: list[Slot]) -> None:
         slot, shared = self._pick_slot(job.prompt, free)
-        reuse = min(shared, len(job.prompt) - 1)
         sampler: Sampler | FastSampler
         if FastSampler.suits(job.params) and job.grammar is not None:
             sampler = GrammarSampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
@@ -1286,8 +1293,7 @@ class DecodeWorker:
         else:
             sampler = Sampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
         sampler.accept_prompt(job.prompt)
-        self.gen.seq_truncate(slot.index, reuse)
-        del slot.tokens[reuse:]
+        reuse = self._reuse_prefix(job.prompt, slot, shared)
         classifier = None
         if job.tools is not None:
             classifier = OutputClassifier(tools=bool(job.tools), start_in_reasoning=job.starts_in_reasoning)
@@ -1310,6 +1316,27 @@ class DecodeWorker:
             len(job.prompt),
             reuse,
         )
+
+    def _reuse_prefix(self, prompt: Sequence[int], slot: Slot, shared: int) -> int:
+        """Keep the longest cached prefix of ``prompt`` in ``slot``: its own, or another
+        slot's (busy or not) copied over when that is longer by COPY_MIN_TOKENS; returns
+        how many prompt tokens need no evaluation (at least one is always evaluated)."""
+        donor = max(
+            (s for s in self._slots if s is not slot),
+            key=lambda s: common_prefix_length(s.tokens, prompt),
+            default=None,
+        )
+        if donor is not None:
+            donor_shared = min(common_prefix_length(donor.tokens, prompt), len(prompt) - 1)
+            if donor_shared >= shared + COPY_MIN_TOKENS:
+                self.gen.seq_copy(donor.index, slot.index)
+                slot.tokens = list(donor.tokens)
+                shared = donor_shared
+                logger.debug("prefix copied src_slot=%d dst_slot=%d tokens=%d", donor.index, slot.index, shared)
+        reuse = min(shared, len(prompt) - 1)
+        self.gen.seq_truncate(slot.index, reuse)
+        del slot.tokens[reuse:]
+        return reuse
 
     @staticmethod
     def _pick_slot(prompt: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:

@@ -484,3 +484,20 @@ def test_lazy_grammar_sampling_matches_the_llama_cpp_chain(model_path: Path) -> 
         lazy.free()
     finally:
         runtime.free()
+
+
+async def test_a_busy_slots_prefix_is_copied_to_a_free_slot(make_engine: EngineFactory) -> None:
+    """A request whose prompt shares a prefix with another (busy) slot's cache gets that
+    prefix copied into its own slot instead of evaluating it, with the same output."""
+    e = await make_engine(slots=2)
+    shared = LONG_TEXT * 2
+    prompt = shared + " Question: what does the balancer do?"
+    e.engine.generate(raw("solo", prompt, 24, **GREEDY))
+    solo = await e.host.wait("solo")
+    # "busy" takes the slot that holds the prefix; "copy" gets the other, empty slot.
+    e.engine.generate(raw("busy", shared + " Tell me more:", 60, **GREEDY))
+    e.engine.generate(raw("copy", prompt, 24, **GREEDY))
+    copied = await e.host.wait("copy")
+    await e.host.wait("busy")
+    assert copied.usage["cached_prompt_tokens"] >= solo.usage["prompt_tokens"] - 12
+    assert copied.text == solo.text
