@@ -1599,7 +1599,8 @@ class LlamaEngine(Engine):
         self._native: NativeThread | None = None
         self._settings = Settings(InferenceParameters())
         self._serving = False
-        self._model_configured = False
+        self._applying = False
+        """A desired state is being applied: requests that cannot run yet are held."""
         self._held: deque[GenerateMessage | EmbedMessage] = deque()
         self._inflight: set[str] = set()
         self._drained = asyncio.Event()
@@ -1623,7 +1624,7 @@ class LlamaEngine(Engine):
             self._inflight.add(rid)
             self._drained.clear()
             self._worker.submit(message)
-        elif self._model_configured:
+        elif self._applying or self._native is not None:
             logger.info("request held while the model is not serving request_id=%s", rid)
             self._held.append(message)
         else:
@@ -1686,25 +1687,27 @@ class LlamaEngine(Engine):
         await asyncio.shield(task)
 
     async def _apply(self, state: BalancerDesiredState) -> None:
+        self._applying = True  # stays set when cancelled: a newer state is on its way
         try:
             await self._apply_unguarded(state)
         except Exception as e:
             logger.exception("applying desired state failed")
             self._fail("StateApplicationFailed", f"Applying the desired state failed: {e}")
+        self._applying = False
+        self._answer_held_if_nothing_serves()
 
     async def _apply_unguarded(self, state: BalancerDesiredState) -> None:
         settings = _settings_of(state)
         if state.model.is_none:
-            self._model_configured = False
             await self._shielded(self._unload())
             self._settings = settings
             self._set_applied(None, settings)
             return
-        self._model_configured = True
         try:
             path = await resolve_model(state.model, self.cache_dir, self._on_download)
         except ModelSourceError as e:
             self._fail(e.variant, e.message, **e.details)
+            self._answer_held_if_nothing_serves()
             return
         config = LoadConfig.build(str(path), self.slots, state.inference_parameters, self.n_threads)
         if self._runtime is not None and self._runtime.config == config:
@@ -1712,8 +1715,14 @@ class LlamaEngine(Engine):
             self._set_applied(config.path, settings)
             return
         if not await self._probe(config):
+            self._answer_held_if_nothing_serves()
             return
         await self._shielded(self._swap(config, settings))
+
+    def _answer_held_if_nothing_serves(self) -> None:
+        """No model will serve held requests (the first one failed): end them."""
+        if self._native is None:
+            self._flush_held_with_error()
 
     async def _probe(self, config: LoadConfig) -> bool:
         """Check that llama.cpp can read the file (vocabulary only) before unloading."""

@@ -501,3 +501,25 @@ async def test_a_busy_slots_prefix_is_copied_to_a_free_slot(make_engine: EngineF
     await e.host.wait("busy")
     assert copied.usage["cached_prompt_tokens"] >= solo.usage["prompt_tokens"] - 12
     assert copied.text == solo.text
+
+
+async def test_requests_are_answered_when_the_first_model_cannot_load(
+    tmp_path: Path, make_engine: EngineFactory
+) -> None:
+    from paddler_agent.engine import StatusBoard
+    from paddler_agent.llama_engine import LlamaEngine
+
+    host = FakeHost()
+    board = StatusBoard()
+    engine = LlamaEngine(host, board, 2, model_cache_dir=tmp_path)
+    try:
+        apply = asyncio.create_task(engine.apply_desired_state(state_for(tmp_path / "missing.gguf")))
+        engine.generate(raw("early", PROMPT, 4, **GREEDY))  # arrives while applying: held
+        await apply
+        assert board.state_application_status == StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
+        assert board.slots_total == 0
+        assert "SamplerError" in (await host.wait("early")).final["GeneratedToken"]
+        engine.generate(raw("late", PROMPT, 4, **GREEDY))
+        assert "SamplerError" in (await host.wait("late")).final["GeneratedToken"]
+    finally:
+        await engine.close()
