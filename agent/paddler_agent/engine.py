@@ -74,6 +74,10 @@ class StatusBoard:
 class Engine(ABC):
     """Runs a fixed number of slots. Subclasses: SimulatedEngine, LlamaEngine."""
 
+    publishes_prefix_hashes: bool = False
+    """True when the engine writes ``board.prefix_hashes`` from what its slots really
+    hold; otherwise the runtime approximates them from the last requests it routed."""
+
     def __init__(self, host: EngineHost, board: StatusBoard, slots: int) -> None:
         self.host = host
         self.board = board

@@ -1581,6 +1581,8 @@ class DecodeWorker:
 class LlamaEngine(Engine):
     """Slots on llama.cpp; see the module docstring."""
 
+    publishes_prefix_hashes = True
+
     def __init__(
         self,
         host: EngineHost,

@@ -219,7 +219,10 @@ class AgentRuntime:
 
     def _remember_prefix(self, generate: GenerateMessage) -> None:
         """Publish the prefix keys of the last ``slots`` requests: what the slots'
-        KV caches hold, so the balancer can route repeats here."""
+        KV caches hold, so the balancer can route repeats here (for engines that do
+        not publish what their slots really hold)."""
+        if self.engine.publishes_prefix_hashes:
+            return
         keys = request_prefix_keys(generate.variant, generate.params)
         if not keys:
             return

@@ -141,19 +141,24 @@ def reference_chat_completion(path: Path, question: str, max_tokens: int) -> str
 async def test_four_concurrent_requests_are_correct_and_faster_than_four_in_a_row(
     clients: tuple[ClientInference, ClientManagement],
 ) -> None:
+    """Aggregate tokens/s of 4 concurrent requests beats 4 in a row (best of alternating
+    rounds, so a burst of load from elsewhere on the machine hits both sides)."""
     inference, _ = clients
-    questions = [f"Write one sentence about the number {n}." for n in (3, 5, 7, 9)]
+    questions = [f"Write a long story about the number {n}." for n in (3, 5, 7, 9)]
+    sequential_rates, concurrent_rates = [], []
+    for _ in range(2):
+        started = time.monotonic()
+        in_a_row = [await complete(inference, chat(q, max_tokens=64)) for q in questions]
+        sequential_rates.append(sum(u.content_tokens for _, u in in_a_row) / (time.monotonic() - started))
 
-    started = time.monotonic()
-    in_a_row = [await complete(inference, chat(q, max_tokens=48)) for q in questions]
-    sequential_s = time.monotonic() - started
+        started = time.monotonic()
+        together = await asyncio.gather(*(complete(inference, chat(q, max_tokens=64)) for q in questions))
+        concurrent_rates.append(sum(u.content_tokens for _, u in together) / (time.monotonic() - started))
 
-    started = time.monotonic()
-    together = await asyncio.gather(*(complete(inference, chat(q, max_tokens=48)) for q in questions))
-    concurrent_s = time.monotonic() - started
-
-    assert [text for text, _ in together] == [text for text, _ in in_a_row]
-    assert concurrent_s < sequential_s, f"4 concurrent took {concurrent_s:.2f}s, 4 in a row {sequential_s:.2f}s"
+        assert [text for text, _ in together] == [text for text, _ in in_a_row]
+    assert max(concurrent_rates) > max(sequential_rates), (
+        f"concurrent {concurrent_rates} tok/s vs in a row {sequential_rates} tok/s"
+    )
 
 
 async def test_a_repeated_conversation_reports_cached_prompt_tokens(
