@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from paddler_balancer import inference_api, management_api, openai_api
-from paddler_balancer.http_util import cors_middleware
+from paddler_balancer.http_util import api_app
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.metrics import statsd_reporter
 from paddler_balancer.service import Balancer
@@ -21,20 +21,14 @@ from paddler_balancer.settings import BalancerSettings, parse_addr
 log = logging.getLogger(__name__)
 
 
-async def _cors_on_prepare(_request: web.Request, response: web.StreamResponse) -> None:
-    """Streaming responses (SSE) send their headers before the CORS middleware runs."""
-    response.headers.setdefault("Access-Control-Allow-Origin", "*")
-
-
 def _inference_middlewares(balancer: Balancer) -> list[Any]:
     api_key = balancer.settings.api_key
-    return [cors_middleware, openai_api.auth_middleware(api_key)] if api_key else [cors_middleware]
+    return [openai_api.auth_middleware(api_key)] if api_key else []
 
 
 def inference_app(balancer: Balancer) -> web.Application:
     """Native and OpenAI-compatible inference APIs on one address."""
-    app = web.Application(middlewares=_inference_middlewares(balancer), client_max_size=64 * 1024 * 1024)
-    app.on_response_prepare.append(_cors_on_prepare)
+    app = api_app(*_inference_middlewares(balancer))
     app[BALANCER_KEY] = balancer
     inference_api.add_routes(app)
     openai_api.add_routes(app)
@@ -43,8 +37,7 @@ def inference_app(balancer: Balancer) -> web.Application:
 
 def compat_openai_app(balancer: Balancer) -> web.Application:
     """The OpenAI-compatible API alone (``--compat-openai-addr``, Paddler compatibility)."""
-    app = web.Application(middlewares=_inference_middlewares(balancer), client_max_size=64 * 1024 * 1024)
-    app.on_response_prepare.append(_cors_on_prepare)
+    app = api_app(*_inference_middlewares(balancer))
     app[BALANCER_KEY] = balancer
     app.router.add_get("/health", inference_api.health)
     openai_api.add_routes(app)
@@ -52,8 +45,7 @@ def compat_openai_app(balancer: Balancer) -> web.Application:
 
 
 def management_app(balancer: Balancer) -> web.Application:
-    app = web.Application(middlewares=[cors_middleware], client_max_size=64 * 1024 * 1024)
-    app.on_response_prepare.append(_cors_on_prepare)
+    app = api_app()
     app[BALANCER_KEY] = balancer
     management_api.add_routes(app)
     if balancer.settings.statsd_addr:

@@ -37,19 +37,30 @@ async def read_json(request: web.Request) -> Any:
         ) from None
 
 
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type, Authorization",
+}
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
 @web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Allow the admin panel (another origin) to call the management and inference APIs."""
+async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer CORS preflights (the admin panel calls the APIs from another origin)."""
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        response: web.StreamResponse = web.Response(status=204)
-    else:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            response = exc
-    response.headers["Access-Control-Allow-Origin"] = "*"
-    response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
-    response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
-    if isinstance(response, web.HTTPException) and response.status >= 400:
-        raise response
-    return response
+        return web.Response(status=204)
+    return await handler(request)
+
+
+async def add_cors_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response gets the CORS headers, errors and streamed
+    ones (SSE, NDJSON) included, because this runs when the headers are sent."""
+    response.headers.update(CORS_HEADERS)
+
+
+def api_app(*middlewares: Any) -> web.Application:
+    """An API application with CORS and our body-size limit."""
+    app = web.Application(middlewares=[cors_preflight, *middlewares], client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(add_cors_headers)
+    return app
