@@ -718,6 +718,29 @@ def chat_completion(
     }
 
 
+def _stream_chunk(
+    object_name: str,
+    response_id: str,
+    model: str,
+    created: int,
+    choice: dict[str, Any] | None,
+    usage: dict[str, Any] | None,
+    include_usage: bool,
+) -> dict[str, Any]:
+    """A streamed chunk of either endpoint; ``choice=None`` is the usage-only chunk."""
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [] if choice is None else [{"index": 0, **choice}],
+    }
+    if include_usage:
+        chunk["usage"] = usage
+    return chunk
+
+
 def chat_chunk(
     response_id: str,
     model: str,
@@ -728,17 +751,8 @@ def chat_chunk(
     include_usage: StrictBool = False,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk``; ``delta=None`` is the usage-only chunk (no choices)."""
-    chunk: dict[str, Any] = {
-        "id": response_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-    if include_usage:
-        chunk["usage"] = usage
-    return chunk
+    choice = None if delta is None else {"delta": delta, "logprobs": None, "finish_reason": finish}
+    return _stream_chunk("chat.completion.chunk", response_id, model, created, choice, usage, include_usage)
 
 
 def chat_delta(event: Token) -> dict[str, Any] | None:
@@ -774,17 +788,8 @@ def text_chunk(
     include_usage: StrictBool = False,
 ) -> dict[str, Any]:
     """One streamed ``text_completion``; ``text=None`` is the usage-only chunk."""
-    chunk: dict[str, Any] = {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
-    if include_usage:
-        chunk["usage"] = usage
-    return chunk
+    choice = None if text is None else {"text": text, "logprobs": None, "finish_reason": finish}
+    return _stream_chunk("text_completion", response_id, model, created, choice, usage, include_usage)
 
 
 def encode_embedding(vector: list[float], encoding: str) -> list[float] | str:
