@@ -13,6 +13,7 @@ only (a decode thread uses ``loop.call_soon_threadsafe``).
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -54,21 +55,8 @@ class StatusBoard:
     prefix_hashes: list[str] = field(default_factory=list)
 
     def snapshot(self, version: int) -> AgentStatus:
-        return AgentStatus(
-            version=version,
-            slots_total=self.slots_total,
-            slots_processing=self.slots_processing,
-            desired_slots_total=self.desired_slots_total,
-            model_path=self.model_path,
-            download_current=self.download_current,
-            download_total=self.download_total,
-            download_filename=self.download_filename,
-            download_indeterminate=self.download_indeterminate,
-            issues=list(self.issues),
-            state_application_status=self.state_application_status,
-            uses_chat_template_override=self.uses_chat_template_override,
-            prefix_hashes=list(self.prefix_hashes),
-        )
+        # asdict copies the lists, so the snapshot does not change with the board.
+        return AgentStatus(version=version, **dataclasses.asdict(self))
 
 
 class Engine(ABC):

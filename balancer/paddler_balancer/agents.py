@@ -90,24 +90,14 @@ class AgentController:
         return max(0, self.status.slots_total - self.in_flight) if self.connected else 0
 
     def snapshot(self) -> dict[str, Any]:
-        """Paddler's AgentControllerSnapshot JSON, plus our ``model_group``."""
-        s = self.status
+        """Paddler's AgentControllerSnapshot JSON, plus ``model_group`` and the
+        balancer's own ``slots_in_flight``."""
         return {
             "id": self.id,
             "name": self.name,
             "model_group": self.model_group,
-            "slots_total": s.slots_total,
-            "slots_processing": s.slots_processing,
             "slots_in_flight": self.in_flight,
-            "desired_slots_total": s.desired_slots_total,
-            "model_path": s.model_path,
-            "download_current": s.download_current,
-            "download_total": s.download_total,
-            "download_filename": s.download_filename,
-            "download_indeterminate": s.download_indeterminate,
-            "issues": [i.model_dump() for i in s.issues],
-            "state_application_status": s.state_application_status.value,
-            "uses_chat_template_override": s.uses_chat_template_override,
+            **self.status.model_dump(mode="json", exclude={"version", "prefix_hashes"}),
         }
 
 

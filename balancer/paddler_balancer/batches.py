@@ -20,6 +20,7 @@ from paddler_core.inference import GenerateEmbeddingBatchParams
 from paddler_core.prefix import request_prefix_keys
 
 Batch = tuple[str | None, list[tuple[Any, bool]]]
+EMBEDDING_DONE: dict[str, Any] = {"Embedding": "Done"}
 
 
 async def run_generation(
@@ -44,6 +45,12 @@ async def run_generation(
             yield generation.agent_id, batch
             if batch[-1][1]:
                 return
+
+
+def part_payloads(batch: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """What one part of a split embedding batch forwards: its own Done is dropped (one
+    Done ends the merged stream); embeddings and a terminal error pass once, as they are."""
+    return [(payload, final) for payload, final in batch if payload != EMBEDDING_DONE]
 
 
 def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
@@ -79,10 +86,9 @@ async def run_embedding(
             ) as generation:
                 while True:
                     batch = await generation.next_batch()
-                    items = [(p, False) for p, final in batch if not (final and p == {"Embedding": "Done"})]
-                    errors: list[tuple[Any, bool]] = [(p, f) for p, f in batch if f and p != {"Embedding": "Done"}]
-                    if items or errors:
-                        merged.put_nowait((generation.agent_id, items + errors))
+                    forwarded = part_payloads(batch)
+                    if forwarded:
+                        merged.put_nowait((generation.agent_id, forwarded))
                     if batch[-1][1]:
                         break
         except InferenceFailure as failure:
@@ -103,7 +109,7 @@ async def run_embedding(
             yield item
             if any(final for _, final in item[1]):
                 return  # a part failed with a terminal error payload: stop everything
-        yield None, [({"Embedding": "Done"}, True)]
+        yield None, [(EMBEDDING_DONE, True)]
     finally:
         for task in tasks:
             task.cancel()
