@@ -54,7 +54,7 @@ from pydantic import ValidationError
 
 from paddler_agent.chat_template import ChatTemplateError, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
-from paddler_agent.model_source import DownloadProgress, ModelSourceError, resolve_model
+from paddler_agent.model_source import DownloadProgress, ModelAccess, ModelSourceError, resolve_model
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
 from paddler_core.desired_state import (
     BalancerDesiredState,
@@ -1591,12 +1591,14 @@ class LlamaEngine(Engine):
         *,
         model_cache_dir: Path | None = None,
         n_threads: int | None = None,
+        model_access: ModelAccess | None = None,
     ) -> None:
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, got {slots}")
         super().__init__(host, board, slots)
         self.cache_dir = model_cache_dir or default_cache_dir()
         self.n_threads = n_threads or default_threads()
+        self.model_access = model_access
         self._runtime: Runtime | None = None
         self._native: NativeThread | None = None
         self._settings = Settings(InferenceParameters())
@@ -1706,7 +1708,7 @@ class LlamaEngine(Engine):
             self._set_applied(None, settings)
             return
         try:
-            path = await resolve_model(state.model, self.cache_dir, self._on_download)
+            path = await resolve_model(state.model, self.cache_dir, self._on_download, access=self.model_access)
         except ModelSourceError as e:
             self._fail(e.variant, e.message, **e.details)
             self._answer_held_if_nothing_serves()

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -36,8 +37,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import aiohttp
+import aiohttp.abc
 
 from paddler_core.desired_state import ModelSource, UrlModelReference
+from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy, path_is_under
 from paddler_core.protocol import AgentIssue
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ MODEL_CHECKSUM_MISMATCH = "ModelChecksumMismatch"
 MODEL_SOURCE_IS_NONE = "ModelSourceIsNone"
 HUGGINGFACE_MODEL_DOES_NOT_EXIST = "HuggingFaceModelDoesNotExist"
 HUGGINGFACE_PERMISSIONS = "HuggingFacePermissions"
+MODEL_SOURCE_NOT_ALLOWED = "ModelSourceNotAllowed"
+MAX_REDIRECTS = 10
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,80 @@ class _Transient(Exception):
         self.error = error
 
 
+# ---- what this agent may load ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelAccess:
+    """The agent's own limits on model sources (``--model-url-allow``, ``--model-local-root``).
+
+    URLs are checked before the download, on every redirect hop, and on every address a
+    host name resolves to (so a name that points at a metadata address is refused too).
+    Local paths (``LocalToAgent``, ``file://``) must lie under a root once symlinks are
+    resolved; the refusal reads the same whether the file exists or not.
+    """
+
+    url_policy: ModelUrlPolicy = field(default_factory=ModelUrlPolicy)
+    local_roots: tuple[str, ...] = ()
+    """Empty: any local path."""
+
+    def check_source(self, source: ModelSource) -> None:
+        """Raises ModelSourceError(ModelSourceNotAllowed) for a refused source. Touches the
+        file system only to resolve symlinks of a local path."""
+        if source.kind == "LocalToAgent" and source.local_path is not None:
+            self.check_local(Path(source.local_path))
+        elif source.kind == "Url" and source.url is not None:
+            self.check_url(source.url.url)
+            parts = urllib.parse.urlsplit(source.url.url)
+            if parts.scheme.lower() == "file":
+                self.check_local(Path(urllib.request.url2pathname(parts.path)))
+
+    def check_url(self, url: str) -> None:
+        try:
+            self.url_policy.check_url(url)
+        except ModelAccessDenied as e:
+            raise ModelSourceError(MODEL_SOURCE_NOT_ALLOWED, f"This agent refuses {e}", url=url) from e
+
+    def check_address(self, url: str, address: str) -> None:
+        try:
+            self.url_policy.check_address(url, address)
+        except ModelAccessDenied as e:
+            raise ModelSourceError(MODEL_SOURCE_NOT_ALLOWED, f"This agent refuses {e}", url=url) from e
+
+    def check_local(self, path: Path) -> Path:
+        if not self.local_roots:
+            return path
+        shown = str(path)
+        roots = tuple(os.path.realpath(r) for r in self.local_roots)
+        if not path.is_absolute() or not path_is_under(os.path.realpath(path), roots):
+            raise ModelSourceError(
+                MODEL_SOURCE_NOT_ALLOWED,
+                f"Model path {shown} is outside this agent's model roots ({', '.join(self.local_roots)}); "
+                "add a root with --model-local-root.",
+                path=shown,
+            )
+        return path
+
+
+class _CheckingResolver(aiohttp.abc.AbstractResolver):
+    """Resolves like aiohttp, then refuses addresses the policy forbids for ``url``: the
+    connection goes only to an address that was checked."""
+
+    def __init__(self, access: ModelAccess) -> None:
+        self.access = access
+        self.url = ""
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        found = await self._inner.resolve(host, port, family)
+        for entry in found:
+            self.access.check_address(self.url, str(entry["host"]))
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 # ---- public entry point ------------------------------------------------------------------
 
 
@@ -109,17 +188,21 @@ async def resolve_model(
     *,
     retries: int = DEFAULT_DOWNLOAD_RETRIES,
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S,
+    access: ModelAccess | None = None,
 ) -> Path:
     """The local GGUF path for ``source``, downloading it first when needed.
 
     Raises :class:`ModelSourceError`. Cancelling the call stops a download; what was
     received stays in the cache's ``.part`` file (URL) or the hub's incomplete blob
-    (Hugging Face) and the next call resumes from there.
+    (Hugging Face) and the next call resumes from there. ``access`` (None: no limits)
+    is checked first and again on every redirect and resolved address of a download.
     """
+    if access is not None:
+        await asyncio.to_thread(access.check_source, source)
     if source.kind == "LocalToAgent" and source.local_path is not None:
         return await asyncio.to_thread(check_local_gguf, Path(source.local_path))
     if source.kind == "Url" and source.url is not None:
-        return await _resolve_url(source.url, cache_dir, progress, retries, retry_delay_s)
+        return await _resolve_url(source.url, cache_dir, progress, retries, retry_delay_s, access)
     if source.kind == "HuggingFace" and source.huggingface is not None:
         ref = source.huggingface
         return await _resolve_huggingface(
@@ -191,6 +274,7 @@ async def _resolve_url(
     progress: ProgressCallback,
     retries: int,
     retry_delay_s: float,
+    access: ModelAccess | None = None,
 ) -> Path:
     scheme = urllib.parse.urlsplit(ref.url).scheme.lower()
     if scheme == "file":
@@ -202,7 +286,7 @@ async def _resolve_url(
     target = url_cache_path(ref.url, cache_dir)
     try:
         async with _DownloadLock(target):
-            return await _resolve_http(ref, target, progress, retries, retry_delay_s)
+            return await _resolve_http(ref, target, progress, retries, retry_delay_s, access)
     except OSError as e:
         raise ModelSourceError(
             MODEL_DOWNLOAD_FAILED,
@@ -217,6 +301,7 @@ async def _resolve_http(
     progress: ProgressCallback,
     retries: int,
     retry_delay_s: float,
+    access: ModelAccess | None,
 ) -> Path:
     if await asyncio.to_thread(_cached_file_is_usable, target, ref.sha256):
         logger.info("model cached", extra={"url": ref.url, "path": str(target)})
@@ -226,7 +311,7 @@ async def _resolve_http(
     attempt = 0
     while True:
         try:
-            await _download(ref.url, target, progress)
+            await _download(ref.url, target, progress, access)
             break
         except _Transient as e:
             if attempt >= retries:
@@ -404,7 +489,7 @@ def _download_error(url: str, message: str) -> ModelSourceError:
     return ModelSourceError(MODEL_DOWNLOAD_FAILED, message, url=url)
 
 
-async def _download(url: str, target: Path, progress: ProgressCallback) -> None:
+async def _download(url: str, target: Path, progress: ProgressCallback, access: ModelAccess | None = None) -> None:
     """Download ``url`` into ``target``'s ``.part`` file, resuming what is there.
 
     Raises ``_Transient`` for failures a later attempt may get past, and
@@ -417,10 +502,14 @@ async def _download(url: str, target: Path, progress: ProgressCallback) -> None:
         headers["Range"] = f"bytes={have}-"
     throttle = _Throttle(progress)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    resolver = _CheckingResolver(access) if access is not None else None
+    connector = aiohttp.TCPConnector(resolver=resolver) if resolver is not None else None
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout, trust_env=True, auto_decompress=False) as session,
-            session.get(url, headers=headers) as resp,
+            aiohttp.ClientSession(
+                timeout=timeout, trust_env=True, auto_decompress=False, connector=connector
+            ) as session,
+            _FollowRedirects(session, url, headers, access, resolver) as resp,
         ):
             if resp.status == 416 and have:
                 # Our .part is at least as long as the file: complete, or stale.
@@ -491,6 +580,43 @@ async def _write_body(
         return current
     finally:
         await asyncio.to_thread(f.close)
+
+
+class _FollowRedirects:
+    """GET ``url``; with an ``access`` policy, redirects are followed here, each hop's URL
+    checked before it is dialled (aiohttp's own following would skip the check)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        headers: dict[str, str],
+        access: ModelAccess | None,
+        resolver: _CheckingResolver | None,
+    ) -> None:
+        self.session, self.url, self.headers, self.access, self.resolver = session, url, headers, access, resolver
+        self.resp: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        if self.access is None or self.resolver is None:
+            self.resp = await self.session.get(self.url, headers=self.headers)
+            return self.resp
+        hop = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            self.access.check_url(hop)
+            self.resolver.url = hop
+            resp = await self.session.get(hop, headers=self.headers, allow_redirects=False)
+            location = resp.headers.get("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                self.resp = resp
+                return resp
+            resp.release()
+            hop = urllib.parse.urljoin(hop, location)
+        raise _download_error(self.url, f"Downloading {self.url} followed more than {MAX_REDIRECTS} redirects.")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.resp is not None:
+            self.resp.release()
 
 
 def _event(name: str, current: int, total: int | None) -> DownloadProgress:

@@ -13,9 +13,10 @@ import contextlib
 import json
 import logging
 import random
+import secrets
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ import aiohttp
 from pydantic import ValidationError
 
 from paddler_agent.engine import Engine, StatusBoard
+from paddler_agent.model_source import MODEL_SOURCE_NOT_ALLOWED, ModelAccess, ModelSourceError
 from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.model_access import ModelUrlPolicy
 from paddler_core.prefix import request_prefix_keys
 from paddler_core.protocol import (
     AGENT_SOCKET_PATH,
@@ -33,8 +36,12 @@ from paddler_core.protocol import (
     GenerateMessage,
     RegisterMessage,
     ReplyMessage,
+    StateApplicationStatus,
     StatusMessage,
 )
+
+AGENT_SECRET_HEADER = "X-Paddler-Agent-Secret"
+"""Must match paddler_balancer.agent_claims (the agent does not import the balancer)."""
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +63,24 @@ class AgentSettings:
     """Simulated engine: decode steps per second (one token per busy slot per step)."""
     simulated_max_tokens: int = 100
     agent_id: str | None = None
+    management_token: str | None = None
+    """Sent as ``Authorization: Bearer`` when the balancer requires one (``--management-token``)."""
+    model_url_policy: ModelUrlPolicy = field(default_factory=ModelUrlPolicy)
+    """Model URLs this agent downloads (checked again here: the balancer is not the only guard)."""
+    model_local_roots: tuple[str, ...] = ()
+    """Folders ``LocalToAgent`` paths must lie in; empty: any path."""
+
+    @property
+    def model_access(self) -> ModelAccess:
+        return ModelAccess(self.model_url_policy, self.model_local_roots)
 
 
 class AgentRuntime:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.agent_id = settings.agent_id or uuid.uuid4().hex
+        self.agent_secret = secrets.token_urlsafe(32)
+        """Claims ``agent_id`` at the balancer: nobody else can register under it."""
         self.board = StatusBoard()
         self.engine = self._make_engine()
         self._outbox: list[dict[str, Any]] = []
@@ -88,7 +107,7 @@ class AgentRuntime:
         from paddler_agent.llama_engine import LlamaEngine
 
         cache = Path(s.model_cache_dir) if s.model_cache_dir else None
-        return LlamaEngine(self, self.board, s.slots, model_cache_dir=cache)
+        return LlamaEngine(self, self.board, s.slots, model_cache_dir=cache, model_access=s.model_access)
 
     # ---- EngineHost --------------------------------------------------------------------
 
@@ -109,12 +128,26 @@ class AgentRuntime:
     async def run(self, stop: asyncio.Event) -> None:
         backoff = BACKOFF_INITIAL_S
         url = f"ws://{self.settings.management_addr}" + AGENT_SOCKET_PATH.format(agent_id=self.agent_id)
+        headers = {AGENT_SECRET_HEADER: self.agent_secret}
+        if self.settings.management_token:
+            headers["Authorization"] = f"Bearer {self.settings.management_token}"
         async with aiohttp.ClientSession() as session:
             while not stop.is_set():
                 try:
-                    async with session.ws_connect(url, heartbeat=5.0, max_msg_size=64 * 1024 * 1024) as ws:
+                    async with session.ws_connect(
+                        url, heartbeat=5.0, max_msg_size=64 * 1024 * 1024, headers=headers
+                    ) as ws:
                         backoff = BACKOFF_INITIAL_S
                         await self._serve_connection(ws, stop)
+                except aiohttp.WSServerHandshakeError as err:
+                    if err.status == 401:
+                        log.error(
+                            "balancer refused this agent's management token (HTTP 401): set --management-token "
+                            "(env PADDLER_MANAGEMENT_TOKEN) to the balancer's; retry_in=%.1fs",
+                            backoff,
+                        )
+                    else:
+                        log.info("balancer unreachable url=%s error=%s retry_in=%.1fs", url, err, backoff)
                 except (aiohttp.ClientError, OSError) as err:
                     log.info("balancer unreachable url=%s error=%s retry_in=%.1fs", url, err, backoff)
                 except RejectedError as err:
@@ -246,11 +279,30 @@ class AgentRuntime:
                 previous.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await previous
+            try:
+                await asyncio.to_thread(self.settings.model_access.check_source, state.model)
+            except ModelSourceError as err:
+                self._refuse_state(err)
+                return
+            self._clear_refusal()
             log.info("applying desired state model=%s", state.model.describe())
             await self.engine.apply_desired_state(state)
             self.status_changed()
 
         self._apply_task = asyncio.create_task(apply(), name="apply-desired-state")
+
+    def _refuse_state(self, err: ModelSourceError) -> None:
+        """A model source this agent's limits refuse: keep serving what it serves and say why."""
+        log.warning("desired state refused issue=%s message=%s", err.variant, err.message)
+        board = self.board
+        board.issues = [i for i in board.issues if i.variant != MODEL_SOURCE_NOT_ALLOWED] + [err.to_issue()]
+        board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
+        self.status_changed()
+
+    def _clear_refusal(self) -> None:
+        if any(i.variant == MODEL_SOURCE_NOT_ALLOWED for i in self.board.issues):
+            self.board.issues = [i for i in self.board.issues if i.variant != MODEL_SOURCE_NOT_ALLOWED]
+            self.status_changed()
 
     async def _cancel_apply(self) -> None:
         if self._apply_task is not None:

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
+from paddler_balancer.agent_claims import AGENT_SECRET_HEADER, CLAIMS_KEY
 from paddler_balancer.agents import AgentController
 from paddler_balancer.service import Balancer
 from paddler_core.protocol import (
@@ -41,6 +42,14 @@ async def handle_agent_socket(request: web.Request, balancer: Balancer) -> web.W
     if register is None:
         await ws.close()
         return ws
+    claims = request.app.get(CLAIMS_KEY)
+    if claims is not None:
+        refused = claims.admit(agent_id, request.headers.get(AGENT_SECRET_HEADER), agent_id in balancer.pool.agents)
+        if refused is not None:
+            log.warning("agent rejected agent_id=%s reason=id-claimed peer=%s", agent_id, request.remote)
+            await ws.send_str(RejectedMessage(reason=refused).model_dump_json())
+            await ws.close()
+            return ws
 
     outbox: asyncio.Queue[str] = asyncio.Queue()
     agent = AgentController(

@@ -12,7 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from paddler_balancer import inference_api, management_api, openai_api
-from paddler_balancer.http_util import api_app
+from paddler_balancer.agent_claims import CLAIMS_KEY, AgentClaims
+from paddler_balancer.auth import inference_door, management_door
+from paddler_balancer.http_util import CorsPolicy, api_app, normalize_origin
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.metrics import statsd_reporter
 from paddler_balancer.service import Balancer
@@ -23,12 +25,21 @@ log = logging.getLogger(__name__)
 
 def _inference_middlewares(balancer: Balancer) -> list[Any]:
     api_key = balancer.settings.api_key
-    return [openai_api.auth_middleware(api_key)] if api_key else []
+    return [inference_door(api_key).middleware()] if api_key else []
+
+
+def _admin_panel_port(settings: BalancerSettings) -> int | None:
+    return parse_addr(settings.web_admin_panel_addr)[1] if settings.web_admin_panel_addr else None
+
+
+def _cors(origins: tuple[str, ...], settings: BalancerSettings) -> CorsPolicy:
+    return CorsPolicy(frozenset(normalize_origin(o) for o in origins), _admin_panel_port(settings))
 
 
 def inference_app(balancer: Balancer) -> web.Application:
     """Native and OpenAI-compatible inference APIs on one address."""
-    app = api_app(*_inference_middlewares(balancer))
+    settings = balancer.settings
+    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, settings))
     app[BALANCER_KEY] = balancer
     inference_api.add_routes(app)
     openai_api.add_routes(app)
@@ -37,7 +48,8 @@ def inference_app(balancer: Balancer) -> web.Application:
 
 def compat_openai_app(balancer: Balancer) -> web.Application:
     """The OpenAI-compatible API alone (``--compat-openai-addr``, Paddler compatibility)."""
-    app = api_app(*_inference_middlewares(balancer))
+    settings = balancer.settings
+    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, settings))
     app[BALANCER_KEY] = balancer
     app.router.add_get("/health", inference_api.health)
     openai_api.add_routes(app)
@@ -45,7 +57,11 @@ def compat_openai_app(balancer: Balancer) -> web.Application:
 
 
 def management_app(balancer: Balancer) -> web.Application:
-    app = api_app()
+    settings = balancer.settings
+    token = settings.management_token
+    middlewares = [management_door(token).middleware()] if token else []
+    app = api_app(*middlewares, cors=_cors(settings.management_cors_allowed_hosts, settings))
+    app[CLAIMS_KEY] = AgentClaims()
     app[BALANCER_KEY] = balancer
     management_api.add_routes(app)
     if balancer.settings.statsd_addr:
@@ -98,7 +114,24 @@ def _bound_addr(runner: web.AppRunner, addr: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _log_doors(settings: BalancerSettings) -> None:
+    """Say at startup which doors are open: a keyless management port lets anyone who can
+    reach it repoint the pool's model or register agents."""
+    if settings.management_token:
+        log.info("management port requires a token (--management-token)")
+    else:
+        log.warning(
+            "management port is OPEN: no --management-token (env PADDLER_MANAGEMENT_TOKEN); anyone who "
+            "reaches %s can change the desired state and register agents",
+            settings.management_addr,
+        )
+    if not settings.api_key:
+        log.info("inference API is open: no --api-key (env PADDLER_API_KEY)")
+    log.info("model URLs allowed: %s", settings.model_url_policy.describe())
+
+
 async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -> None:
+    _log_doors(settings)
     balancer = Balancer(settings)
     runners = [
         # Its streams (SSE of an open admin panel, agent sockets) never end on their own: without a

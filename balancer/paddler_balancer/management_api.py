@@ -20,6 +20,7 @@ from paddler_balancer.http_util import json_error, read_json, validation_message
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.service import Balancer
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState
+from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,17 @@ async def _sse(request: web.Request, changed: asyncio.Event, body: Callable[[], 
         await asyncio.sleep(0.05)  # coalesce bursts of changes into one event
 
 
-def _parse_state(body: Any) -> BalancerDesiredState | web.Response:
+def _parse_state(body: Any, policy: ModelUrlPolicy) -> BalancerDesiredState | web.Response:
     try:
-        return BalancerDesiredState.model_validate(body)
+        state = BalancerDesiredState.model_validate(body)
     except ValidationError as err:
         return json_error(400, validation_message(err), "invalid_desired_state")
+    if state.model.kind == "Url" and state.model.url is not None:
+        try:
+            policy.check_url(state.model.url.url)
+        except ModelAccessDenied as err:
+            return json_error(400, f"model.Url.url: {err}", "model_url_not_allowed")
+    return state
 
 
 async def get_default_state(request: web.Request) -> web.Response:
@@ -155,7 +162,7 @@ async def delete_group_state(request: web.Request) -> web.Response:
 
 
 async def _put_state(request: web.Request, group: str) -> web.Response:
-    parsed = _parse_state(await read_json(request))
+    parsed = _parse_state(await read_json(request), _balancer(request).settings.model_url_policy)
     if isinstance(parsed, web.Response):
         return parsed
     _balancer(request).set_desired_state(group, parsed, request.headers.get(OWNER_HEADER))

@@ -21,7 +21,6 @@ their base URL to ``http://<inference-addr>/v1``.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -33,7 +32,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from paddler_balancer.batches import Batch, run_embedding, run_generation
-from paddler_balancer.http_util import Handler, json_error
+from paddler_balancer.http_util import Handler
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.openai_types import (
     SSE_DONE,
@@ -143,26 +142,6 @@ def _endpoint(name: str, handler: Endpoint) -> Handler:
         return response
 
     return handle
-
-
-def auth_middleware(api_key: str) -> Any:
-    """``Authorization: Bearer <api_key>`` on every inference route but ``/health``,
-    native and OpenAI alike; the 401 body is in the envelope of the API asked."""
-    expected = f"Bearer {api_key}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if request.path == "/health" or request.method == "OPTIONS" or hmac.compare_digest(given, expected):
-            return await handler(request)
-        log.info("request rejected reason=unauthorized path=%s", request.path)
-        if request.path.startswith("/v1/"):
-            return error_response(
-                OpenAIError(401, "Incorrect or missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
-            )
-        return json_error(401, "incorrect or missing API key (Authorization: Bearer <key>)", "unauthorized")
-
-    return check
 
 
 def _validate(model: type[_M], body: dict[str, Any]) -> _M:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from paddler_core.model_access import ModelUrlPolicy
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -51,7 +53,16 @@ class BalancerSettings:
     statsd_reporting_interval: float = 10.0
     """Seconds between StatsD reports."""
     api_key: str | None = None
-    """When set, inference requests need ``Authorization: Bearer <key>``."""
+    """When set, inference requests need it (Bearer, Basic password, or ``?api_key=`` on the
+    native routes); see docs/security.md."""
+    management_token: str | None = None
+    """When set, every management route but ``/health`` needs it, agent sockets included."""
+    inference_cors_allowed_hosts: tuple[str, ...] = ()
+    """Browser origins (``scheme://host[:port]``, or ``*``) allowed to call the inference API."""
+    management_cors_allowed_hosts: tuple[str, ...] = ()
+    """Browser origins allowed to call the management API (the admin panel's always is)."""
+    model_url_policy: ModelUrlPolicy = field(default_factory=ModelUrlPolicy)
+    """Which model URLs a desired state may name (checked on PUT; agents check again)."""
     routing_candidates: int = 16
     """Most agents scored per decision (a random sample beyond it keeps decisions O(1))."""
     prefix_affinity_load_cap: float = 0.75

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from paddler_balancer.settings import BalancerSettings, parse_duration
+from paddler_core.model_access import AllowEntry, ModelUrlPolicy
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -55,9 +56,66 @@ def _add_balancer(sub: Any) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get("PADDLER_API_KEY"),
-        help="require Bearer auth on inference (env PADDLER_API_KEY)",
+        help="require this key on inference: Bearer, Basic password, or ?api_key= on native routes "
+        "(env PADDLER_API_KEY)",
     )
+    _add_management_token(p, "require this token on every management route and agent socket")
+    p.add_argument(
+        "--inference-cors-allowed-host",
+        action="append",
+        type=_origin,
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin (scheme://host[:port], or *) allowed to call the inference API; repeatable",
+    )
+    p.add_argument(
+        "--management-cors-allowed-host",
+        action="append",
+        type=_origin,
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin allowed to call the management API (the admin panel's always is); repeatable",
+    )
+    _add_model_url_allow(p)
     p.set_defaults(run=_run_balancer)
+
+
+def _origin(text: str) -> str:
+    from paddler_balancer.http_util import normalize_origin
+
+    try:
+        return normalize_origin(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _allow_entry(text: str) -> str:
+    try:
+        AllowEntry.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _add_management_token(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--management-token",
+        default=os.environ.get("PADDLER_MANAGEMENT_TOKEN") or None,
+        help=f"{what} (env PADDLER_MANAGEMENT_TOKEN)",
+    )
+
+
+def _add_model_url_allow(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-url-allow",
+        action="append",
+        type=_allow_entry,
+        default=[],
+        metavar="URL_PREFIX",
+        help="model URLs a desired state may name, as URL prefixes (https://, http://host:port/path, "
+        "https://*.example.com); repeatable; default https:// (never loopback, link-local or metadata "
+        "addresses unless an entry names the host)",
+    )
 
 
 def _run_balancer(args: argparse.Namespace) -> int:
@@ -77,6 +135,10 @@ def _run_balancer(args: argparse.Namespace) -> int:
         statsd_prefix=args.statsd_prefix,
         statsd_reporting_interval=args.statsd_reporting_interval,
         api_key=args.api_key,
+        management_token=args.management_token,
+        inference_cors_allowed_hosts=tuple(args.inference_cors_allowed_host),
+        management_cors_allowed_hosts=tuple(args.management_cors_allowed_host),
+        model_url_policy=ModelUrlPolicy.from_entries(args.model_url_allow),
     )
     from paddler_balancer.app import serve
 
@@ -97,6 +159,16 @@ def _add_agent(sub: Any) -> None:
         "--simulated-tokens-per-second", type=float, default=100.0, help="simulated engine: tokens/s per slot"
     )
     p.add_argument("--simulated-max-tokens", type=int, default=100, help="simulated engine: tokens per request at most")
+    _add_management_token(p, "send this token to the balancer")
+    _add_model_url_allow(p)
+    p.add_argument(
+        "--model-local-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="LocalToAgent paths and file:// URLs must lie under one of these folders; repeatable "
+        "(default: any path)",
+    )
     p.set_defaults(run=_run_agent)
 
 
@@ -115,6 +187,9 @@ def _run_agent(args: argparse.Namespace) -> int:
         model_cache_dir=args.model_cache_dir,
         simulated_tokens_per_second=args.simulated_tokens_per_second,
         simulated_max_tokens=args.simulated_max_tokens,
+        management_token=args.management_token,
+        model_url_policy=ModelUrlPolicy.from_entries(args.model_url_allow),
+        model_local_roots=tuple(args.model_local_root),
     )
     return _run_until_signal(lambda stop: run_agent(settings, stop))
 
