@@ -53,6 +53,22 @@ class BalancerClient:
     def __init__(self, settings: BalancerClientSettings | None = None) -> None:
         self.settings = settings or BalancerClientSettings()
         self._session: aiohttp.ClientSession | None = None
+        self._tokens: dict[str, str] = {}
+
+    def use_token(self, base_url: str, token: str | None) -> None:
+        """Send ``token`` (the pool's management token) to the balancer at ``base_url``."""
+        base = base_url.rstrip("/")
+        if token:
+            self._tokens[base] = token
+        else:
+            self._tokens.pop(base, None)
+
+    def _auth(self, base_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        token = self._tokens.get(base_url.rstrip("/"))
+        headers = dict(extra or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -88,11 +104,12 @@ class BalancerClient:
         base = base_url.rstrip("/")
         # One request first: an unreachable balancer fails here, always with the same message
         # (conditions stay stable while it is down, so the status is not rewritten on every retry).
-        agents = await self._request("GET", f"{base}/api/v1/agents")
+        auth = self._auth(base)
+        agents = await self._request("GET", f"{base}/api/v1/agents", headers=auth)
         groups, buffered, metrics = await asyncio.gather(
-            self._request("GET", f"{base}/api/v1/model_groups"),
-            self._request("GET", f"{base}/api/v1/buffered_requests"),
-            self._request("GET", f"{base}/metrics", text=True),
+            self._request("GET", f"{base}/api/v1/model_groups", headers=auth),
+            self._request("GET", f"{base}/api/v1/buffered_requests", headers=auth),
+            self._request("GET", f"{base}/metrics", text=True, headers=auth),
         )
         return BalancerSnapshot(
             agents=tuple(AgentView.from_json(a) for a in (agents or {}).get("agents", [])),
@@ -106,13 +123,17 @@ class BalancerClient:
             "PUT",
             f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/desired_state",
             json_body=state,
-            headers={OWNER_HEADER: owner},
+            headers=self._auth(base_url, {OWNER_HEADER: owner}),
         )
 
     async def delete_desired_state(self, base_url: str, group: str) -> bool:
         """True if the group had a state; False if the balancer did not know it."""
         try:
-            await self._request("DELETE", f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/desired_state")
+            await self._request(
+                "DELETE",
+                f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/desired_state",
+                headers=self._auth(base_url),
+            )
             return True
         except BalancerRejected as err:
             if err.status == 404:

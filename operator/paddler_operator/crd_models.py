@@ -109,6 +109,25 @@ class AdminPanelSpec(_Spec):
     enabled: bool = Field(default=False, description="Serve the web admin panel on the inference Service.")
 
 
+class ManagementAuthSpec(_Spec):
+    """The management token: required on the balancer's management port (agent sockets,
+    desired state, agents, streams, metrics); sent by the pool's agents and the operator."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Require the token. Off leaves the management port open to anyone who reaches the Service.",
+    )
+    secret_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Secret (in the pool's namespace) holding the token under secretKey. Default: "
+            "<pool>-management-token, which the operator creates with a random token and deletes with the pool."
+        ),
+    )
+    secret_key: Annotated[str, Field(min_length=1, description="Key inside the Secret.")] = "management-token"
+
+
 class BalancerSpec(_Spec):
     """The pool's balancer: one pod that buffers requests and routes them to agent slots."""
 
@@ -141,6 +160,13 @@ class BalancerSpec(_Spec):
     )
     auth_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Require this API key (Bearer) on the inference APIs."
+    )
+    management_auth: ManagementAuthSpec = Field(
+        default_factory=ManagementAuthSpec, description="Token on the management port (on by default)."
+    )
+    cors_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins (scheme://host[:port]) allowed to call the inference API.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the balancer and of the agents."
@@ -198,9 +224,26 @@ class AgentDefaults(_Spec):
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, description="Downloaded models' volume.")
 
 
+class ModelAccessSpec(_Spec):
+    """Which model sources the pool's balancer accepts and its agents load."""
+
+    url_allow: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Model URL prefixes (https://, http://host:port/path, https://*.example.com); empty: any https URL. "
+            "Loopback, link-local and metadata addresses only when an entry names the host."
+        ),
+    )
+    local_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders LocalToAgent paths must lie in (on the agent); empty: any path.",
+    )
+
+
 class LlmPoolSpec(_Spec):
     balancer: BalancerSpec = Field(default_factory=BalancerSpec, description="The pool's balancer.")
     agent: AgentDefaults = Field(default_factory=AgentDefaults, description="Defaults of every agent pod.")
+    model_access: ModelAccessSpec = Field(default_factory=ModelAccessSpec, description="Allowed model sources.")
 
 
 class PoolRef(_Spec):

@@ -8,6 +8,7 @@ difference through :mod:`paddler_operator.kube`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -113,6 +114,43 @@ def balancer_url(template: str, pool: str, namespace: str, spec: LlmPoolSpec | N
     return template.format(pool=pool, namespace=namespace, service=management_service_name(pool), port=port)
 
 
+MANAGEMENT_TOKEN_ENV = "PADDLER_MANAGEMENT_TOKEN"
+
+
+def management_secret_name(pool: str) -> str:
+    """The Secret the operator creates per pool to hold its management token."""
+    return f"{pool}-management-token"
+
+
+def management_token_ref(pool: str, spec: LlmPoolSpec) -> tuple[str, str] | None:
+    """(Secret name, key) of the pool's management token; None when the pool turned it off."""
+    auth = spec.balancer.management_auth
+    if not auth.enabled:
+        return None
+    return auth.secret_name or management_secret_name(pool), auth.secret_key
+
+
+def management_token_env(pool: str, spec: LlmPoolSpec) -> list[Obj]:
+    ref = management_token_ref(pool, spec)
+    if ref is None:
+        return []
+    return [{"name": MANAGEMENT_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref[0], "key": ref[1]}}}]
+
+
+def management_secret(owner: Owner, spec: LlmPoolSpec, token: str) -> Obj:
+    """The pool's generated token Secret (only when the pool names no Secret of its own).
+    Created once with a random token; never patched, so the token stays stable."""
+    name, key = management_secret_name(owner.name), spec.balancer.management_auth.secret_key
+    labels = _labels(owner, owner.name, "balancer", "paddler-balancer")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(owner, name, labels),
+        "type": "Opaque",
+        "data": {key: base64.b64encode(token.encode()).decode()},
+    }
+
+
 def owner_header(namespace: str, name: str) -> str:
     """``X-Paddler-Owner`` value of a ModelDeployment's model group."""
     return f"{OWNER_HEADER_KIND}/{namespace}/{name}"
@@ -185,6 +223,10 @@ def balancer_args(spec: LlmPoolSpec) -> list[str]:
     ]
     if b.admin_panel.enabled:
         args += ["--web-admin-panel-addr", f"0.0.0.0:{ADMIN_PANEL_PORT}"]
+    for origin in b.cors_allowed_origins:
+        args += ["--inference-cors-allowed-host", origin]
+    for entry in spec.model_access.url_allow:
+        args += ["--model-url-allow", entry]
     return args
 
 
@@ -209,7 +251,7 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
         "metadata": _meta(owner, balancer_name(pool), labels),
         "data": config,
     }
-    env: list[Obj] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    env: list[Obj] = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *management_token_env(pool, spec)]
     if b.auth_secret_ref is not None:
         env.append(
             {
@@ -311,6 +353,11 @@ def slots_per_agent(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> int:
 
 
 def agent_args(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec, log_level: str) -> list[str]:
+    access: list[str] = []
+    for entry in pool.model_access.url_allow:
+        access += ["--model-url-allow", entry]
+    for root in pool.model_access.local_roots:
+        access += ["--model-local-root", root]
     return [
         "--log-level",
         log_level,
@@ -325,6 +372,7 @@ def agent_args(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec, log_lev
         "$(POD_NAME)",
         "--model-cache-dir",
         pool.agent.model_cache.mount_path,
+        *access,
     ]
 
 
@@ -361,6 +409,7 @@ def plan_model_deployment(
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "HOME", "value": "/tmp"},
             {"name": "HF_HOME", "value": f"{cache.mount_path}/huggingface"},
+            *management_token_env(pool_name, pool),
         ],
         "resources": agent_resources(md, pool),
         "securityContext": _container_security(),
@@ -420,11 +469,17 @@ def plan_model_deployment(
         objects.append(_hpa(owner, name, labels, md.autoscaling, spa))
     else:
         absent.append(hpa_ref)
+    trigger_auth_ref = ObjRef("keda.sh/v1alpha1", "TriggerAuthentication", owner.namespace, name)
+    token_ref = management_token_ref(pool_name, pool)
     if mode == AutoscalingMode.KEDA:
         addr = management_addr(pool_name, owner.namespace, pool)
-        objects.append(_scaled_object(owner, name, labels, md.autoscaling, addr))
+        objects.append(_scaled_object(owner, name, labels, md.autoscaling, addr, token_ref is not None))
+        if token_ref is not None:
+            objects.append(_trigger_authentication(owner, name, labels, token_ref))
+        else:
+            absent.append(trigger_auth_ref)
     else:
-        absent.append(keda_ref)
+        absent += [keda_ref, trigger_auth_ref]
     return MdPlan(
         objects=objects,
         absent=absent,
@@ -486,8 +541,33 @@ def _hpa(owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, sl
     }
 
 
-def _scaled_object(owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, addr: str) -> Obj:
+def _trigger_authentication(owner: Owner, name: str, labels: dict[str, str], token_ref: tuple[str, str]) -> Obj:
+    """KEDA reads the buffered-request gauge with the pool's management token."""
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": _meta(owner, name, labels),
+        "spec": {"secretTargetRef": [{"parameter": "token", "name": token_ref[0], "key": token_ref[1]}]},
+    }
+
+
+def _scaled_object(
+    owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, addr: str, with_token: bool = False
+) -> Obj:
     base = f"http://{addr}"
+    trigger: Obj = {
+        # The balancer's own JSON: no Prometheus needed (it is pushed, never stale).
+        "type": "metrics-api",
+        "metadata": {
+            "url": f"{base}/api/v1/buffered_requests",
+            "valueLocation": "buffered_requests_current",
+            "targetValue": str(a.target_buffered_requests),
+            "activationTargetValue": "0",
+        },
+    }
+    if with_token:
+        trigger["metadata"]["authMode"] = "bearer"
+        trigger["authenticationRef"] = {"name": name}
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -498,18 +578,7 @@ def _scaled_object(owner: Owner, name: str, labels: dict[str, str], a: Autoscali
             "maxReplicaCount": a.max_replicas,
             "cooldownPeriod": a.scale_down_delay_seconds,
             "pollingInterval": 5,
-            "triggers": [
-                {
-                    # The balancer's own JSON: no Prometheus needed (it is pushed, never stale).
-                    "type": "metrics-api",
-                    "metadata": {
-                        "url": f"{base}/api/v1/buffered_requests",
-                        "valueLocation": "buffered_requests_current",
-                        "targetValue": str(a.target_buffered_requests),
-                        "activationTargetValue": "0",
-                    },
-                }
-            ],
+            "triggers": [trigger],
         },
     }
 

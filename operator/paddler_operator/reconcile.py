@@ -14,9 +14,11 @@ to balancers only through :class:`~paddler_operator.balancer_client.BalancerClie
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +254,8 @@ class Reconciler:
         owner = _owner(obj)
         errors = await self.apply(obj, plan.plan_pool(owner, spec))
         url = self.balancer_url(name, namespace, spec)
+        token_error = await self._management_token(url, namespace, name, spec, create_for=obj)
+        errors += [token_error] if token_error else []
         snapshot: BalancerSnapshot | None = None
         balancer_error: str | None = "balancer.replicas is 0"
         if spec.balancer.replicas > 0:
@@ -276,6 +280,41 @@ class Reconciler:
         )
         transient = bool(errors) or (spec.balancer.replicas > 0 and snapshot is None)
         return Outcome(ok=not transient, retry=transient, message=balancer_error or "; ".join(errors))
+
+    async def _management_token(
+        self, url: str, namespace: str, pool: str, spec: LlmPoolSpec, create_for: Obj | None = None
+    ) -> str | None:
+        """Read the pool's management token (creating its generated Secret when ``create_for``,
+        the pool, is given) and hand it to the balancer client; returns an error message."""
+        ref = plan.management_token_ref(pool, spec)
+        if ref is None:
+            self.balancers.use_token(url, None)
+            return None
+        name, key = ref
+        secret_ref = ObjRef("v1", "Secret", namespace, name)
+        generated = spec.balancer.management_auth.secret_name is None
+        try:
+            secret = await self.kube.get(secret_ref)
+            if secret is None and generated and create_for is not None:
+                want = plan.management_secret(_owner(create_for), spec, secrets.token_urlsafe(32))
+                try:
+                    secret = await self.kube.create(want)
+                    log.info("created object=%s owner=%s", secret_ref, pool)
+                    await self.kube.event(create_for, "Normal", "Created", f"Created Secret {name}")
+                except KubeError as err:
+                    if err.status != 409:
+                        raise
+                    secret = await self.kube.get(secret_ref)
+        except KubeError as err:
+            return f"Secret {name}: {err.message}"
+        if secret is None:
+            return f"Secret {name} with the management token does not exist"
+        try:
+            token = base64.b64decode((secret.get("data") or {})[key]).decode()
+        except (KeyError, ValueError):
+            return f"Secret {name} has no key {key!r} with the management token"
+        self.balancers.use_token(url, token)
+        return None
 
     async def members(self, namespace: str, pool: str) -> list[str]:
         """Names of the ModelDeployments that name ``pool``."""
@@ -332,6 +371,7 @@ class Reconciler:
             return Outcome(ok=False, retry=False, message="pool not found")
 
         url = self.balancer_url(spec.pool_ref.name, namespace, pool_spec)
+        await self._management_token(url, namespace, spec.pool_ref.name, pool_spec)
         snapshot, balancer_error = await self._snapshot(url)
         deployment_ref = ObjRef("apps/v1", "Deployment", namespace, plan.agent_name(name))
         builtin: int | None = None
@@ -465,6 +505,8 @@ class Reconciler:
             with contextlib.suppress(ValidationError):
                 spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
         url = self.balancer_url(pool, namespace, spec)
+        if spec is not None:
+            await self._management_token(url, namespace, pool, spec)
         try:
             if await self.balancers.delete_desired_state(url, name):
                 log.info("desired state removed group=%s url=%s", name, url)

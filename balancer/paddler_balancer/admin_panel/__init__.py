@@ -1,7 +1,9 @@
 """The web admin panel: plain HTML/CSS/JS served from package data, no build step.
 
 The pages run in the browser and call the balancer's management and inference
-APIs directly (both send CORS headers). ``GET /config.json`` tells them where
+APIs directly (both allow the panel's origin by CORS). When the balancer requires a
+management token or an API key, the pages ask for it and keep it in the tab's
+sessionStorage; the panel's own server never holds or hands out credentials. ``GET /config.json`` tells them where
 those APIs are, plus what the model page needs to render its form: every
 inference parameter with its type, bounds, default and a short explanation.
 """
@@ -120,6 +122,9 @@ def panel_config(settings: BalancerSettings, request_host: str) -> dict[str, Any
         "default_desired_state": BalancerDesiredState().to_json_dict(),
         "inference_parameters": parameter_fields(),
         "max_buffered_requests": settings.max_buffered_requests,
+        # Whether the pages must ask for credentials (never the credentials themselves).
+        "management_token_required": settings.management_token is not None,
+        "api_key_required": settings.api_key is not None,
     }
 
 

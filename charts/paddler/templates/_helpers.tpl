@@ -50,8 +50,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [horizontalpodautoscalers]
   verbs: [get, create, patch, delete]
 - apiGroups: [keda.sh]
-  resources: [scaledobjects]
+  resources: [scaledobjects, triggerauthentications]
   verbs: [get, create, patch, delete]
+# Each pool's management token: the operator creates its Secret once and reads it to call
+# the balancer. get by name and create only: it cannot list or watch other Secrets.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

@@ -13,6 +13,38 @@ export function getConfig() {
   return configPromise;
 }
 
+// Credentials the operator typed into the sign-in form; kept for this tab only.
+const STORE = { management: "paddler.managementToken", inference: "paddler.apiKey" };
+
+/** The stored management token ("management") or API key ("inference"), or "". */
+export function credential(kind) {
+  try {
+    return window.sessionStorage.getItem(STORE[kind]) || "";
+  } catch {
+    return "";
+  }
+}
+
+export function saveCredential(kind, value) {
+  if (value) window.sessionStorage.setItem(STORE[kind], value);
+  else window.sessionStorage.removeItem(STORE[kind]);
+}
+
+/** ``url`` with ``param=value`` added: browsers cannot put headers on EventSource or WebSocket. */
+export function withQuery(url, param, value) {
+  if (!value) return url;
+  const parsed = new URL(url);
+  parsed.searchParams.set(param, value);
+  return parsed.toString();
+}
+
+/** Resolves true when ``url`` accepts ``secret`` (false on 401); other failures reject. */
+export async function accepts(url, secret) {
+  const headers = secret ? { Authorization: `Bearer ${secret}` } : {};
+  const response = await fetch(url, { headers, cache: "no-store" });
+  return response.status !== 401;
+}
+
 export class ApiError extends Error {
   constructor(status, message, body) {
     super(message);
@@ -21,9 +53,11 @@ export class ApiError extends Error {
   }
 }
 
-/** JSON request; resolves to the parsed body (null for 204), rejects with ApiError. */
+/** JSON request to the management API; resolves to the parsed body (null for 204), rejects with ApiError. */
 export async function api(base, path, { method = "GET", body } = {}) {
   const init = { method, headers: { Accept: "application/json" } };
+  const token = credential("management");
+  if (token) init.headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -55,7 +89,7 @@ export async function api(base, path, { method = "GET", body } = {}) {
  * Returns a function that closes the stream.
  */
 export function subscribe(url, onData, onState = () => {}) {
-  const source = new EventSource(url);
+  const source = new EventSource(withQuery(url, "management_token", credential("management")));
   source.onopen = () => onState("live");
   source.onerror = () => onState("down"); // EventSource keeps retrying on its own
   source.onmessage = (event) => {

@@ -2,6 +2,7 @@
 // WebSocket. Tokens stream in as they are generated; Stop cancels the request on
 // the balancer, which stops the agent and frees the slot.
 
+import { credential, withQuery } from "./api.js";
 import { humanize } from "./dashboard.js";
 import { h, requestId } from "./dom.js";
 import { onAgents } from "./live.js";
@@ -114,7 +115,8 @@ export async function mount(main, config) {
           capacity))),
   );
 
-  const socket = new Socket(config.inference_socket_url, onMessage, () => {
+  const socketUrl = withQuery(config.inference_socket_url, "api_key", credential("inference"));
+  const socket = new Socket(socketUrl, onMessage, () => {
     if (turn) finish("error", "The connection to the balancer closed.");
   });
 
