@@ -28,18 +28,16 @@ def _inference_middlewares(balancer: Balancer) -> list[Any]:
     return [inference_door(api_key).middleware()] if api_key else []
 
 
-def _admin_panel_port(settings: BalancerSettings) -> int | None:
-    return parse_addr(settings.web_admin_panel_addr)[1] if settings.web_admin_panel_addr else None
+def _cors(origins: tuple[str, ...], panel_ports: set[int] | None) -> CorsPolicy:
+    allowed = frozenset(normalize_origin(o) for o in origins)
+    return CorsPolicy(allowed, panel_ports if panel_ports is not None else set())
 
 
-def _cors(origins: tuple[str, ...], settings: BalancerSettings) -> CorsPolicy:
-    return CorsPolicy(frozenset(normalize_origin(o) for o in origins), _admin_panel_port(settings))
-
-
-def inference_app(balancer: Balancer) -> web.Application:
-    """Native and OpenAI-compatible inference APIs on one address."""
+def inference_app(balancer: Balancer, panel_ports: set[int] | None = None) -> web.Application:
+    """Native and OpenAI-compatible inference APIs on one address. ``panel_ports``: the
+    admin panel's port(s), whose origin CORS allows (filled in once the panel listens)."""
     settings = balancer.settings
-    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, settings))
+    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, panel_ports))
     app[BALANCER_KEY] = balancer
     inference_api.add_routes(app)
     openai_api.add_routes(app)
@@ -49,18 +47,18 @@ def inference_app(balancer: Balancer) -> web.Application:
 def compat_openai_app(balancer: Balancer) -> web.Application:
     """The OpenAI-compatible API alone (``--compat-openai-addr``, Paddler compatibility)."""
     settings = balancer.settings
-    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, settings))
+    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, None))
     app[BALANCER_KEY] = balancer
     app.router.add_get("/health", inference_api.health)
     openai_api.add_routes(app)
     return app
 
 
-def management_app(balancer: Balancer) -> web.Application:
+def management_app(balancer: Balancer, panel_ports: set[int] | None = None) -> web.Application:
     settings = balancer.settings
     token = settings.management_token
     middlewares = [management_door(token).middleware()] if token else []
-    app = api_app(*middlewares, cors=_cors(settings.management_cors_allowed_hosts, settings))
+    app = api_app(*middlewares, cors=_cors(settings.management_cors_allowed_hosts, panel_ports))
     app[CLAIMS_KEY] = AgentClaims()
     app[BALANCER_KEY] = balancer
     management_api.add_routes(app)
@@ -133,11 +131,14 @@ def _log_doors(settings: BalancerSettings) -> None:
 async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -> None:
     _log_doors(settings)
     balancer = Balancer(settings)
+    panel_ports: set[int] = set()
     runners = [
         # Its streams (SSE of an open admin panel, agent sockets) never end on their own: without a
         # short timeout they hold a SIGTERM for 60 s. It stops last, after inference has drained.
-        await _start(management_app(balancer), settings.management_addr, "management", shutdown_timeout=1.0),
-        await _start(inference_app(balancer), settings.inference_addr, "inference"),
+        await _start(
+            management_app(balancer, panel_ports), settings.management_addr, "management", shutdown_timeout=1.0
+        ),
+        await _start(inference_app(balancer, panel_ports), settings.inference_addr, "inference"),
     ]
     if settings.compat_openai_addr:
         runners.append(await _start(compat_openai_app(balancer), settings.compat_openai_addr, "compat_openai"))
@@ -150,7 +151,9 @@ async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -
             management_addr=_bound_addr(runners[0], settings.management_addr),
             inference_addr=_bound_addr(runners[1], settings.inference_addr),
         )
-        runners.append(await _start(admin_panel_app(bound), settings.web_admin_panel_addr, "web_admin_panel"))
+        panel = await _start(admin_panel_app(bound), settings.web_admin_panel_addr, "web_admin_panel")
+        runners.append(panel)
+        panel_ports.add(parse_addr(_bound_addr(panel, settings.web_admin_panel_addr))[1])
     try:
         await (stop or asyncio.Event()).wait()
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -54,17 +54,21 @@ class CorsPolicy:
     """
 
     allowed_origins: frozenset[str] = frozenset()
-    admin_panel_port: int | None = None
+    admin_panel_ports: set[int] = field(default_factory=set)
+    """The panel's bound port, added once it listens (it may be port 0 until then)."""
 
     def allows(self, origin: str, request_host: str | None) -> bool:
         if "*" in self.allowed_origins or origin.rstrip("/") in self.allowed_origins:
             return True
-        if self.admin_panel_port is None or request_host is None:
+        if not self.admin_panel_ports or request_host is None:
             return False
-        parsed = URL(origin)
+        try:
+            parsed = URL(origin)
+        except ValueError:
+            return False
         return (
             parsed.scheme in ("http", "https")
-            and parsed.port == self.admin_panel_port
+            and parsed.port in self.admin_panel_ports
             and parsed.host == request_host
         )
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from paddler_core.desired_state import (
@@ -29,6 +29,7 @@ from paddler_core.desired_state import (
     ModelSource,
     UrlModelReference,
 )
+from paddler_core.model_access import AllowEntry
 
 GROUP = "paddler.dev"
 VERSION = "v1alpha1"
@@ -164,7 +165,7 @@ class BalancerSpec(_Spec):
     management_auth: ManagementAuthSpec = Field(
         default_factory=ManagementAuthSpec, description="Token on the management port (on by default)."
     )
-    cors_allowed_origins: list[str] = Field(
+    cors_allowed_origins: list[Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+/?)$")]] = Field(
         default_factory=list,
         description="Browser origins (scheme://host[:port]) allowed to call the inference API.",
     )
@@ -238,6 +239,21 @@ class ModelAccessSpec(_Spec):
         default_factory=list,
         description="Folders LocalToAgent paths must lie in (on the agent); empty: any path.",
     )
+
+    @field_validator("url_allow")
+    @classmethod
+    def _entries_parse(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            AllowEntry.parse(entry)  # a bad entry is an InvalidSpec, not a crash-looping balancer
+        return entries
+
+    @field_validator("local_roots")
+    @classmethod
+    def _roots_absolute(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not root.startswith("/"):
+                raise ValueError(f"local root {root!r} must be an absolute path")
+        return roots
 
 
 class LlmPoolSpec(_Spec):

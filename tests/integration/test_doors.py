@@ -15,12 +15,16 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 from paddler_client import ClientInference, ClientManagement
 from paddler_client.continue_from_conversation_history_params import ContinueFromConversationHistoryParams
 from paddler_client.continue_from_raw_prompt_params import ContinueFromRawPromptParams
 from paddler_client.conversation_message import ConversationMessage
 from paddler_client.error import HttpError
 
+from paddler_agent.model_source import ModelAccess, ModelSourceError, resolve_model
+from paddler_core.desired_state import ModelSource, UrlModelReference
+from paddler_core.model_access import ModelUrlPolicy
 from tests.harness import Balancer, Processes, wait_until
 
 TOKEN = "mgmt-token-for-tests"
@@ -365,3 +369,63 @@ async def test_local_path_outside_the_roots_reads_the_same_whether_it_exists(
     assert list(existing) == ["ModelSourceNotAllowed"]
     assert shape(existing, str(outside)) == shape(missing, str(tmp_path / "missing.gguf"))
     assert list(escaping) == ["ModelSourceNotAllowed"]
+
+
+# --- the agent's download follows redirects itself, checking each hop -----------------------
+
+GGUF_BYTES = b"GGUF" + bytes(60)
+
+
+async def redirecting_server(target: str) -> web.AppRunner:
+    async def redirect(_request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(target)
+
+    async def model(_request: web.Request) -> web.StreamResponse:
+        return web.Response(body=GGUF_BYTES)
+
+    app = web.Application()
+    app.router.add_get("/m.gguf", redirect)
+    app.router.add_get("/files/m.gguf", model)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+def port_of(runner: web.AppRunner) -> int:
+    return int(runner.addresses[0][1])
+
+
+@pytest.mark.parametrize(
+    "target", ["http://169.254.169.254/latest/meta-data/m.gguf", "http://localhost:{port}/files/m.gguf"]
+)
+async def test_agent_download_refuses_a_redirect_to_an_internal_address(tmp_path: Path, target: str) -> None:
+    runner = await redirecting_server("")
+    port = port_of(runner)
+    await runner.cleanup()
+    runner = await redirecting_server(target.format(port=port))
+    try:
+        access = ModelAccess(ModelUrlPolicy.from_entries([f"http://127.0.0.1:{port_of(runner)}/"]))
+        url = f"http://127.0.0.1:{port_of(runner)}/m.gguf"
+        with pytest.raises(ModelSourceError) as refused:
+            await resolve_model(
+                ModelSource(kind="Url", url=UrlModelReference(url=url)), tmp_path, lambda _p: None, access=access
+            )
+    finally:
+        await runner.cleanup()
+    assert refused.value.variant == "ModelSourceNotAllowed"
+    assert target.split("/")[2].split(":")[0] in refused.value.message
+
+
+async def test_agent_download_follows_an_allowed_redirect(tmp_path: Path) -> None:
+    runner = await redirecting_server("/files/m.gguf")
+    try:
+        base = f"http://127.0.0.1:{port_of(runner)}"
+        access = ModelAccess(ModelUrlPolicy.from_entries([f"{base}/"]))
+        path = await resolve_model(
+            ModelSource(kind="Url", url=UrlModelReference(url=f"{base}/m.gguf")), tmp_path, lambda _p: None,
+            access=access,
+        )
+    finally:
+        await runner.cleanup()
+    assert path.read_bytes() == GGUF_BYTES

@@ -12,24 +12,15 @@ import json
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.harness import Processes
 
-from .conftest import wait_until
-from .test_operator_cluster import (  # noqa: F401 - crds and operators are fixtures
-    MODEL,
-    POOL,
-    TIMEOUT,
-    Operators,
-    crds,
-    get,
-    operators,
-    wait_condition,
-    wait_object,
-)
+from .conftest import K8sCluster, wait_until
+from .test_operator_cluster import MODEL, POOL, REPO, TIMEOUT, Operators, get, wait_condition, wait_object
 
 pytestmark = pytest.mark.k8s
 
@@ -37,6 +28,23 @@ TOKEN_ENV = {
     "name": "PADDLER_MANAGEMENT_TOKEN",
     "valueFrom": {"secretKeyRef": {"name": "p-management-token", "key": "management-token"}},
 }
+
+
+@pytest.fixture(scope="module")
+def crds(k8s_cluster: K8sCluster) -> K8sCluster:
+    k8s_cluster.kubectl_run("apply", "-f", str(REPO / "crds"))
+    for name in ("llmpools.paddler.dev", "modeldeployments.paddler.dev"):
+        k8s_cluster.kubectl_run("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s", timeout=90)
+    return k8s_cluster
+
+
+@pytest.fixture
+def operators(crds: K8sCluster) -> Iterator[Operators]:
+    ops = Operators(crds)
+    try:
+        yield ops
+    finally:
+        ops.close()
 
 
 def free_port() -> int:

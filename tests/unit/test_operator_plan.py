@@ -186,6 +186,7 @@ def test_model_deployment_plan_defaults() -> None:
     assert [str(r) for r in p.absent] == [
         "HorizontalPodAutoscaler/ns/m-agent",
         "ScaledObject/ns/m-agent",
+        "TriggerAuthentication/ns/m-agent",
     ]
     assert p.replicas == 1
     assert p.slots_per_agent == 4
@@ -251,15 +252,18 @@ def test_agent_pod_fields(pool: dict[str, Any], field: str, expected: Any) -> No
     assert p.objects[0]["spec"]["template"]["spec"].get(field) == expected
 
 
+HPA, SO, TA = "HorizontalPodAutoscaler", "ScaledObject", "TriggerAuthentication"
+
+
 @pytest.mark.parametrize(
     ("autoscaling", "builtin", "kinds", "absent", "replicas"),
     [
-        ({"mode": "None"}, None, ["Deployment"], ["HorizontalPodAutoscaler", "ScaledObject"], 1),
-        ({"mode": "HPA", "minReplicas": 0}, None, ["Deployment", "HorizontalPodAutoscaler"], ["ScaledObject"], None),
-        ({"mode": "KEDA"}, None, ["Deployment", "ScaledObject"], ["HorizontalPodAutoscaler"], None),
-        ({"mode": "Builtin", "minReplicas": 0}, None, ["Deployment"], ["HorizontalPodAutoscaler", "ScaledObject"], 0),
-        ({"mode": "Builtin", "maxReplicas": 3}, 7, ["Deployment"], ["HorizontalPodAutoscaler", "ScaledObject"], 3),
-        ({"mode": "Builtin", "minReplicas": 2}, 1, ["Deployment"], ["HorizontalPodAutoscaler", "ScaledObject"], 2),
+        ({"mode": "None"}, None, ["Deployment"], [HPA, SO, TA], 1),
+        ({"mode": "HPA", "minReplicas": 0}, None, ["Deployment", HPA], [SO, TA], None),
+        ({"mode": "KEDA"}, None, ["Deployment", SO, TA], [HPA], None),
+        ({"mode": "Builtin", "minReplicas": 0}, None, ["Deployment"], [HPA, SO, TA], 0),
+        ({"mode": "Builtin", "maxReplicas": 3}, 7, ["Deployment"], [HPA, SO, TA], 3),
+        ({"mode": "Builtin", "minReplicas": 2}, 1, ["Deployment"], [HPA, SO, TA], 2),
     ],
 )
 def test_autoscaling_modes(
@@ -558,3 +562,56 @@ def test_agent_view_from_balancer_json() -> None:
         }
     )  # fmt: skip
     assert view.ready and view.slots_in_flight == 2 and view.issues == ('{"kind": "x"}',)
+
+
+# --- the management token (issue 10) ------------------------------------------------------
+
+TOKEN_ENV = {
+    "name": "PADDLER_MANAGEMENT_TOKEN",
+    "valueFrom": {"secretKeyRef": {"name": "p-management-token", "key": "management-token"}},
+}
+
+
+def test_management_token_reaches_the_balancer_the_agents_and_keda() -> None:
+    balancer = by_kind(plan.plan_pool(POOL, pool_spec()))["Deployment/p-balancer"]
+    keda = plan.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), pool_spec())
+    objs = by_kind(keda.objects)
+    trigger = objs["ScaledObject/m-agent"]["spec"]["triggers"][0]
+    assert TOKEN_ENV in container(balancer)["env"]
+    assert TOKEN_ENV in container(objs["Deployment/m-agent"])["env"]
+    assert trigger["authenticationRef"] == {"name": "m-agent"}
+    assert trigger["metadata"]["authMode"] == "bearer"
+    assert objs["TriggerAuthentication/m-agent"]["spec"]["secretTargetRef"] == [
+        {"parameter": "token", "name": "p-management-token", "key": "management-token"}
+    ]
+
+
+def test_a_pool_with_its_own_token_secret_or_none() -> None:
+    own = pool_spec(balancer={"managementAuth": {"secretName": "mine", "secretKey": "t"}})
+    off = pool_spec(balancer={"managementAuth": {"enabled": False}})
+    own_env = container(by_kind(plan.plan_pool(POOL, own))["Deployment/p-balancer"])["env"]
+    off_env = container(by_kind(plan.plan_pool(POOL, off))["Deployment/p-balancer"])["env"]
+    assert {"name": "PADDLER_MANAGEMENT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}} in own_env
+    assert all(e["name"] != "PADDLER_MANAGEMENT_TOKEN" for e in off_env)
+    keda = plan.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), off)
+    assert [o["kind"] for o in keda.objects] == ["Deployment", "ScaledObject"]
+    assert "authenticationRef" not in keda.objects[1]["spec"]["triggers"][0]
+
+
+def test_pool_model_access_and_cors_become_flags() -> None:
+    spec = pool_spec(
+        balancer={"corsAllowedOrigins": ["https://app.example"]},
+        modelAccess={"urlAllow": ["https://", "http://models.ns.svc:8080/"], "localRoots": ["/models"]},
+    )
+    balancer_args = container(by_kind(plan.plan_pool(POOL, spec))["Deployment/p-balancer"])["args"]
+    agent_args = container(plan.plan_model_deployment(MD, md_spec(), spec).objects[0])["args"]
+    assert balancer_args[-6:] == [
+        "--inference-cors-allowed-host", "https://app.example",
+        "--model-url-allow", "https://",
+        "--model-url-allow", "http://models.ns.svc:8080/",
+    ]  # fmt: skip
+    assert agent_args[-6:] == [
+        "--model-url-allow", "https://",
+        "--model-url-allow", "http://models.ns.svc:8080/",
+        "--model-local-root", "/models",
+    ]  # fmt: skip
