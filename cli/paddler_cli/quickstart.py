@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = desired_model(args.model)
     base = [sys.executable, "-m", "paddler_cli.main"]
+    # The URL the user named on the command line is trusted, even a local one.
+    url = model.get("Url", {}).get("url") if isinstance(model, dict) else None
+    allow = ["--model-url-allow", url] if url else []
     balancer = subprocess.Popen(
         [
             *base,
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             args.management_addr,
             "--web-admin-panel-addr",
             args.web_admin_panel_addr,
+            *allow,
         ]
     )
     agent: subprocess.Popen[bytes] | None = None
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                 "quickstart",
                 "--engine",
                 args.engine,
+                *allow,
             ]
         )
         _print_banner(args)

@@ -50,8 +50,13 @@ def desired(model: AgentDesiredModel) -> BalancerDesiredState:
 def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Balancer, Path]]:
     processes = Processes(tmp_path_factory.mktemp("stack"))
     try:
-        balancer = processes.balancer("--buffered-request-timeout", "60s", "--inference-item-timeout", "60s")
-        processes.agent(balancer, slots=SLOTS, name="llama", engine="llama", env={"PADDLER_THREADS": "2"})
+        # Loopback model URLs are refused unless a host entry opens them (docs/security.md);
+        # the bad-URL test below points at a closed local port.
+        loopback = ("--model-url-allow", "http://127.0.0.1/")
+        balancer = processes.balancer("--buffered-request-timeout", "60s", "--inference-item-timeout", "60s", *loopback)
+        processes.agent(
+            balancer, slots=SLOTS, name="llama", engine="llama", extra=loopback, env={"PADDLER_THREADS": "2"}
+        )
         yield balancer, model_path
     finally:
         processes.close()
