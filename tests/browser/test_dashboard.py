@@ -23,9 +23,11 @@ def test_config_points_the_pages_at_the_bound_api_addresses(paddler: Processes) 
     assert config["inference_url"] == balancer.inference_url
     assert config["inference_socket_url"] == balancer.inference_url.replace("http", "ws") + "/api/v1/inference_socket"
     assert config["agent_command"] == f"paddler agent --management-addr {balancer.management_addr} --slots 4"
-    # The pages stream SSE from the management address, another origin: its headers must allow it.
-    with httpx.stream("GET", balancer.management_url + "/api/v1/agents/stream", timeout=5) as stream:
-        assert stream.headers["access-control-allow-origin"] == "*"
+    # The pages stream SSE from the management address, another origin: its headers must allow
+    # the panel's origin (and only listed ones: docs/security.md).
+    origin = {"Origin": balancer.admin_panel_url}
+    with httpx.stream("GET", balancer.management_url + "/api/v1/agents/stream", headers=origin, timeout=5) as stream:
+        assert stream.headers["access-control-allow-origin"] == balancer.admin_panel_url
 
 
 @pytest.mark.parametrize(
