@@ -22,7 +22,7 @@ from paddler_client.continue_from_raw_prompt_params import ContinueFromRawPrompt
 from paddler_client.conversation_message import ConversationMessage
 from paddler_client.error import HttpError
 
-from paddler_agent.model_source import ModelAccess, ModelSourceError, resolve_model
+from paddler_agent.model_source import ModelAccess, ModelSourceError, _CheckingResolver, resolve_model
 from paddler_core.desired_state import ModelSource, UrlModelReference
 from paddler_core.model_access import ModelUrlPolicy
 from tests.harness import Balancer, Processes, wait_until
@@ -429,3 +429,17 @@ async def test_agent_download_follows_an_allowed_redirect(tmp_path: Path) -> Non
     finally:
         await runner.cleanup()
     assert path.read_bytes() == GGUF_BYTES
+
+
+async def test_agent_resolver_refuses_a_name_that_resolves_to_loopback() -> None:
+    # A host name the allow-list lets through (any http host) that resolves to 127.0.0.1: the
+    # connection would go inside the machine, so the resolver refuses before anything is dialled.
+    resolver = _CheckingResolver(ModelAccess(ModelUrlPolicy.from_entries(["http://"])))
+    resolver.url = "http://localhost/m.gguf"
+    try:
+        with pytest.raises(ModelSourceError) as refused:
+            await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()
+    assert refused.value.variant == "ModelSourceNotAllowed"
+    assert "resolves to the internal address" in refused.value.message
