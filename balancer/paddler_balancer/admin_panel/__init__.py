@@ -117,7 +117,8 @@ def panel_config(settings: BalancerSettings, request_host: str) -> dict[str, Any
         "management_url": management,
         "inference_url": inference,
         "inference_socket_url": public_url(settings.inference_addr, request_host, "ws") + "/api/v1/inference_socket",
-        "agent_command": f"paddler agent --management-addr {management.removeprefix('http://')} --slots 4",
+        "agent_command": f"paddler agent --management-addr {management.removeprefix('http://')} --slots 4"
+        + (' --management-token "$PADDLER_MANAGEMENT_TOKEN"' if settings.management_token else ""),
         "default_model_group": DEFAULT_MODEL_GROUP,
         "default_desired_state": BalancerDesiredState().to_json_dict(),
         "inference_parameters": parameter_fields(),
