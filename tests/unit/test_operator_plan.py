@@ -615,3 +615,15 @@ def test_pool_model_access_and_cors_become_flags() -> None:
         "--model-url-allow", "http://models.ns.svc:8080/",
         "--model-local-root", "/models",
     ]  # fmt: skip
+
+
+def test_every_object_the_plans_name_has_an_api_path() -> None:
+    from paddler_operator.kube import collection_path
+
+    refs = [plan.ObjRef.of(o) for o in plan.plan_pool(POOL, pool_spec())]
+    refs.append(plan.ObjRef.of(plan.management_secret(POOL, pool_spec(), "t")))
+    for mode in ("None", "HPA", "KEDA", "Builtin"):
+        md_plan = plan.plan_model_deployment(MD, md_spec(autoscaling={"mode": mode}), pool_spec())
+        refs += [plan.ObjRef.of(o) for o in md_plan.objects] + list(md_plan.absent)
+    for ref in refs:
+        assert collection_path(ref.api_version, ref.kind, "ns").endswith(f"/namespaces/ns/{ref.kind.lower()}s")
