@@ -30,14 +30,18 @@ from paddler_core.model_access import ModelUrlPolicy
 from paddler_core.prefix import request_prefix_keys
 from paddler_core.protocol import (
     AGENT_SOCKET_PATH,
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     STATUS_INTERVAL_S,
+    AgentIssue,
     EmbedMessage,
     GenerateMessage,
     RegisterMessage,
     ReplyMessage,
     StateApplicationStatus,
     StatusMessage,
+    batch_frames,
+    encode_message,
 )
 
 AGENT_SECRET_HEADER = "X-Paddler-Agent-Secret"
@@ -135,7 +139,7 @@ class AgentRuntime:
             while not stop.is_set():
                 try:
                     async with session.ws_connect(
-                        url, heartbeat=5.0, max_msg_size=64 * 1024 * 1024, headers=headers
+                        url, heartbeat=5.0, max_msg_size=MAX_FRAME_BYTES, headers=headers
                     ) as ws:
                         backoff = BACKOFF_INITIAL_S
                         await self._serve_connection(ws, stop)
@@ -207,11 +211,37 @@ class AgentRuntime:
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
-            decoded = json.loads(msg.data)
+            try:
+                decoded = json.loads(msg.data)
+            except (ValueError, RecursionError) as err:
+                log.error("invalid frame from balancer error=%s", str(err)[:200])
+                continue
             for message in decoded if isinstance(decoded, list) else (decoded,):
                 self._handle(message)
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    def _handle(self, message: Any) -> None:
+        """One message; whatever it holds, it fails alone (its request gets an error
+        payload) and never takes the connection down."""
+        if not isinstance(message, dict):
+            log.error("invalid message from balancer: not an object")
+            return
+        try:
+            self._handle_unguarded(message)
+        except Exception as err:
+            log.exception("message from balancer failed type=%s", message.get("type"))
+            self._fail_request(message, f"the agent could not handle this request: {type(err).__name__}: {err}")
+
+    def _fail_request(self, message: dict[str, Any], text: str) -> None:
+        request_id = message.get("request_id")
+        if message.get("type") not in ("generate", "embed") or not isinstance(request_id, str):
+            return
+        self._active.add(request_id)
+        if message["type"] == "embed":
+            self.emit(request_id, {"Embedding": {"Error": text}}, True)
+        else:
+            self.emit(request_id, {"GeneratedToken": {"SamplerError": text}}, True)
+
+    def _handle_unguarded(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         try:
             if kind == "generate":
@@ -229,7 +259,11 @@ class AgentRuntime:
                     self._active.discard(request_id)
                     self.engine.stop(request_id)
             elif kind == "set_desired_state":
-                state = BalancerDesiredState.model_validate(message["state"])
+                try:
+                    state = BalancerDesiredState.model_validate(message["state"])
+                except ValidationError as err:
+                    self._refuse_invalid_state(err)
+                    return
                 self._start_apply(state)
             elif kind == "query":
                 self._answer_query(str(message["request_id"]), str(message.get("what")))
@@ -237,6 +271,14 @@ class AgentRuntime:
                 log.warning("unknown message from balancer type=%s", kind)
         except ValidationError as err:
             log.error("invalid message from balancer type=%s error=%s", kind, err)
+
+    def _refuse_invalid_state(self, err: ValidationError) -> None:
+        """A desired state out of bounds (an older balancer let it through): an issue."""
+        log.error("desired state refused error=%s", err)
+        issue = AgentIssue(variant="InvalidDesiredState", params={"message": f"The desired state is invalid: {err}"})
+        self.board.issues = [i for i in self.board.issues if i.variant != issue.variant] + [issue]
+        self.board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
+        self.status_changed()
 
     def _answer_query(self, request_id: str, what: str) -> None:
         body: Any = None
@@ -327,12 +369,8 @@ class AgentRuntime:
             messages, self._outbox = self._outbox, []
             if self._status_dirty:
                 messages.append(StatusMessage(status=self._next_status()).model_dump(mode="json"))
-            if not messages:
-                continue
-            if len(messages) == 1:
-                await ws.send_str(json.dumps(messages[0]))
-            else:
-                await ws.send_str(json.dumps(messages))
+            for frame in batch_frames([encode_message(m) for m in messages]):
+                await ws.send_str(frame)
 
 
 class RejectedError(Exception):

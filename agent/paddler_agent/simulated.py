@@ -94,7 +94,7 @@ class SimulatedEngine(Engine):
     def generate(self, message: GenerateMessage) -> None:
         params = message.params
         prompt = str(params.get("raw_prompt") or params.get("conversation_history"))
-        seed = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=4).digest(), "big")
+        seed = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "big")
         seq = _Sequence(
             request_id=message.request_id,
             offset=seed % len(VOCABULARY),
@@ -210,7 +210,7 @@ def _timings(seq: _Sequence) -> dict[str, Any]:
 
 
 def _embedding_of(text: str) -> list[float]:
-    digest = hashlib.blake2b(text.encode(), digest_size=EMBEDDING_DIMENSION).digest()
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=EMBEDDING_DIMENSION).digest()
     return [(b - 127.5) / 127.5 for b in digest]
 
 

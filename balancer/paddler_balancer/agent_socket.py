@@ -20,12 +20,17 @@ from pydantic import ValidationError
 from paddler_balancer.agent_claims import AGENT_SECRET_HEADER, CLAIMS_KEY
 from paddler_balancer.agents import AgentController
 from paddler_balancer.service import Balancer
+from paddler_balancer.streams import StreamFailure
+from paddler_core.inference import response_payload_problem
 from paddler_core.protocol import (
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     AgentStatus,
     RegisteredMessage,
     RegisterMessage,
     RejectedMessage,
+    batch_frames,
+    encode_message,
 )
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ REGISTER_TIMEOUT_S = 10.0
 
 async def handle_agent_socket(request: web.Request, balancer: Balancer) -> web.WebSocketResponse:
     agent_id = request.match_info["agent_id"]
-    ws = web.WebSocketResponse(heartbeat=5.0, max_msg_size=64 * 1024 * 1024)
+    ws = web.WebSocketResponse(heartbeat=5.0, max_msg_size=MAX_FRAME_BYTES)
     await ws.prepare(request)
 
     register = await _read_register(ws, agent_id)
@@ -56,7 +61,7 @@ async def handle_agent_socket(request: web.Request, balancer: Balancer) -> web.W
         id=agent_id,
         name=register.name,
         model_group=register.model_group,
-        send=lambda message: outbox.put_nowait(json.dumps(message)),
+        send=lambda message: outbox.put_nowait(message if isinstance(message, str) else encode_message(message)),
         status=register.status,
     )
     agent.send(RegisteredMessage(agent_id=agent_id).model_dump())
@@ -118,32 +123,45 @@ async def _read_register(ws: web.WebSocketResponse, agent_id: str) -> RegisterMe
 
 async def _write_loop(ws: web.WebSocketResponse, outbox: asyncio.Queue[str]) -> None:
     while True:
-        first = await outbox.get()
-        if outbox.empty():
-            await ws.send_str(first)
-            continue
-        frames = [first]
+        messages = [await outbox.get()]
         while not outbox.empty():
-            frames.append(outbox.get_nowait())
-        await ws.send_str("[" + ",".join(frames) + "]")
+            messages.append(outbox.get_nowait())
+        for frame in batch_frames(messages):
+            await ws.send_str(frame)
 
 
 def _dispatch_frame(balancer: Balancer, agent: AgentController, data: str) -> None:
     try:
         decoded = json.loads(data)
-    except json.JSONDecodeError:
-        log.warning("agent sent invalid JSON agent_id=%s", agent.id)
+    except (ValueError, RecursionError) as err:  # not JSON, a huge integer, deep nesting
+        log.warning("agent sent invalid JSON agent_id=%s error=%s", agent.id, str(err)[:200])
         return
     for message in decoded if isinstance(decoded, list) else (decoded,):
-        _dispatch_message(balancer, agent, message)
+        try:
+            _dispatch_message(balancer, agent, message)
+        except Exception:  # a broken agent must not take its socket reader down
+            log.exception("agent message not handled agent_id=%s", agent.id)
 
 
 def _dispatch_message(balancer: Balancer, agent: AgentController, message: Any) -> None:
     kind = message.get("type") if isinstance(message, dict) else None
     if kind == "response":
-        stream = agent.streams.get(message["request_id"])
-        if stream is not None:
-            stream.push(message["response"], bool(message.get("final")))
+        stream = agent.streams.get(str(message.get("request_id")))
+        if stream is None:
+            return
+        payload = message.get("response")
+        problem = response_payload_problem(payload)
+        if problem is not None:
+            log.warning(
+                "agent sent an invalid payload agent_id=%s request_id=%s problem=%s",
+                agent.id,
+                stream.request_id,
+                problem,
+            )
+            stream.fail(StreamFailure.INVALID_PAYLOAD)
+            return
+        balancer.agent_answered(agent)
+        stream.push(payload, message.get("final") is True)
     elif kind == "status":
         try:
             status = AgentStatus.model_validate(message["status"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,8 @@ from paddler_core.protocol import AgentStatus
 
 log = logging.getLogger(__name__)
 
-Sender = Callable[[dict[str, Any]], None]
+Sender = Callable[[dict[str, Any] | str], None]
+"""Queues one message (a dict, or one already encoded by ``encode_message``)."""
 
 
 class IndexedSet:
@@ -84,10 +86,20 @@ class AgentController:
     connected: bool = True
     order: int = field(default_factory=itertools.count().__next__)
     """Registration order: a stable tie-break for routing."""
+    last_response_at: float = field(default_factory=time.monotonic)
+    """When the agent last sent a response payload (or registered)."""
+    unresponsive: bool = False
+    """It answered nothing for an item timeout: it takes no new requests for a while."""
+    probation: bool = False
+    """Back from being unresponsive: one request at a time until it answers again."""
+    strikes: int = 0
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.status.slots_total - self.in_flight) if self.connected else 0
+        if not self.connected or self.unresponsive:
+            return 0
+        slots = min(1, self.status.slots_total) if self.probation else self.status.slots_total
+        return max(0, slots - self.in_flight)
 
     def snapshot(self) -> dict[str, Any]:
         """Paddler's AgentControllerSnapshot JSON, plus ``model_group`` and the
@@ -97,6 +109,7 @@ class AgentController:
             "name": self.name,
             "model_group": self.model_group,
             "slots_in_flight": self.in_flight,
+            "unresponsive": self.unresponsive,
             **self.status.model_dump(mode="json", exclude={"version", "prefix_hashes"}),
         }
 

@@ -14,7 +14,13 @@ from aiohttp import web
 from paddler_balancer import inference_api, management_api, openai_api
 from paddler_balancer.agent_claims import CLAIMS_KEY, AgentClaims
 from paddler_balancer.auth import inference_door, management_door
-from paddler_balancer.http_util import CorsPolicy, api_app, normalize_origin
+from paddler_balancer.http_util import (
+    MAX_MANAGEMENT_BODY_BYTES,
+    CorsPolicy,
+    api_app,
+    keep_large_buffers_out_of_the_heap,
+    normalize_origin,
+)
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.metrics import statsd_reporter
 from paddler_balancer.service import Balancer
@@ -58,7 +64,11 @@ def management_app(balancer: Balancer, panel_ports: set[int] | None = None) -> w
     settings = balancer.settings
     token = settings.management_token
     middlewares = [management_door(token).middleware()] if token else []
-    app = api_app(*middlewares, cors=_cors(settings.management_cors_allowed_hosts, panel_ports))
+    app = api_app(
+        *middlewares,
+        cors=_cors(settings.management_cors_allowed_hosts, panel_ports),
+        body_limit=MAX_MANAGEMENT_BODY_BYTES,
+    )
     app[CLAIMS_KEY] = AgentClaims()
     app[BALANCER_KEY] = balancer
     management_api.add_routes(app)
@@ -130,6 +140,7 @@ def _log_doors(settings: BalancerSettings) -> None:
 
 async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -> None:
     _log_doors(settings)
+    keep_large_buffers_out_of_the_heap()
     balancer = Balancer(settings)
     panel_ports: set[int] = set()
     runners = [

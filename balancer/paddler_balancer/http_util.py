@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import ctypes
+import ctypes.util
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 from yarl import URL
+
+from paddler_core.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -26,22 +29,87 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class BodyError(Exception):
+    """A request body we refuse, with its status (400, 413, 415) and a message for people.
+
+    ``api_app``'s middleware answers it as a JSON error; the OpenAI API catches it
+    first to answer in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""Largest request body of the inference APIs (prompts, conversations, embedding
+batches); larger ones get 413 before they are read."""
+MAX_MANAGEMENT_BODY_BYTES = 8 * 1024 * 1024
+"""Largest management body (a desired state with its chat template)."""
+BODY_LIMIT_KEY: web.AppKey[int] = web.AppKey("body_limit", int)
+_UTF8 = ("utf-8", "utf8")
+
+
+def _too_large(limit: int, size: str) -> BodyError:
+    return BodyError(413, f"the request body ({size}) is larger than the limit of {limit} bytes", "body_too_large")
+
+
+def check_json_content_type(request: web.Request) -> None:
+    """A JSON body must say so (or say nothing): ``text/plain`` or a form is refused with
+    415 instead of being parsed as JSON by accident; a charset other than UTF-8 with 400."""
+    if "Content-Type" in request.headers:
+        mime = request.content_type
+        if mime != "application/json" and not mime.endswith("+json"):
+            raise BodyError(
+                415, f"Content-Type must be application/json, not {mime or 'empty'}", "unsupported_media_type"
+            )
+    charset = request.charset
+    if charset is not None and charset.strip().lower() not in _UTF8:
+        raise BodyError(400, f"charset {charset[:40]!r} is not supported; JSON bodies are UTF-8", "invalid_charset")
+
+
+async def read_body(request: web.Request) -> bytearray:
+    """The body, refused with 413 by its declared length before reading, or as soon as a
+    body without one (chunked) passes the app's limit."""
+    limit = request.app.get(BODY_LIMIT_KEY, MAX_BODY_BYTES)
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _too_large(limit, f"{declared} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        if len(body) + len(chunk) > limit:
+            raise _too_large(limit, f"over {limit} bytes, sent without a length")
+        body += chunk
+    return body
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body; raises HTTPBadRequest with a message otherwise."""
+    """The request's JSON body; raises BodyError (400/413/415) with a message otherwise."""
+    check_json_content_type(request)
+    raw = await read_body(request)
     try:
-        return await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise web.HTTPBadRequest(
-            text=json.dumps(
-                {"error": {"code": 400, "kind": "invalid_json", "message": f"body is not valid JSON: {err}"}}
-            ),
-            content_type="application/json",
-        ) from None
+        return parse_untrusted_json(raw)
+    except UntrustedJsonError as err:
+        raise BodyError(400, str(err), "invalid_json") from None
+
+
+@web.middleware
+async def body_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """413 for a declared length over the limit before the handler runs (nothing is
+    read), and BodyError raised by a handler as a JSON error."""
+    limit = request.app.get(BODY_LIMIT_KEY, MAX_BODY_BYTES)
+    declared = request.content_length
+    try:
+        if declared is not None and declared > limit:
+            raise _too_large(limit, f"{declared} bytes")
+        return await handler(request)
+    except BodyError as err:
+        return json_error(err.status, err.message, err.kind)
 
 
 CORS_ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 CORS_ALLOW_HEADERS = "Content-Type, Authorization"
-MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,10 +186,27 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
 
 
-def api_app(*middlewares: Any, cors: CorsPolicy | None = None) -> web.Application:
+def api_app(
+    *middlewares: Any, cors: CorsPolicy | None = None, body_limit: int = MAX_BODY_BYTES
+) -> web.Application:
     """An API application with CORS (checked before credentials: a preflight carries
     none) and our body-size limit."""
-    app = web.Application(middlewares=[cors_preflight, *middlewares], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[cors_preflight, body_errors, *middlewares], client_max_size=body_limit)
     app[CORS_KEY] = cors or CorsPolicy()
+    app[BODY_LIMIT_KEY] = body_limit
     app.on_response_prepare.append(add_cors_headers)
     return app
+
+
+def keep_large_buffers_out_of_the_heap() -> None:
+    """Make glibc serve every allocation over 1 MiB with its own mmap, returned to the
+    OS when freed. By default glibc raises that threshold after the first large free (up
+    to 32 MiB), so the bodies of rejected or finished big requests stay in the heap and
+    the process keeps their memory while idle. No-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1024 * 1024)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,7 +20,7 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from paddler_balancer.batches import Batch, run_embedding, run_generation
-from paddler_balancer.http_util import json_error, read_json, validation_message
+from paddler_balancer.http_util import MAX_BODY_BYTES, json_error, read_json, validation_message
 from paddler_balancer.service import Balancer
 from paddler_balancer.streams import InferenceFailure
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP
@@ -32,8 +33,11 @@ from paddler_core.inference import (
     parse_generation_request,
     response_envelope,
 )
+from paddler_core.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
 log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r'"Request"\s*:\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
 
 BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
 
@@ -135,7 +139,7 @@ def _failure_payload(request_id: str, failure: InferenceFailure) -> dict[str, An
 
 async def inference_socket(request: web.Request) -> web.WebSocketResponse:
     balancer = request.app[BALANCER_KEY]
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024 * 1024)
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_BODY_BYTES)
     await ws.prepare(request)
     tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -154,6 +158,9 @@ async def inference_socket(request: web.Request) -> web.WebSocketResponse:
                 await send(_failure_payload(request_id, failure))
             except (ConnectionResetError, asyncio.CancelledError):
                 pass
+            except Exception:  # a bug must fail this request only, never go unanswered
+                log.exception("inference socket request failed request_id=%s", request_id)
+                await send(error_envelope(request_id, 500, "internal error; see the balancer log"))
             finally:
                 tasks.pop(request_id, None)
 
@@ -181,9 +188,9 @@ async def _handle_socket_message(
     tasks: dict[str, asyncio.Task[None]],
 ) -> None:
     try:
-        message = json.loads(data)
-    except json.JSONDecodeError as err:
-        await send(error_envelope("", 400, f"message is not valid JSON: {err}"))
+        message = parse_untrusted_json(data, "message")
+    except UntrustedJsonError as err:
+        await send(error_envelope(_request_id_hint(data), 400, str(err)))
         return
     if not isinstance(message, dict):
         await send(error_envelope("", 400, "message must be a JSON object"))
@@ -208,13 +215,16 @@ async def _handle_socket_message(
     if request_id in tasks:
         await send(error_envelope(request_id, 400, f"request id {request_id} is already in flight"))
         return
+    # The client's id names the request on this socket only; the agent sees the
+    # balancer's own id, so two clients using the same id never collide there.
+    internal_id = uuid.uuid4().hex
     try:
         if variant == RequestKind.EMBEDDING:
             embed_params = GenerateEmbeddingBatchParams.model_validate(raw_params)
             start(
                 request_id,
                 lambda: run_embedding(
-                    balancer, model_group=DEFAULT_MODEL_GROUP, params=embed_params, request_id=request_id
+                    balancer, model_group=DEFAULT_MODEL_GROUP, params=embed_params, request_id=internal_id
                 ),
             )
             return
@@ -227,6 +237,13 @@ async def _handle_socket_message(
     start(
         request_id,
         lambda: run_generation(
-            balancer, model_group=DEFAULT_MODEL_GROUP, variant=variant, params=dumped, request_id=request_id
+            balancer, model_group=DEFAULT_MODEL_GROUP, variant=variant, params=dumped, request_id=internal_id
         ),
     )
+
+
+def _request_id_hint(data: str) -> str:
+    """The client's request id of a message we could not parse, when it is plain to see
+    (so the client can match the error to its request); "" otherwise."""
+    match = _REQUEST_ID.search(data[:4096])
+    return match.group(1) if match else ""

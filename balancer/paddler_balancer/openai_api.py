@@ -32,7 +32,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from paddler_balancer.batches import Batch, run_embedding, run_generation
-from paddler_balancer.http_util import Handler
+from paddler_balancer.http_util import BodyError, Handler, check_json_content_type, read_body
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.openai_types import (
     SSE_DONE,
@@ -170,7 +170,12 @@ def _resolve(balancer: Balancer, requested: str | None, outcome: Outcome) -> tup
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    return parse_body(await request.read())
+    try:
+        check_json_content_type(request)
+        raw = await read_body(request)
+    except BodyError as err:
+        raise OpenAIError(err.status, err.message, code=err.kind) from None
+    return parse_body(raw)
 
 
 # ---- models ---------------------------------------------------------------------------------

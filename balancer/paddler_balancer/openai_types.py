@@ -39,6 +39,7 @@ from paddler_core.inference import (
     JsonSchemaGrammar,
     Tool,
 )
+from paddler_core.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
 # ---- errors ---------------------------------------------------------------------------------
 
@@ -81,12 +82,13 @@ def invalid_request(err: ValidationError) -> OpenAIError:
     return OpenAIError(400, "invalid request: " + "; ".join(parts), code="invalid_request", param=first or None)
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; raises a 400 OpenAIError otherwise."""
+def parse_body(raw: bytes | bytearray) -> dict[str, Any]:
+    """The JSON object of a request body; raises a 400 OpenAIError otherwise (not JSON,
+    not UTF-8, non-finite or huge numbers, deep nesting, lone surrogates)."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise OpenAIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+        body = parse_untrusted_json(raw)
+    except UntrustedJsonError as err:
+        raise OpenAIError(400, str(err), code="invalid_json") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "the body must be a JSON object", code="invalid_json")
     return body

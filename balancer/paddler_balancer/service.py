@@ -26,16 +26,21 @@ from paddler_balancer.state_store import StateStore
 from paddler_balancer.streams import InferenceFailure, ResponseStream, StreamFailure
 from paddler_core.desired_state import BalancerDesiredState, SamplingOverrides
 from paddler_core.protocol import (
+    MAX_MESSAGE_BYTES,
     EmbedMessage,
     GenerateMessage,
     QueryMessage,
     SetDesiredStateMessage,
     StopMessage,
+    encode_message,
+    utf8_size,
 )
 
 log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT_S = 10.0
+UNRESPONSIVE_MAX_S = 300.0
+"""Longest cool-down of an agent that answers nothing (seconds)."""
 
 
 @dataclass(eq=False)
@@ -181,7 +186,15 @@ class Balancer:
     ) -> AsyncIterator[Generation]:
         started = time.monotonic()
         request_id: str = message["request_id"]
+        encoded = encode_message(message)
         try:
+            size = utf8_size(encoded)
+            if size > MAX_MESSAGE_BYTES:
+                raise InferenceFailure(
+                    413,
+                    f"the request is too large to forward to an agent ({size} bytes; at most {MAX_MESSAGE_BYTES})",
+                    "request_too_large",
+                )
             lease = await self.dispatcher.acquire(RouteRequest(model_group, prefix_hashes))
         except InferenceFailure as failure:
             self.metrics.requests.labels(model_group, str(failure.status)).inc()
@@ -191,7 +204,7 @@ class Balancer:
         agent.streams[request_id] = stream
         generation = Generation(request_id, lease, stream, self.settings.inference_item_timeout, started, model_group)
         try:
-            agent.send(message)
+            agent.send(encoded)
             yield generation
         except BaseException:
             if generation.outcome == 200:
@@ -201,8 +214,53 @@ class Balancer:
             if not stream.finished and agent.connected:
                 agent.send(StopMessage(request_id=request_id).model_dump())
             agent.streams.pop(request_id, None)
+            if stream.failure is StreamFailure.ITEM_TIMEOUT:
+                self.agent_silent(agent)
             lease.release()
             self._record(generation)
+
+    # ---- unresponsive agents ---------------------------------------------------------------
+
+    def agent_silent(self, agent: AgentController) -> None:
+        """A request on ``agent`` hit the item timeout. If the agent sent nothing at all
+        for that long (for any request), it takes no new requests for a cool-down
+        (item timeout x 2^(strikes-1), at most UNRESPONSIVE_MAX_S), then one request at
+        a time until it answers: an agent that claims slots and answers nothing cannot
+        keep drawing the traffic of honest agents."""
+        now = time.monotonic()
+        timeout = self.settings.inference_item_timeout
+        if not agent.connected or agent.unresponsive or now - agent.last_response_at < timeout:
+            return
+        agent.strikes += 1
+        cooldown = min(UNRESPONSIVE_MAX_S, timeout * 2 ** min(agent.strikes - 1, 16))
+        agent.unresponsive = True
+        agent.probation = True
+        self.pool.refresh(agent)
+        self.pool.changed()
+        log.warning(
+            "agent unresponsive agent_id=%s silent_s=%.1f strikes=%d cooldown_s=%.1f",
+            agent.id,
+            now - agent.last_response_at,
+            agent.strikes,
+            cooldown,
+        )
+        asyncio.get_running_loop().call_later(cooldown, self._cooldown_over, agent)
+
+    def _cooldown_over(self, agent: AgentController) -> None:
+        agent.unresponsive = False
+        if agent.connected:
+            self.pool.refresh(agent)
+            self.pool.changed()
+
+    def agent_answered(self, agent: AgentController) -> None:
+        """The agent sent a response payload: it is responsive (again)."""
+        agent.last_response_at = time.monotonic()
+        if agent.probation and not agent.unresponsive:
+            agent.probation = False
+            agent.strikes = 0
+            log.info("agent responsive again agent_id=%s", agent.id)
+            self.pool.refresh(agent)
+            self.pool.changed()
 
     def _record(self, generation: Generation) -> None:
         group = generation.model_group

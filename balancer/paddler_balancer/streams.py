@@ -18,12 +18,18 @@ from typing import Any
 class StreamFailure(Enum):
     """Why a request ended without its final payload."""
 
-    ITEM_TIMEOUT = 504
-    AGENT_LOST = 502
+    ITEM_TIMEOUT = "item_timeout"
+    AGENT_LOST = "agent_lost"
+    INVALID_PAYLOAD = "invalid_payload"
+    """The agent sent a response that is not a Paddler payload."""
 
     @property
     def status(self) -> int:
-        return self.value
+        return 504 if self is StreamFailure.ITEM_TIMEOUT else 502
+
+    @property
+    def message(self) -> str:
+        return _FAILURE_MESSAGES[self]
 
 
 class InferenceFailure(Exception):
@@ -35,11 +41,17 @@ class InferenceFailure(Exception):
         self.message = message
         self.kind = kind
         """Machine-readable reason: buffer_full, buffer_timeout, item_timeout, agent_lost,
-        no_agents, invalid_request, unknown_model."""
+        invalid_payload, no_agents, invalid_request, unknown_model, request_too_large."""
 
 
 ITEM_TIMEOUT_MESSAGE = "no token from the agent within the inference item timeout"
 AGENT_LOST_MESSAGE = "the agent serving this request disconnected"
+INVALID_PAYLOAD_MESSAGE = "the agent serving this request sent an invalid response"
+_FAILURE_MESSAGES = {
+    StreamFailure.ITEM_TIMEOUT: ITEM_TIMEOUT_MESSAGE,
+    StreamFailure.AGENT_LOST: AGENT_LOST_MESSAGE,
+    StreamFailure.INVALID_PAYLOAD: INVALID_PAYLOAD_MESSAGE,
+}
 
 
 class ResponseStream:
@@ -92,8 +104,7 @@ class ResponseStream:
             self._items.clear()
             return items
         failure = self.failure or StreamFailure.AGENT_LOST
-        message = ITEM_TIMEOUT_MESSAGE if failure is StreamFailure.ITEM_TIMEOUT else AGENT_LOST_MESSAGE
-        raise InferenceFailure(failure.status, message, failure.name.lower())
+        raise InferenceFailure(failure.status, failure.message, failure.value)
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -19,7 +19,27 @@ DEFAULT_MODEL_GROUP = "default"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Finite floats only: ``1e999`` parses as inf, which JSON cannot carry back.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds of the inference parameters. The balancer rejects a desired state
+# beyond them (400) and the agent refuses one (an issue), so no value can make an
+# agent allocate until the kernel kills it.
+MAX_CONTEXT_SIZE = 1 << 20
+"""Tokens of context (1,048,576; the largest context of current GGUF models)."""
+MAX_BATCH_SIZE = 1 << 16
+"""Tokens per llama_decode call (n_batch, embedding_batch_size)."""
+MAX_IMAGE_SIDE = 16384
+MAX_GPU_LAYERS = 100_000
+"""``n_gpu_layers`` larger than a model's layer count means "all"; any such value works."""
+MAX_TOP_K = 1 << 20
+MAX_PENALTY_LAST_N = MAX_CONTEXT_SIZE
+MAX_PENALTY_REPEAT = 100.0
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_LENGTH = 1024
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+StopSequence = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 
 
 class KvCacheDtype(StrEnum):
@@ -125,22 +145,22 @@ class ModelSource(BaseModel):
 class InferenceParameters(_Strict):
     """Engine and sampling parameters of a model group (Paddler's defaults)."""
 
-    n_batch: Annotated[int, Field(ge=1)] = 2048
-    context_size: Annotated[int, Field(ge=16)] = 8192
-    embedding_batch_size: Annotated[int, Field(ge=1)] = 256
+    n_batch: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] = 2048
+    context_size: Annotated[int, Field(ge=16, le=MAX_CONTEXT_SIZE)] = 8192
+    embedding_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] = 256
     enable_embeddings: bool = False
-    image_resize_to_fit: Annotated[int, Field(ge=1)] = 1024
+    image_resize_to_fit: Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)] = 1024
     k_cache_dtype: KvCacheDtype = KvCacheDtype.Q8_0
     v_cache_dtype: KvCacheDtype = KvCacheDtype.Q8_0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
-    n_gpu_layers: Annotated[int, Field(ge=0)] = 0
+    n_gpu_layers: Annotated[int, Field(ge=0, le=MAX_GPU_LAYERS)] = 0
     penalty_frequency: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    penalty_last_n: Annotated[int, Field(ge=-1)] = -1
+    penalty_last_n: Annotated[int, Field(ge=-1, le=MAX_PENALTY_LAST_N)] = -1
     penalty_presence: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.8
-    penalty_repeat: Annotated[float, Field(ge=0.0)] = 1.1
+    penalty_repeat: Annotated[float, Field(ge=0.0, le=MAX_PENALTY_REPEAT)] = 1.1
     pooling_type: PoolingType = PoolingType.LAST
     temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 0.8
-    top_k: Annotated[int, Field(ge=0)] = 80
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] = 80
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
 
 
@@ -152,15 +172,15 @@ class SamplingOverrides(_Strict):
     """
 
     temperature: Annotated[float | None, Field(ge=0.0, le=100.0)] = None
-    top_k: Annotated[int | None, Field(ge=0)] = None
+    top_k: Annotated[int | None, Field(ge=0, le=MAX_TOP_K)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
-    penalty_repeat: Annotated[float | None, Field(ge=0.0)] = None
+    penalty_repeat: Annotated[float | None, Field(ge=0.0, le=MAX_PENALTY_REPEAT)] = None
     penalty_presence: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     penalty_frequency: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
-    penalty_last_n: Annotated[int | None, Field(ge=-1)] = None
-    seed: int | None = None
-    stop: list[str] | None = None
+    penalty_last_n: Annotated[int | None, Field(ge=-1, le=MAX_PENALTY_LAST_N)] = None
+    seed: Annotated[int | None, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] = None
+    stop: Annotated[list[StopSequence] | None, Field(max_length=MAX_STOP_SEQUENCES)] = None
 
     def apply(self, base: InferenceParameters) -> InferenceParameters:
         """The group's parameters with this request's overrides on top."""
@@ -188,15 +208,17 @@ class BalancerDesiredState(BaseModel):
 
 
 class EmbeddingNormalizationMethod(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     kind: Literal["None", "L2", "RmsNorm"] = "None"
-    epsilon: float | None = None
+    epsilon: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
 
     @model_validator(mode="before")
     @classmethod
     def _from_serde(cls, data: Any) -> Any:
         if isinstance(data, EmbeddingNormalizationMethod):
+            return data
+        if data == {}:  # constructed without arguments: the default, "None"
             return data
         if data in ("None", "L2"):
             return {"kind": data}
@@ -205,7 +227,7 @@ class EmbeddingNormalizationMethod(BaseModel):
                 return data
             inner = data.get("RmsNorm")
             if isinstance(inner, dict) and isinstance(inner.get("epsilon"), int | float):
-                return {"kind": "RmsNorm", "epsilon": float(inner["epsilon"])}
+                return {"kind": "RmsNorm", "epsilon": inner["epsilon"]}
         raise ValueError('normalization_method must be "None", "L2" or {"RmsNorm": {"epsilon": x}}')
 
     @model_serializer

@@ -23,9 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from paddler_core.desired_state import EmbeddingNormalizationMethod
 
+MAX_TOKENS_LIMIT = (1 << 31) - 1
+"""Largest ``max_tokens`` accepted (generation also ends when the context is full)."""
+
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class GbnfGrammar(_Params):
@@ -94,13 +97,13 @@ class Tool(BaseModel):
 
 class ContinueFromRawPromptParams(_Params):
     raw_prompt: str
-    max_tokens: Annotated[int, Field(ge=1)]
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
     grammar: GrammarConstraint | None = None
 
 
 class ContinueFromConversationHistoryParams(_Params):
     conversation_history: Annotated[list[ConversationMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)]
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
     add_generation_prompt: bool = True
     enable_thinking: bool = False
     grammar: GrammarConstraint | None = None
@@ -188,6 +191,42 @@ def response_envelope(request_id: str, payload: Any, generated_by: str | None = 
 
 def error_envelope(request_id: str, code: int, description: str) -> dict[str, Any]:
     return {"Error": {"request_id": request_id, "error": {"code": code, "description": description}}}
+
+
+def response_payload_problem(payload: Any) -> str | None:
+    """Why ``payload`` (from an agent) is not a Paddler response payload; None if it is.
+
+    The balancer checks every payload before a client sees it, so a broken or hostile
+    agent fails its own requests with 502 instead of crashing a handler."""
+    if isinstance(payload, str):
+        return None if payload in (TIMEOUT, TOO_MANY_BUFFERED_REQUESTS) else f"unknown payload {payload[:40]!r}"
+    if not isinstance(payload, dict) or len(payload) != 1:
+        return "a payload must be an object with one key"
+    ((key, value),) = payload.items()
+    if key == "GeneratedToken":
+        if not isinstance(value, dict) or len(value) != 1:
+            return "GeneratedToken must be an object with one key"
+        ((kind, inner),) = value.items()
+        if kind in TOKEN_KINDS and not isinstance(inner, str):
+            return f"{kind} must be a string"
+        if kind == "Done" and not (isinstance(inner, dict) and isinstance(inner.get("usage", {}), dict)):
+            return "Done must be an object with a usage object"
+        return None
+    if key == "Embedding":
+        if isinstance(value, str):
+            return None
+        if not isinstance(value, dict) or len(value) != 1:
+            return "Embedding must be a string or an object with one key"
+        embedding = value.get("Embedding")
+        if "Embedding" in value and not (
+            isinstance(embedding, dict)
+            and isinstance(embedding.get("source_document_id"), str)
+            and isinstance(embedding.get("embedding"), list)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding["embedding"])
+        ):
+            return "Embedding.Embedding must hold a source_document_id and a list of numbers"
+        return None
+    return f"unknown payload kind {key[:40]!r}"
 
 
 def payload_is_terminal(payload: Any) -> bool:

@@ -30,7 +30,7 @@ def request_prefix_keys(variant: str, params: dict[str, Any]) -> tuple[str, ...]
     keys: list[str] = []
     h = hashlib.blake2b(digest_size=8)
     for part in parts[:MAX_KEYS_PER_REQUEST]:
-        h.update(part.encode())
+        h.update(part.encode("utf-8", "surrogatepass"))  # never raises on any str
         h.update(b"\x1e")
         keys.append(h.hexdigest())
     return tuple(keys)

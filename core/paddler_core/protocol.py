@@ -25,17 +25,62 @@ balancer -> agent
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from paddler_core.desired_state import BalancerDesiredState, SamplingOverrides
+from paddler_core.untrusted_json import surrogate_position
 
 PROTOCOL_VERSION = 1
 AGENT_SOCKET_PATH = "/api/v1/agent_socket/{agent_id}"
 STATUS_INTERVAL_S = 1.0
 """The agent pushes a snapshot at least this often (seconds)."""
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+"""Largest WebSocket frame either side accepts. A larger one closes the socket, so
+the balancer refuses (413) a request whose message would not fit."""
+MAX_MESSAGE_BYTES = 48 * 1024 * 1024
+"""Largest single message the balancer forwards to an agent (leaves room under
+MAX_FRAME_BYTES)."""
+BATCH_FRAME_CHARS = 1024 * 1024
+"""Messages are batched into one frame up to this many characters (at most 4 MiB of
+UTF-8); a larger message travels alone."""
+MAX_AGENT_SLOTS = 1024
+"""Most slots an agent may claim; a registration beyond it is rejected."""
+
+
+def encode_message(message: dict[str, Any]) -> str:
+    """One message as JSON text for a frame: UTF-8 kept as is (``ensure_ascii`` would
+    triple the size of non-ASCII prompts), but escaped where a string holds a lone
+    surrogate, which UTF-8 cannot carry."""
+    text = json.dumps(message, ensure_ascii=False)
+    if not text.isascii() and surrogate_position(text) is not None:
+        return json.dumps(message)
+    return text
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (``encode_message`` output only: no surrogates)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def batch_frames(messages: list[str]) -> list[str]:
+    """Encoded messages joined into frames (JSON arrays) of at most BATCH_FRAME_CHARS
+    characters each; one message alone is sent as itself."""
+    frames: list[str] = []
+    group: list[str] = []
+    size = 0
+    for text in messages:
+        if group and size + len(text) > BATCH_FRAME_CHARS:
+            frames.append(group[0] if len(group) == 1 else "[" + ",".join(group) + "]")
+            group, size = [], 0
+        group.append(text)
+        size += len(text) + 1
+    if group:
+        frames.append(group[0] if len(group) == 1 else "[" + ",".join(group) + "]")
+    return frames
 
 
 class StateApplicationStatus(StrEnum):
@@ -82,9 +127,9 @@ class AgentStatus(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     version: int = 0
-    slots_total: Annotated[int, Field(ge=0)] = 0
-    slots_processing: Annotated[int, Field(ge=0)] = 0
-    desired_slots_total: Annotated[int, Field(ge=0)] = 0
+    slots_total: Annotated[int, Field(ge=0, le=MAX_AGENT_SLOTS)] = 0
+    slots_processing: Annotated[int, Field(ge=0, le=MAX_AGENT_SLOTS)] = 0
+    desired_slots_total: Annotated[int, Field(ge=0, le=MAX_AGENT_SLOTS)] = 0
     model_path: str | None = None
     download_current: int = 0
     download_total: int = 0
