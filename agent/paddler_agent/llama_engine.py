@@ -52,7 +52,7 @@ import numpy.typing as npt
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 from pydantic import ValidationError
 
-from paddler_agent.chat_template import ChatTemplateError, render_chat
+from paddler_agent.chat_template import ChatTemplateError, TemplateRenderer, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_agent.model_source import DownloadProgress, ModelAccess, ModelSourceError, resolve_model
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
@@ -98,6 +98,8 @@ EMBEDDING_MAX_SEQS = 32
 
 MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
 """Agent-issue variant of a model file that llama.cpp refuses to load."""
+DECODE_LOOP_STOPPED = "DecodeLoopStopped"
+"""Agent-issue variant of an inference loop that died (a bug): nothing is served."""
 
 _KV_TYPES: dict[KvCacheDtype, int] = {
     KvCacheDtype.F32: 0,
@@ -313,7 +315,12 @@ class NativeModel:
         return self._to_piece(token, special=True).decode("utf-8", errors="replace")
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(
+                "SamplerError", f"invalid request: the text holds a lone UTF-16 surrogate at character {e.start}"
+            ) from None
         capacity = len(data) + 8
         while True:
             buf = (llama_cpp.llama_token * capacity)()
@@ -736,7 +743,7 @@ class FastSampler:
     def __init__(self, n_vocab: int, params: InferenceParameters, seed: int | None, n_ctx_seq: int) -> None:
         self.n_vocab = n_vocab
         self.params = params
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(None if seed is None else seed & 0xFFFFFFFFFFFFFFFF)
         self.penalize = not _penalties_neutral(params)
         last_n = n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
         self.window: deque[int] = deque(maxlen=max(last_n, 1))
@@ -991,10 +998,25 @@ class EmbedJob:
     next_index: int = 0
 
 
+def template_for(params: ContinueFromConversationHistoryParams, settings: Settings, model: NativeModel) -> str:
+    """The chat template to render ``params`` with; raises RequestError."""
+    if params.grammar is not None and params.enable_thinking:
+        raise RequestError(
+            "GrammarIncompatibleWithThinking",
+            "a grammar cannot be combined with enable_thinking; disable thinking to use it",
+        )
+    template = settings.chat_template_override or model.chat_template()
+    if not template:
+        raise RequestError("ChatTemplateError", "the model has no chat template and no chat template override is set")
+    return template
+
+
 @dataclass
 class StatusDelta:
     slots_processing: int | None = None
     prefix_hashes: list[str] | None = None
+    loop_stopped: str | None = None
+    """The decode loop died with this error: the engine reports it as an issue."""
 
 
 Deliver = Callable[[list[Emit], StatusDelta | None], None]
@@ -1087,11 +1109,16 @@ class DecodeWorker:
         self._out: list[Emit] = []
         self._busy_reported = 0
         self._hashes_reported: list[str] = []
+        self._rendered: dict[str, str] = {}
         self.steps = 0
 
     # -- called from the event loop -----------------------------------------------------------
 
-    def submit(self, message: GenerateMessage | EmbedMessage) -> None:
+    def submit(self, message: GenerateMessage | EmbedMessage, rendered: str | None = None) -> None:
+        """Queue a request; ``rendered`` is a conversation's prompt, rendered beforehand
+        (templates never run on this thread)."""
+        if rendered is not None:
+            self._post("rendered", (message.request_id, rendered))
         self._post("embed" if isinstance(message, EmbedMessage) else "generate", message)
 
     def cancel(self, request_id: str) -> None:
@@ -1117,13 +1144,20 @@ class DecodeWorker:
             while self._wait_for_work():
                 self._step()
                 self._flush()
-        except Exception:
+        except Exception as e:
             logger.exception("decode loop crashed")
             self._fail_all("decode loop crashed; see the agent log")
             self._flush()
+            self._report_stopped(f"{type(e).__name__}: {e}")
         finally:
             self._release_samplers()
             logger.info("decode loop stop steps=%d", self.steps)
+
+    def _report_stopped(self, error: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, [], StatusDelta(loop_stopped=error))
+        except RuntimeError:
+            logger.warning("event loop closed; decode loop stop not reported")
 
     def _wait_for_work(self) -> bool:
         with self._wake:
@@ -1143,12 +1177,16 @@ class DecodeWorker:
     def _handle_command(self, kind: str, item: Any) -> None:
         if kind == "generate":
             self._waiting.append(item)
+        elif kind == "rendered":
+            request_id, text = item
+            self._rendered[request_id] = text
         elif kind == "embed":
             self._embeds.append(item)
         elif kind == "cancel":
             self._cancel(item)
 
     def _cancel(self, request_id: str) -> None:
+        self._rendered.pop(request_id, None)
         self._waiting = deque(m for m in self._waiting if m.request_id != request_id)
         self._embeds = deque(e for e in self._embeds if e.request_id != request_id)
         for slot in self._slots:
@@ -1216,6 +1254,13 @@ class DecodeWorker:
             except RequestError as e:
                 logger.info("request rejected request_id=%s kind=%s message=%s", message.request_id, e.kind, e.message)
                 self._emit(message.request_id, generated_error_payload(e.kind, e.message), True)
+            except Exception as e:  # one request's failure must not stop the loop
+                logger.exception("request failed to start request_id=%s", message.request_id)
+                for slot in self._slots:
+                    if slot.seq is not None and slot.seq.job.request_id == message.request_id:
+                        self._release(slot)
+                text = f"the request failed to start: {type(e).__name__}: {e}"
+                self._emit(message.request_id, generated_error_payload("SamplerError", text), True)
 
     def _prepare(self, message: GenerateMessage) -> Job:
         try:
@@ -1225,10 +1270,11 @@ class DecodeWorker:
         overrides = message.overrides
         sampling = overrides.apply(self.settings.defaults) if overrides else self.settings.defaults
         tools: list[Tool] | None = None
+        rendered = self._rendered.pop(message.request_id, None)
         if isinstance(params, ContinueFromRawPromptParams):
             text = params.raw_prompt
         else:
-            text = self._render(params)
+            text = rendered if rendered is not None else self._render(params)
             tools = list(params.tools)
         return Job(
             request_id=message.request_id,
@@ -1244,16 +1290,8 @@ class DecodeWorker:
         )
 
     def _render(self, params: ContinueFromConversationHistoryParams) -> str:
-        if params.grammar is not None and params.enable_thinking:
-            raise RequestError(
-                "GrammarIncompatibleWithThinking",
-                "a grammar cannot be combined with enable_thinking; disable thinking to use it",
-            )
-        template = self.settings.chat_template_override or self.model.chat_template()
-        if not template:
-            raise RequestError(
-                "ChatTemplateError", "the model has no chat template and no chat template override is set"
-            )
+        """In-thread rendering: only for a request the engine did not render first."""
+        template = template_for(params, self.settings, self.model)
         try:
             return render_chat(
                 template,
@@ -1611,6 +1649,9 @@ class LlamaEngine(Engine):
         self._drained.set()
         self._swap_task: asyncio.Task[None] | None = None
         self._issue_variants: set[str] = set()
+        self._renderer = TemplateRenderer()
+        self._rendering: dict[str, asyncio.Task[None]] = {}
+        """Conversation requests whose prompt is being rendered (before the decode thread)."""
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -1620,19 +1661,73 @@ class LlamaEngine(Engine):
     def embed(self, message: EmbedMessage) -> None:
         self._submit(message)
 
-    def _submit(self, message: GenerateMessage | EmbedMessage) -> None:
+    def _submit(self, message: GenerateMessage | EmbedMessage, rendered: str | None = None) -> None:
         rid = message.request_id
-        if self._native is not None and self._serving and not self._native.alive:
+        if self._native is not None and not self._native.alive:
             self._reject(message, "the engine's decode loop stopped after an error; see the agent log")
         elif self._worker is not None and self._serving:
             self._inflight.add(rid)
             self._drained.clear()
-            self._worker.submit(message)
+            if (
+                rendered is None
+                and isinstance(message, GenerateMessage)
+                and message.variant == "ContinueFromConversationHistory"
+            ):
+                task = asyncio.get_running_loop().create_task(self._render_then_submit(message), name=f"render-{rid}")
+                self._rendering[rid] = task
+                task.add_done_callback(lambda _t: self._rendering.pop(rid, None))
+                return
+            self._worker.submit(message, rendered)
         elif self._applying or self._native is not None:
             logger.info("request held while the model is not serving request_id=%s", rid)
             self._held.append(message)
         else:
             self._reject_unserved(message)
+
+    async def _render_then_submit(self, message: GenerateMessage) -> None:
+        """Render a conversation's prompt in the renderer process (time, memory and size
+        limited), then queue it for the decode thread; a template failure fails this
+        request only."""
+        rid = message.request_id
+        runtime = self._runtime
+        try:
+            params = parse_generation_request(message.variant, message.params)
+        except (ValidationError, ValueError):
+            params = None  # the decode thread reports it, as for any invalid request
+        text: str | None = None
+        if isinstance(params, ContinueFromConversationHistoryParams) and runtime is not None:
+            model = runtime.model
+            try:
+                template = template_for(params, self._settings, model)
+                text = await self._renderer.render(
+                    template,
+                    params.conversation_history,
+                    add_generation_prompt=params.add_generation_prompt,
+                    enable_thinking=params.enable_thinking,
+                    tools=params.tools,
+                    bos_token=model.token_text(model.bos),
+                    eos_token=model.token_text(model.eos),
+                )
+            except (RequestError, ChatTemplateError) as e:
+                kind, text_ = (e.kind, e.message) if isinstance(e, RequestError) else ("ChatTemplateError", str(e))
+                logger.info("request rejected request_id=%s kind=%s message=%s", rid, kind, text_)
+                self._deliver([(rid, generated_error_payload(kind, text_), True)], None)
+                return
+        if rid not in self._inflight:
+            return  # stopped while rendering
+        if text is None:  # invalid parameters: the decode thread answers them like any request
+            if self._worker is not None and self._serving:
+                self._worker.submit(message)
+                return
+            self._inflight.discard(rid)
+            if not self._inflight:
+                self._drained.set()
+            self._submit(message)
+            return
+        self._inflight.discard(rid)
+        if not self._inflight:
+            self._drained.set()
+        self._submit(message, text)
 
     def _reject_unserved(self, message: GenerateMessage | EmbedMessage) -> None:
         self._reject(message, "no model is loaded on this agent")
@@ -1650,7 +1745,10 @@ class LlamaEngine(Engine):
             return
         if request_id in self._inflight:
             self._inflight.discard(request_id)
-            if self._worker is not None:
+            rendering = self._rendering.pop(request_id, None)
+            if rendering is not None:
+                rendering.cancel()
+            elif self._worker is not None:
                 self._worker.cancel(request_id)
             if not self._inflight:
                 self._drained.set()
@@ -1662,6 +1760,8 @@ class LlamaEngine(Engine):
             if final:
                 self._inflight.discard(rid)
             self.host.emit(rid, payload, final)
+        if delta is not None and delta.loop_stopped is not None:
+            self._loop_stopped(delta.loop_stopped)
         if delta is not None:
             if delta.slots_processing is not None:
                 self.board.slots_processing = delta.slots_processing
@@ -1673,6 +1773,19 @@ class LlamaEngine(Engine):
 
     def model_metadata(self) -> dict[str, str] | None:
         return dict(self._runtime.model.metadata) if self._runtime is not None else None
+
+    def _loop_stopped(self, error: str) -> None:
+        """The decode loop died: say so (an issue, not Applied, no slots) instead of
+        taking requests it can only fail. A new desired state reloads the model."""
+        logger.error("decode loop stopped; the agent serves nothing until the model is reloaded error=%s", error)
+        self._fail(
+            DECODE_LOOP_STOPPED,
+            f"The inference loop stopped after an error ({error}); apply the desired state again to reload the model.",
+        )
+        self._serving = False
+        self.board.slots_total = 0
+        self.board.state_application_status = StateApplicationStatus.STUCK
+        self.host.status_changed()
 
     # -- desired state ------------------------------------------------------------------------
 
@@ -1714,7 +1827,7 @@ class LlamaEngine(Engine):
             self._answer_held_if_nothing_serves()
             return
         config = LoadConfig.build(str(path), self.slots, state.inference_parameters, self.n_threads)
-        if self._runtime is not None and self._runtime.config == config:
+        if self._runtime is not None and self._runtime.config == config and self._native_alive():
             self._update_settings(settings)
             self._set_applied(config.path, settings)
             return
@@ -1788,6 +1901,9 @@ class LlamaEngine(Engine):
         self.board.prefix_hashes = []
         logger.info("model unloaded path=%s", runtime.config.path if runtime else None)
 
+    def _native_alive(self) -> bool:
+        return self._native is not None and self._native.alive
+
     @property
     def _worker(self) -> DecodeWorker | None:
         return self._native.worker if self._native is not None else None
@@ -1857,6 +1973,11 @@ class LlamaEngine(Engine):
         self._serving = False
         for rid in list(self._inflight):
             self.stop(rid)
+        for rendering in list(self._rendering.values()):
+            rendering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rendering
+        await self._renderer.close()
         native = self._native
         self._native, self._runtime = None, None
         if native is not None:

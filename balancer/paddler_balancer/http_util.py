@@ -163,6 +163,7 @@ def _cors_origin(request: web.Request) -> str | None:
     return origin if policy.allows(origin, request.url.host) else None
 
 
+
 @web.middleware
 async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer CORS preflights: 204 for an allowed origin, 403 for any other."""
