@@ -79,6 +79,9 @@ async def read_body(request: web.Request) -> bytearray:
     body = bytearray()
     async for chunk in request.content.iter_any():
         if len(body) + len(chunk) > limit:
+            # Free it now: the exception's traceback keeps this frame (and so the buffer)
+            # alive until the cyclic GC runs, which large bytes alone never trigger.
+            body.clear()
             raise _too_large(limit, f"over {limit} bytes, sent without a length")
         body += chunk
     return body
