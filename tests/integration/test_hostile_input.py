@@ -275,31 +275,3 @@ async def test_a_body_that_is_not_declared_json_is_415(balancer: Balancer, path:
 
     assert response.status_code == 415
     assert f"Content-Type must be application/json, not {content_type}" in error_message(response)
-
-
-# ---- 8. request ids of different clients ---------------------------------------------------------
-
-
-async def test_two_socket_clients_with_the_same_request_id_both_get_their_own_answer(balancer: Balancer) -> None:
-    async def ask(prompt: str) -> list[dict[str, Any]]:
-        request = {
-            "Request": {"id": "order-1", "request": {"ContinueFromRawPrompt": {"raw_prompt": prompt, "max_tokens": 8}}}
-        }
-        replies: list[dict[str, Any]] = []
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(f"{balancer.inference_url}/api/v1/inference_socket") as ws,
-        ):
-            await ws.send_str(json.dumps(request))
-            async with asyncio.timeout(15):
-                while True:
-                    reply = await ws.receive_json()
-                    replies.append(reply)
-                    if "Error" in reply or "Done" in str(reply):
-                        return replies
-
-    first, second = await asyncio.gather(ask("first prompt"), ask("second prompt"))
-
-    for replies in (first, second):
-        assert all("Response" in r and r["Response"]["request_id"] == "order-1" for r in replies), replies
-        assert len(replies) == 9  # 8 tokens, then Done
