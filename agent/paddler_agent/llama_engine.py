@@ -1649,6 +1649,8 @@ class LlamaEngine(Engine):
         self._drained.set()
         self._swap_task: asyncio.Task[None] | None = None
         self._issue_variants: set[str] = set()
+        self._loop_dead = False
+        """The decode loop of the loaded model died; requests are refused until a reload."""
         self._renderer = TemplateRenderer()
         self._rendering: dict[str, asyncio.Task[None]] = {}
         """Conversation requests whose prompt is being rendered (before the decode thread)."""
@@ -1663,7 +1665,7 @@ class LlamaEngine(Engine):
 
     def _submit(self, message: GenerateMessage | EmbedMessage, rendered: str | None = None) -> None:
         rid = message.request_id
-        if self._native is not None and not self._native.alive:
+        if self._native is not None and (self._loop_dead or not self._native.alive):
             self._reject(message, "the engine's decode loop stopped after an error; see the agent log")
         elif self._worker is not None and self._serving:
             self._inflight.add(rid)
@@ -1783,6 +1785,7 @@ class LlamaEngine(Engine):
             f"The inference loop stopped after an error ({error}); apply the desired state again to reload the model.",
         )
         self._serving = False
+        self._loop_dead = True
         self.board.slots_total = 0
         self.board.state_application_status = StateApplicationStatus.STUCK
         self.host.status_changed()
@@ -1902,7 +1905,7 @@ class LlamaEngine(Engine):
         logger.info("model unloaded path=%s", runtime.config.path if runtime else None)
 
     def _native_alive(self) -> bool:
-        return self._native is not None and self._native.alive
+        return self._native is not None and self._native.alive and not self._loop_dead
 
     @property
     def _worker(self) -> DecodeWorker | None:
@@ -1912,6 +1915,7 @@ class LlamaEngine(Engine):
         self._native = native
         self._runtime = runtime
         self._serving = True
+        self._loop_dead = False
         self.board.slots_total = self.slots
         held, self._held = list(self._held), deque()
         for message in held:
