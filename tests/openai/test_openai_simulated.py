@@ -342,7 +342,9 @@ async def test_buffer_timeout_is_504_and_retried_by_the_sdk(paddler: Processes) 
 
 
 async def test_item_timeout_is_504(paddler: Processes) -> None:
-    balancer = await pool(paddler, "--inference-item-timeout", "200ms", slots=1, tps=2)
+    # One token a second: the second request, held while the silent agent cools down
+    # (200 ms, see Balancer.agent_silent), still sees no token within 200 ms.
+    balancer = await pool(paddler, "--inference-item-timeout", "200ms", slots=1, tps=1)
     async with openai_client(balancer) as client:
         with pytest.raises(openai.InternalServerError) as err:
             await client.chat.completions.create(model="default", messages=USER, max_tokens=3)
