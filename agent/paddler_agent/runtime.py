@@ -50,6 +50,8 @@ AGENT_SECRET_HEADER = "X-Paddler-Agent-Secret"
 log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.1
+INVALID_DESIRED_STATE = "InvalidDesiredState"
+"""Agent-issue variant of a desired state this agent refuses (out of bounds)."""
 BACKOFF_MAX_S = 5.0
 
 
@@ -271,11 +273,12 @@ class AgentRuntime:
                 log.warning("unknown message from balancer type=%s", kind)
         except ValidationError as err:
             log.error("invalid message from balancer type=%s error=%s", kind, err)
+            self._fail_request(message, f"invalid request: {err}")
 
     def _refuse_invalid_state(self, err: ValidationError) -> None:
         """A desired state out of bounds (an older balancer let it through): an issue."""
         log.error("desired state refused error=%s", err)
-        issue = AgentIssue(variant="InvalidDesiredState", params={"message": f"The desired state is invalid: {err}"})
+        issue = AgentIssue(variant=INVALID_DESIRED_STATE, params={"message": f"The desired state is invalid: {err}"})
         self.board.issues = [i for i in self.board.issues if i.variant != issue.variant] + [issue]
         self.board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
         self.status_changed()
@@ -313,6 +316,7 @@ class AgentRuntime:
         if self._desired == state and self._apply_task is not None:
             return
         self._desired = state
+        self.board.issues = [i for i in self.board.issues if i.variant != INVALID_DESIRED_STATE]
         self.board.uses_chat_template_override = bool(state.use_chat_template_override and state.chat_template_override)
         previous = self._apply_task
 

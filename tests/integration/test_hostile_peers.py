@@ -275,3 +275,85 @@ async def test_memory_returns_after_rejected_large_posts(paddler: Processes) -> 
         return rss_mb(pid) - baseline < 60
 
     await wait_until(memory_returned, timeout=10, what=f"RSS back near {baseline:.0f} MB (now {rss_mb(pid):.0f} MB)")
+
+
+# ---- a hostile balancer: what an agent does with messages it cannot use -----------------------------
+
+
+async def test_agent_survives_messages_it_cannot_use_and_says_why(paddler: Processes) -> None:
+    """A real simulated agent dials a balancer played by the test, which sends an
+    out-of-bounds desired state, a prompt with a lone surrogate and a malformed request:
+    the agent reports an issue, answers each request with an error, and keeps serving."""
+    from aiohttp import web
+
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outgoing: asyncio.Queue[str] = asyncio.Queue()
+
+    async def agent_socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive_json()  # register
+        await ws.send_str(json.dumps({"type": "registered", "agent_id": "x"}))
+
+        async def forward() -> None:
+            while True:
+                await ws.send_str(await outgoing.get())
+
+        sender = asyncio.create_task(forward())
+        try:
+            async for msg in ws:
+                decoded = json.loads(msg.data)
+                for message in decoded if isinstance(decoded, list) else [decoded]:
+                    received.put_nowait(message)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/v1/agent_socket/{agent_id}", agent_socket)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        agent = paddler.spawn(
+            "agent-target",
+            ["agent", "--management-addr", f"127.0.0.1:{port}", "--slots", "2", "--name", "t", "--engine", "simulated"],
+        )
+        state = {"inference_parameters": {"context_size": 10**30}}
+        outgoing.put_nowait(json.dumps({"type": "set_desired_state", "state": state}))
+        outgoing.put_nowait(
+            '{"type": "generate", "request_id": "bad", "variant": "ContinueFromRawPrompt", '
+            '"params": {"raw_prompt": "\\ud800", "max_tokens": 2}}'
+        )
+        outgoing.put_nowait(json.dumps({"type": "generate", "request_id": "malformed"}))
+        outgoing.put_nowait(
+            json.dumps(
+                {
+                    "type": "generate",
+                    "request_id": "good",
+                    "variant": "ContinueFromRawPrompt",
+                    "params": {"raw_prompt": "hi", "max_tokens": 2},
+                }
+            )
+        )
+        finals: dict[str, Any] = {}
+        issues: list[str] = []
+        async with asyncio.timeout(20):
+            while not ({"bad", "malformed", "good"} <= finals.keys() and issues):
+                message = await received.get()
+                if message.get("type") == "response" and message.get("final"):
+                    finals[message["request_id"]] = message["response"]
+                elif message.get("type") == "status":
+                    issues = [next(iter(i)) if isinstance(i, dict) else i for i in message["status"]["issues"]]
+    finally:
+        await runner.cleanup()
+
+    assert issues == ["InvalidDesiredState"]
+    assert "Done" in finals["bad"]["GeneratedToken"]  # the simulated engine hashes it safely
+    assert "invalid request" in finals["malformed"]["GeneratedToken"]["SamplerError"]
+    assert "Done" in finals["good"]["GeneratedToken"]
+    assert agent.alive
