@@ -108,6 +108,9 @@ async def body_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise _too_large(limit, f"{declared} bytes")
         return await handler(request)
     except BodyError as err:
+        if request.path.startswith("/v1/"):  # the OpenAI API answers in OpenAI's envelope
+            error = {"message": err.message, "type": "invalid_request_error", "param": None, "code": err.kind}
+            return web.json_response({"error": error}, status=err.status)
         return json_error(err.status, err.message, err.kind)
 
 
