@@ -99,7 +99,7 @@ async def test_agent_claiming_a_billion_slots_is_rejected_at_registration(paddle
 
 
 async def test_agent_that_answers_nothing_stops_drawing_traffic_from_honest_agents(paddler: Processes) -> None:
-    balancer = paddler.balancer("--inference-item-timeout", "2s", "--buffered-request-timeout", "20s")
+    balancer = paddler.balancer("--inference-item-timeout", "5s", "--buffered-request-timeout", "20s")
     paddler.agent(balancer, slots=2, name="honest")
     await wait_until(lambda: _names(balancer, ["honest"]), what="honest agent registered")
 
