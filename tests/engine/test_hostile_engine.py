@@ -170,7 +170,7 @@ async def test_hostile_chat_template_fails_its_request_while_raw_prompts_are_ser
 
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "chat_template_error"
-    assert raw_status == 200 and raw_seconds < 15.0  # not held behind the render (busy shared CPUs)
+    assert raw_status == 200 and raw_seconds < 30.0  # not held behind the render (busy shared CPUs)
     assert (await raw_completion(balancer))[0] == 200
 
 
