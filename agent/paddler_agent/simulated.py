@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import time
@@ -56,6 +57,8 @@ class _Sequence:
     received_ns: int
     produced: int = 0
     first_token_ns: int | None = None
+    script: list[str] | None = None
+    """Fixed output (a JSON-schema grammar's example value) instead of the vocabulary."""
 
 
 @dataclass
@@ -95,12 +98,15 @@ class SimulatedEngine(Engine):
         params = message.params
         prompt = str(params.get("raw_prompt") or params.get("conversation_history"))
         seed = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "big")
+        script = _grammar_script(params.get("grammar"))
+        limit = max(1, min(int(params.get("max_tokens", self.max_tokens)), self.max_tokens))
         seq = _Sequence(
             request_id=message.request_id,
             offset=seed % len(VOCABULARY),
-            limit=max(1, min(int(params.get("max_tokens", self.max_tokens)), self.max_tokens)),
+            limit=limit if script is None else min(limit, len(script)),
             prompt_tokens=max(1, len(prompt) // 4),
             received_ns=time.monotonic_ns(),
+            script=script,
         )
         if len(self.active) >= self.slots:
             # The balancer sent more than our slots: hold it (and count it: a bug upstream).
@@ -178,7 +184,10 @@ class SimulatedEngine(Engine):
         finished = []
         now = time.monotonic_ns()
         for seq in list(self.active.values()):
-            text = VOCABULARY[(seq.offset + seq.produced) % len(VOCABULARY)]
+            if seq.script is not None:
+                text = seq.script[seq.produced]
+            else:
+                text = VOCABULARY[(seq.offset + seq.produced) % len(VOCABULARY)]
             seq.produced += 1
             if seq.first_token_ns is None:
                 seq.first_token_ns = now
@@ -223,3 +232,46 @@ def normalize(vector: list[float], method: EmbeddingNormalizationMethod) -> list
         rms = math.sqrt(sum(v * v for v in vector) / len(vector) + eps)
         return [v / rms for v in vector]
     return vector
+
+
+def _grammar_script(grammar: Any) -> list[str] | None:
+    """A JSON-schema grammar's output as tokens of up to 4 characters: the schema's
+    simplest valid value, so forced tool calls and structured output parse."""
+    if not isinstance(grammar, dict) or grammar.get("type") != "json_schema":
+        return None
+    try:
+        schema = json.loads(str(grammar.get("schema", "")))
+    except json.JSONDecodeError:
+        return None
+    text = json.dumps(schema_example(schema))
+    return [text[i : i + 4] for i in range(0, len(text), 4)]
+
+
+def schema_example(schema: Any, depth: int = 0) -> Any:
+    """The simplest value a JSON schema accepts (const, first enum/anyOf choice, every
+    property of an object, one item of an array); bounded in depth."""
+    if not isinstance(schema, dict) or depth > 8:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return schema_example(schema[key][0], depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = kind[0] if kind else None
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties", {})
+        return {name: schema_example(sub, depth + 1) for name, sub in properties.items()}
+    if kind == "array":
+        return [schema_example(schema.get("items", {"type": "string"}), depth + 1)]
+    if kind == "string":
+        return "x" * max(1, int(schema.get("minLength", 1)))
+    if kind in ("integer", "number"):
+        value = schema.get("minimum", 1)
+        return min(value, schema["maximum"]) if "maximum" in schema else value
+    if kind == "boolean":
+        return True
+    return None

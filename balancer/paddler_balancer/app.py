@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from paddler_balancer import inference_api, management_api, openai_api
+from paddler_balancer import inference_api, management_api, openai_api, openai_responses
 from paddler_balancer.agent_claims import CLAIMS_KEY, AgentClaims
 from paddler_balancer.auth import inference_door, management_door
 from paddler_balancer.http_util import (
@@ -47,6 +47,7 @@ def inference_app(balancer: Balancer, panel_ports: set[int] | None = None) -> we
     app[BALANCER_KEY] = balancer
     inference_api.add_routes(app)
     openai_api.add_routes(app)
+    openai_responses.add_routes(app)
     return app
 
 
@@ -57,6 +58,7 @@ def compat_openai_app(balancer: Balancer) -> web.Application:
     app[BALANCER_KEY] = balancer
     app.router.add_get("/health", inference_api.health)
     openai_api.add_routes(app)
+    openai_responses.add_routes(app)
     return app
 
 

@@ -88,11 +88,11 @@ _M = TypeVar("_M", bound=BaseModel)
 
 def add_routes(app: web.Application) -> None:
     r = app.router
-    r.add_post("/v1/chat/completions", _endpoint("chat.completions", chat_completions))
-    r.add_post("/v1/completions", _endpoint("completions", completions))
-    r.add_post("/v1/embeddings", _endpoint("embeddings", embeddings))
-    r.add_get("/v1/models", _endpoint("models.list", list_models))
-    r.add_get("/v1/models/{model}", _endpoint("models.retrieve", retrieve_model))
+    r.add_post("/v1/chat/completions", endpoint("chat.completions", chat_completions))
+    r.add_post("/v1/completions", endpoint("completions", completions))
+    r.add_post("/v1/embeddings", endpoint("embeddings", embeddings))
+    r.add_get("/v1/models", endpoint("models.list", list_models))
+    r.add_get("/v1/models/{model}", endpoint("models.retrieve", retrieve_model))
 
 
 # ---- plumbing -------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def error_response(err: OpenAIError) -> web.Response:
     return web.json_response(err.body(), status=err.status)
 
 
-def _endpoint(name: str, handler: Endpoint) -> Handler:
+def endpoint(name: str, handler: Endpoint) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         outcome = Outcome()
@@ -144,7 +144,7 @@ def _endpoint(name: str, handler: Endpoint) -> Handler:
     return handle
 
 
-def _validate(model: type[_M], body: dict[str, Any]) -> _M:
+def validate(model: type[_M], body: dict[str, Any]) -> _M:
     try:
         return model.model_validate(body)
     except ValidationError as err:
@@ -162,14 +162,14 @@ def _groups(balancer: Balancer) -> tuple[list[str], dict[str, BalancerDesiredSta
     return served, {g: balancer.store.get(g) for g in served}
 
 
-def _resolve(balancer: Balancer, requested: str | None, outcome: Outcome) -> tuple[str, BalancerDesiredState]:
+def resolve_group(balancer: Balancer, requested: str | None, outcome: Outcome) -> tuple[str, BalancerDesiredState]:
     served, states = _groups(balancer)
     group = resolve_model(requested, served, states)
     outcome.model_group = group
     return group, states[group]
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def request_body(request: web.Request) -> dict[str, Any]:
     try:
         check_json_content_type(request)
         raw = await read_body(request)
@@ -189,7 +189,7 @@ async def list_models(request: web.Request, _outcome: Outcome) -> web.StreamResp
 
 async def retrieve_model(request: web.Request, outcome: Outcome) -> web.StreamResponse:
     balancer = request.app[BALANCER_KEY]
-    group, state = _resolve(balancer, request.match_info["model"], outcome)
+    group, state = resolve_group(balancer, request.match_info["model"], outcome)
     (entry,) = models_list([group], {group: state}, _CREATED)["data"]
     return web.json_response(entry)
 
@@ -202,7 +202,7 @@ _CREATED = now()
 
 
 class Renderer(Protocol):
-    """Turns a generation's events into streamed chunks."""
+    """Turns a generation's events into streamed chunks and chunks into SSE bytes."""
 
     acc: Accumulated
 
@@ -212,9 +212,35 @@ class Renderer(Protocol):
 
     def closing(self) -> list[dict[str, Any]]: ...
 
+    def failed(self, error: OpenAIError) -> list[dict[str, Any]]:
+        """The chunks that report an error after streaming started."""
+        ...
+
+    def encode(self, chunk: dict[str, Any]) -> bytes: ...
+
+    @property
+    def trailer(self) -> bytes:
+        """Written after the last chunk (``data: [DONE]`` for chat and text)."""
+        ...
+
+
+class DoneTerminated:
+    """Chat and text completions: ``data:`` lines, an error chunk in the error envelope,
+    ``data: [DONE]`` at the end."""
+
+    def failed(self, error: OpenAIError) -> list[dict[str, Any]]:
+        return [error.body()]
+
+    def encode(self, chunk: dict[str, Any]) -> bytes:
+        return sse(chunk)
+
+    @property
+    def trailer(self) -> bytes:
+        return SSE_DONE
+
 
 @dataclass
-class ChatRenderer:
+class ChatRenderer(DoneTerminated):
     response_id: str
     model: str
     created: int
@@ -251,7 +277,7 @@ class ChatRenderer:
 
 
 @dataclass
-class TextRenderer:
+class TextRenderer(DoneTerminated):
     response_id: str
     model: str
     created: int
@@ -303,7 +329,7 @@ def _absorb(acc: Accumulated, events: list[Event]) -> Absorbed:
     return shown, None, False
 
 
-async def _collect(runner: AsyncIterator[Batch], acc: Accumulated) -> None:
+async def collect(runner: AsyncIterator[Batch], acc: Accumulated) -> None:
     """Run a generation to its end into ``acc``; raises OpenAIError."""
     async with contextlib.aclosing(runner):  # type: ignore[type-var]
         try:
@@ -317,7 +343,7 @@ async def _collect(runner: AsyncIterator[Batch], acc: Accumulated) -> None:
             raise _failure(failure) from None
 
 
-async def _stream(
+async def stream_sse(
     request: web.Request, runner: AsyncIterator[Batch], renderer: Renderer, outcome: Outcome
 ) -> web.StreamResponse:
     """SSE. The first batch is awaited before the headers, so a failure before any
@@ -334,10 +360,10 @@ async def _stream(
             if error is not None:
                 outcome.status = error.status
                 log.info("openai stream failed status=%d code=%s message=%s", error.status, error.code, error.message)
-                await response.write(sse(error.body()))
+                chunks = renderer.failed(error)
             else:
-                await response.write(b"".join(sse(c) for c in renderer.closing()))
-            await response.write(SSE_DONE)
+                chunks = renderer.closing()
+            await response.write(b"".join(renderer.encode(c) for c in chunks) + renderer.trailer)
             await response.write_eof()
         except ConnectionResetError:
             outcome.status = 499  # the client went away mid-stream; leaving frees the slot
@@ -368,7 +394,7 @@ async def _pump(
         for event in shown:
             chunks.extend(renderer.on_event(event))
         if chunks:
-            await response.write(b"".join(sse(c) for c in chunks))
+            await response.write(b"".join(renderer.encode(c) for c in chunks))
             chunks = []
         if finished:
             return error
@@ -381,37 +407,59 @@ async def _pump(
         shown, error, finished = _absorb(renderer.acc, _events(batch))
 
 
-async def chat_completions(request: web.Request, outcome: Outcome) -> web.StreamResponse:
-    req = _validate(ChatCompletionRequest, await _body(request))
+@dataclass
+class ChatRun:
+    """A conversation generation, resolved and mapped, not started yet."""
+
+    runner: AsyncIterator[Batch]
+    group: str
+    max_tokens: int
+    forced: list[ToolDefinition]
+
+
+def start_chat(request: web.Request, req: ChatCompletionRequest, outcome: Outcome) -> ChatRun:
+    """Resolve the model group and map ``req`` to a native conversation request (also
+    what ``/v1/responses`` runs); raises OpenAIError for a bad request."""
     balancer = request.app[BALANCER_KEY]
-    group, state = _resolve(balancer, req.model, outcome)
+    group, state = resolve_group(balancer, req.model, outcome)
     params, forced = chat_params(req, state.inference_parameters.context_size)
-    request_id = uuid.uuid4().hex
     runner = run_generation(
         balancer,
         model_group=group,
         variant=RequestKind.CONVERSATION.value,
         params=params,
-        request_id=request_id,
+        request_id=uuid.uuid4().hex,
         overrides=sampling_overrides(req),
     )
-    model, created, response_id = req.model or group, now(), completion_id("chatcmpl")
-    max_tokens: int = params["max_tokens"]
+    return ChatRun(runner, group, int(params["max_tokens"]), forced)
+
+
+async def collect_chat(run: ChatRun, outcome: Outcome) -> Accumulated:
+    """Run a conversation to its end; a forced tool call is parsed from its output."""
     acc = Accumulated()
-    if req.stream:
-        renderer = ChatRenderer(response_id, model, created, req.include_usage, max_tokens, forced, acc)
-        return await _stream(request, runner, renderer, outcome)
-    await _collect(runner, acc)
-    if forced and not acc.tool_calls:
-        acc.tool_calls.extend(forced_tool_calls(acc.text, forced))
+    await collect(run.runner, acc)
+    if run.forced and not acc.tool_calls:
+        acc.tool_calls.extend(forced_tool_calls(acc.text, run.forced))
     outcome.tokens = acc.tokens
-    return web.json_response(chat_completion(response_id, model, created, acc, max_tokens))
+    return acc
+
+
+async def chat_completions(request: web.Request, outcome: Outcome) -> web.StreamResponse:
+    req = validate(ChatCompletionRequest, await request_body(request))
+    run = start_chat(request, req, outcome)
+    model, created, response_id = req.model or run.group, now(), completion_id("chatcmpl")
+    if req.stream:
+        acc = Accumulated()
+        renderer = ChatRenderer(response_id, model, created, req.include_usage, run.max_tokens, run.forced, acc)
+        return await stream_sse(request, run.runner, renderer, outcome)
+    acc = await collect_chat(run, outcome)
+    return web.json_response(chat_completion(response_id, model, created, acc, run.max_tokens))
 
 
 async def completions(request: web.Request, outcome: Outcome) -> web.StreamResponse:
-    req = _validate(CompletionRequest, await _body(request))
+    req = validate(CompletionRequest, await request_body(request))
     balancer = request.app[BALANCER_KEY]
-    group, _state = _resolve(balancer, req.model, outcome)
+    group, _state = resolve_group(balancer, req.model, outcome)
     params = completion_params(req, COMPLETIONS_DEFAULT_MAX_TOKENS)
     runner = run_generation(
         balancer,
@@ -426,8 +474,8 @@ async def completions(request: web.Request, outcome: Outcome) -> web.StreamRespo
     acc = Accumulated()
     if req.stream:
         renderer = TextRenderer(response_id, model, created, req.include_usage, max_tokens, acc)
-        return await _stream(request, runner, renderer, outcome)
-    await _collect(runner, acc)
+        return await stream_sse(request, runner, renderer, outcome)
+    await collect(runner, acc)
     outcome.tokens = acc.tokens
     return web.json_response(text_completion(response_id, model, created, acc, max_tokens))
 
@@ -436,9 +484,9 @@ async def completions(request: web.Request, outcome: Outcome) -> web.StreamRespo
 
 
 async def embeddings(request: web.Request, outcome: Outcome) -> web.StreamResponse:
-    req = _validate(EmbeddingRequest, await _body(request))
+    req = validate(EmbeddingRequest, await request_body(request))
     balancer = request.app[BALANCER_KEY]
-    group, _state = _resolve(balancer, req.model, outcome)
+    group, _state = resolve_group(balancer, req.model, outcome)
     params = embedding_params(req)
     runner = run_embedding(balancer, model_group=group, params=params, request_id=uuid.uuid4().hex)
     vectors: dict[str, list[float]] = {}
