@@ -294,7 +294,8 @@ def responses_usage(acc: Accumulated) -> dict[str, Any]:
     u = usage_block(acc.usage, acc.tokens)
     return {
         "input_tokens": u["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+        # Nothing is written to a cache kept for later requests (OpenAI's prompt caching).
+        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"], "cache_write_tokens": 0},
         "output_tokens": u["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": u["completion_tokens_details"]["reasoning_tokens"]},
         "total_tokens": u["total_tokens"],
@@ -539,12 +540,14 @@ class ResponsesStream:
         return events
 
     def failed(self, error: OpenAIError) -> list[dict[str, Any]]:
-        """OpenAI's ``error`` event, then ``response.failed``."""
+        """OpenAI's ``error`` event (our code), then ``response.failed`` (whose error code
+        is one of OpenAI's: ``server_error``, or ``invalid_prompt`` for a request problem)."""
+        code = "server_error" if error.status >= 500 else "invalid_prompt"
         failed = self.header.body(
             "failed",
             [item for item in self.output if item],
             responses_usage(self.acc),
-            error={"code": error.code or error.type, "message": error.message},
+            error={"code": code, "message": error.message},
         )
         return [
             self._event("error", code=error.code, message=error.message, param=error.param),

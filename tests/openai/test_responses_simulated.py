@@ -294,4 +294,4 @@ async def test_agent_lost_mid_stream_sends_error_then_response_failed(paddler: P
     assert error.type == "error" and error.code == "agent_lost"
     assert failed.type == "response.failed"
     assert failed.response.status == "failed"
-    assert failed.response.error is not None and failed.response.error.code == "agent_lost"
+    assert failed.response.error is not None and failed.response.error.code == "server_error"
