@@ -3,6 +3,11 @@
 ``POST /api/v1/continue_from_raw_prompt``, ``.../continue_from_conversation_history``
 and ``.../generate_embedding_batch`` stream NDJSON; ``GET /api/v1/inference_socket``
 multiplexes requests by id over one WebSocket (``paddler-client``'s transport).
+
+Model groups: a request goes to the default group unless the ``X-Paddler-Model-Group``
+header or the ``model_group`` query parameter names another (on the WebSocket: for
+every request of that socket, given when it opens). A group the pool does not serve
+(no desired state, no agent) is 404 ``model_group_not_found`` listing those it does.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pydantic import ValidationError
 
 from paddler_balancer.batches import Batch, run_embedding, run_generation
 from paddler_balancer.http_util import MAX_BODY_BYTES, json_error, read_json, validation_message
+from paddler_balancer.openai_types import served_groups
 from paddler_balancer.service import Balancer
 from paddler_balancer.streams import InferenceFailure
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP
@@ -40,6 +46,35 @@ log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r'"Request"\s*:\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
 
 BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
+MODEL_GROUP_HEADER = "X-Paddler-Model-Group"
+MODEL_GROUP_PARAM = "model_group"
+
+
+def served_model_groups(balancer: Balancer) -> list[str]:
+    """Every group with desired state or agents (the default one on a fresh balancer)."""
+    stored = {name: entry.state for name, entry in balancer.store.groups.items()}
+    with_agents = {agent.model_group for agent in balancer.pool.agents.values()}
+    return served_groups(stored, with_agents, DEFAULT_MODEL_GROUP)
+
+
+class UnknownModelGroup(Exception):
+    def __init__(self, requested: str, served: list[str]) -> None:
+        super().__init__(f"model group {requested!r} does not exist; this pool serves: {', '.join(served)}")
+
+    def response(self) -> web.Response:
+        return json_error(404, str(self), "model_group_not_found")
+
+
+def requested_model_group(request: web.Request) -> str:
+    """The group named by the header or query parameter, else the default group;
+    raises UnknownModelGroup."""
+    requested = request.headers.get(MODEL_GROUP_HEADER) or request.query.get(MODEL_GROUP_PARAM)
+    if not requested:
+        return DEFAULT_MODEL_GROUP
+    served = served_model_groups(request.app[BALANCER_KEY])
+    if requested not in served:
+        raise UnknownModelGroup(requested, served)
+    return requested
 
 
 def add_routes(app: web.Application) -> None:
@@ -66,13 +101,16 @@ async def _generation_ndjson(request: web.Request, variant: RequestKind) -> web.
     body = await read_json(request)
     try:
         params = parse_generation_request(variant, body)
+        group = requested_model_group(request)
     except ValidationError as err:
         return json_error(400, validation_message(err), "invalid_request")
+    except UnknownModelGroup as unknown:
+        return unknown.response()
     balancer = request.app[BALANCER_KEY]
     request_id = uuid.uuid4().hex
     runner = run_generation(
         balancer,
-        model_group=DEFAULT_MODEL_GROUP,
+        model_group=group,
         variant=variant.value,
         params=params.model_dump(mode="json", by_alias=True, exclude_none=True),
         request_id=request_id,
@@ -84,12 +122,15 @@ async def generate_embedding_batch(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     try:
         params = GenerateEmbeddingBatchParams.model_validate(body)
+        group = requested_model_group(request)
     except ValidationError as err:
         return json_error(400, validation_message(err), "invalid_request")
+    except UnknownModelGroup as unknown:
+        return unknown.response()
     request_id = uuid.uuid4().hex
     runner = run_embedding(
         request.app[BALANCER_KEY],
-        model_group=DEFAULT_MODEL_GROUP,
+        model_group=group,
         params=params,
         request_id=request_id,
     )
@@ -137,8 +178,12 @@ def _failure_payload(request_id: str, failure: InferenceFailure) -> dict[str, An
     return error_envelope(request_id, failure.status, failure.message)
 
 
-async def inference_socket(request: web.Request) -> web.WebSocketResponse:
+async def inference_socket(request: web.Request) -> web.StreamResponse:
     balancer = request.app[BALANCER_KEY]
+    try:
+        group = requested_model_group(request)
+    except UnknownModelGroup as unknown:
+        return unknown.response()  # before the upgrade: the client's handshake fails with it
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_BODY_BYTES)
     await ws.prepare(request)
     tasks: dict[str, asyncio.Task[None]] = {}
@@ -170,7 +215,7 @@ async def inference_socket(request: web.Request) -> web.WebSocketResponse:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue
-            await _handle_socket_message(balancer, msg.data, send, start, tasks)
+            await _handle_socket_message(balancer, group, msg.data, send, start, tasks)
     finally:
         for task in list(tasks.values()):
             task.cancel()
@@ -182,6 +227,7 @@ async def inference_socket(request: web.Request) -> web.WebSocketResponse:
 
 async def _handle_socket_message(
     balancer: Balancer,
+    group: str,
     data: str,
     send: Callable[[dict[str, Any]], Any],
     start: Callable[[str, Callable[[], AsyncIterator[Batch]]], None],
@@ -223,9 +269,7 @@ async def _handle_socket_message(
             embed_params = GenerateEmbeddingBatchParams.model_validate(raw_params)
             start(
                 request_id,
-                lambda: run_embedding(
-                    balancer, model_group=DEFAULT_MODEL_GROUP, params=embed_params, request_id=internal_id
-                ),
+                lambda: run_embedding(balancer, model_group=group, params=embed_params, request_id=internal_id),
             )
             return
         params = parse_generation_request(variant, raw_params)
@@ -236,9 +280,7 @@ async def _handle_socket_message(
     dumped = params.model_dump(mode="json", by_alias=True, exclude_none=True)
     start(
         request_id,
-        lambda: run_generation(
-            balancer, model_group=DEFAULT_MODEL_GROUP, variant=variant, params=dumped, request_id=internal_id
-        ),
+        lambda: run_generation(balancer, model_group=group, variant=variant, params=dumped, request_id=internal_id),
     )
 
 

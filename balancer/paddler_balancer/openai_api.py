@@ -33,7 +33,7 @@ from pydantic import BaseModel, ValidationError
 
 from paddler_balancer.batches import Batch, run_embedding, run_generation
 from paddler_balancer.http_util import BodyError, Handler, check_json_content_type, read_body
-from paddler_balancer.inference_api import BALANCER_KEY
+from paddler_balancer.inference_api import BALANCER_KEY, served_model_groups
 from paddler_balancer.openai_types import (
     SSE_DONE,
     Accumulated,
@@ -67,7 +67,6 @@ from paddler_balancer.openai_types import (
     parse_body,
     resolve_model,
     sampling_overrides,
-    served_groups,
     sse,
     text_chunk,
     text_completion,
@@ -75,7 +74,7 @@ from paddler_balancer.openai_types import (
 )
 from paddler_balancer.service import Balancer
 from paddler_balancer.streams import InferenceFailure
-from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState
+from paddler_core.desired_state import BalancerDesiredState
 from paddler_core.inference import RequestKind
 
 log = logging.getLogger(__name__)
@@ -156,9 +155,7 @@ def _failure(failure: InferenceFailure) -> OpenAIError:
 
 
 def _groups(balancer: Balancer) -> tuple[list[str], dict[str, BalancerDesiredState]]:
-    stored = {name: entry.state for name, entry in balancer.store.groups.items()}
-    with_agents = {agent.model_group for agent in balancer.pool.agents.values()}
-    served = served_groups(stored, with_agents, DEFAULT_MODEL_GROUP)
+    served = served_model_groups(balancer)
     return served, {g: balancer.store.get(g) for g in served}
 
 

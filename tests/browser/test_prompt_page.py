@@ -183,3 +183,26 @@ def buffered(balancer: Balancer) -> int:
     response = httpx.get(balancer.management_url + "/api/v1/buffered_requests", timeout=5)
     count: int = response.json()["buffered_requests_current"]
     return count
+
+
+def test_prompt_page_sends_to_the_chosen_model_group(paddler: Processes, page: Page) -> None:
+    balancer = paddler.balancer(admin_panel=True)
+    paddler.agent(balancer, slots=1, name="plain", extra=("--simulated-tokens-per-second", "50"))
+    paddler.agent(balancer, slots=1, name="alpha-agent", extra=("--model-group", "alpha"))
+    wait_for_agents(balancer, {"plain", "alpha-agent"})
+    open_panel(page, balancer, "/prompt")
+    select = page.get_by_label("Model group")
+    expect(select.locator("option")).to_have_count(2)
+    select.select_option("alpha")
+    expect(page.locator("#capacity")).to_have_text("1 of 1 slots free on 1 agent.")
+    page.locator("#max-tokens").fill("3")
+    page.get_by_label("Message", exact=True).fill("Hello")
+    page.keyboard.press("Enter")
+    expect(page.locator(".message.assistant").last).to_have_attribute("data-state", "done")
+    expect(page.locator("#m-agent")).to_have_text("alpha-agent")
+
+    select.select_option("default")
+    page.get_by_label("Message", exact=True).fill("Again")
+    page.keyboard.press("Enter")
+    expect(page.locator(".message.assistant").nth(1)).to_have_attribute("data-state", "done")
+    expect(page.locator("#m-agent")).to_have_text("plain")

@@ -1,8 +1,9 @@
-// Prompt page: a chat with the default model group over the balancer's inference
-// WebSocket. Tokens stream in as they are generated; Stop cancels the request on
-// the balancer, which stops the agent and frees the slot.
+// Prompt page: a chat with a model group (the default one unless another is picked)
+// over the balancer's inference WebSocket; the group travels as the socket's
+// `model_group` query parameter. Tokens stream in as they are generated; Stop
+// cancels the request on the balancer, which stops the agent and frees the slot.
 
-import { credential, withQuery } from "./api.js";
+import { api, credential, withQuery } from "./api.js";
 import { humanize } from "./dashboard.js";
 import { h, requestId } from "./dom.js";
 import { onAgents } from "./live.js";
@@ -61,7 +62,7 @@ export async function mount(main, config) {
   });
   const emptyHint = h("div", { class: "transcript-empty", id: "transcript-empty" },
     h("p", {}, h("strong", {}, "Send a message to the model.")),
-    h("p", { class: "small" }, "It goes to the default model group through the balancer, like any client's request: "
+    h("p", { class: "small" }, "It goes to the chosen model group through the balancer, like any client's request: "
       + "it waits in the buffer when every slot is busy."));
   transcript.append(emptyHint);
 
@@ -79,6 +80,9 @@ export async function mount(main, config) {
       stopButton, sendButton));
 
   const maxTokens = h("input", { type: "number", id: "max-tokens", min: "1", step: "1", value: "512" });
+  const groupSelect = h("select", { id: "model-group" },
+    h("option", { value: config.default_model_group }, config.default_model_group));
+  let group = config.default_model_group;
   const thinking = h("input", { type: "checkbox", id: "enable-thinking" });
   const system = h("textarea", { id: "system-prompt", rows: "3", placeholder: "You are a helpful assistant." });
   const capacity = h("p", { class: "muted small", id: "capacity", "aria-live": "polite" }, "");
@@ -87,13 +91,15 @@ export async function mount(main, config) {
     h("div", { class: "page-header" },
       h("div", {},
         h("h1", {}, "Prompt"),
-        h("p", { class: "lead" }, "Chat with the model of the default group through the inference WebSocket at ",
+        h("p", { class: "lead" }, "Chat with the model of a model group through the inference WebSocket at ",
           h("code", {}, config.inference_socket_url), "."))),
     h("div", { class: "chat-layout" },
       h("section", { class: "chat", "aria-label": "Chat" }, transcript, composer),
       h("aside", { class: "side", "aria-label": "Options and statistics" },
         h("section", { class: "panel", "aria-labelledby": "options-title" },
           h("h2", { id: "options-title" }, "Options"),
+          h("div", { class: "field" }, h("label", { for: "model-group" }, "Model group"), groupSelect,
+            h("p", { class: "hint" }, "The group whose agents answer.")),
           h("div", { class: "field" }, h("label", { for: "max-tokens" }, "Max tokens"), maxTokens,
             h("p", { class: "hint" }, "The reply stops after this many tokens.")),
           h("div", { class: "field" },
@@ -115,10 +121,34 @@ export async function mount(main, config) {
           capacity))),
   );
 
-  const socketUrl = withQuery(config.inference_socket_url, "api_key", credential("inference"));
-  const socket = new Socket(socketUrl, onMessage, () => {
+  const onSocketClose = () => {
     if (turn) finish("error", "The connection to the balancer closed.");
+  };
+  const socketUrl = (name) => withQuery(
+    name === config.default_model_group ? config.inference_socket_url
+      : withQuery(config.inference_socket_url, "model_group", name),
+    "api_key", credential("inference"));
+  let socket = new Socket(socketUrl(group), onMessage, onSocketClose);
+
+  groupSelect.addEventListener("change", () => {
+    group = groupSelect.value;
+    const previous = socket;
+    socket = new Socket(socketUrl(group), onMessage, onSocketClose);
+    if (previous.ws) previous.ws.close();
+    showCapacity();
   });
+
+  const knownGroups = new Set([config.default_model_group]);
+  function addGroups(names) {
+    for (const name of [...names].sort()) {
+      if (knownGroups.has(name)) continue;
+      knownGroups.add(name);
+      groupSelect.append(h("option", { value: name }, name));
+    }
+  }
+  api(config.management_url, "/api/v1/model_groups")
+    .then((body) => addGroups((body.model_groups || []).map((g) => g.name)))
+    .catch(() => {}); // the agents stream still lists the groups that have agents
 
   composer.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -132,19 +162,27 @@ export async function mount(main, config) {
   });
 
   const agentNames = new Map();
-  onAgents(config, (agents) => {
-    for (const a of agents) agentNames.set(a.id, a.name || a.id);
-    const members = agents.filter((a) => a.model_group === config.default_model_group);
+  let knownAgents = [];
+  function showCapacity() {
+    const members = knownAgents.filter((a) => a.model_group === group);
     const total = members.reduce((s, a) => s + a.slots_total, 0);
     const busy = members.reduce((s, a) => s + a.slots_in_flight, 0);
+    const which = group === config.default_model_group ? "the default group" : `group ${group}`;
     capacity.textContent = members.length
       ? `${total - busy} of ${total} slots free on ${members.length} agent${members.length === 1 ? "" : "s"}.`
-      : "No agent serves the default group: requests wait in the buffer until one connects.";
+      : `No agent serves ${which}: requests wait in the buffer until one connects.`;
+  }
+  onAgents(config, (agents) => {
+    knownAgents = agents;
+    for (const a of agents) agentNames.set(a.id, a.name || a.id);
+    addGroups(new Set(agents.map((a) => a.model_group).filter(Boolean)));
+    showCapacity();
   });
 
   function setBusy(busy) {
     sendButton.disabled = busy;
     stopButton.disabled = !busy;
+    groupSelect.disabled = busy;
   }
 
   async function send() {
