@@ -955,6 +955,7 @@ class Job:
     tools: list[Tool] | None = None
     """Set for conversation requests: their output is classified (tools may be empty)."""
     starts_in_reasoning: bool = False
+    parse_tool_calls: bool = True
 
 
 @dataclass
@@ -1271,11 +1272,13 @@ class DecodeWorker:
         sampling = overrides.apply(self.settings.defaults) if overrides else self.settings.defaults
         tools: list[Tool] | None = None
         rendered = self._rendered.pop(message.request_id, None)
+        parse_calls = True
         if isinstance(params, ContinueFromRawPromptParams):
             text = params.raw_prompt
         else:
             text = rendered if rendered is not None else self._render(params)
             tools = list(params.tools)
+            parse_calls = params.parse_tool_calls
         return Job(
             request_id=message.request_id,
             prompt=self._tokenize_prompt(text),
@@ -1287,6 +1290,7 @@ class DecodeWorker:
             prefix_keys=request_prefix_keys(message.variant, message.params),
             tools=tools,
             starts_in_reasoning=tools is not None and prompt_opens_reasoning(text),
+            parse_tool_calls=parse_calls,
         )
 
     def _render(self, params: ContinueFromConversationHistoryParams) -> str:
@@ -1480,7 +1484,7 @@ class DecodeWorker:
             self._emit(seq.job.request_id, token_payload(piece_text, piece_kind), False)
         if seq.uncounted:
             self._count(seq, pieces[0][0] if pieces else classifier.last_kind)
-        if classifier.saw_tool_call:
+        if classifier.saw_tool_call and seq.job.parse_tool_calls:
             outcome = parse_tool_calls(classifier.tool_call_text, seq.job.tools or [])
             self._emit(seq.job.request_id, outcome.payload, False)
 

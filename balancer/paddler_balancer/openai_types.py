@@ -5,7 +5,9 @@ Decisions (see docs in ``openai_api``):
 
 * ``model`` is a model group name; a group's model display names (the desired
   state's model description, its file name and file stem, its Hugging Face repo
-  id) are accepted too. Omitted ``model`` works when the pool serves one group.
+  id) are accepted too. While the pool serves one group, any name (or none) is
+  served by it (clients hard-code names; Paddler ignores the field); with several,
+  an unknown name is a 404 listing them.
 * Unsupported features fail loudly with 400 (``n > 1``, logprobs, ``echo``,
   token-id prompts) instead of being silently ignored.
 * ``tool_choice`` ``"required"`` or a named function forces the call with a JSON
@@ -285,6 +287,8 @@ def resolve_model(requested: str | None, served: list[str], states: dict[str, Ba
     matches = [g for g in served if requested in model_aliases(states.get(g, BalancerDesiredState()))]
     if len(matches) == 1:
         return matches[0]
+    if not matches and len(served) == 1:
+        return served[0]  # one group serves any name, as Paddler ignores the field
     if len(matches) > 1:
         raise OpenAIError(
             400,

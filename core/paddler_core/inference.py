@@ -108,6 +108,9 @@ class ContinueFromConversationHistoryParams(_Params):
     enable_thinking: bool = False
     grammar: GrammarConstraint | None = None
     tools: list[Tool] = Field(default_factory=list)
+    parse_tool_calls: bool = True
+    """Paddler 4.1: false leaves tool-call text as ``ToolCallToken`` tokens, unparsed
+    (no ``ToolCallParsed``)."""
 
 
 class EmbeddingInputDocument(_Params):

@@ -275,8 +275,21 @@ async def test_invalid_requests_are_400_naming_the_field_and_not_retried(shared_
     assert logged_requests(balancer, "chat.completions", 400) == before + 1
 
 
-async def test_unknown_model_is_404_and_not_retried(shared_pool: Balancer) -> None:
-    balancer = shared_pool
+async def test_any_model_name_is_served_while_one_group_serves(shared_pool: Balancer) -> None:
+    async with openai_client(shared_pool) as client:
+        chat = await client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=2)
+        embedded = await client.embeddings.create(model="text-embedding-3-small", input="x")
+        retrieved = await client.models.retrieve("gpt-4o")
+    assert chat.model == "gpt-4o" and chat.choices[0].message.content  # the name the client sent is echoed
+    assert len(embedded.data) == 1
+    assert retrieved.id == "default"
+    assert await requests_total(shared_pool, "200", "default") > 0
+
+
+async def test_unknown_model_is_404_listing_the_groups_and_not_retried(paddler: Processes) -> None:
+    balancer = paddler.balancer()
+    await _put_group(balancer, "alpha", "/models/alpha.gguf")
+    await _put_group(balancer, "beta", "/models/beta.gguf")
     chat_before = logged_requests(balancer, "chat.completions", 404)
     embed_before = logged_requests(balancer, "embeddings", 404)
     async with openai_client(balancer, max_retries=2) as client:
@@ -288,7 +301,7 @@ async def test_unknown_model_is_404_and_not_retried(shared_pool: Balancer) -> No
             await client.models.retrieve("gpt-4o")
     assert err.value.code == "model_not_found"
     assert err.value.param == "model"
-    assert "gpt-4o" in err.value.message
+    assert "gpt-4o" in err.value.message and "alpha, beta" in err.value.message
     await asyncio.sleep(0.3)
     assert logged_requests(balancer, "chat.completions", 404) == chat_before + 1
     assert logged_requests(balancer, "embeddings", 404) == embed_before + 1

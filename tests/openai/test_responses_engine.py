@@ -174,20 +174,22 @@ async def _idle(balancer: Balancer) -> bool:
 async def test_busy_slot_gives_503_when_the_buffer_is_full_and_504_when_the_wait_expires(
     engine_pool: Balancer,
 ) -> None:
-    async with openai_client(engine_pool) as client:
-        async with client.responses.stream(model="default", input=LONG, max_output_tokens=1000, temperature=0) as busy:
-            await wait_busy(engine_pool)
-            waiting = asyncio.create_task(client.responses.create(model="default", input="Hi", max_output_tokens=2))
+    async with (
+        openai_client(engine_pool) as client,
+        client.responses.stream(model="default", input=LONG, max_output_tokens=1000, temperature=0) as busy,
+    ):
+        await wait_busy(engine_pool)
+        waiting = asyncio.create_task(client.responses.create(model="default", input="Hi", max_output_tokens=2))
 
-            async def buffered() -> bool:
-                return await _buffered(engine_pool) == 1
+        async def buffered() -> bool:
+            return await _buffered(engine_pool) == 1
 
-            await wait_until(buffered, timeout=5, what="second request buffered")
-            with pytest.raises(openai.InternalServerError) as full:
-                await client.responses.create(model="default", input="Hi", max_output_tokens=2)
-            with pytest.raises(openai.InternalServerError) as expired:
-                await waiting
-            assert await anext(aiter(busy))  # the busy stream is still running
+        await wait_until(buffered, timeout=5, what="second request buffered")
+        with pytest.raises(openai.InternalServerError) as full:
+            await client.responses.create(model="default", input="Hi", max_output_tokens=2)
+        with pytest.raises(openai.InternalServerError) as expired:
+            await waiting
+        assert await anext(aiter(busy))  # the busy stream is still running
     assert full.value.status_code == 503 and full.value.code == "buffer_full"
     assert expired.value.status_code == 504 and expired.value.code == "buffer_timeout"
     await wait_until(lambda: _idle(engine_pool), timeout=10, what="slot freed after the stream closed")

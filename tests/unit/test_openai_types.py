@@ -345,7 +345,8 @@ STATES = {"alpha": LOCAL, "beta": HF, "default": BalancerDesiredState()}
         ("Alpha.Q4_1", ["alpha", "beta"], "alpha", None, None),
         ("Alpha.Q4_1.gguf", ["alpha", "beta"], "alpha", None, None),
         ("org/SmolLM2-GGUF", ["alpha", "beta"], "beta", None, None),
-        ("gpt-4o", ["default"], None, 404, "model_not_found"),
+        ("gpt-4o", ["default"], "default", None, None),  # one group serves any name
+        ("gpt-4o", ["alpha", "beta"], None, 404, "model_not_found"),
         ("default", ["alpha", "beta"], None, 404, "model_not_found"),
         ("Alpha.Q4_1", ["alpha", "gamma"], None, 400, "model_ambiguous"),
     ],
