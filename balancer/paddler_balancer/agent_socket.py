@@ -36,13 +36,23 @@ from paddler_core.protocol import (
 log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 10.0
+OPEN_AGENT_SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("open_agent_sockets", set)
+"""Closed by the management app on shutdown, so a SIGTERM does not wait on them."""
 
 
 async def handle_agent_socket(request: web.Request, balancer: Balancer) -> web.WebSocketResponse:
     agent_id = request.match_info["agent_id"]
     ws = web.WebSocketResponse(heartbeat=5.0, max_msg_size=MAX_FRAME_BYTES)
     await ws.prepare(request)
+    open_sockets = request.app.get(OPEN_AGENT_SOCKETS, set())
+    open_sockets.add(ws)
+    try:
+        return await _serve_agent(balancer, agent_id, ws)
+    finally:
+        open_sockets.discard(ws)
 
+
+async def _serve_agent(balancer: Balancer, agent_id: str, ws: web.WebSocketResponse) -> web.WebSocketResponse:
     register = await _read_register(ws, agent_id)
     if register is None:
         await ws.close()

@@ -211,18 +211,63 @@ async def inference_socket(request: web.Request) -> web.StreamResponse:
 
         tasks[request_id] = asyncio.create_task(run(), name=f"ws-request-{request_id}")
 
+    mode_changed = asyncio.Event()
+    balancer.pool.on_change(mode_changed.set)
+    watcher = asyncio.create_task(_announce_generation_mode(balancer, group, mode_changed, send))
     try:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue
             await _handle_socket_message(balancer, group, msg.data, send, start, tasks)
     finally:
+        balancer.pool.remove_listener(mode_changed.set)
+        watcher.cancel()
         for task in list(tasks.values()):
             task.cancel()
-        for task in list(tasks.values()):
+        for task in [*tasks.values(), watcher]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     return ws
+
+
+TOKEN_GENERATION_ENABLED = {"Notification": "TokenGenerationEnabled"}
+TOKEN_GENERATION_DISABLED = {"Notification": "TokenGenerationDisabled"}
+
+
+async def _announce_generation_mode(
+    balancer: Balancer, group: str, changed: asyncio.Event, send: Callable[[dict[str, Any]], Any]
+) -> None:
+    """Paddler 4.1's notifications: ``TokenGenerationDisabled`` when the socket opens on
+    a group whose desired state enables embeddings, then one notification each time
+    that switches. (Our agents still generate in that mode; the notice is Paddler's
+    wire, which its clients read.)"""
+
+    def embeddings() -> bool:
+        return balancer.store.get(group).inference_parameters.enable_embeddings
+
+    last = embeddings()
+    if last:
+        await send(TOKEN_GENERATION_DISABLED)
+    while True:
+        await changed.wait()
+        changed.clear()
+        now = embeddings()
+        if now != last:
+            last = now
+            await send(TOKEN_GENERATION_DISABLED if now else TOKEN_GENERATION_ENABLED)
+
+
+def _stop_target(message: dict[str, Any]) -> str | None:
+    """The request id a cancellation names: Paddler 4.1's
+    ``{"Notification": {"StopRespondingTo": "<id>"}}``, or the older top-level
+    ``{"StopRespondingTo": ...}`` / ``{"Cancel": {"id": ...}}``."""
+    notification = message.get("Notification")
+    if isinstance(notification, dict) and "StopRespondingTo" in notification:
+        return str(notification["StopRespondingTo"])
+    cancel = message.get("Cancel") or message.get("StopRespondingTo")
+    if cancel is None:
+        return None
+    return str(cancel.get("id") if isinstance(cancel, dict) else cancel)
 
 
 async def _handle_socket_message(
@@ -241,12 +286,11 @@ async def _handle_socket_message(
     if not isinstance(message, dict):
         await send(error_envelope("", 400, "message must be a JSON object"))
         return
-    cancel = message.get("Cancel") or message.get("StopRespondingTo")
-    if cancel is not None:
-        cancel_id = cancel.get("id") if isinstance(cancel, dict) else cancel
-        task = tasks.get(str(cancel_id))
+    cancel_id = _stop_target(message)
+    if cancel_id is not None:
+        task = tasks.get(cancel_id)
         if task is not None:
-            task.cancel()
+            task.cancel()  # leaves the buffer, or stops the agent and frees the slot
         return
     envelope = message.get("Request")
     if not isinstance(envelope, dict) or not isinstance(envelope.get("request"), dict):

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from pydantic import ValidationError
 
-from paddler_balancer.agent_socket import handle_agent_socket
+from paddler_balancer.agent_socket import OPEN_AGENT_SOCKETS, handle_agent_socket
 from paddler_balancer.http_util import json_error, read_json, validation_message
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.service import Balancer
@@ -26,10 +26,16 @@ log = logging.getLogger(__name__)
 
 OWNER_HEADER = "X-Paddler-Owner"
 SSE_KEEPALIVE_S = 15.0
+SSE_WAKERS: web.AppKey[set[asyncio.Event]] = web.AppKey("sse_wakers", set)
+SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down", asyncio.Event)
 _GROUP_NAME = r"{group:[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?}"
 
 
 def add_routes(app: web.Application) -> None:
+    app[SSE_WAKERS] = set()
+    app[OPEN_AGENT_SOCKETS] = set()
+    app[SHUTTING_DOWN] = asyncio.Event()
+    app.on_shutdown.append(_end_streams)
     r = app.router
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
@@ -46,6 +52,20 @@ def add_routes(app: web.Application) -> None:
     r.add_delete(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", delete_group_state)
     r.add_get("/api/v1/agent/{agent_id}/model_metadata", model_metadata)
     r.add_get("/api/v1/agent/{agent_id}/chat_template_override", chat_template_override)
+
+
+async def _end_streams(app: web.Application) -> None:
+    """On shutdown, end every open event stream at once: they never end on their own,
+    and the server would otherwise wait its shutdown timeout for them."""
+    app[SHUTTING_DOWN].set()
+    for waker in app[SSE_WAKERS]:
+        waker.set()
+    open_sockets = app[OPEN_AGENT_SOCKETS]
+    sockets = list(open_sockets)
+    await asyncio.gather(
+        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"balancer shutting down") for ws in sockets),
+        return_exceptions=True,
+    )
 
 
 def _balancer(request: web.Request) -> Balancer:
@@ -105,19 +125,26 @@ async def _sse(request: web.Request, changed: asyncio.Event, body: Callable[[], 
     """Server-sent events: the current body at once, then again on each change."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    last = ""
-    while True:
-        current = json.dumps(body())
-        if current != last:
-            await response.write(f"data: {current}\n\n".encode())
-            last = current
-        changed.clear()
-        try:
-            async with asyncio.timeout(SSE_KEEPALIVE_S):
-                await changed.wait()
-        except TimeoutError:
-            await response.write(b": keepalive\n\n")
-        await asyncio.sleep(0.05)  # coalesce bursts of changes into one event
+    stopping, wakers = request.app[SHUTTING_DOWN], request.app[SSE_WAKERS]
+    wakers.add(changed)
+    try:
+        last = ""
+        while not stopping.is_set():
+            current = json.dumps(body())
+            if current != last:
+                await response.write(f"data: {current}\n\n".encode())
+                last = current
+            changed.clear()
+            try:
+                async with asyncio.timeout(SSE_KEEPALIVE_S):
+                    await changed.wait()
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+            await asyncio.sleep(0.05)  # coalesce bursts of changes into one event
+    finally:
+        wakers.discard(changed)
+    await response.write_eof()
+    return response
 
 
 def _parse_state(body: Any, policy: ModelUrlPolicy) -> BalancerDesiredState | web.Response:

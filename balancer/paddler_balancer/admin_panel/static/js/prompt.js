@@ -229,7 +229,7 @@ export async function mount(main, config) {
   function stop() {
     if (!turn) return;
     const { id } = turn;
-    if (socket.ws && socket.ws.readyState === WebSocket.OPEN) socket.ws.send(JSON.stringify({ Cancel: { id } }));
+    if (socket.ws && socket.ws.readyState === WebSocket.OPEN) socket.ws.send(JSON.stringify({ Notification: { StopRespondingTo: id } }));
     finish("stopped");
   }
 
