@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -69,6 +70,7 @@ from paddler_core.inference import (
     GbnfGrammar,
     GenerateEmbeddingBatchParams,
     GrammarConstraint,
+    ImageUrlContentPart,
     Tool,
     done_payload,
     generated_error_payload,
@@ -644,6 +646,31 @@ def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None
         raise RequestError("GrammarSyntaxError", f"invalid JSON schema: {e}") from e
 
 
+def _refuse_images(params: ContinueFromConversationHistoryParams) -> None:
+    """This agent loads no multimodal projector: an image part is refused (Paddler's
+    ``MultimodalNotSupported``) rather than dropped, which would let the model invent
+    what the image shows."""
+    for index, message in enumerate(params.conversation_history):
+        if isinstance(message.content, list) and any(isinstance(p, ImageUrlContentPart) for p in message.content):
+            raise RequestError(
+                "MultimodalNotSupported",
+                f"conversation_history.{index} has an image, but this model has no multimodal projector",
+            )
+
+
+def grammar_failure(grammar: tuple[str, str], errors: list[str]) -> RequestError:
+    """Why llama.cpp refused a grammar, under Paddler's names: a grammar that parses
+    but cannot be initialised (no rule named as its root, left recursion) is
+    ``GrammarInitializationFailed``; anything else is ``GrammarSyntaxError``."""
+    text, root = grammar
+    detail = "; ".join(errors)
+    if not re.search(rf"^\s*{re.escape(root)}\s*::=", text, re.MULTILINE):
+        return RequestError("GrammarInitializationFailed", f"the grammar has no rule named {root!r} (its root)")
+    if "left recursion" in detail:
+        return RequestError("GrammarInitializationFailed", f"the grammar cannot be initialised: {detail}")
+    return RequestError("GrammarSyntaxError", f"invalid grammar: {detail or 'llama.cpp could not parse it'}")
+
+
 def _penalties_neutral(params: InferenceParameters) -> bool:
     return (
         params.penalty_repeat == 1.0 and params.penalty_frequency == 0.0 and params.penalty_presence == 0.0
@@ -687,8 +714,7 @@ class Sampler:
                     model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8")
                 )
             if not g:
-                detail = "; ".join(errors) or "llama.cpp could not parse it"
-                raise RequestError("GrammarSyntaxError", f"invalid grammar: {detail}")
+                raise grammar_failure(grammar, list(errors))
             self._add(g)
         if not _penalties_neutral(params):
             last_n = n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
@@ -841,8 +867,7 @@ class GrammarSampler(FastSampler):
                 model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8")
             )
         if not self.grammar:
-            detail = "; ".join(errors) or "llama.cpp could not parse it"
-            raise RequestError("GrammarSyntaxError", f"invalid grammar: {detail}")
+            raise grammar_failure(grammar, list(errors))
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
         self._all = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
         self._all["id"] = np.arange(model.n_vocab, dtype=np.int32)
@@ -1276,6 +1301,7 @@ class DecodeWorker:
         if isinstance(params, ContinueFromRawPromptParams):
             text = params.raw_prompt
         else:
+            _refuse_images(params)
             text = rendered if rendered is not None else self._render(params)
             tools = list(params.tools)
             parse_calls = params.parse_tool_calls
@@ -1570,22 +1596,35 @@ class DecodeWorker:
             self._embeds.popleft()
 
     def _prepare_embed(self, message: EmbedMessage, emb: EmbedContext) -> EmbedJob:
+        """Tokenize the batch. A document over ``n_batch`` tokens is reported on its own
+        (Paddler 4.1's ``DocumentExceedsBatchSize``) and the others are embedded."""
         params = GenerateEmbeddingBatchParams.model_validate(message.params)
+        limit = min(emb.capacity, self.runtime.config.n_batch)
         documents: list[tuple[str, list[int]]] = []
         for doc in params.input_batch:
             tokens = self.model.tokenize(doc.content, add_special=True, parse_special=False)
             if not tokens:
                 tokens = [max(self.model.bos, 0)]
-            if len(tokens) > emb.capacity:
-                raise RequestError(
-                    "Embedding",
-                    f"document {doc.id!r} has {len(tokens)} tokens; the embedding context holds {emb.capacity}",
+            if len(tokens) > limit:
+                logger.info(
+                    "embedding document exceeds n_batch request_id=%s document=%s tokens=%d n_batch=%d",
+                    message.request_id,
+                    doc.id,
+                    len(tokens),
+                    limit,
                 )
+                oversized = {"document_tokens": len(tokens), "n_batch": limit, "source_document_id": doc.id}
+                self._emit(message.request_id, {"Embedding": {"DocumentExceedsBatchSize": oversized}}, False)
+                continue
             documents.append((doc.id, tokens))
         pooling = self.runtime.config.pooling_type
         return EmbedJob(message.request_id, documents, params.normalization_method, pooling.value)
 
     def _run_embed_batch(self, job: EmbedJob, emb: EmbedContext) -> None:
+        if not job.documents:  # every document was oversized (each already reported)
+            self._emit(job.request_id, {"Embedding": "Done"}, True)
+            self._embeds.popleft()
+            return
         group: list[tuple[str, list[int]]] = []
         total = 0
         for doc_id, tokens in job.documents[job.next_index :]:

@@ -596,6 +596,16 @@ def embedding_failure(payload: Any) -> OpenAIError | None:
     emb = payload.get("Embedding") if isinstance(payload, dict) else None
     if emb == "Done" or (isinstance(emb, dict) and "Embedding" in emb):
         return None
+    if isinstance(emb, dict) and isinstance(emb.get("DocumentExceedsBatchSize"), dict):
+        details = emb["DocumentExceedsBatchSize"]
+        index = details.get("source_document_id")
+        return OpenAIError(
+            400,
+            f"input {index} has {details.get('document_tokens')} tokens; "
+            f"the model embeds at most {details.get('n_batch')} tokens per input (n_batch)",
+            code="context_length_exceeded",
+            param=f"input.{index}",
+        )
     if emb == "EmbeddingRejectedDueToActiveTokenGeneration":
         return OpenAIError(503, "the agent is busy generating; retry", code="embedding_rejected")
     if isinstance(emb, dict) and "Error" in emb:
