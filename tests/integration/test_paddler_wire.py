@@ -151,3 +151,50 @@ async def test_balancer_with_open_event_streams_exits_within_one_second_of_sigte
             await stream.__aexit__(None, None, None)
     assert code == 0
     assert elapsed < 1.0, f"exited {elapsed:.2f} s after SIGTERM"
+
+
+async def test_tool_schema_requiring_a_field_not_in_properties_is_rejected(paddler: Processes) -> None:
+    balancer = paddler.balancer()
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city", "country"],
+            },
+        },
+    }
+    body = {
+        "add_generation_prompt": True,
+        "conversation_history": [{"role": "user", "content": "hi"}],
+        "enable_thinking": False,
+        "max_tokens": 3,
+        "tools": [tool],
+    }
+    async with httpx.AsyncClient() as http:
+        native = await http.post(balancer.inference_url + "/api/v1/continue_from_conversation_history", json=body)
+        chat = await http.post(
+            balancer.inference_url + "/v1/chat/completions",
+            json={"messages": body["conversation_history"], "tools": [tool]},
+        )
+        bad_type = {
+            **tool,
+            "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}},
+        }
+        invalid_property = await http.post(
+            balancer.inference_url + "/api/v1/continue_from_conversation_history", json={**body, "tools": [bad_type]}
+        )
+    assert native.status_code == 400
+    assert "Required field 'country' not found in properties" in native.json()["error"]["message"]
+    assert chat.status_code == 400
+    assert "Required field 'country' not found in properties" in chat.json()["error"]["message"]
+    assert invalid_property.status_code == 400
+    assert "Invalid schema for property 'x'" in invalid_property.json()["error"]["message"]
+    async with websockets.connect(_socket_url(balancer)) as ws:
+        request = {"Request": {"id": "t", "request": {"ContinueFromConversationHistory": body}}}
+        await ws.send(json.dumps(request))
+        error = json.loads(await ws.recv())["Error"]
+    assert error["request_id"] == "t" and error["error"]["code"] == 400
+    assert "Required field 'country' not found in properties" in error["error"]["description"]
