@@ -53,7 +53,7 @@ import numpy.typing as npt
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 from pydantic import ValidationError
 
-from paddler_agent.chat_template import ChatTemplateError, TemplateRenderer, render_chat
+from paddler_agent.chat_template import ChatTemplateError, TemplateRenderer, compile_chat_template, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_agent.model_source import DownloadProgress, ModelAccess, ModelSourceError, resolve_model
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
@@ -1990,6 +1990,10 @@ class LlamaEngine(Engine):
         board = self.board
         board.issues = [i for i in board.issues if i.variant not in self._issue_variants]
         self._issue_variants.clear()
+        template_issue = _template_issue(settings.chat_template_override, path)
+        if template_issue is not None:  # reported when applied; a good template clears it
+            board.issues.append(template_issue)
+            self._issue_variants.add(template_issue.variant)
         board.model_path = path
         board.uses_chat_template_override = settings.chat_template_override is not None
         board.state_application_status = StateApplicationStatus.APPLIED
@@ -2001,7 +2005,7 @@ class LlamaEngine(Engine):
     def _fail(self, variant: str, message: str, **details: str) -> None:
         logger.warning("desired state not appliable issue=%s message=%s", variant, message)
         board = self.board
-        issue = AgentIssue(variant=variant, params={"message": message, **details})
+        issue = ModelSourceError(variant, message, **details).to_issue()
         board.issues = [i for i in board.issues if i.variant not in self._issue_variants]
         board.issues.append(issue)
         self._issue_variants = {variant}
@@ -2029,6 +2033,20 @@ class LlamaEngine(Engine):
         self._native, self._runtime = None, None
         if native is not None:
             await asyncio.to_thread(native.shutdown)
+
+
+def _template_issue(template: str | None, model_path: str | None) -> AgentIssue | None:
+    """Paddler 4.1's ``ChatTemplateDoesNotCompile`` for an override that does not
+    compile (requests then fail with ChatTemplateError), or None."""
+    if template is None:
+        return None
+    try:
+        compile_chat_template(template)
+    except ChatTemplateError as e:
+        logger.warning("chat template override does not compile: %s", e)
+        params = {"error": str(e), "model_path": {"model_path": model_path or ""}, "template_content": template}
+        return AgentIssue(variant="ChatTemplateDoesNotCompile", params=params)
+    return None
 
 
 def _probe_model_file(path: str) -> None:

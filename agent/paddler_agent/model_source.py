@@ -54,10 +54,22 @@ DEFAULT_DOWNLOAD_RETRIES = 3
 DEFAULT_RETRY_DELAY_S = 1.0
 
 # Agent-issue variants this module reports.
+# Paddler 4.1's AgentIssue variants (params ``{"model_path": ...}``, plus our
+# ``message`` for people).
 MODEL_FILE_DOES_NOT_EXIST = "ModelFileDoesNotExist"
-MODEL_FILE_CANNOT_BE_READ = "ModelFileCannotBeRead"
-MODEL_IS_NOT_GGUF = "ModelIsNotGguf"
+MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
+MODEL_FILE_CANNOT_BE_READ = MODEL_CANNOT_BE_LOADED
+MODEL_IS_NOT_GGUF = MODEL_CANNOT_BE_LOADED
+MODEL_DOES_NOT_EXIST_AT_URL = "ModelDoesNotExistAtUrl"
+DOWNLOAD_SERVER_DENIED_ACCESS = "DownloadServerDeniedAccess"
+DOWNLOAD_SERVER_ERRORED = "DownloadServerErrored"
+DOWNLOAD_SERVER_IS_UNREACHABLE = "DownloadServerIsUnreachable"
+DOWNLOAD_SERVER_REJECTED_REQUEST = "DownloadServerRejectedRequest"
+DOWNLOAD_URL_IS_MALFORMED = "DownloadUrlIsMalformed"
+DOWNLOAD_INTERRUPTED = "DownloadInterrupted"
+CACHE_DIRECTORY_IS_NOT_WRITABLE = "CacheDirectoryIsNotWritable"
 MODEL_DOWNLOAD_FAILED = "ModelDownloadFailed"
+"""Ours: a Hugging Face download failure Paddler has no closer name for."""
 MODEL_CHECKSUM_MISMATCH = "ModelChecksumMismatch"
 MODEL_SOURCE_IS_NONE = "ModelSourceIsNone"
 HUGGINGFACE_MODEL_DOES_NOT_EXIST = "HuggingFaceModelDoesNotExist"
@@ -92,8 +104,11 @@ class ModelSourceError(Exception):
         return f"{self.variant}: {self.message}"
 
     def to_issue(self) -> AgentIssue:
-        """The agent issue to put on the status board."""
-        return AgentIssue(variant=self.variant, params={"message": self.message, **self.details})
+        """The agent issue to put on the status board: Paddler's ``{"model_path": ...}``
+        (the local path, URL or Hugging Face file) and our ``message``."""
+        model_path = self.details.get("model_path") or self.details.get("path") or self.details.get("url")
+        params = {"model_path": model_path} if model_path else {}
+        return AgentIssue(variant=self.variant, params={**params, "message": self.message})
 
 
 class _Transient(Exception):
@@ -281,7 +296,7 @@ async def _resolve_url(
         return await asyncio.to_thread(_resolve_file_url, ref)
     if scheme not in ("http", "https"):
         raise ModelSourceError(
-            MODEL_DOWNLOAD_FAILED, f"Unsupported URL scheme {scheme!r} in {ref.url}.", url=ref.url
+            DOWNLOAD_URL_IS_MALFORMED, f"Unsupported URL scheme {scheme!r} in {ref.url}.", url=ref.url
         )
     target = url_cache_path(ref.url, cache_dir)
     try:
@@ -289,7 +304,7 @@ async def _resolve_url(
             return await _resolve_http(ref, target, progress, retries, retry_delay_s, access)
     except OSError as e:
         raise ModelSourceError(
-            MODEL_DOWNLOAD_FAILED,
+            CACHE_DIRECTORY_IS_NOT_WRITABLE,
             f"Cannot store the model from {ref.url} in the cache {cache_dir}: {e}",
             url=ref.url,
         ) from e
@@ -368,7 +383,7 @@ def _resolve_file_url(ref: UrlModelReference) -> Path:
     parts = urllib.parse.urlsplit(ref.url)
     if parts.netloc not in ("", "localhost"):
         raise ModelSourceError(
-            MODEL_DOWNLOAD_FAILED,
+            DOWNLOAD_URL_IS_MALFORMED,
             f"file:// URL {ref.url} names host {parts.netloc!r}; only local files are supported.",
             url=ref.url,
         )
@@ -424,7 +439,7 @@ def _finish_download(part: Path, target: Path, ref: UrlModelReference) -> None:
             head = f.read(len(GGUF_MAGIC))
     except OSError as e:
         raise ModelSourceError(
-            MODEL_DOWNLOAD_FAILED, f"Downloaded model from {ref.url} cannot be read: {e}.",
+            MODEL_CANNOT_BE_LOADED, f"Downloaded model from {ref.url} cannot be read: {e}.",
             url=ref.url,
         ) from e
     if head != GGUF_MAGIC:
@@ -485,8 +500,8 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
         return None
 
 
-def _download_error(url: str, message: str) -> ModelSourceError:
-    return ModelSourceError(MODEL_DOWNLOAD_FAILED, message, url=url)
+def _download_error(url: str, message: str, variant: str = DOWNLOAD_INTERRUPTED) -> ModelSourceError:
+    return ModelSourceError(variant, message, url=url)
 
 
 async def _download(url: str, target: Path, progress: ProgressCallback, access: ModelAccess | None = None) -> None:
@@ -540,12 +555,18 @@ async def _download(url: str, target: Path, progress: ProgressCallback, access: 
             received = await _write_body(resp, part, start, total, target.name, throttle)
     except aiohttp.ClientResponseError as e:
         raise _http_error(url, e.status, e.message) from e
+    except aiohttp.ClientConnectorError as e:
+        raise _Transient(
+            _download_error(url, f"Downloading {url} failed: {_describe(e)}.", DOWNLOAD_SERVER_IS_UNREACHABLE)
+        ) from e
     except (aiohttp.ClientError, TimeoutError) as e:
         raise _Transient(
             _download_error(url, f"Downloading {url} failed: {_describe(e)}.")
         ) from e
     except OSError as e:
-        raise _download_error(url, f"Cannot write the model to {part.parent}: {e}.") from e
+        raise _download_error(
+            url, f"Cannot write the model to {part.parent}: {e}.", CACHE_DIRECTORY_IS_NOT_WRITABLE
+        ) from e
     if total is not None and received != total:
         raise _Transient(
             _download_error(
@@ -626,12 +647,18 @@ def _event(name: str, current: int, total: int | None) -> DownloadProgress:
 
 
 def _http_error(url: str, status: int, reason: str | None) -> ModelSourceError | _Transient:
+    """Paddler 4.1's names: 404 ModelDoesNotExistAtUrl, 401/403 DownloadServerDeniedAccess,
+    5xx DownloadServerErrored (retried), other 4xx DownloadServerRejectedRequest
+    (408/429 retried)."""
     if status == 404:
-        return _download_error(url, f"Model URL {url} was not found (HTTP 404).")
+        return _download_error(url, f"Model URL {url} was not found (HTTP 404).", MODEL_DOES_NOT_EXIST_AT_URL)
     if status in (401, 403):
-        return _download_error(url, f"Access to {url} was refused (HTTP {status}).")
-    error = _download_error(url, f"Downloading {url} failed: HTTP {status} {reason or ''}".strip())
-    return _Transient(error) if status >= 500 or status in (408, 429) else error
+        return _download_error(url, f"Access to {url} was refused (HTTP {status}).", DOWNLOAD_SERVER_DENIED_ACCESS)
+    message = f"Downloading {url} failed: HTTP {status} {reason or ''}".strip()
+    if status >= 500:
+        return _Transient(_download_error(url, message, DOWNLOAD_SERVER_ERRORED))
+    error = _download_error(url, message, DOWNLOAD_SERVER_REJECTED_REQUEST)
+    return _Transient(error) if status in (408, 429) else error
 
 
 def _describe(error: BaseException) -> str:

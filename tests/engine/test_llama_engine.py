@@ -351,7 +351,7 @@ async def test_a_bad_model_is_an_issue_and_the_old_model_keeps_serving(
         truncated.write_bytes(f.read(4096))
     cases = [
         (tmp_path / "missing.gguf", "ModelFileDoesNotExist"),
-        (not_gguf, "ModelIsNotGguf"),
+        (not_gguf, "ModelCannotBeLoaded"),
         (truncated, "ModelCannotBeLoaded"),
     ]
     for n, (path, variant) in enumerate(cases):

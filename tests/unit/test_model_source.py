@@ -90,8 +90,8 @@ class Events:
     [
         ("missing", "ModelFileDoesNotExist"),
         ("directory", "ModelFileDoesNotExist"),
-        ("not_gguf", "ModelIsNotGguf"),
-        ("empty", "ModelIsNotGguf"),
+        ("not_gguf", "ModelCannotBeLoaded"),
+        ("empty", "ModelCannotBeLoaded"),
     ],
 )
 async def test_local_file_errors(tmp_path: Path, setup: str, variant: str) -> None:
@@ -178,7 +178,7 @@ async def test_resume_after_truncated_attempt(
     url = str(server.make_url("/files/model.gguf"))
     with pytest.raises(ModelSourceError) as info:
         await resolve_model(url_source(url), tmp_path, Events(), retries=0)
-    assert info.value.variant == "ModelDownloadFailed"
+    assert info.value.variant == "DownloadInterrupted"
     part = url_cache_path(url, tmp_path).with_name("model.gguf.part")
     assert 0 < part.stat().st_size < len(FAKE_GGUF)
     have = part.stat().st_size
@@ -201,8 +201,8 @@ async def test_truncation_is_retried_within_one_call(
 @pytest.mark.parametrize(
     ("name", "sha256", "variant"),
     [
-        ("missing.gguf", None, "ModelDownloadFailed"),
-        ("page.html", None, "ModelIsNotGguf"),
+        ("missing.gguf", None, "ModelDoesNotExistAtUrl"),
+        ("page.html", None, "ModelCannotBeLoaded"),
         ("model.gguf", "0" * 64, "ModelChecksumMismatch"),
     ],
 )
@@ -232,7 +232,7 @@ async def test_connection_refused(aiohttp_server: ServerFactory, tmp_path: Path)
     await server.close()
     with pytest.raises(ModelSourceError) as info:
         await resolve_model(url_source(url), tmp_path, Events(), retries=1, retry_delay_s=0.01)
-    assert info.value.variant == "ModelDownloadFailed"
+    assert info.value.variant == "DownloadServerIsUnreachable"
 
 
 async def test_progress_is_throttled(aiohttp_server: ServerFactory, tmp_path: Path) -> None:
@@ -350,7 +350,7 @@ async def test_huggingface_cached_and_offline(
     [
         ("org/missing", "tiny.gguf", "HuggingFaceModelDoesNotExist"),
         ("org/tiny-GGUF", "absent.gguf", "HuggingFaceModelDoesNotExist"),
-        ("org/tiny-GGUF", "README.md", "ModelIsNotGguf"),
+        ("org/tiny-GGUF", "README.md", "ModelCannotBeLoaded"),
     ],
 )
 async def test_huggingface_errors(
@@ -412,5 +412,5 @@ async def test_unusable_cache_dir(aiohttp_server: ServerFactory, tmp_path: Path)
     not_a_dir.write_text("")
     with pytest.raises(ModelSourceError) as info:
         await resolve_model(url_source(str(server.make_url("/files/model.gguf"))), not_a_dir, Events())
-    assert info.value.variant == "ModelDownloadFailed"
+    assert info.value.variant == "CacheDirectoryIsNotWritable"
     assert str(not_a_dir) in info.value.message
