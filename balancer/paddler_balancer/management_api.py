@@ -1,7 +1,9 @@
 """Management API (the management address): agents, buffer, desired state, metrics.
 
-Paddler's routes, plus per-model-group desired state for pools that serve several
-models (the native ``/api/v1/balancer_desired_state`` is the default group).
+Paddler's routes (4.1: also ``/api/v1/balancer_applicable_state`` and the
+``/stream`` SSE forms of it and of the desired state), plus per-model-group desired
+state for pools that serve several models (the native
+``/api/v1/balancer_desired_state`` is the default group).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/buffered_requests/stream", buffered_requests_stream)
     r.add_get("/api/v1/balancer_desired_state", get_default_state)
     r.add_put("/api/v1/balancer_desired_state", put_default_state)
+    r.add_get("/api/v1/balancer_desired_state/stream", default_state_stream)
+    r.add_get("/api/v1/balancer_applicable_state", get_applicable_state)
+    r.add_get("/api/v1/balancer_applicable_state/stream", applicable_state_stream)
     r.add_get("/api/v1/model_groups", model_groups)
     r.add_get(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", get_group_state)
     r.add_put(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", put_group_state)
@@ -145,6 +150,40 @@ async def _sse(request: web.Request, changed: asyncio.Event, body: Callable[[], 
         wakers.discard(changed)
     await response.write_eof()
     return response
+
+
+def applicable_state(state: BalancerDesiredState) -> dict[str, Any]:
+    """Paddler 4.1's ``AgentDesiredState``: what agents apply from a desired state (the
+    chat template override only when ``use_chat_template_override`` is on)."""
+    body = state.to_json_dict()
+    use = body.pop("use_chat_template_override")
+    if not use:
+        body["chat_template_override"] = None
+    return body
+
+
+async def get_applicable_state(request: web.Request) -> web.Response:
+    return web.json_response(applicable_state(_balancer(request).store.get(DEFAULT_MODEL_GROUP)))
+
+
+async def _state_stream(request: web.Request, body: Callable[[], dict[str, Any]]) -> web.StreamResponse:
+    balancer = _balancer(request)
+    changed = asyncio.Event()
+    balancer.pool.on_change(changed.set)  # set_desired_state announces every change
+    try:
+        return await _sse(request, changed, body)
+    finally:
+        balancer.pool.remove_listener(changed.set)
+
+
+async def default_state_stream(request: web.Request) -> web.StreamResponse:
+    store = _balancer(request).store
+    return await _state_stream(request, lambda: store.get(DEFAULT_MODEL_GROUP).to_json_dict())
+
+
+async def applicable_state_stream(request: web.Request) -> web.StreamResponse:
+    store = _balancer(request).store
+    return await _state_stream(request, lambda: applicable_state(store.get(DEFAULT_MODEL_GROUP)))
 
 
 def _parse_state(body: Any, policy: ModelUrlPolicy) -> BalancerDesiredState | web.Response:
