@@ -1674,8 +1674,8 @@ class LlamaEngine(Engine):
         n_threads: int | None = None,
         model_access: ModelAccess | None = None,
     ) -> None:
-        if not 1 <= slots <= MAX_SLOTS:
-            raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, got {slots}")
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
         super().__init__(host, board, slots)
         self.cache_dir = model_cache_dir or default_cache_dir()
         self.n_threads = n_threads or default_threads()
@@ -1697,6 +1697,9 @@ class LlamaEngine(Engine):
         self._renderer = TemplateRenderer()
         self._rendering: dict[str, asyncio.Task[None]] = {}
         """Conversation requests whose prompt is being rendered (before the decode thread)."""
+        if slots > MAX_SLOTS:
+            # Paddler 4.1: the agent registers and reports it instead of exiting.
+            board.issues.append(slot_cannot_start(slots))
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -1861,6 +1864,13 @@ class LlamaEngine(Engine):
 
     async def _apply_unguarded(self, state: BalancerDesiredState) -> None:
         settings = _settings_of(state)
+        if self.slots > MAX_SLOTS and not state.model.is_none:
+            logger.warning("desired state not appliable: %d slots, llama.cpp runs at most %d", self.slots, MAX_SLOTS)
+            self.board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
+            self.board.slots_total = 0
+            self.host.status_changed()
+            self._answer_held_if_nothing_serves()
+            return
         if state.model.is_none:
             await self._shielded(self._unload())
             self._settings = settings
@@ -2033,6 +2043,13 @@ class LlamaEngine(Engine):
         self._native, self._runtime = None, None
         if native is not None:
             await asyncio.to_thread(native.shutdown)
+
+
+def slot_cannot_start(slots: int) -> AgentIssue:
+    """Paddler 4.1's ``SlotCannotStart {error, slot_index}``: the first slot beyond
+    llama.cpp's sequence limit."""
+    error = f"llama.cpp runs at most {MAX_SLOTS} sequences per context; this agent was started with {slots} slots"
+    return AgentIssue(variant="SlotCannotStart", params={"error": error, "slot_index": MAX_SLOTS})
 
 
 def _template_issue(template: str | None, model_path: str | None) -> AgentIssue | None:

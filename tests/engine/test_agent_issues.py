@@ -152,3 +152,21 @@ async def test_chat_template_that_does_not_compile_is_reported_when_applied_and_
         return not any(isinstance(i, dict) and "ChatTemplateDoesNotCompile" in i for i in await _issues(pool))
 
     await wait_until(cleared, timeout=30, what="ChatTemplateDoesNotCompile cleared by a good template")
+
+
+async def test_agent_asked_for_too_many_slots_registers_and_reports_slot_cannot_start(
+    paddler: Processes, model_path: Path
+) -> None:
+    balancer = paddler.balancer()
+    agent = paddler.agent(balancer, slots=65, name="greedy", engine="llama")
+    params = await _wait_issue(balancer, "SlotCannotStart", timeout=30)
+    assert params["slot_index"] == 64 and "64" in params["error"]
+    await _put(balancer, {"model": {"LocalToAgent": str(model_path)}})
+
+    async def refused() -> bool:
+        async with httpx.AsyncClient() as http:
+            agents = (await http.get(balancer.management_url + "/api/v1/agents")).json()["agents"]
+        return [a["state_application_status"] for a in agents] == ["AttemptedAndNotAppliable"]
+
+    await wait_until(refused, timeout=30, what="the state refused, the agent still registered")
+    assert agent.alive
