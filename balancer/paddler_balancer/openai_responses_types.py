@@ -48,6 +48,7 @@ from paddler_balancer.openai_types import (
     forced_tool_calls,
     usage_block,
 )
+from paddler_core.inference import image_url_problem
 
 # ---- requests -------------------------------------------------------------------------------
 
@@ -74,6 +75,14 @@ class InputImage(_Model):
     image_url: str | None = None
     file_id: str | None = None
     detail: Literal["low", "high", "auto"] | None = None
+
+    @field_validator("image_url")
+    @classmethod
+    def _usable(cls, url: str | None) -> str | None:
+        problem = None if url is None else image_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        return url
 
 
 InputPart = Annotated[InputText | OutputText | Refusal | InputImage, Field(discriminator="type")]

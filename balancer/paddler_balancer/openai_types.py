@@ -40,6 +40,7 @@ from paddler_core.inference import (
     GrammarConstraint,
     JsonSchemaGrammar,
     Tool,
+    image_url_problem,
 )
 from paddler_core.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
@@ -112,6 +113,14 @@ class TextPart(_Model):
 
 class ImageUrlSpec(_Model):
     url: str
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, url: str) -> str:
+        problem = image_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        return url
 
 
 class ImagePart(_Model):

@@ -16,6 +16,9 @@ PAYLOAD is ``{"GeneratedToken": {"ContentToken": "text"}}``,
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -51,8 +54,34 @@ class TextContentPart(_Params):
     text: str
 
 
+_DATA_URI = re.compile(r"^data:(?P<mime>image/[A-Za-z0-9.+-]+);base64,(?P<payload>.*)$", re.DOTALL)
+
+
+def image_url_problem(url: str) -> str | None:
+    """Why an image URL cannot be used, or None. Images travel inline as
+    ``data:image/<type>;base64,<data>``; remote URLs are not fetched."""
+    if url.startswith(("http://", "https://")):
+        return "remote image URLs are not fetched; send the image inline as a data:image/...;base64, URI"
+    match = _DATA_URI.match(url)
+    if match is None:
+        return "malformed image data URI; expected data:image/<type>;base64,<data>"
+    try:
+        base64.b64decode(match.group("payload"), validate=True)
+    except (binascii.Error, ValueError):
+        return "the image data URI is not valid base64"
+    return None
+
+
 class ImageUrl(_Params):
     url: str
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, url: str) -> str:
+        problem = image_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        return url
 
 
 class ImageUrlContentPart(_Params):

@@ -198,3 +198,32 @@ async def test_tool_schema_requiring_a_field_not_in_properties_is_rejected(paddl
         error = json.loads(await ws.recv())["Error"]
     assert error["request_id"] == "t" and error["error"]["code"] == 400
     assert "Required field 'country' not found in properties" in error["error"]["description"]
+
+
+async def test_remote_malformed_and_invalid_base64_image_urls_are_refused_with_a_clear_400(
+    paddler: Processes,
+) -> None:
+    balancer = paddler.balancer()
+    cases = {
+        "http://example.com/cat.png": "remote image URLs are not fetched",
+        "data:image/png,not-base64-marked": "malformed image data URI",
+        "data:image/png;base64,@@@not base64@@@": "not valid base64",
+    }
+    async with httpx.AsyncClient() as http:
+        for url, reason in cases.items():
+            part = {"type": "image_url", "image_url": {"url": url}}
+            native = await http.post(
+                balancer.inference_url + "/api/v1/continue_from_conversation_history",
+                json={"conversation_history": [{"role": "user", "content": [part]}], "max_tokens": 3},
+            )
+            chat = await http.post(
+                balancer.inference_url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": [part]}]},
+            )
+            responses = await http.post(
+                balancer.inference_url + "/v1/responses",
+                json={"input": [{"role": "user", "content": [{"type": "input_image", "image_url": url}]}]},
+            )
+            for response in (native, chat, responses):
+                assert response.status_code == 400, (url, response.text)
+                assert reason in response.json()["error"]["message"], (url, response.text)

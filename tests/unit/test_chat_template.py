@@ -95,7 +95,7 @@ def test_content_parts_become_text() -> None:
             "role": "user",
             "content": [
                 {"type": "text", "text": "Hello "},
-                {"type": "image_url", "image_url": {"url": "data:,"}},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
                 {"type": "text", "text": "world"},
             ],
         }

@@ -188,7 +188,7 @@ def test_conversation_mapping() -> None:
                 ],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": "42"},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
         ]
     )
     out = [m.model_dump(exclude_none=True) for m in conversation(req.messages)]
@@ -197,7 +197,7 @@ def test_conversation_mapping() -> None:
     assert out[2]["content"] == ""
     assert [c["function"]["arguments"] for c in out[2]["tool_calls"]] == [{"x": 1}, "not json"]
     assert out[3] == {"role": "tool", "content": "42", "tool_call_id": "call_1"}
-    assert out[4]["content"] == [{"type": "image_url", "image_url": {"url": "data:x"}}]
+    assert out[4]["content"] == [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
 
 
 @pytest.mark.parametrize(
