@@ -47,12 +47,14 @@ async def handle_agent_socket(request: web.Request, balancer: Balancer) -> web.W
     open_sockets = request.app.get(OPEN_AGENT_SOCKETS, set())
     open_sockets.add(ws)
     try:
-        return await _serve_agent(balancer, agent_id, ws)
+        return await _serve_agent(request, balancer, agent_id, ws)
     finally:
         open_sockets.discard(ws)
 
 
-async def _serve_agent(balancer: Balancer, agent_id: str, ws: web.WebSocketResponse) -> web.WebSocketResponse:
+async def _serve_agent(
+    request: web.Request, balancer: Balancer, agent_id: str, ws: web.WebSocketResponse
+) -> web.WebSocketResponse:
     register = await _read_register(ws, agent_id)
     if register is None:
         await ws.close()

@@ -23,9 +23,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
     """A balancer and one llama agent with no model yet (each test pushes its state)."""
     processes = Processes(tmp_path_factory.mktemp("issues"))
     try:
-        balancer = processes.balancer()
+        # The download tests point at a local server: open loopback (docs/security.md).
+        loopback = ("--model-url-allow", "http://127.0.0.1/")
+        balancer = processes.balancer(*loopback)
         cache = tmp_path_factory.mktemp("agent-cache")
-        processes.agent(balancer, slots=1, name="llama", engine="llama", extra=("--model-cache-dir", str(cache)))
+        processes.agent(
+            balancer, slots=1, name="llama", engine="llama", extra=("--model-cache-dir", str(cache), *loopback)
+        )
         yield balancer
     finally:
         processes.close()
