@@ -143,10 +143,13 @@ async def test_balancer_with_open_event_streams_exits_within_one_second_of_sigte
             assert response.status_code == 200
             streams.append(stream)
             await anext(response.aiter_lines())  # subscribed: the first event arrived
+        popen = balancer.process.popen
         started = time.monotonic()
-        balancer.process.popen.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(balancer.process.popen.wait, 10)
+        popen.send_signal(signal.SIGTERM)
+        while popen.poll() is None and time.monotonic() - started < 10:
+            await asyncio.sleep(0.01)
         elapsed = time.monotonic() - started
+        code = popen.poll()
         for stream in streams:
             await stream.__aexit__(None, None, None)
     assert code == 0
