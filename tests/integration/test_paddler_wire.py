@@ -146,8 +146,11 @@ async def test_balancer_with_open_event_streams_exits_within_one_second_of_sigte
         popen = balancer.process.popen
         started = time.monotonic()
         popen.send_signal(signal.SIGTERM)
-        while popen.poll() is None and time.monotonic() - started < 10:
-            await asyncio.sleep(0.01)
+
+        async def exited() -> bool:
+            return popen.poll() is not None
+
+        await wait_until(exited, timeout=10, interval=0.01, what="balancer exited")
         elapsed = time.monotonic() - started
         code = popen.poll()
         for stream in streams:
