@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from paddler_agent.engine import Engine, StatusBoard
 from paddler_agent.model_source import MODEL_SOURCE_NOT_ALLOWED, ModelAccess, ModelSourceError
-from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.desired_state import BalancerDesiredState, state_revision
 from paddler_core.model_access import ModelUrlPolicy
 from paddler_core.prefix import request_prefix_keys
 from paddler_core.protocol import (
@@ -38,6 +38,7 @@ from paddler_core.protocol import (
     GenerateMessage,
     RegisterMessage,
     ReplyMessage,
+    SetDesiredStateMessage,
     StateApplicationStatus,
     StatusMessage,
     batch_frames,
@@ -68,6 +69,8 @@ class AgentSettings:
     simulated_tokens_per_second: float = 100.0
     """Simulated engine: decode steps per second (one token per busy slot per step)."""
     simulated_max_tokens: int = 100
+    simulated_load_time: float = 0.0
+    """Simulated engine: seconds a model change takes to load."""
     agent_id: str | None = None
     management_token: str | None = None
     """Sent as ``Authorization: Bearer`` when the balancer requires one (``--management-token``)."""
@@ -109,6 +112,7 @@ class AgentRuntime:
                 s.slots,
                 tokens_per_second=s.simulated_tokens_per_second,
                 max_tokens=s.simulated_max_tokens,
+                load_time=s.simulated_load_time,
             )
         from paddler_agent.llama_engine import LlamaEngine
 
@@ -262,11 +266,14 @@ class AgentRuntime:
                     self.engine.stop(request_id)
             elif kind == "set_desired_state":
                 try:
-                    state = BalancerDesiredState.model_validate(message["state"])
+                    desired = SetDesiredStateMessage.model_validate(message)
                 except ValidationError as err:
+                    revision = message.get("revision")
+                    if isinstance(revision, str):
+                        self.board.applied_state_revision = revision  # refused: a rolling swap stops on it
                     self._refuse_invalid_state(err)
                     return
-                self._start_apply(state)
+                self._start_apply(desired.state, desired.revision or state_revision(desired.state))
             elif kind == "query":
                 self._answer_query(str(message["request_id"]), str(message.get("what")))
             else:
@@ -312,7 +319,7 @@ class AgentRuntime:
             self.board.prefix_hashes = merged
             self.status_changed()
 
-    def _start_apply(self, state: BalancerDesiredState) -> None:
+    def _start_apply(self, state: BalancerDesiredState, revision: str) -> None:
         if self._desired == state and self._apply_task is not None:
             return
         self._desired = state
@@ -328,11 +335,13 @@ class AgentRuntime:
             try:
                 await asyncio.to_thread(self.settings.model_access.check_source, state.model)
             except ModelSourceError as err:
+                self.board.applied_state_revision = revision  # refused: a rolling swap stops on it
                 self._refuse_state(err)
                 return
             self._clear_refusal()
             log.info("applying desired state model=%s", state.model.describe())
             await self.engine.apply_desired_state(state)
+            self.board.applied_state_revision = revision  # the status now tells how this revision went
             self.status_changed()
 
         self._apply_task = asyncio.create_task(apply(), name="apply-desired-state")
