@@ -396,9 +396,16 @@ class AutoscalingSpec(_Spec):
 
 
 class RolloutSpec(_Spec):
-    """Rolling updates of the agent Deployment."""
+    """Rolling updates: of the agent Deployment (pod template changes) and of the model group on the
+    balancer (model, inference parameters or chat template changes: agents switch a few at a time)."""
 
-    max_unavailable: Quantity = Field(default=1, description="Agent pods down at once during a rollout (int or %).")
+    max_unavailable: Quantity = Field(
+        default=1,
+        description=(
+            "Agents that stop serving at once during a rollout (int or %): pods of the agent Deployment, and "
+            "agents switching to a new model on the balancer while the others keep serving the old one."
+        ),
+    )
     max_surge: Quantity = Field(default=0, description="Extra agent pods during a rollout (0 for scarce GPUs).")
 
 
@@ -467,6 +474,13 @@ class ModelDeploymentStatus(_StatusBase):
     model: str | None = Field(default=None, description="The model source, in short.")
     desired_state_applied: bool = False
     pool: str | None = Field(default=None, description="The pool whose balancer holds this model group's state.")
+    low_demand_since: str | None = Field(
+        default=None,
+        description=(
+            "Builtin autoscaler: since when (RFC 3339) fewer agents would do; kept here so that an operator "
+            "restart does not restart the scale-down delay."
+        ),
+    )
 
 
 class LlmPool(BaseModel):
