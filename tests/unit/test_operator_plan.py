@@ -238,6 +238,14 @@ def test_agent_container_fields(md: dict[str, Any], pool: dict[str, Any], field:
             "volumes",
             [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}, {"name": "tmp", "emptyDir": {}}],
         ),
+        (
+            {"agent": {"modelCache": {"hostPath": {"path": "/var/lib/paddler/models"}}}},
+            "volumes",
+            [
+                {"name": "models", "hostPath": {"path": "/var/lib/paddler/models", "type": "DirectoryOrCreate"}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        ),
         ({"agent": {"nodeSelector": {"gpu": "yes"}}}, "nodeSelector", {"gpu": "yes"}),
         (
             {"agent": {"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
@@ -250,6 +258,12 @@ def test_agent_container_fields(md: dict[str, Any], pool: dict[str, Any], field:
 def test_agent_pod_fields(pool: dict[str, Any], field: str, expected: Any) -> None:
     p = plan.plan_model_deployment(MD, md_spec(), pool_spec(**pool))
     assert p.objects[0]["spec"]["template"]["spec"].get(field) == expected
+
+
+def test_model_cache_is_one_volume_kind() -> None:
+    cache = {"persistentVolumeClaim": {"claimName": "m"}, "hostPath": {"path": "/m"}}
+    with pytest.raises(ValueError, match="at most one of persistentVolumeClaim, hostPath"):
+        pool_spec(agent={"modelCache": cache})
 
 
 HPA, SO, TA = "HorizontalPodAutoscaler", "ScaledObject", "TriggerAuthentication"
