@@ -180,7 +180,7 @@ async def agents(balancer: Balancer) -> list[dict[str, Any]]:
     return body
 
 
-async def wait_for_serving(balancer: Balancer, count: int, model_path: str, timeout: float) -> None:
+async def wait_for_serving(balancer: Balancer, count: int, model_path: str | None, timeout: float) -> None:
     async def ready() -> bool:
         found = await agents(balancer)
         serving = [a for a in found if a["model_path"] == model_path and a["slots_total"] > 0 and not a["draining"]]

@@ -54,6 +54,8 @@ BACKOFF_INITIAL_S = 0.1
 INVALID_DESIRED_STATE = "InvalidDesiredState"
 """Agent-issue variant of a desired state this agent refuses (out of bounds)."""
 BACKOFF_MAX_S = 5.0
+DRAIN_TIMEOUT_S = 50.0
+"""On stop (SIGTERM), how long in-flight requests may take to finish (a pod's grace period is 60 s)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class AgentRuntime:
         self._recent_prefixes: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._desired: BalancerDesiredState | None = None
         self._apply_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        """Stop requested: report no slots, so the balancer sends nothing new, and drain."""
+        self._drained = asyncio.Event()
+        """Set when the last request in flight ends."""
 
     def _make_engine(self) -> Engine:
         s = self.settings
@@ -125,7 +131,7 @@ class AgentRuntime:
         if request_id not in self._active:
             return  # stopped or unknown: say nothing more about it
         if final:
-            self._active.discard(request_id)
+            self._request_ended(request_id)
         self._outbox.append({"type": "response", "request_id": request_id, "response": payload, "final": final})
         self._outbox_ready.set()
 
@@ -198,6 +204,8 @@ class AgentRuntime:
         reader = asyncio.create_task(self._read_loop(ws))
         try:
             await asyncio.wait([reader, tasks[2]], return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and not reader.done():
+                await self._drain(reader)
         finally:
             for task in [*tasks, reader]:
                 task.cancel()
@@ -205,6 +213,30 @@ class AgentRuntime:
                 with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
                     await task
             await ws.close()
+
+    async def _drain(self, reader: asyncio.Task[None]) -> None:
+        """Stopping (e.g. a pod replaced by a rolling update): take no new requests, let the
+        in-flight ones finish (up to DRAIN_TIMEOUT_S), then close."""
+        self._stopping = True
+        self.status_changed()
+        if not self._active:
+            return
+        log.info("stopping: draining in-flight requests count=%d", len(self._active))
+        self._drained.clear()
+        drained = asyncio.create_task(self._drained.wait())
+        try:
+            await asyncio.wait([drained, reader], timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drained
+        if self._active:
+            log.warning("stopping with requests still in flight count=%d", len(self._active))
+
+    def _request_ended(self, request_id: str) -> None:
+        self._active.discard(request_id)
+        if not self._active:
+            self._drained.set()
 
     def _connection_lost(self) -> None:
         """The balancer dropped our requests with the socket: stop them all."""
@@ -262,7 +294,7 @@ class AgentRuntime:
             elif kind == "stop":
                 request_id = str(message["request_id"])
                 if request_id in self._active:
-                    self._active.discard(request_id)
+                    self._request_ended(request_id)
                     self.engine.stop(request_id)
             elif kind == "set_desired_state":
                 try:
@@ -368,7 +400,10 @@ class AgentRuntime:
     def _next_status(self) -> Any:
         self._status_version += 1
         self._status_dirty = False
-        return self.board.snapshot(self._status_version)
+        status = self.board.snapshot(self._status_version)
+        if self._stopping:
+            status.slots_total = 0
+        return status
 
     async def _status_ticker(self) -> None:
         while True:

@@ -152,3 +152,42 @@ async def test_put_with_an_invalid_max_unavailable_is_refused(paddler: Processes
         )
     assert response.status_code == 400
     assert "at most 100%" in response.json()["error"]["message"]
+
+
+async def test_stopped_agent_finishes_its_in_flight_request_and_takes_no_new_ones(
+    paddler: Processes, tmp_path: Path
+) -> None:
+    """SIGTERM, as a pod replaced by a rolling update gets: drain, then exit."""
+    import asyncio
+
+    import httpx
+
+    from tests.harness import wait_until
+    from tests.rolling import generate
+
+    balancer = paddler.balancer()
+    slow = ("--simulated-tokens-per-second", "10")
+    leaving, staying = (paddler.agent(balancer, slots=1, name=n, extra=slow) for n in ("leaving", "staying"))
+    await wait_for_serving(balancer, 2, None, timeout=30)
+    async with httpx.AsyncClient(timeout=30) as http:
+        first, second = (asyncio.create_task(generate(http, balancer, f"p{i}", 30)) for i in range(2))
+
+        async def both_busy() -> bool:
+            return all(a["slots_processing"] == 1 for a in await agents(balancer))
+
+        await wait_until(both_busy, timeout=10, what="one request on each agent")
+        leaving.popen.terminate()
+
+        async def leaving_reports_no_slots() -> bool:
+            return any(a["name"] == "leaving" and a["slots_total"] == 0 for a in await agents(balancer))
+
+        await wait_until(leaving_reports_no_slots, timeout=10, what="the stopping agent reports no slots")
+        third = await generate(http, balancer, "p3", 2)  # waits for the staying agent, never the leaving one
+        outcomes = [await first, await second, third]
+
+    assert [o.ok for o in outcomes] == [True, True, True]
+    assert [len(o.text) > 0 for o in outcomes] == [True, True, True]
+    assert leaving.popen.wait(15) == 0
+    assert "stopping: draining in-flight requests count=1" in leaving.output()
+    assert staying.alive
+    assert [a["name"] for a in await agents(balancer)] == ["staying"]
