@@ -224,7 +224,7 @@ class SimulatedEngine(Engine):
         now = time.monotonic_ns()
         for seq in list(self.active.values()):
             position = seq.produced - (seq.model_file is not None)
-            text = f"{seq.model_file}:" if position < 0 else VOCABULARY[(seq.offset + position) % len(VOCABULARY)]
+            text = f"{seq.model_file}: " if position < 0 else VOCABULARY[(seq.offset + position) % len(VOCABULARY)]
             seq.produced += 1
             if seq.first_token_ns is None:
                 seq.first_token_ns = now
