@@ -46,7 +46,7 @@ Kind = Literal["LlmPool", "ModelDeployment"]
 Key = tuple[Kind, str, str]
 """(kind, namespace, name)"""
 
-WARNING_REASONS = frozenset({"BalancerUnreachable", "PoolNotFound", "InvalidSpec"})
+WARNING_REASONS = frozenset({"BalancerUnreachable", "PoolNotFound", "InvalidSpec", "RolloutFailed"})
 """Ready=False reasons that deserve a Warning event (the rest are normal progress)."""
 
 
