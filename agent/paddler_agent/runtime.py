@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from paddler_agent.engine import Engine, StatusBoard
 from paddler_agent.model_source import MODEL_SOURCE_NOT_ALLOWED, ModelAccess, ModelSourceError
-from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.desired_state import BalancerDesiredState, state_revision
 from paddler_core.model_access import ModelUrlPolicy
 from paddler_core.prefix import request_prefix_keys
 from paddler_core.protocol import (
@@ -38,6 +38,7 @@ from paddler_core.protocol import (
     GenerateMessage,
     RegisterMessage,
     ReplyMessage,
+    SetDesiredStateMessage,
     StateApplicationStatus,
     StatusMessage,
     batch_frames,
@@ -53,6 +54,8 @@ BACKOFF_INITIAL_S = 0.1
 INVALID_DESIRED_STATE = "InvalidDesiredState"
 """Agent-issue variant of a desired state this agent refuses (out of bounds)."""
 BACKOFF_MAX_S = 5.0
+DRAIN_TIMEOUT_S = 50.0
+"""On stop (SIGTERM), how long in-flight requests may take to finish (a pod's grace period is 60 s)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class AgentSettings:
     simulated_tokens_per_second: float = 100.0
     """Simulated engine: decode steps per second (one token per busy slot per step)."""
     simulated_max_tokens: int = 100
+    simulated_load_time: float = 0.0
+    """Simulated engine: seconds a model change takes to load."""
     agent_id: str | None = None
     management_token: str | None = None
     """Sent as ``Authorization: Bearer`` when the balancer requires one (``--management-token``)."""
@@ -97,6 +102,10 @@ class AgentRuntime:
         self._recent_prefixes: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._desired: BalancerDesiredState | None = None
         self._apply_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        """Stop requested: report no slots, so the balancer sends nothing new, and drain."""
+        self._drained = asyncio.Event()
+        """Set when the last request in flight ends."""
 
     def _make_engine(self) -> Engine:
         s = self.settings
@@ -109,6 +118,7 @@ class AgentRuntime:
                 s.slots,
                 tokens_per_second=s.simulated_tokens_per_second,
                 max_tokens=s.simulated_max_tokens,
+                load_time=s.simulated_load_time,
             )
         from paddler_agent.llama_engine import LlamaEngine
 
@@ -121,7 +131,7 @@ class AgentRuntime:
         if request_id not in self._active:
             return  # stopped or unknown: say nothing more about it
         if final:
-            self._active.discard(request_id)
+            self._request_ended(request_id)
         self._outbox.append({"type": "response", "request_id": request_id, "response": payload, "final": final})
         self._outbox_ready.set()
 
@@ -194,6 +204,8 @@ class AgentRuntime:
         reader = asyncio.create_task(self._read_loop(ws))
         try:
             await asyncio.wait([reader, tasks[2]], return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and not reader.done():
+                await self._drain(reader)
         finally:
             for task in [*tasks, reader]:
                 task.cancel()
@@ -201,6 +213,30 @@ class AgentRuntime:
                 with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
                     await task
             await ws.close()
+
+    async def _drain(self, reader: asyncio.Task[None]) -> None:
+        """Stopping (e.g. a pod replaced by a rolling update): take no new requests, let the
+        in-flight ones finish (up to DRAIN_TIMEOUT_S), then close."""
+        self._stopping = True
+        self.status_changed()
+        if not self._active:
+            return
+        log.info("stopping: draining in-flight requests count=%d", len(self._active))
+        self._drained.clear()
+        drained = asyncio.create_task(self._drained.wait())
+        try:
+            await asyncio.wait([drained, reader], timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drained
+        if self._active:
+            log.warning("stopping with requests still in flight count=%d", len(self._active))
+
+    def _request_ended(self, request_id: str) -> None:
+        self._active.discard(request_id)
+        if not self._active:
+            self._drained.set()
 
     def _connection_lost(self) -> None:
         """The balancer dropped our requests with the socket: stop them all."""
@@ -258,15 +294,18 @@ class AgentRuntime:
             elif kind == "stop":
                 request_id = str(message["request_id"])
                 if request_id in self._active:
-                    self._active.discard(request_id)
+                    self._request_ended(request_id)
                     self.engine.stop(request_id)
             elif kind == "set_desired_state":
                 try:
-                    state = BalancerDesiredState.model_validate(message["state"])
+                    desired = SetDesiredStateMessage.model_validate(message)
                 except ValidationError as err:
+                    revision = message.get("revision")
+                    if isinstance(revision, str):
+                        self.board.applied_state_revision = revision  # refused: a rolling swap stops on it
                     self._refuse_invalid_state(err)
                     return
-                self._start_apply(state)
+                self._start_apply(desired.state, desired.revision or state_revision(desired.state))
             elif kind == "query":
                 self._answer_query(str(message["request_id"]), str(message.get("what")))
             else:
@@ -312,7 +351,7 @@ class AgentRuntime:
             self.board.prefix_hashes = merged
             self.status_changed()
 
-    def _start_apply(self, state: BalancerDesiredState) -> None:
+    def _start_apply(self, state: BalancerDesiredState, revision: str) -> None:
         if self._desired == state and self._apply_task is not None:
             return
         self._desired = state
@@ -328,11 +367,13 @@ class AgentRuntime:
             try:
                 await asyncio.to_thread(self.settings.model_access.check_source, state.model)
             except ModelSourceError as err:
+                self.board.applied_state_revision = revision  # refused: a rolling swap stops on it
                 self._refuse_state(err)
                 return
             self._clear_refusal()
             log.info("applying desired state model=%s", state.model.describe())
             await self.engine.apply_desired_state(state)
+            self.board.applied_state_revision = revision  # the status now tells how this revision went
             self.status_changed()
 
         self._apply_task = asyncio.create_task(apply(), name="apply-desired-state")
@@ -359,7 +400,10 @@ class AgentRuntime:
     def _next_status(self) -> Any:
         self._status_version += 1
         self._status_dirty = False
-        return self.board.snapshot(self._status_version)
+        status = self.board.snapshot(self._status_version)
+        if self._stopping:
+            status.slots_total = 0
+        return status
 
     async def _status_ticker(self) -> None:
         while True:

@@ -5,6 +5,14 @@ step (``1 / tokens_per_second`` seconds) each busy slot yields one token. It
 serves as soon as it registers. Use it to load-test a balancer without weights;
 its metadata reports the most slots it ever had busy, so tests can check the
 balancer never over-commits it.
+
+Model swaps behave like the llama engine's, without weights: a new model takes
+``load_time`` seconds to "load" (slots_total 0 meanwhile, after the in-flight
+requests finish), and once a model is set every reply starts with the model's
+file name (``one.gguf: Paddler balances ...``), so a test can tell which model
+answered. It reads no weights, so a model path that does not exist is accepted;
+a ``LocalToAgent`` file that exists but is not a GGUF (no ``GGUF`` magic) cannot
+be loaded: an issue, ``AttemptedAndNotAppliable``, and the old model keeps serving.
 """
 
 from __future__ import annotations
@@ -21,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
-from paddler_core.desired_state import BalancerDesiredState, EmbeddingNormalizationMethod
+from paddler_core.desired_state import BalancerDesiredState, EmbeddingNormalizationMethod, ModelSource
 from paddler_core.inference import done_payload, token_payload, usage_dict
-from paddler_core.protocol import EmbedMessage, GenerateMessage, StateApplicationStatus
+from paddler_core.protocol import AgentIssue, EmbedMessage, GenerateMessage, StateApplicationStatus
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ VOCABULARY = (
     ".",
 )
 EMBEDDING_DIMENSION = 16
+MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
 
 
 @dataclass(eq=False)
@@ -55,6 +64,8 @@ class _Sequence:
     limit: int
     prompt_tokens: int
     received_ns: int
+    model_file: str | None = None
+    """The file name of the model serving this request: the reply's first token."""
     produced: int = 0
     first_token_ns: int | None = None
     script: list[str] | None = None
@@ -78,10 +89,16 @@ class SimulatedEngine(Engine):
         *,
         tokens_per_second: float = 100.0,
         max_tokens: int = 100,
+        load_time: float = 0.0,
     ) -> None:
         super().__init__(host, board, slots)
         self.step_s = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.max_tokens = max_tokens
+        self.load_time = load_time
+        self.model_file: str | None = None
+        self._loading = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.active: dict[str, _Sequence] = {}
         self.waiting: deque[_Sequence] = deque()
         self.counters = _Counters()
@@ -90,9 +107,36 @@ class SimulatedEngine(Engine):
         board.state_application_status = StateApplicationStatus.APPLIED
 
     async def apply_desired_state(self, state: BalancerDesiredState) -> None:
-        self.board.model_path = None if state.model.is_none else state.model.describe()
-        self.board.state_application_status = StateApplicationStatus.APPLIED
+        board = self.board
+        model_path = None if state.model.is_none else state.model.describe()
+        if model_path != board.model_path or self._loading:
+            problem = await asyncio.to_thread(_load_problem, state.model)
+            if problem is not None:
+                log.warning("model cannot be loaded model=%s problem=%s", model_path, problem)
+                board.issues = [AgentIssue(variant=MODEL_CANNOT_BE_LOADED, params={"message": problem})]
+                board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
+                self._serve()  # the old model keeps serving
+                return
+            if self.load_time > 0 and model_path is not None:
+                self._loading = True
+                board.slots_total = 0
+                self.host.status_changed()
+                log.info("draining before the swap in_flight=%d", len(self.active))
+                await self._idle.wait()
+                log.info("loading model=%s load_time=%.1fs", model_path, self.load_time)
+                await asyncio.sleep(self.load_time)
+        board.model_path = model_path
+        self.model_file = model_path.rsplit("/", 1)[-1] if model_path is not None else None
+        board.issues = []
+        board.state_application_status = StateApplicationStatus.APPLIED
+        self._serve()
+        log.info("model applied model=%s", model_path)
+
+    def _serve(self) -> None:
+        self._loading = False
+        self.board.slots_total = self.slots
         self.host.status_changed()
+        self._admit_waiting()
 
     def generate(self, message: GenerateMessage) -> None:
         params = message.params
@@ -107,8 +151,9 @@ class SimulatedEngine(Engine):
             prompt_tokens=max(1, len(prompt) // 4),
             received_ns=time.monotonic_ns(),
             script=script,
+            model_file=self.model_file,
         )
-        if len(self.active) >= self.slots:
+        if len(self.active) >= self.slots or self._loading:
             # The balancer sent more than our slots: hold it (and count it: a bug upstream).
             self.counters.held_requests += 1
             log.warning("request beyond slots held request_id=%s", message.request_id)
@@ -185,9 +230,11 @@ class SimulatedEngine(Engine):
         now = time.monotonic_ns()
         for seq in list(self.active.values()):
             if seq.script is not None:
+                # A grammar's example value stays valid JSON: no model-file prefix.
                 text = seq.script[seq.produced]
             else:
-                text = VOCABULARY[(seq.offset + seq.produced) % len(VOCABULARY)]
+                position = seq.produced - (seq.model_file is not None)
+                text = f"{seq.model_file}: " if position < 0 else VOCABULARY[(seq.offset + position) % len(VOCABULARY)]
             seq.produced += 1
             if seq.first_token_ns is None:
                 seq.first_token_ns = now
@@ -205,12 +252,32 @@ class SimulatedEngine(Engine):
             self._admit_waiting()
 
     def _admit_waiting(self) -> None:
-        while self.waiting and len(self.active) < self.slots:
+        while self.waiting and len(self.active) < self.slots and not self._loading:
             self._admit(self.waiting.popleft())
 
     def _slots_changed(self) -> None:
         self.board.slots_processing = len(self.active)
+        if self.active:
+            self._idle.clear()
+        else:
+            self._idle.set()
         self.host.status_changed()
+
+
+def _load_problem(model: ModelSource) -> str | None:
+    """Why the simulated engine cannot "load" ``model`` (a file that is not a GGUF), or None."""
+    if model.kind != "LocalToAgent" or model.local_path is None:
+        return None
+    try:
+        with open(model.local_path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        return None  # no weights needed: a path that does not exist is simulated
+    except OSError as err:
+        return f"{model.local_path} cannot be read: {err}"
+    if magic != b"GGUF":
+        return f"{model.local_path} is not a GGUF file (no GGUF magic); it cannot be loaded"
+    return None
 
 
 def _timings(seq: _Sequence) -> dict[str, Any]:

@@ -77,7 +77,7 @@ async def _serve_agent(
         status=register.status,
     )
     agent.send(RegisteredMessage(agent_id=agent_id).model_dump())
-    agent.send(balancer.desired_state_message(agent.model_group))
+    balancer.send_initial_state(agent)
     replaced = balancer.pool.add(agent)
     if replaced is not None:
         balancer.agent_lost(replaced)

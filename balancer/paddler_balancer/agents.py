@@ -93,10 +93,14 @@ class AgentController:
     probation: bool = False
     """Back from being unresponsive: one request at a time until it answers again."""
     strikes: int = 0
+    draining: bool = False
+    """Switching to a new desired state (rolling swap): takes no new requests."""
+    state_revision: str | None = None
+    """Revision of the last desired state sent to this agent."""
 
     @property
     def free_slots(self) -> int:
-        if not self.connected or self.unresponsive:
+        if not self.connected or self.unresponsive or self.draining:
             return 0
         slots = min(1, self.status.slots_total) if self.probation else self.status.slots_total
         return max(0, slots - self.in_flight)
@@ -110,6 +114,7 @@ class AgentController:
             "model_group": self.model_group,
             "slots_in_flight": self.in_flight,
             "unresponsive": self.unresponsive,
+            "draining": self.draining,
             **self.status.model_dump(mode="json", exclude={"version", "prefix_hashes"}),
         }
 

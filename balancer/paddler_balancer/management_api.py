@@ -21,7 +21,7 @@ from paddler_balancer.agent_socket import OPEN_AGENT_SOCKETS, handle_agent_socke
 from paddler_balancer.http_util import json_error, read_json, validation_message
 from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.service import Balancer
-from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState
+from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState, MaxUnavailable
 from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", get_group_state)
     r.add_put(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", put_group_state)
     r.add_delete(f"/api/v1/model_groups/{_GROUP_NAME}/desired_state", delete_group_state)
+    r.add_get(f"/api/v1/model_groups/{_GROUP_NAME}/rollout", get_group_rollout)
     r.add_get("/api/v1/agent/{agent_id}/model_metadata", model_metadata)
     r.add_get("/api/v1/agent/{agent_id}/chat_template_override", chat_template_override)
 
@@ -221,17 +222,32 @@ async def put_group_state(request: web.Request) -> web.Response:
 
 async def delete_group_state(request: web.Request) -> web.Response:
     group = request.match_info["group"]
-    if not _balancer(request).store.delete(group):
+    if not _balancer(request).delete_desired_state(group):
         return json_error(404, f"model group {group!r} has no desired state", "unknown_model_group")
-    _balancer(request).pool.changed()
     return web.Response(status=204)
 
 
+async def get_group_rollout(request: web.Request) -> web.Response:
+    group = request.match_info["group"]
+    rollout = _balancer(request).rollouts.by_group.get(group)
+    if rollout is None:
+        return json_error(404, f"model group {group!r} has had no desired state change", "no_rollout")
+    return web.json_response(rollout.to_json())
+
+
 async def _put_state(request: web.Request, group: str) -> web.Response:
+    """204 at once: the state then rolls over the group's agents (``GET .../rollout``),
+    at most ``?max_unavailable=`` (a count or a percentage) of them switching at a time."""
+    max_unavailable: MaxUnavailable | None = None
+    if "max_unavailable" in request.query:
+        try:
+            max_unavailable = MaxUnavailable.parse(request.query["max_unavailable"])
+        except ValueError as err:
+            return json_error(400, str(err), "invalid_max_unavailable")
     parsed = _parse_state(await read_json(request), _balancer(request).settings.model_url_policy)
     if isinstance(parsed, web.Response):
         return parsed
-    _balancer(request).set_desired_state(group, parsed, request.headers.get(OWNER_HEADER))
+    _balancer(request).set_desired_state(group, parsed, request.headers.get(OWNER_HEADER), max_unavailable)
     return web.Response(status=204)
 
 
@@ -241,6 +257,7 @@ async def model_groups(request: web.Request) -> web.Response:
     for name in balancer.store.names():
         entry = balancer.store.groups.get(name)
         members = balancer.pool.in_group(name)
+        rollout = balancer.rollouts.by_group.get(name)
         groups.append(
             {
                 "name": name,
@@ -249,6 +266,7 @@ async def model_groups(request: web.Request) -> web.Response:
                 "agents": len(members),
                 "slots_total": sum(a.status.slots_total for a in members),
                 "slots_in_flight": sum(a.in_flight for a in members),
+                "rollout": rollout.to_json() if rollout is not None else None,
             }
         )
     return web.json_response({"model_groups": groups})

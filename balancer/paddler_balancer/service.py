@@ -20,17 +20,17 @@ from typing import Any
 from paddler_balancer.agents import AgentController, AgentPool, totals
 from paddler_balancer.dispatcher import Dispatcher, Lease
 from paddler_balancer.metrics import GroupGauges, Metrics
+from paddler_balancer.rollout import Rollout, Rollouts
 from paddler_balancer.routing import RouteRequest
 from paddler_balancer.settings import BalancerSettings
 from paddler_balancer.state_store import StateStore
 from paddler_balancer.streams import InferenceFailure, ResponseStream, StreamFailure
-from paddler_core.desired_state import BalancerDesiredState, SamplingOverrides
+from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, SamplingOverrides
 from paddler_core.protocol import (
     MAX_MESSAGE_BYTES,
     EmbedMessage,
     GenerateMessage,
     QueryMessage,
-    SetDesiredStateMessage,
     StopMessage,
     encode_message,
     utf8_size,
@@ -84,6 +84,7 @@ class Balancer:
     store: StateStore = field(init=False)
     dispatcher: Dispatcher = field(init=False)
     metrics: Metrics = field(init=False)
+    rollouts: Rollouts = field(init=False)
     _queries: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,7 @@ class Balancer:
             load_cap=self.settings.prefix_affinity_load_cap,
         )
         self.metrics = Metrics(self.gauges)
+        self.rollouts = Rollouts(self.pool, MaxUnavailable.parse(self.settings.max_unavailable))
 
     # ---- state -------------------------------------------------------------------------
 
@@ -111,16 +113,32 @@ class Balancer:
             rows.append(GroupGauges(group, len(agents), slots_total, in_flight, buffered.get(group, 0)))
         return rows
 
-    def set_desired_state(self, group: str, state: BalancerDesiredState, owner: str | None = None) -> None:
+    def set_desired_state(
+        self,
+        group: str,
+        state: BalancerDesiredState,
+        owner: str | None = None,
+        max_unavailable: MaxUnavailable | None = None,
+    ) -> Rollout:
+        """Store the group's state and roll it over its agents (see :mod:`.rollout`)."""
+        before = self.store.get(group)
         self.store.put(group, state, owner)
-        message = SetDesiredStateMessage(state=state).model_dump(mode="json")
-        for agent in self.pool.in_group(group):
-            agent.send(message)
         log.info("desired state set group=%s model=%s owner=%s", group, state.model.describe(), owner)
+        rollout = self.rollouts.start(group, state, before, max_unavailable)
         self.pool.changed()
+        return rollout
 
-    def desired_state_message(self, group: str) -> dict[str, Any]:
-        return SetDesiredStateMessage(state=self.store.get(group)).model_dump(mode="json")
+    def delete_desired_state(self, group: str) -> bool:
+        if not self.store.delete(group):
+            return False
+        self.rollouts.forget(group)
+        self.pool.changed()
+        return True
+
+    def send_initial_state(self, agent: AgentController) -> None:
+        """A newly registered agent gets its group's state (the old one after a failed rollout)."""
+        state = self.rollouts.state_for_new_agent(agent.model_group, self.store.get(agent.model_group))
+        self.rollouts.send_state(agent, state)
 
     # ---- agents --------------------------------------------------------------------------
 

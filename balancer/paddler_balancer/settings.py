@@ -67,3 +67,7 @@ class BalancerSettings:
     """Most agents scored per decision (a random sample beyond it keeps decisions O(1))."""
     prefix_affinity_load_cap: float = 0.75
     """Prefix affinity only counts for agents using less than this share of their slots."""
+    max_unavailable: str = "25%"
+    """Agents of a model group that may stop serving at once while a new desired state
+    rolls over them: a count or a percentage (rounded down, at least 1). A PUT may set
+    its own with ``?max_unavailable=``."""

@@ -28,6 +28,15 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _max_unavailable(text: str) -> str:
+    from paddler_core.desired_state import MaxUnavailable
+
+    try:
+        return str(MaxUnavailable.parse(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_balancer(sub: Any) -> None:
     p = sub.add_parser("balancer", help="run the load balancer (inference + management APIs)")
     p.add_argument("--inference-addr", default="127.0.0.1:8061", help="native and OpenAI APIs (host:port)")
@@ -53,6 +62,13 @@ def _add_balancer(sub: Any) -> None:
     p.add_argument("--statsd-addr", default=None, help="report gauges to StatsD at host:port")
     p.add_argument("--statsd-prefix", default="paddler_")
     p.add_argument("--statsd-reporting-interval", type=_duration, default=10.0, help="10000 (ms), 10s")
+    p.add_argument(
+        "--max-unavailable",
+        type=_max_unavailable,
+        default="25%",
+        help="agents of a model group switching to a new desired state at once: a count or a percentage "
+        "(rounded down, at least 1); a PUT may override it with ?max_unavailable=",
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("PADDLER_API_KEY"),
@@ -139,6 +155,7 @@ def _run_balancer(args: argparse.Namespace) -> int:
         inference_cors_allowed_hosts=tuple(args.inference_cors_allowed_host),
         management_cors_allowed_hosts=tuple(args.management_cors_allowed_host),
         model_url_policy=ModelUrlPolicy.from_entries(args.model_url_allow),
+        max_unavailable=args.max_unavailable,
     )
     from paddler_balancer.app import serve
 
@@ -169,6 +186,12 @@ def _add_agent(sub: Any) -> None:
         help="LocalToAgent paths and file:// URLs must lie under one of these folders; repeatable "
         "(default: any path)",
     )
+    p.add_argument(
+        "--simulated-load-time",
+        type=_duration,
+        default=0.0,
+        help="simulated engine: time to load a new model (15s, 500ms); the agent serves nothing meanwhile",
+    )
     p.set_defaults(run=_run_agent)
 
 
@@ -190,6 +213,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         management_token=args.management_token,
         model_url_policy=ModelUrlPolicy.from_entries(args.model_url_allow),
         model_local_roots=tuple(args.model_local_root),
+        simulated_load_time=args.simulated_load_time,
     )
     return _run_until_signal(lambda stop: run_agent(settings, stop))
 

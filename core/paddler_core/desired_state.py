@@ -10,6 +10,10 @@ The JSON shapes follow Rust serde's externally tagged enums, exactly as the
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -205,6 +209,46 @@ class BalancerDesiredState(BaseModel):
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def state_revision(state: BalancerDesiredState) -> str:
+    """A short content hash of ``state``: equal states have equal revisions.
+
+    The balancer sends it with ``set_desired_state``; the agent reports it back as
+    ``applied_state_revision`` once it has finished applying that state."""
+    canonical = json.dumps(state.to_json_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+_MAX_UNAVAILABLE = re.compile(r"^\s*(\d+)\s*(%)?\s*$")
+
+
+@dataclass(frozen=True)
+class MaxUnavailable:
+    """How many agents of a model group may stop serving at once while a new desired
+    state rolls over them: a count (``2``) or a share of the group (``25%``, rounded
+    down, as Kubernetes does). At least one agent always switches, or nothing would."""
+
+    value: int
+    percent: bool = False
+
+    @classmethod
+    def parse(cls, text: str | int) -> MaxUnavailable:
+        match = _MAX_UNAVAILABLE.match(str(text))
+        if match is None:
+            raise ValueError(f"invalid max unavailable {text!r}; use a count (1, 2) or a percentage (25%)")
+        value, percent = int(match.group(1)), match.group(2) is not None
+        if percent and value > 100:
+            raise ValueError(f"invalid max unavailable {text!r}; a percentage is at most 100%")
+        return cls(value, percent)
+
+    def count(self, agents: int) -> int:
+        """Agents that may switch at once in a group of ``agents``."""
+        allowed = agents * self.value // 100 if self.percent else self.value
+        return max(1, allowed)
+
+    def __str__(self) -> str:
+        return f"{self.value}%" if self.percent else str(self.value)
 
 
 class EmbeddingNormalizationMethod(BaseModel):

@@ -16,7 +16,7 @@ agent -> balancer
     ``reply``     answer to a ``query``.
 
 balancer -> agent
-    ``set_desired_state``  the model group's desired state.
+    ``set_desired_state``  the model group's desired state (and its ``revision``).
     ``generate``           a generation request (Paddler request variant + overrides).
     ``embed``              an embedding batch.
     ``stop``               stop responding to ``request_id`` (cancel; frees the slot).
@@ -140,6 +140,9 @@ class AgentStatus(BaseModel):
     uses_chat_template_override: bool = False
     prefix_hashes: list[str] = Field(default_factory=list)
     """Hashes of token-prefix blocks held in the agent's slots (prefix-affinity routing)."""
+    applied_state_revision: str | None = None
+    """``revision`` of the last ``set_desired_state`` whose application finished; then
+    ``state_application_status`` tells how it went (Applied, AttemptedAndNotAppliable)."""
 
 
 # ---- agent -> balancer ----------------------------------------------------------------------
@@ -186,6 +189,9 @@ class RejectedMessage(BaseModel):
 class SetDesiredStateMessage(BaseModel):
     type: Literal["set_desired_state"] = "set_desired_state"
     state: BalancerDesiredState
+    revision: str | None = None
+    """The state's :func:`~paddler_core.desired_state.state_revision`; the agent echoes it
+    in ``applied_state_revision`` (a rolling swap waits for it)."""
 
 
 class GenerateMessage(BaseModel):

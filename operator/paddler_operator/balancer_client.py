@@ -12,6 +12,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -116,15 +117,33 @@ class BalancerClient:
             buffered_total=int((buffered or {}).get("buffered_requests_current", 0)),
             buffered_by_group=parse_buffered_by_group(metrics or ""),
             group_states={g["name"]: g.get("desired_state") or {} for g in (groups or {}).get("model_groups", [])},
+            group_rollouts={
+                g["name"]: g["rollout"] for g in (groups or {}).get("model_groups", []) if g.get("rollout") is not None
+            },
         )
 
-    async def put_desired_state(self, base_url: str, group: str, state: dict[str, Any], owner: str) -> None:
+    async def put_desired_state(
+        self, base_url: str, group: str, state: dict[str, Any], owner: str, max_unavailable: str | None = None
+    ) -> None:
+        """Store the group's state; the balancer rolls it over the group's agents,
+        ``max_unavailable`` (a count or a percentage) of them at a time."""
+        query = f"?max_unavailable={quote(max_unavailable)}" if max_unavailable is not None else ""
         await self._request(
             "PUT",
-            f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/desired_state",
+            f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/desired_state{query}",
             json_body=state,
             headers=self._auth(base_url, {OWNER_HEADER: owner}),
         )
+
+    async def rollout(self, base_url: str, group: str) -> dict[str, Any] | None:
+        """The group's rollout (phase, applied/total, message), or None if it has had none."""
+        try:
+            body = await self._request("GET", f"{base_url.rstrip('/')}/api/v1/model_groups/{group}/rollout")
+        except BalancerRejected as err:
+            if err.status == 404:
+                return None
+            raise
+        return body if isinstance(body, dict) else None
 
     async def delete_desired_state(self, base_url: str, group: str) -> bool:
         """True if the group had a state; False if the balancer did not know it."""

@@ -193,16 +193,47 @@ class PvcRef(_Spec):
     claim_name: Annotated[str, Field(min_length=1, description="A PersistentVolumeClaim in the pool's namespace.")]
 
 
+class HostPathRef(_Spec):
+    path: Annotated[str, Field(pattern=r"^/", description="A directory on the node (created if missing).")]
+
+
+_ONE_CACHE_RULE = "!(has(self.persistentVolumeClaim) && has(self.hostPath))"
+_ONE_CACHE_MESSAGE = "set at most one of persistentVolumeClaim, hostPath"
+
+
 class ModelCacheSpec(_Spec):
-    """Where agents keep downloaded models: an emptyDir unless a claim is named."""
+    """Where agents keep downloaded models. An emptyDir (the default) lives as long as its pod: an
+    agent woken from zero downloads again. A persistentVolumeClaim (ReadWriteMany when agents run on
+    several nodes) or a hostPath (one cache per node) survives the pod, so a woken agent only loads."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [{"rule": _ONE_CACHE_RULE, "message": _ONE_CACHE_MESSAGE}]}
+    )
 
     mount_path: str = Field(default="/var/cache/paddler/models", description="Where agents see the cache.")
     size_limit: Quantity | None = Field(default="20Gi", description="emptyDir size limit (quantity).")
-    persistent_volume_claim: PvcRef | None = Field(default=None, description="Use this PVC instead of an emptyDir.")
+    persistent_volume_claim: PvcRef | None = Field(
+        default=None, description="Use this PVC instead of an emptyDir: downloads survive the pods."
+    )
+    host_path: HostPathRef | None = Field(
+        default=None,
+        description=(
+            "Use this node directory instead of an emptyDir: downloads survive the pods on that node "
+            "(hostPath volumes need a namespace that Pod Security admission allows them in)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_volume(self) -> ModelCacheSpec:
+        if self.persistent_volume_claim is not None and self.host_path is not None:
+            raise ValueError(_ONE_CACHE_MESSAGE)
+        return self
 
     def volume(self) -> dict[str, Any]:
         if self.persistent_volume_claim is not None:
             return {"name": "models", "persistentVolumeClaim": {"claimName": self.persistent_volume_claim.claim_name}}
+        if self.host_path is not None:
+            return {"name": "models", "hostPath": {"path": self.host_path.path, "type": "DirectoryOrCreate"}}
         empty: dict[str, Any] = {}
         if self.size_limit is not None:
             empty["sizeLimit"] = self.size_limit
@@ -396,9 +427,16 @@ class AutoscalingSpec(_Spec):
 
 
 class RolloutSpec(_Spec):
-    """Rolling updates of the agent Deployment."""
+    """Rolling updates: of the agent Deployment (pod template changes) and of the model group on the
+    balancer (model, inference parameters or chat template changes: agents switch a few at a time)."""
 
-    max_unavailable: Quantity = Field(default=1, description="Agent pods down at once during a rollout (int or %).")
+    max_unavailable: Quantity = Field(
+        default=1,
+        description=(
+            "Agents that stop serving at once during a rollout (int or %): pods of the agent Deployment, and "
+            "agents switching to a new model on the balancer while the others keep serving the old one."
+        ),
+    )
     max_surge: Quantity = Field(default=0, description="Extra agent pods during a rollout (0 for scarce GPUs).")
 
 
@@ -467,6 +505,13 @@ class ModelDeploymentStatus(_StatusBase):
     model: str | None = Field(default=None, description="The model source, in short.")
     desired_state_applied: bool = False
     pool: str | None = Field(default=None, description="The pool whose balancer holds this model group's state.")
+    low_demand_since: str | None = Field(
+        default=None,
+        description=(
+            "Builtin autoscaler: since when (RFC 3339) fewer agents would do; kept here so that an operator "
+            "restart does not restart the scale-down delay."
+        ),
+    )
 
 
 class LlmPool(BaseModel):

@@ -694,6 +694,9 @@ class BalancerSnapshot:
     buffered_by_group: Mapping[str, int] = field(default_factory=dict)
     group_states: Mapping[str, Obj] = field(default_factory=dict)
     """Model group -> desired state JSON the balancer holds."""
+    group_rollouts: Mapping[str, Obj] = field(default_factory=dict)
+    """Model group -> the balancer's rollout of its last desired state change
+    (``revision``, ``phase``: Progressing/Complete/Failed, ``applied``, ``total``, ``message``)."""
 
     def in_group(self, group: str) -> list[AgentView]:
         return [a for a in self.agents if a.model_group == group]
@@ -797,7 +800,11 @@ def model_deployment_status(
     apply_errors: Sequence[str],
     previous: Sequence[Condition],
     now: str,
+    rollout: Mapping[str, Any] | None = None,
+    low_demand_since: str | None = None,
 ) -> ModelDeploymentStatus:
+    """``rollout`` is the balancer's rollout of this spec's desired state (None when it
+    has none, or one of another state)."""
     agents = snapshot.in_group(name) if snapshot else []
     load = load_of(agents, (snapshot.buffered_by_group.get(name, 0) if snapshot else 0))
     applied = snapshot is not None and desired_state_error is None and name in snapshot.group_states
@@ -815,6 +822,20 @@ def model_deployment_status(
         msg = f"balancer management API unreachable: {balancer_error or 'unknown error'}; retrying"
         ready = _cond("Ready", False, "BalancerUnreachable", msg)
         progressing = _cond("Progressing", True, "BalancerUnreachable", msg)
+    elif rollout is not None and rollout.get("phase") == "Failed":
+        msg = (
+            f"rollout of {spec.model.to_core().describe()} stopped at {rollout.get('applied')}/{rollout.get('total')} "
+            "agents; the others keep serving the previous desired state"
+        )
+        ready = _cond("Ready", False, "RolloutFailed", msg)
+        progressing = _cond("Progressing", False, "RolloutFailed", str(rollout.get("message") or msg))
+    elif rollout is not None and rollout.get("phase") == "Progressing":
+        msg = (
+            f"rolling out {spec.model.to_core().describe()}: {rollout.get('applied')}/{rollout.get('total')} agents "
+            f"switched, at most {rollout.get('max_unavailable')} at a time"
+        )
+        ready = _cond("Ready", False, "RollingOut", msg)
+        progressing = _cond("Progressing", True, "RollingOut", msg)
     elif desired_replicas == 0:
         ready = _cond("Ready", True, "ScaledToZero", "0 agent replicas; buffered requests wake the pool")
         progressing = _cond("Progressing", False, "Complete")
@@ -830,6 +851,8 @@ def model_deployment_status(
         progressing = _cond("Progressing", True, "WaitingForAgents", msg)
     if problems:
         degraded = _cond("Degraded", True, "ApplyFailed", "; ".join(problems))
+    elif rollout is not None and rollout.get("phase") == "Failed":
+        degraded = _cond("Degraded", True, "RolloutFailed", str(rollout.get("message") or "rollout failed")[:1000])
     elif stuck:
         degraded = _cond(
             "Degraded", True, "ModelNotAppliable", ", ".join(f"{a.name or a.id}: {a.state}" for a in stuck)
@@ -851,6 +874,7 @@ def model_deployment_status(
         agents_summary=f"{load.ready}/{desired_replicas}",
         model=spec.model.to_core().describe(),
         desired_state_applied=applied,
+        low_demand_since=low_demand_since,
     )
 
 

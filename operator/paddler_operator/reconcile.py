@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, state_revision
 from paddler_operator import plan
 from paddler_operator.balancer_client import BalancerClient, BalancerRejected, BalancerUnreachable
 from paddler_operator.crd_models import (
@@ -46,7 +46,7 @@ Kind = Literal["LlmPool", "ModelDeployment"]
 Key = tuple[Kind, str, str]
 """(kind, namespace, name)"""
 
-WARNING_REASONS = frozenset({"BalancerUnreachable", "PoolNotFound", "InvalidSpec"})
+WARNING_REASONS = frozenset({"BalancerUnreachable", "PoolNotFound", "InvalidSpec", "RolloutFailed"})
 """Ready=False reasons that deserve a Warning event (the rest are normal progress)."""
 
 
@@ -60,8 +60,32 @@ class Outcome:
     """Seconds until the next pass when it should come sooner than the resync interval."""
 
 
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def _timestamp(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def _parse_timestamp(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return dt.datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def _max_unavailable(value: int | str) -> str:
+    """The balancer's spelling of ``rollout.maxUnavailable`` (it refuses what does not parse)."""
+    try:
+        return str(MaxUnavailable.parse(value))
+    except ValueError:
+        return str(value)
 
 
 def _ref(kind: Kind, namespace: str, name: str) -> ObjRef:
@@ -108,14 +132,14 @@ class Reconciler:
         kube: KubeApi,
         balancers: BalancerClient,
         settings: OperatorSettings,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.kube = kube
         self.balancers = balancers
         self.settings = settings
         self.clock = clock
-        self._low_since: dict[Key, float] = {}
-        """Builtin scaler: since when fewer agents would do (monotonic seconds)."""
+        """Wall-clock seconds: the Builtin scaler's low-demand timestamp lives in the
+        ModelDeployment's status (``lowDemandSince``), so it survives an operator restart."""
 
     # --- apply -----------------------------------------------------------------------
 
@@ -326,10 +350,8 @@ class Reconciler:
     # --- ModelDeployment ---------------------------------------------------------------
 
     async def reconcile_model_deployment(self, namespace: str, name: str) -> Outcome:
-        key: Key = ("ModelDeployment", namespace, name)
         obj = await self.kube.get(_ref("ModelDeployment", namespace, name))
         if obj is None or obj["metadata"].get("deletionTimestamp"):
-            self._low_since.pop(key, None)
             return Outcome(ok=True, message="gone")
         try:
             spec = ModelDeploymentSpec.model_validate(obj.get("spec") or {})
@@ -375,6 +397,7 @@ class Reconciler:
         snapshot, balancer_error = await self._snapshot(url)
         deployment_ref = ObjRef("apps/v1", "Deployment", namespace, plan.agent_name(name))
         builtin: int | None = None
+        low_demand_since: str | None = None
         current: Obj | None = None
         if spec.autoscaling.mode != AutoscalingMode.NONE:
             current = await self.kube.get(deployment_ref)
@@ -386,14 +409,11 @@ class Reconciler:
                 plan.slots_per_agent(spec, pool_spec),
                 replicas_now,
                 load,
-                self._low_since.get(key),
+                _parse_timestamp((obj.get("status") or {}).get("lowDemandSince")),
                 self.clock(),
             )
             builtin = decision.replicas
-            if decision.low_since is None:
-                self._low_since.pop(key, None)
-            else:
-                self._low_since[key] = decision.low_since
+            low_demand_since = _timestamp(decision.low_since) if decision.low_since is not None else None
             if decision.replicas != replicas_now and current is not None:
                 log.info("builtin scale md=%s/%s %d->%d %s", namespace, name, replicas_now, builtin, decision.reason)
         md_plan = plan.plan_model_deployment(owner, spec, pool_spec, builtin_replicas=builtin)
@@ -402,13 +422,16 @@ class Reconciler:
         desired_state_error: str | None = None
         if snapshot is not None:
             desired_state_error, snapshot, push_error = await self._push_desired_state(
-                obj, url, name, md_plan.desired_state, snapshot
+                obj, url, name, md_plan.desired_state, snapshot, _max_unavailable(spec.rollout.max_unavailable)
             )
             balancer_error = balancer_error or push_error
         desired_replicas = md_plan.replicas
         if desired_replicas is None:  # HPA / KEDA own the count
             current = await self.kube.get(deployment_ref)
             desired_replicas = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+        rollout = snapshot.group_rollouts.get(name) if snapshot is not None else None
+        if rollout is not None and rollout.get("revision") != state_revision(md_plan.desired_state):
+            rollout = None  # a rollout of some other state (e.g. one set by hand)
         status = plan.model_deployment_status(
             name,
             spec,
@@ -421,6 +444,8 @@ class Reconciler:
             apply_errors=errors,
             previous=previous,
             now=_now(),
+            rollout=rollout,
+            low_demand_since=low_demand_since,
         )
         status = status.model_copy(
             update={"pool": spec.pool_ref.name if status.desired_state_applied else previous_pool}
@@ -429,21 +454,31 @@ class Reconciler:
             obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
         transient = bool(errors) or snapshot is None or desired_state_error is not None
-        builtin_mode = spec.autoscaling.mode == AutoscalingMode.BUILTIN
+        # Builtin scaling and a running rollout are watched closely (status shows its progress).
+        poll = spec.autoscaling.mode == AutoscalingMode.BUILTIN or (rollout or {}).get("phase") == "Progressing"
         return Outcome(
             ok=not transient,
             retry=transient,
             message=balancer_error or desired_state_error or "; ".join(errors),
-            resync_after=self.settings.builtin_poll_interval if builtin_mode else None,
+            resync_after=self.settings.builtin_poll_interval if poll else None,
         )
 
     async def _push_desired_state(
-        self, obj: Obj, url: str, group: str, desired: BalancerDesiredState, snapshot: BalancerSnapshot
+        self,
+        obj: Obj,
+        url: str,
+        group: str,
+        desired: BalancerDesiredState,
+        snapshot: BalancerSnapshot,
+        max_unavailable: str,
     ) -> tuple[str | None, BalancerSnapshot | None, str | None]:
-        """(rejection message, snapshot with the new state, unreachable message)."""
+        """(rejection message, snapshot with the new state and its rollout, unreachable message).
+
+        The balancer rolls the state over the group's agents, ``max_unavailable`` at a time."""
         want = desired.to_json_dict()
         have = snapshot.group_states.get(group)
-        if have is not None:
+        rollout_have = snapshot.group_rollouts.get(group)
+        if have is not None and (rollout_have is None or rollout_have.get("max_unavailable") == max_unavailable):
             try:
                 if BalancerDesiredState.model_validate(have).to_json_dict() == want:
                     return None, snapshot, None
@@ -451,7 +486,10 @@ class Reconciler:
                 pass
         meta = obj["metadata"]
         try:
-            await self.balancers.put_desired_state(url, group, want, plan.owner_header(meta["namespace"], meta["name"]))
+            await self.balancers.put_desired_state(
+                url, group, want, plan.owner_header(meta["namespace"], meta["name"]), max_unavailable
+            )
+            rollout = await self.balancers.rollout(url, group)
         except BalancerRejected as err:
             await self.kube.event(obj, "Warning", "DesiredStateRejected", str(err))
             return str(err), snapshot, None
@@ -462,14 +500,19 @@ class Reconciler:
             obj,
             "Normal",
             "DesiredStateApplied",
-            f"Balancer model group {group!r} now serves {desired.model.describe()}",
+            f"Balancer model group {group!r} rolls over to {desired.model.describe()}, "
+            f"at most {max_unavailable} agent(s) at a time",
         )
         states = {**snapshot.group_states, group: want}
+        rollouts = {k: v for k, v in snapshot.group_rollouts.items() if k != group}
+        if rollout is not None:
+            rollouts[group] = rollout
         updated = BalancerSnapshot(
             agents=snapshot.agents,
             buffered_total=snapshot.buffered_total,
             buffered_by_group=snapshot.buffered_by_group,
             group_states=states,
+            group_rollouts=rollouts,
         )
         return None, updated, None
 
@@ -496,7 +539,6 @@ class Reconciler:
 
     async def forget_model_deployment(self, namespace: str, name: str, pool: str | None) -> None:
         """Best effort on deletion: drop the model group's desired state from the balancer."""
-        self._low_since.pop(("ModelDeployment", namespace, name), None)
         if not pool:
             return
         pool_obj = await self.kube.get(_ref("LlmPool", namespace, pool))

@@ -238,6 +238,14 @@ def test_agent_container_fields(md: dict[str, Any], pool: dict[str, Any], field:
             "volumes",
             [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}, {"name": "tmp", "emptyDir": {}}],
         ),
+        (
+            {"agent": {"modelCache": {"hostPath": {"path": "/var/lib/paddler/models"}}}},
+            "volumes",
+            [
+                {"name": "models", "hostPath": {"path": "/var/lib/paddler/models", "type": "DirectoryOrCreate"}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        ),
         ({"agent": {"nodeSelector": {"gpu": "yes"}}}, "nodeSelector", {"gpu": "yes"}),
         (
             {"agent": {"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
@@ -250,6 +258,12 @@ def test_agent_container_fields(md: dict[str, Any], pool: dict[str, Any], field:
 def test_agent_pod_fields(pool: dict[str, Any], field: str, expected: Any) -> None:
     p = plan.plan_model_deployment(MD, md_spec(), pool_spec(**pool))
     assert p.objects[0]["spec"]["template"]["spec"].get(field) == expected
+
+
+def test_model_cache_is_one_volume_kind() -> None:
+    cache = {"persistentVolumeClaim": {"claimName": "m"}, "hostPath": {"path": "/m"}}
+    with pytest.raises(ValueError, match="at most one of persistentVolumeClaim, hostPath"):
+        pool_spec(agent={"modelCache": cache})
 
 
 HPA, SO, TA = "HorizontalPodAutoscaler", "ScaledObject", "TriggerAuthentication"
@@ -464,6 +478,24 @@ def md_conditions(**kw: Any) -> dict[str, tuple[str, str]]:
         ({"snapshot": snapshot(agent(issues=("disk full",)))}, None, None, ("True", "AgentIssues")),
         ({"apply_errors": ["Deployment m-agent: forbidden"]}, None, None, ("True", "ApplyFailed")),
         ({"desired_state_error": "HTTP 400"}, ("False", "AgentsNotReady"), None, ("True", "ApplyFailed")),
+        (
+            {"rollout": {"phase": "Progressing", "applied": 1, "total": 2, "max_unavailable": "1"}},
+            ("False", "RollingOut"),
+            ("True", "RollingOut"),
+            ("False", "AsExpected"),
+        ),
+        (
+            {"rollout": {"phase": "Failed", "applied": 0, "total": 2, "message": "a-0: not a GGUF"}},
+            ("False", "RolloutFailed"),
+            ("False", "RolloutFailed"),
+            ("True", "RolloutFailed"),
+        ),
+        (
+            {"rollout": {"phase": "Complete", "applied": 1, "total": 1}},
+            ("True", "AgentsReady"),
+            ("False", "Complete"),
+            ("False", "AsExpected"),
+        ),
     ],
 )
 def test_model_deployment_conditions(
@@ -476,6 +508,21 @@ def test_model_deployment_conditions(
     for type_, expected in (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded)):
         if expected is not None:
             assert conds[type_] == expected, type_
+
+
+def test_rollout_progress_and_failure_are_in_the_condition_messages() -> None:
+    def message(rollout: dict[str, Any], type_: str) -> str:
+        status = plan.model_deployment_status(
+            "m", md_spec(), generation=1, pool_found=True, desired_replicas=2, snapshot=snapshot(agent()),
+            balancer_error=None, desired_state_error=None, apply_errors=[], previous=[], now="t", rollout=rollout,
+        )  # fmt: skip
+        return next(c.message for c in status.conditions if c.type == type_)
+
+    progressing = {"phase": "Progressing", "applied": 1, "total": 3, "max_unavailable": "25%"}
+    assert "1/3 agents switched, at most 25% at a time" in message(progressing, "Progressing")
+    failed = {"phase": "Failed", "applied": 1, "total": 3, "message": "agent-2: not a GGUF file"}
+    assert message(failed, "Degraded") == "agent-2: not a GGUF file"
+    assert "stopped at 1/3 agents; the others keep serving" in message(failed, "Ready")
 
 
 def test_model_deployment_status_counts_only_its_group() -> None:

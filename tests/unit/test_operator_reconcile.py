@@ -400,3 +400,49 @@ async def test_create_race_is_not_an_error(balancers: BalancerClient) -> None:
     await r.reconcile_pool(NS, "p")
     assert kube.condition("LlmPool", "p", "Degraded") == ("False", "AsExpected")
     assert ("create", "Deployment/ns/p-balancer") in kube.calls  # tried, got 409, compared instead
+
+
+async def test_builtin_idle_timer_survives_an_operator_restart(paddler: Processes, balancers: BalancerClient) -> None:
+    balancer = paddler.balancer()
+    kube = FakeKube()
+    kube.add(pool())
+    autoscaling = {"mode": "Builtin", "minReplicas": 0, "maxReplicas": 3, "scaleDownDelaySeconds": 100}
+    kube.add(model_deployment(autoscaling=autoscaling))
+    settings = OperatorSettings(namespaces=(NS,), balancer_url_template=balancer.management_url)
+    now = [1_000_000.0]
+    first = Reconciler(kube, balancers, settings, clock=lambda: now[0])  # type: ignore[arg-type]
+    await first.reconcile_model_deployment(NS, "m")
+    kube.objects[deployment_ref("m-agent")]["spec"]["replicas"] = 1  # woken earlier; now idle
+    await first.reconcile_model_deployment(NS, "m")
+    md = kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]
+    assert md["status"]["lowDemandSince"] == "1970-01-12T13:46:40Z"
+
+    restarted = Reconciler(kube, balancers, settings, clock=lambda: now[0])  # type: ignore[arg-type]
+    now[0] += 60
+    await restarted.reconcile_model_deployment(NS, "m")
+    assert kube.objects[deployment_ref("m-agent")]["spec"]["replicas"] == 1  # not reset, still waiting
+    now[0] += 41  # 101 s after demand fell: the first operator's timer, not one restarted 60 s late
+    await restarted.reconcile_model_deployment(NS, "m")
+    assert kube.objects[deployment_ref("m-agent")]["spec"]["replicas"] == 0
+    assert "lowDemandSince" not in md["status"]
+
+
+async def test_desired_state_put_carries_max_unavailable_and_status_shows_the_rollout(
+    paddler: Processes, balancers: BalancerClient
+) -> None:
+    balancer = paddler.balancer()
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(model_deployment(rollout={"maxUnavailable": "50%"}))
+    r = reconciler(kube, balancers, balancer.management_url)
+    await r.reconcile_model_deployment(NS, "m")
+    rollout = await balancers.rollout(balancer.management_url, "m")
+    assert rollout is not None and rollout["max_unavailable"] == "50%"
+    assert rollout["phase"] == "Complete"  # no agent yet: nothing to switch
+
+    kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["spec"]["rollout"] = {
+        "maxUnavailable": 2
+    }
+    await r.reconcile_model_deployment(NS, "m")
+    rollout = await balancers.rollout(balancer.management_url, "m")
+    assert rollout is not None and rollout["max_unavailable"] == "2"
