@@ -41,7 +41,7 @@ case "${1:-up}" in
     fi
     log "starting dockerd (log: $LOG)"
     sudo_ setsid dockerd --bridge=none --iptables=false --ip-masq=false \
-      --pidfile "$RUN/dockerd.own.pid" </dev/null >"$LOG" 2>&1 6>&- &
+      --pidfile "$RUN/dockerd.own.pid" </dev/null >"$LOG" 2>&1 6>&- 7>&- 8>&- 9>&- &
     echo $! >"$PIDFILE"
     deadline=$((SECONDS + TIMEOUT))
     until answers; do

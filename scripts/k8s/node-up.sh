@@ -48,7 +48,7 @@ alive() {
 }
 start() {
   local name="$1"; shift
-  setsid "$@" </dev/null >"$NODE/logs/$name.log" 2>&1 8>&- 9>&- &
+  setsid "$@" </dev/null >"$NODE/logs/$name.log" 2>&1 6>&- 7>&- 8>&- 9>&- &
   echo $! >"$NODE/pids/$name.pid"
   log "started $name (pid $!)"
 }
