@@ -26,7 +26,10 @@ if ! ls "$WHEELHOUSE"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   TMP="$(mktemp -d)"
   trap 'rm -rf "$TMP"' EXIT
   t0=$SECONDS
-  LLAMA_CPP_PYTHON_VERSION="$VERSION" PYTHON="$PYTHON" bash "$HERE/image-install.sh" llama-wheel "$TMP" >&2
+  # A copy: bash reads a script as it runs, and this one runs for minutes.
+  cp "$HERE/image-install.sh" "$TMP/image-install.sh"
+  LLAMA_CPP_PYTHON_VERSION="$VERSION" PYTHON="$PYTHON" bash "$TMP/image-install.sh" llama-wheel "$TMP/out" >&2
+  mv "$TMP"/out/llama_cpp_python-*.whl "$TMP"/
   mv "$TMP"/llama_cpp_python-*.whl "$WHEELHOUSE"/
   printf '%s\n' "$KEY_SRC" >"$WHEELHOUSE/BUILD_KEY.txt"
   log "built in $((SECONDS - t0))s: $WHEELHOUSE"
