@@ -223,9 +223,44 @@ if [[ "${K8S_SKIP_HELM:-0}" != 1 ]] && ! have helm; then
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 fi
 
+# CoreDNS with only the plugins the node's Corefile uses (node-up.sh): the full
+# build compiles every cloud SDK of its plugin list and takes several times longer.
+build_coredns() {
+  local d="$WORK/coredns-$COREDNS_VERSION"
+  mkdir -p "$d"
+  cat >"$d/go.mod" <<MOD
+module paddler.local/corednsbuild
+
+go 1.24.0
+
+require github.com/coredns/coredns $COREDNS_VERSION
+MOD
+  cat >"$d/main.go" <<'SRC'
+// CoreDNS for the local node: cluster DNS (kubernetes plugin) and nothing else.
+package main
+
+import (
+	_ "github.com/coredns/coredns/core/dnsserver" // the server type; plugins run in its default order
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func main() { coremain.Run() }
+SRC
+  (cd "$d" && "$GO" mod tidy >/dev/null \
+    && "$GO" build -p "$BUILD_P" -ldflags "-s -w" -o "$BIN/coredns.tmp" . \
+    && mv "$BIN/coredns.tmp" "$BIN/coredns")
+}
 if [[ "${K8S_SKIP_NODE:-0}" != 1 ]] && ! have coredns; then
-  log "building coredns $COREDNS_VERSION"
-  timed coredns go_install coredns "github.com/coredns/coredns@$COREDNS_VERSION"
+  log "building coredns $COREDNS_VERSION (cluster DNS plugins only)"
+  timed coredns build_coredns
 fi
 
 log "done: $(cd "$BIN" && ls | tr '\n' ' ')"

@@ -167,6 +167,7 @@ def cluster() -> Iterator[Cluster]:
         up = _make("cluster-up", env={**os.environ, "CLUSTER_EXTRA_IMAGES": CLIENT_IMAGE})
         assert up.returncode == 0, f"make cluster-up failed:\n{up.stdout[-3000:]}\n{up.stderr[-6000:]}"
         up_ok = True
+        (STATE / "transcript.txt").unlink(missing_ok=True)
         yield Cluster(kubeconfig=STATE / "kubeconfig", kubectl=kubectl, helm=STATE / "bin" / "helm")
     finally:
         if not (was_up and up_ok):

@@ -19,7 +19,17 @@ from typing import Any
 
 import pytest
 
-from .conftest import BALANCER_IMAGE, CLIENT_IMAGE, MODEL_IMAGE, MODEL_PATH, NODE_NAME, REPO, Cluster, wait_until
+from .conftest import (
+    BALANCER_IMAGE,
+    CLIENT_IMAGE,
+    MODEL_IMAGE,
+    MODEL_PATH,
+    NODE_NAME,
+    REPO,
+    STATE,
+    Cluster,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -92,6 +102,12 @@ spec:
     volumeMounts: [{{name: tmp, mountPath: /tmp}}]
   volumes: [{{name: tmp, emptyDir: {{}}}}]
 """
+
+
+def record(title: str, text: str) -> None:
+    """Keep what the tier saw in .k8s/cluster/transcript.txt (docs/kubernetes.md quotes it)."""
+    with (STATE / "transcript.txt").open("a") as fh:
+        fh.write(f"### {title}\n{text.rstrip()}\n\n")
 
 
 def ready_condition(obj: dict[str, Any]) -> str | None:
@@ -179,6 +195,7 @@ def test_helm_runs_the_operator_on_the_node_under_the_chart_rbac(cluster: Cluste
 
 def test_pool_and_model_deployment_report_ready_with_four_slots(pool: Pool) -> None:
     printed = pool.cluster.kubectl_run("-n", pool.namespace, "get", "lp,md").stdout
+    record("kubectl get pods,lp,md", pool.cluster.kubectl_run("-n", pool.namespace, "get", "pods,lp,md").stdout)
     lines = {line.split()[0]: line.split() for line in printed.splitlines() if line and not line.startswith("NAME")}
     lp = lines[f"llmpool.paddler.dev/{POOL}"]
     md = lines[f"modeldeployment.paddler.dev/{GROUP}"]
@@ -205,6 +222,7 @@ finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[
 print(json.dumps({{"text": text, "chunks": len(chunks), "finish": finish}}))
 """
     answer = json.loads(pool.in_client(script).strip().splitlines()[-1])
+    record("openai SDK in the client pod (streamed chat)", script + "\n# ->\n" + json.dumps(answer))
     assert answer["chunks"] > 2  # streamed token by token
     assert "Paris" in answer["text"], answer
     assert answer["finish"] in (["length"], ["stop"])
@@ -226,6 +244,10 @@ def test_curl_in_a_pod_streams_ndjson_from_the_native_api(pool: Pool) -> None:
         timeout=150,
     )  # fmt: skip
     messages = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    record(
+        "curl in the client pod (native NDJSON API)",
+        f"curl -d '{body}' {pool.inference_url}/api/v1/continue_from_conversation_history\n{proc.stdout}",
+    )
     assert len(messages) > 2, proc.stdout
     text = json.dumps(messages)
     assert "Paris" in text, proc.stdout
