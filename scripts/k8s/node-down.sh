@@ -84,9 +84,20 @@ for ns in /run/netns/cni-*; do
   [[ -e "$ns" ]] || continue
   umount "$ns" 2>/dev/null || true; rm -f "$ns"
 done
-if [[ -d "$NODE/kubelet" ]]; then
-  findmnt -rn -o TARGET | grep -F "$NODE/kubelet" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-fi
-findmnt -rn -o TARGET | grep -F "$RUN" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+# What kube-proxy --cleanup leaves (KUBE-FIREWALL, kubelet's canaries, hints):
+# every KUBE-* chain and the rules that jump to it.
+for table in mangle nat filter; do
+  chains="$(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^KUBE-/ {print $2}')"
+  [[ -n "$chains" ]] || continue
+  for chain in $chains; do
+    iptables -t "$table" -S | awk -v c="$chain" '$1 == "-A" && $0 ~ ("-j " c "($| )") {print}' | sed 's/^-A/-D/' \
+      | while read -r rule; do eval iptables -t "$table" "$rule" 2>/dev/null || true; done
+  done
+  for chain in $chains; do iptables -t "$table" -F "$chain" 2>/dev/null || true; done
+  for chain in $chains; do iptables -t "$table" -X "$chain" 2>/dev/null || true; done
+done
+{ findmnt -rn -o TARGET | grep -F -e "$NODE/kubelet" -e "$RUN" || true; } | sort -r | while read -r m; do
+  umount -l "$m" 2>/dev/null || true
+done
 rm -rf "$NODE/kubelet" "$NODE/pids" "$RUN"
 log "node $NODE_NAME stopped"

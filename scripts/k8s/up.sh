@@ -231,6 +231,7 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --service-account-signing-key-file "$PKI/sa.key" \
   --service-cluster-ip-range 10.96.0.0/16 \
   --endpoint-reconciler-type "$RECONCILER" \
+  --kubelet-preferred-address-types InternalIP,Hostname \
   --allow-privileged=true \
   --feature-gates HPAScaleToZero=true
 wait_for "kube-apiserver /readyz" api_ready
