@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from paddler_client.inference_message import parse_inference_client_message
 
 from .conftest import (
     BALANCER_IMAGE,
@@ -39,7 +40,8 @@ POOL = "p"
 # Named `default`: the native API (/api/v1/...) serves the default model group; the
 # OpenAI `model` field names the same group.
 GROUP = "default"
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of France? Answer in one sentence."
+MAX_TOKENS = 32
 MD_LABEL = "paddler.dev/model-deployment"
 
 
@@ -85,7 +87,9 @@ metadata: {{name: {GROUP}, namespace: {namespace}}}
 spec:
   poolRef: {{name: {POOL}}}
   model: {{localPath: {MODEL_PATH}}}
-  inferenceParameters: {{contextSize: 2048, temperature: 0}}
+  # Greedy, no penalties: the answer can be compared with llama-cpp-python's own.
+  inferenceParameters:
+    {{contextSize: 2048, temperature: 0, penaltyRepeat: 1.0, penaltyPresence: 0, penaltyFrequency: 0}}
 ---
 apiVersion: v1
 kind: Pod
@@ -168,6 +172,28 @@ def pool(cluster: Cluster, release: str) -> Iterator[Pool]:
         cluster.kubectl_run("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
 
 
+@pytest.fixture(scope="module")
+def reference_answer(pool: Pool) -> str:
+    """llama-cpp-python's own greedy chat completion, run in the agent pod (same image,
+    same llama.cpp build, same GGUF): what the served answer must equal."""
+    (agent,) = pool.agent_pods()
+    script = f"""
+import llama_cpp
+llm = llama_cpp.Llama(model_path="{MODEL_PATH}", n_ctx=2048, n_threads=1, verbose=False)
+out = llm.create_chat_completion(
+    messages=[{{"role": "user", "content": {QUESTION!r}}}],
+    temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens={MAX_TOKENS},
+)
+print(out["choices"][0]["message"]["content"], end="")
+"""
+    proc = pool.cluster.kubectl_run(
+        "-n", pool.namespace, "exec", "-i", agent["metadata"]["name"], "--", "python", "-",
+        input=script, timeout=180,
+    )  # fmt: skip
+    assert proc.stdout.strip(), proc.stderr
+    return proc.stdout
+
+
 def test_helm_runs_the_operator_on_the_node_under_the_chart_rbac(cluster: Cluster, release: str) -> None:
     pods = cluster.get_json("-n", RELEASE_NS, "pods", "-l", "app.kubernetes.io/name=paddler-operator")["items"]
     assert len(pods) == 1
@@ -207,14 +233,14 @@ def test_pool_and_model_deployment_report_ready_with_four_slots(pool: Pool) -> N
         assert p["status"]["phase"] == "Running"
 
 
-def test_openai_sdk_in_a_pod_streams_a_chat_through_the_inference_service(pool: Pool) -> None:
+def test_openai_sdk_in_a_pod_streams_a_chat_through_the_inference_service(pool: Pool, reference_answer: str) -> None:
     script = f"""
 import json
 from openai import OpenAI
 client = OpenAI(base_url="{pool.inference_url}/v1", api_key="unused", max_retries=0, timeout=120)
 stream = client.chat.completions.create(
     model="{GROUP}", messages=[{{"role": "user", "content": {QUESTION!r}}}],
-    max_tokens=24, temperature=0, stream=True,
+    max_tokens={MAX_TOKENS}, temperature=0, stream=True,
 )
 chunks = [c for c in stream]
 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -224,17 +250,17 @@ print(json.dumps({{"text": text, "chunks": len(chunks), "finish": finish}}))
     answer = json.loads(pool.in_client(script).strip().splitlines()[-1])
     record("openai SDK in the client pod (streamed chat)", script + "\n# ->\n" + json.dumps(answer))
     assert answer["chunks"] > 2  # streamed token by token
-    assert "Paris" in answer["text"], answer
+    assert answer["text"] == reference_answer
     assert answer["finish"] in (["length"], ["stop"])
 
 
-def test_curl_in_a_pod_streams_ndjson_from_the_native_api(pool: Pool) -> None:
+def test_curl_in_a_pod_streams_ndjson_from_the_native_api(pool: Pool, reference_answer: str) -> None:
     body = json.dumps(
         {
             "add_generation_prompt": True,
             "conversation_history": [{"role": "user", "content": QUESTION}],
             "enable_thinking": False,
-            "max_tokens": 24,
+            "max_tokens": MAX_TOKENS,
         }
     )
     proc = pool.cluster.kubectl_run(
@@ -243,15 +269,14 @@ def test_curl_in_a_pod_streams_ndjson_from_the_native_api(pool: Pool) -> None:
         "-d", body, f"{pool.inference_url}/api/v1/continue_from_conversation_history",
         timeout=150,
     )  # fmt: skip
-    messages = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     record(
         "curl in the client pod (native NDJSON API)",
-        f"curl -d '{body}' {pool.inference_url}/api/v1/continue_from_conversation_history\n{proc.stdout}",
+        f"curl -N -d '{body}' {pool.inference_url}/api/v1/continue_from_conversation_history\n{proc.stdout}",
     )
+    messages = [parse_inference_client_message(line) for line in proc.stdout.splitlines() if line.strip()]
     assert len(messages) > 2, proc.stdout
-    text = json.dumps(messages)
-    assert "Paris" in text, proc.stdout
-    assert "done" in json.dumps(messages[-1]).lower(), messages[-1]
+    assert messages[-1].is_done, proc.stdout
+    assert "".join(m.token or "" for m in messages if m.is_token) == reference_answer
 
 
 @dataclass
