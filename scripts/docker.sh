@@ -13,7 +13,7 @@
 set -euo pipefail
 CACHE="${PADDLER_CACHE:-$HOME/.cache/paddler}"
 RUN="$CACHE/run"
-PIDFILE="$RUN/dockerd.pid"
+PIDFILE="$RUN/dockerd.pid"   # written by dockerd itself (--pidfile), removed on its exit
 LOG="$RUN/dockerd.log"
 TIMEOUT="${DOCKER_UP_TIMEOUT:-60}"
 mkdir -p "$RUN"
@@ -40,12 +40,14 @@ case "${1:-up}" in
       sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io >&2
     fi
     log "starting dockerd (log: $LOG)"
-    sudo_ setsid dockerd --bridge=none --iptables=false --ip-masq=false \
-      --pidfile "$RUN/dockerd.own.pid" </dev/null >"$LOG" 2>&1 6>&- 7>&- 8>&- 9>&- &
-    echo $! >"$PIDFILE"
+    rm -f "$PIDFILE"
+    S=(); [[ "$(id -u)" == 0 ]] || S=(sudo)
+    "${S[@]}" setsid dockerd --bridge=none --iptables=false --ip-masq=false --pidfile "$PIDFILE" \
+      </dev/null >"$LOG" 2>&1 6>&- 7>&- 8>&- 9>&- &
+    starter=$!
     deadline=$((SECONDS + TIMEOUT))
     until answers; do
-      kill -0 "$(cat "$PIDFILE")" 2>/dev/null || { tail -20 "$LOG" >&2; log "dockerd exited"; exit 1; }
+      kill -0 "$starter" 2>/dev/null || { tail -20 "$LOG" >&2; log "dockerd exited"; exit 1; }
       (( SECONDS < deadline )) || { tail -20 "$LOG" >&2; log "dockerd not answering after ${TIMEOUT}s"; exit 1; }
       sleep 0.5
     done

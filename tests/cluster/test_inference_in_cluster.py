@@ -381,7 +381,7 @@ spec:
     groups_script = f"""
 import json, urllib.request
 with urllib.request.urlopen("{pool.management_url}/api/v1/model_groups", timeout=30) as r:
-    print(json.dumps({{g["name"]: g["agents"] for g in json.load(r)}}))
+    print(json.dumps({{g["name"]: g["agents"] for g in json.load(r)["model_groups"]}}))
 """
 
     def groups() -> dict[str, int]:
