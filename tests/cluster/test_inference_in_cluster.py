@@ -9,6 +9,7 @@ deleted) run last, in file order.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import threading
@@ -60,6 +61,11 @@ class Pool:
 
     def in_client(self, script: str, timeout: float = 300) -> str:
         return self.cluster.exec_python(self.namespace, "client", script, timeout=timeout)
+
+    def management_token(self) -> str:
+        """The pool's management token, from the Secret the operator made for it."""
+        secret = self.cluster.get_json("-n", self.namespace, "secret", f"{POOL}-management-token")
+        return base64.b64decode(secret["data"]["management-token"]).decode()
 
     def agent_pods(self) -> list[dict[str, Any]]:
         pods: list[dict[str, Any]] = self.cluster.get_json("-n", self.namespace, "pods", "-l", f"{MD_LABEL}={GROUP}")[
@@ -214,7 +220,7 @@ def test_helm_runs_the_operator_on_the_node_under_the_chart_rbac(cluster: Cluste
     )
     assert can.stdout.strip() == "yes"
     cannot = cluster.kubectl_run(
-        "auth", "can-i", "get", "secrets", f"--as=system:serviceaccount:{RELEASE_NS}:{RELEASE}", "-A", check=False
+        "auth", "can-i", "list", "secrets", f"--as=system:serviceaccount:{RELEASE_NS}:{RELEASE}", "-A", check=False
     )
     assert cannot.stdout.strip() == "no"
 
@@ -380,7 +386,10 @@ spec:
     )
     groups_script = f"""
 import json, urllib.request
-with urllib.request.urlopen("{pool.management_url}/api/v1/model_groups", timeout=30) as r:
+request = urllib.request.Request(
+    "{pool.management_url}/api/v1/model_groups", headers={{"Authorization": "Bearer {pool.management_token()}"}}
+)
+with urllib.request.urlopen(request, timeout=30) as r:
     print(json.dumps({{g["name"]: g["agents"] for g in json.load(r)["model_groups"]}}))
 """
 
