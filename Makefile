@@ -38,7 +38,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 pytest: install
-	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

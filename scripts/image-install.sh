@@ -5,7 +5,10 @@
 # install steps are tested even where Docker cannot run.
 #
 # Usage:
-#   image-install.sh system-deps build|runtime   apt packages (python3 on CUDA bases, compilers, libgomp)
+#   image-install.sh system-deps venv|build|runtime|runtime-light
+#                                                apt packages that the base lacks (python3 + venv,
+#                                                compilers, libgomp); none when all are there
+#   image-install.sh user UID                    a system user and group UID named paddler
 #   image-install.sh llama-wheel DIR             build a portable llama-cpp-python wheel into DIR
 #   image-install.sh balancer PREFIX             venv at PREFIX with paddler[operator] (balancer + operator)
 #   image-install.sh agent PREFIX                venv at PREFIX with paddler[agent], llama from $PADDLER_WHEELHOUSE
@@ -16,7 +19,7 @@
 # images leave it off to stay small), PYTHON (default python3).
 set -euo pipefail
 
-MODE="${1:?usage: image-install.sh system-deps|llama-wheel|balancer|agent ARG}"
+MODE="${1:?usage: image-install.sh system-deps|user|llama-wheel|balancer|agent ARG}"
 ARG="${2:?missing argument (prefix, directory or build|runtime)}"
 SRC="${PADDLER_SRC:-$(cd "$(dirname "$0")/.." && pwd)}"
 PYTHON="${PYTHON:-python3}"
@@ -25,11 +28,20 @@ PIP_CACHE=(--no-cache-dir)
 [[ "${PADDLER_PIP_CACHE:-0}" == 1 ]] && PIP_CACHE=()
 
 log() { echo "[image-install $MODE] $*" >&2; }
+# The Dockerfiles point PIP_CERT at an optional CA bundle of the build host.
+if [[ -n "${PIP_CERT:-}" && ! -s "$PIP_CERT" ]]; then unset PIP_CERT; fi
 
+# Installs only the packages the base image lacks: a base that has them all (the
+# Debian one `make images` builds here) needs no mirror at all.
 apt_install() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [[ ${#missing[@]} -gt 0 ]] || { log "all of $* present"; return 0; }
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends "$@"
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
   rm -rf /var/lib/apt/lists/*
 }
 
@@ -50,20 +62,28 @@ finish_venv() {
 
 case "$MODE" in
   system-deps)
+    has_python() { command -v "$PYTHON" >/dev/null && "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; }
+    pkgs=()
     case "$ARG" in
-      build)
-        pkgs=(build-essential git ca-certificates)
-        command -v "$PYTHON" >/dev/null || pkgs+=(python3 python3-venv python3-dev)
+      venv|build)
+        has_python || pkgs+=(python3 python3-dev)
         "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || pkgs+=(python3-venv)
-        apt_install "${pkgs[@]}"
+        [[ "$ARG" == build ]] && pkgs+=(build-essential cmake git ca-certificates)
         ;;
-      runtime)
-        pkgs=(libgomp1 ca-certificates)
-        command -v "$PYTHON" >/dev/null || pkgs+=(python3)
-        apt_install "${pkgs[@]}"
+      runtime|runtime-light)
+        has_python || pkgs+=(python3)
+        [[ "$ARG" == runtime ]] && pkgs+=(libgomp1 libstdc++6)
+        pkgs+=(ca-certificates)
         ;;
-      *) echo "system-deps: build or runtime" >&2; exit 2 ;;
+      *) echo "system-deps: venv, build, runtime or runtime-light" >&2; exit 2 ;;
     esac
+    [[ ${#pkgs[@]} -eq 0 ]] || apt_install "${pkgs[@]}"
+    ;;
+
+  user)
+    # Written directly (no useradd: minimal bases may lack the passwd package).
+    grep -q "^paddler:" /etc/group || echo "paddler:x:$ARG:" >>/etc/group
+    grep -q "^paddler:" /etc/passwd || echo "paddler:x:$ARG:$ARG:paddler:/tmp:/usr/sbin/nologin" >>/etc/passwd
     ;;
 
   llama-wheel)
@@ -104,7 +124,7 @@ case "$MODE" in
     ;;
 
   *)
-    echo "unknown mode $MODE (system-deps, llama-wheel, balancer, agent)" >&2
+    echo "unknown mode $MODE (system-deps, user, llama-wheel, balancer, agent)" >&2
     exit 2
     ;;
 esac

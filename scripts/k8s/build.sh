@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Build (once) and cache the binaries of a real local Kubernetes control plane:
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok
-# and helm, all from source through the Go module proxy (there is no Docker
-# here, so kind is not an option). Everything lands under
+# and helm, plus those of a real node (kubelet, kube-proxy, CoreDNS for cluster
+# DNS; see node-up.sh), all from source through the Go module proxy (no image
+# registry is reachable here). Everything lands under
 #   ${PADDLER_CACHE:-$HOME/.cache/paddler}/k8s/<k8s-version>/bin/
 # and every binary that already exists is skipped, so a warm run is instant.
 # The Go module and build caches also live under the paddler cache, so a
 # rebuild after deleting one binary only recompiles what changed.
 #
 # Environment overrides: PADDLER_CACHE, K8S_VERSION, ETCD_VERSION,
-# KWOK_VERSION, HELM_VERSION, GO (path to the go binary), K8S_BUILD_P
-# (parallel packages, default 2), K8S_SKIP_KWOK=1, K8S_SKIP_HELM=1.
+# KWOK_VERSION, HELM_VERSION, COREDNS_VERSION, GO (path to the go binary), K8S_BUILD_P
+# (parallel packages, default 2), K8S_SKIP_KWOK=1, K8S_SKIP_HELM=1, K8S_SKIP_NODE=1.
 #
 # Usage: build.sh            build what is missing
 #        build.sh --check    exit 0 if everything is cached, 1 otherwise
@@ -22,6 +23,7 @@ K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.5.35}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.12.4}"
 BUILD_P="${K8S_BUILD_P:-2}"
 
 CACHE="${PADDLER_CACHE:-$HOME/.cache/paddler}"
@@ -62,6 +64,7 @@ timed() {
 wanted=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
 [[ "${K8S_SKIP_KWOK:-0}" == 1 ]] || wanted+=(kwok)
 [[ "${K8S_SKIP_HELM:-0}" == 1 ]] || wanted+=(helm)
+[[ "${K8S_SKIP_NODE:-0}" == 1 ]] || wanted+=(kubelet kube-proxy coredns)
 # One build at a time (concurrent test sessions call this through up.sh).
 if [[ "$MODE" == build ]]; then
   exec 8>"$ROOT/.build.lock"
@@ -145,6 +148,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 SRC
   (cd "$K8S_DIR" && "$GO" mod tidy)
@@ -168,7 +173,9 @@ build_k8s_cmd() {
     -o "$BIN/$name.tmp" "k8s.io/kubernetes/cmd/$name" && mv "$BIN/$name.tmp" "$BIN/$name")
 }
 
-for name in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+node_cmds=(kubelet kube-proxy)
+[[ "${K8S_SKIP_NODE:-0}" == 1 ]] && node_cmds=()
+for name in kube-apiserver kube-controller-manager kube-scheduler kubectl "${node_cmds[@]+"${node_cmds[@]}"}"; do
   have "$name" && continue
   prepare_k8s_module
   log "building $name $K8S_VERSION"
@@ -214,6 +221,46 @@ if [[ "${K8S_SKIP_HELM:-0}" != 1 ]] && ! have helm; then
   log "building helm $HELM_VERSION"
   timed helm go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+fi
+
+# CoreDNS with only the plugins the node's Corefile uses (node-up.sh): the full
+# build compiles every cloud SDK of its plugin list and takes several times longer.
+build_coredns() {
+  local d="$WORK/coredns-$COREDNS_VERSION"
+  mkdir -p "$d"
+  cat >"$d/go.mod" <<MOD
+module paddler.local/corednsbuild
+
+go 1.24.0
+
+require github.com/coredns/coredns $COREDNS_VERSION
+MOD
+  cat >"$d/main.go" <<'SRC'
+// CoreDNS for the local node: cluster DNS (kubernetes plugin) and nothing else.
+package main
+
+import (
+	_ "github.com/coredns/coredns/core/dnsserver" // the server type; plugins run in its default order
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func main() { coremain.Run() }
+SRC
+  (cd "$d" && "$GO" mod tidy >/dev/null \
+    && "$GO" build -p "$BUILD_P" -ldflags "-s -w" -o "$BIN/coredns.tmp" . \
+    && mv "$BIN/coredns.tmp" "$BIN/coredns")
+}
+if [[ "${K8S_SKIP_NODE:-0}" != 1 ]] && ! have coredns; then
+  log "building coredns $COREDNS_VERSION (cluster DNS plugins only)"
+  timed coredns build_coredns
 fi
 
 log "done: $(cd "$BIN" && ls | tr '\n' ' ')"

@@ -12,6 +12,9 @@
 # Idempotent: if the control plane is already up and healthy, it does nothing.
 # Environment: PADDLER_K8S_DIR (default <repo>/.k8s), K8S_FAKE_NODES (2),
 # K8S_UP_TIMEOUT (seconds, 120), plus what build.sh reads.
+# K8S_NODE_MODE=1 (scripts/k8s/cluster-up.sh): the apiserver also listens on the
+# host's address and advertises it, so pods of a real node (scripts/k8s/node-up.sh)
+# reach it through the `kubernetes` Service (10.96.0.1); no fake nodes.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,6 +27,16 @@ STATE="${PADDLER_K8S_DIR:-$REPO/.k8s}"
 FAKE_NODES="${K8S_FAKE_NODES:-2}"
 TIMEOUT="${K8S_UP_TIMEOUT:-120}"
 KUBECONFIG_FILE="$STATE/kubeconfig"
+NODE_MODE="${K8S_NODE_MODE:-0}"
+BIND_ADDRESS=127.0.0.1
+ADVERTISE_ADDRESS=127.0.0.1
+RECONCILER=none
+if [[ "$NODE_MODE" == 1 ]]; then
+  FAKE_NODES=0
+  ADVERTISE_ADDRESS="$(bash "$HERE/host-ip.sh")"
+  BIND_ADDRESS=0.0.0.0
+  RECONCILER=lease
+fi
 
 log() { printf '[k8s-up %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
@@ -208,7 +221,7 @@ wait_for "etcd health" etcd_ok
 # --- kube-apiserver -----------------------------------------------------------
 start kube-apiserver "$BIN/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+  --bind-address "$BIND_ADDRESS" --advertise-address "$ADVERTISE_ADDRESS" --secure-port "$API_PORT" \
   --cert-dir "$STATE/run/apiserver-certs" \
   --tls-cert-file "$PKI/serving.crt" --tls-private-key-file "$PKI/serving.key" \
   --client-ca-file "$PKI/ca.crt" --token-auth-file "$PKI/tokens.csv" \
@@ -217,7 +230,8 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --service-account-key-file "$PKI/sa.pub" \
   --service-account-signing-key-file "$PKI/sa.key" \
   --service-cluster-ip-range 10.96.0.0/16 \
-  --endpoint-reconciler-type none \
+  --endpoint-reconciler-type "$RECONCILER" \
+  --kubelet-preferred-address-types InternalIP,Hostname \
   --allow-privileged=true \
   --feature-gates HPAScaleToZero=true
 wait_for "kube-apiserver /readyz" api_ready

@@ -45,3 +45,14 @@ def test_dockerfiles_call_the_script() -> None:
         assert "USER 10001:10001" in text
     assert "-DGGML_NATIVE=OFF" in SCRIPT.read_text()
     assert "ARG GGML_CUDA=OFF" in agent
+
+
+def test_dockerfiles_build_without_a_registry() -> None:
+    """No BuildKit frontend image to pull, and the base is a build argument
+    (`make images` passes a Debian base made here)."""
+    for name in ("Dockerfile.balancer", "Dockerfile.agent"):
+        text = (REPO / name).read_text()
+        assert "# syntax=" not in text, name
+        assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text, name
+    model = (REPO / "Dockerfile.agent-model").read_text()
+    assert "/models/SmolLM2-135M-Instruct.Q4_1.gguf" in model

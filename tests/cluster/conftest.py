@@ -1,0 +1,176 @@
+"""Fixtures of the cluster tier: the project's images on a real single-node cluster.
+
+``cluster`` (session scope) runs ``make images`` (Docker daemon, base image, the
+portable llama wheel, three images), builds the tier's client image (curl + the
+``openai`` SDK), then ``make cluster-up``: the control plane of ``scripts/k8s/up.sh``
+plus a real node (containerd, CNI bridge, kubelet, kube-proxy, CoreDNS) with the
+images loaded. ``make cluster-down`` stops all of it afterwards, whatever happened,
+unless the cluster was already up before the session (then it is left running).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STATE = REPO / ".k8s" / "cluster"
+NODE_NAME = "paddler-node"
+VERSION = next(
+    line.split(":", 1)[1].strip().strip('"')
+    for line in (REPO / "charts" / "paddler" / "Chart.yaml").read_text().splitlines()
+    if line.startswith("appVersion:")
+)
+BALANCER_IMAGE = f"ghcr.io/paddler-k8s/balancer:{VERSION}"
+AGENT_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}"
+MODEL_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}-smollm2"
+CLIENT_IMAGE = f"paddler-local/test-client:{VERSION}"
+MODEL_PATH = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Cold: base image (~2 min), images (~3 min), node images; warm: seconds.
+SETUP_TIMEOUT_S = 30 * 60
+
+T = TypeVar("T")
+
+
+def wait_until(probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
+    """Poll ``probe`` until it returns a truthy value, bounded by a deadline."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kubeconfig: Path
+    kubectl: Path
+    helm: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def kubectl_run(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(self.kubectl), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
+        return proc
+
+    def get_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl_run("get", "-o", "json", *args).stdout)
+
+    def apply(self, manifest: str, namespace: str) -> None:
+        self.kubectl_run("-n", namespace, "apply", "-f", "-", input=manifest)
+
+    def exec_python(self, namespace: str, pod: str, script: str, timeout: float = 300) -> str:
+        """Run a Python script in a pod of the cluster; return its stdout."""
+        proc = self.kubectl_run("-n", namespace, "exec", "-i", pod, "--", "python", "-", input=script, timeout=timeout)
+        return proc.stdout
+
+
+def _make(*targets: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), *targets],
+        capture_output=True,
+        text=True,
+        timeout=SETUP_TIMEOUT_S,
+        env=env,
+    )
+
+
+def _node_ready(kubectl: Path) -> bool:
+    if not (STATE / "kubeconfig").exists():
+        return False
+    proc = subprocess.run(
+        [
+            str(kubectl),
+            "--kubeconfig",
+            str(STATE / "kubeconfig"),
+            "--request-timeout=5s",
+            "get",
+            "node",
+            NODE_NAME,
+            "-o",
+            'jsonpath={.status.conditions[?(@.type=="Ready")].status}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return proc.returncode == 0 and proc.stdout.strip() == "True"
+
+
+def _build_client_image() -> None:
+    import openai
+
+    proc = subprocess.run(
+        [
+            "docker",
+            "build",
+            "-q",
+            "--network",
+            "host",
+            "-f",
+            str(REPO / "tests" / "cluster" / "Dockerfile.client"),
+            "--build-arg",
+            f"OPENAI_VERSION={openai.__version__}",
+            "-t",
+            CLIENT_IMAGE,
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SETUP_TIMEOUT_S,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    assert proc.returncode == 0, f"client image build failed:\n{proc.stderr[-4000:]}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The session fixture's set-up counts against the first cluster test's timeout.
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT_S + 900), append=False)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    kubectl = STATE / "bin" / "kubectl"
+    was_up = kubectl.exists() and _node_ready(kubectl)
+    up_ok = False
+    try:
+        images = _make("images")
+        assert images.returncode == 0, f"make images failed:\n{images.stdout[-3000:]}\n{images.stderr[-5000:]}"
+        _build_client_image()
+        up = _make("cluster-up", env={**os.environ, "CLUSTER_EXTRA_IMAGES": CLIENT_IMAGE})
+        assert up.returncode == 0, f"make cluster-up failed:\n{up.stdout[-3000:]}\n{up.stderr[-6000:]}"
+        up_ok = True
+        (STATE / "transcript.txt").unlink(missing_ok=True)
+        yield Cluster(kubeconfig=STATE / "kubeconfig", kubectl=kubectl, helm=STATE / "bin" / "helm")
+    finally:
+        if not (was_up and up_ok):
+            down = _make("cluster-down")
+            if down.returncode != 0:
+                raise AssertionError(f"make cluster-down failed:\n{down.stderr[-3000:]}")

@@ -1,0 +1,410 @@
+"""The product on a real node: the chart's operator in-cluster, a pool of the project's
+images serving SmolLM2 from the model image, clients in a pod calling the inference
+Service by its DNS name.
+
+One Helm release, pool and client pod for the module (a pod start costs seconds on
+two cores); the scenarios that break things (agent pod deleted, ModelDeployment
+deleted) run last, in file order.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from paddler_client.inference_message import parse_inference_client_message
+
+from .conftest import (
+    BALANCER_IMAGE,
+    CLIENT_IMAGE,
+    MODEL_IMAGE,
+    MODEL_PATH,
+    NODE_NAME,
+    REPO,
+    STATE,
+    Cluster,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
+
+RELEASE = "paddler"
+RELEASE_NS = "paddler-system"
+POOL = "p"
+# Named `default`: the native API (/api/v1/...) serves the default model group; the
+# OpenAI `model` field names the same group.
+GROUP = "default"
+QUESTION = "What is the capital of France? Answer in one sentence."
+MAX_TOKENS = 32
+MD_LABEL = "paddler.dev/model-deployment"
+
+
+@dataclass(frozen=True)
+class Pool:
+    cluster: Cluster
+    namespace: str
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{POOL}-inference.{self.namespace}.svc:8061"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{POOL}-management.{self.namespace}.svc:8060"
+
+    def in_client(self, script: str, timeout: float = 300) -> str:
+        return self.cluster.exec_python(self.namespace, "client", script, timeout=timeout)
+
+    def management_token(self) -> str:
+        """The pool's management token, from the Secret the operator made for it."""
+        secret = self.cluster.get_json("-n", self.namespace, "secret", f"{POOL}-management-token")
+        return base64.b64decode(secret["data"]["management-token"]).decode()
+
+    def agent_pods(self) -> list[dict[str, Any]]:
+        pods: list[dict[str, Any]] = self.cluster.get_json("-n", self.namespace, "pods", "-l", f"{MD_LABEL}={GROUP}")[
+            "items"
+        ]
+        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def manifests(namespace: str) -> str:
+    return f"""
+apiVersion: paddler.dev/v1alpha1
+kind: LlmPool
+metadata: {{name: {POOL}, namespace: {namespace}}}
+spec:
+  balancer:
+    bufferedRequestTimeout: 180s
+  agent:
+    image: {MODEL_IMAGE}
+    slotsPerAgent: 4
+    resources: {{requests: {{cpu: 500m, memory: 512Mi}}}}
+---
+apiVersion: paddler.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {GROUP}, namespace: {namespace}}}
+spec:
+  poolRef: {{name: {POOL}}}
+  model: {{localPath: {MODEL_PATH}}}
+  # Greedy, no penalties: the answer can be compared with llama-cpp-python's own.
+  inferenceParameters:
+    {{contextSize: 2048, temperature: 0, penaltyRepeat: 1.0, penaltyPresence: 0, penaltyFrequency: 0}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {namespace}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: {{runAsNonRoot: true, runAsUser: 65534}}
+  containers:
+  - name: client
+    image: {CLIENT_IMAGE}
+    imagePullPolicy: Never
+    command: [sleep, infinity]
+    securityContext: {{allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}}
+    volumeMounts: [{{name: tmp, mountPath: /tmp}}]
+  volumes: [{{name: tmp, emptyDir: {{}}}}]
+"""
+
+
+def record(title: str, text: str) -> None:
+    """Keep what the tier saw in .k8s/cluster/transcript.txt (docs/kubernetes.md quotes it)."""
+    with (STATE / "transcript.txt").open("a") as fh:
+        fh.write(f"### {title}\n{text.rstrip()}\n\n")
+
+
+def ready_condition(obj: dict[str, Any]) -> str | None:
+    for c in obj.get("status", {}).get("conditions", []):
+        if c["type"] == "Ready":
+            return str(c["status"])
+    return None
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Cluster) -> Iterator[str]:
+    """`helm install` of charts/paddler with its defaults: the operator in-cluster."""
+    proc = subprocess.run(
+        [
+            str(cluster.helm),
+            "install",
+            RELEASE,
+            str(REPO / "charts" / "paddler"),
+            "--namespace",
+            RELEASE_NS,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "5m",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env=cluster.env,
+    )
+    assert proc.returncode == 0, f"helm install failed:\n{proc.stderr}"
+    try:
+        yield RELEASE
+    finally:
+        subprocess.run(
+            [str(cluster.helm), "uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", "--timeout", "2m"],
+            capture_output=True,
+            timeout=180,
+            env=cluster.env,
+        )
+
+
+@pytest.fixture(scope="module")
+def pool(cluster: Cluster, release: str) -> Iterator[Pool]:
+    namespace = f"cl-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl_run("create", "namespace", namespace)
+    try:
+        cluster.apply(manifests(namespace), namespace)
+        wait_until(
+            lambda: ready_condition(cluster.get_json("-n", namespace, "md", GROUP)) == "True",
+            timeout=300,
+            what="ModelDeployment Ready (balancer and agent pods up, model loaded)",
+        )
+        cluster.kubectl_run("-n", namespace, "wait", "--for=condition=Ready", "pod/client", "--timeout=120s")
+        yield Pool(cluster, namespace)
+    finally:
+        # The operator (still installed) removes its finalizers; the namespace goes.
+        cluster.kubectl_run("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
+
+
+@pytest.fixture(scope="module")
+def reference_answer(pool: Pool) -> str:
+    """llama-cpp-python's own greedy chat completion, run in the agent pod (same image,
+    same llama.cpp build, same GGUF): what the served answer must equal."""
+    (agent,) = pool.agent_pods()
+    script = f"""
+import llama_cpp
+llm = llama_cpp.Llama(model_path="{MODEL_PATH}", n_ctx=2048, n_threads=1, verbose=False)
+out = llm.create_chat_completion(
+    messages=[{{"role": "user", "content": {QUESTION!r}}}],
+    temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens={MAX_TOKENS},
+)
+print(out["choices"][0]["message"]["content"], end="")
+"""
+    proc = pool.cluster.kubectl_run(
+        "-n", pool.namespace, "exec", "-i", agent["metadata"]["name"], "--", "python", "-",
+        input=script, timeout=180,
+    )  # fmt: skip
+    assert proc.stdout.strip(), proc.stderr
+    return proc.stdout
+
+
+def test_helm_runs_the_operator_on_the_node_under_the_chart_rbac(cluster: Cluster, release: str) -> None:
+    pods = cluster.get_json("-n", RELEASE_NS, "pods", "-l", "app.kubernetes.io/name=paddler-operator")["items"]
+    assert len(pods) == 1
+    pod = pods[0]
+    assert pod["status"]["phase"] == "Running"
+    assert pod["spec"]["nodeName"] == NODE_NAME
+    assert pod["spec"]["containers"][0]["image"] == BALANCER_IMAGE  # the chart's default image
+    assert pod["spec"]["serviceAccountName"] == RELEASE
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    can = cluster.kubectl_run(
+        "auth",
+        "can-i",
+        "create",
+        "deployments",
+        f"--as=system:serviceaccount:{RELEASE_NS}:{RELEASE}",
+        "-A",
+        check=False,
+    )
+    assert can.stdout.strip() == "yes"
+    cannot = cluster.kubectl_run(
+        "auth", "can-i", "list", "secrets", f"--as=system:serviceaccount:{RELEASE_NS}:{RELEASE}", "-A", check=False
+    )
+    assert cannot.stdout.strip() == "no"
+
+
+def test_pool_and_model_deployment_report_ready_with_four_slots(pool: Pool) -> None:
+    printed = pool.cluster.kubectl_run("-n", pool.namespace, "get", "lp,md").stdout
+    record("kubectl get pods,lp,md", pool.cluster.kubectl_run("-n", pool.namespace, "get", "pods,lp,md").stdout)
+    lines = {line.split()[0]: line.split() for line in printed.splitlines() if line and not line.startswith("NAME")}
+    lp = lines[f"llmpool.paddler.dev/{POOL}"]
+    md = lines[f"modeldeployment.paddler.dev/{GROUP}"]
+    assert lp[1:4] == ["True", "1", "4/4"], printed
+    assert md[1:5] == [POOL, "True", "1/1", "4/4"], printed
+    assert md[6] == MODEL_PATH, printed
+    for p in pool.cluster.get_json("-n", pool.namespace, "pods")["items"]:
+        assert p["spec"]["nodeName"] == NODE_NAME
+        assert p["status"]["phase"] == "Running"
+
+
+def test_openai_sdk_in_a_pod_streams_a_chat_through_the_inference_service(pool: Pool, reference_answer: str) -> None:
+    script = f"""
+import json
+from openai import OpenAI
+client = OpenAI(base_url="{pool.inference_url}/v1", api_key="unused", max_retries=0, timeout=120)
+stream = client.chat.completions.create(
+    model="{GROUP}", messages=[{{"role": "user", "content": {QUESTION!r}}}],
+    max_tokens={MAX_TOKENS}, temperature=0, stream=True,
+)
+chunks = [c for c in stream]
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+print(json.dumps({{"text": text, "chunks": len(chunks), "finish": finish}}))
+"""
+    answer = json.loads(pool.in_client(script).strip().splitlines()[-1])
+    record("openai SDK in the client pod (streamed chat)", script + "\n# ->\n" + json.dumps(answer))
+    assert answer["chunks"] > 2  # streamed token by token
+    assert answer["text"] == reference_answer
+    assert answer["finish"] in (["length"], ["stop"])
+
+
+def test_curl_in_a_pod_streams_ndjson_from_the_native_api(pool: Pool, reference_answer: str) -> None:
+    body = json.dumps(
+        {
+            "add_generation_prompt": True,
+            "conversation_history": [{"role": "user", "content": QUESTION}],
+            "enable_thinking": False,
+            "max_tokens": MAX_TOKENS,
+        }
+    )
+    proc = pool.cluster.kubectl_run(
+        "-n", pool.namespace, "exec", "client", "--",
+        "curl", "-sS", "-N", "--fail-with-body", "--max-time", "120", "-H", "Content-Type: application/json",
+        "-d", body, f"{pool.inference_url}/api/v1/continue_from_conversation_history",
+        timeout=150,
+    )  # fmt: skip
+    record(
+        "curl in the client pod (native NDJSON API)",
+        f"curl -N -d '{body}' {pool.inference_url}/api/v1/continue_from_conversation_history\n{proc.stdout}",
+    )
+    messages = [parse_inference_client_message(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert len(messages) > 2, proc.stdout
+    assert messages[-1].is_done, proc.stdout
+    assert "".join(m.token or "" for m in messages if m.is_token) == reference_answer
+
+
+@dataclass
+class RequestStream:
+    """Sequential chat requests from the client pod; one JSON line per answer."""
+
+    popen: subprocess.Popen[str]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            if line.startswith("{"):
+                with self.lock:
+                    self.results.append(json.loads(line))
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
+
+def test_agent_pod_deleted_under_a_stream_of_requests_fails_at_most_the_one_in_flight(pool: Pool) -> None:
+    total = 14
+    script = f"""
+import json, time
+from openai import OpenAI
+client = OpenAI(base_url="{pool.inference_url}/v1", api_key="unused", max_retries=0, timeout=240)
+for i in range({total}):
+    t0 = time.monotonic()
+    try:
+        r = client.chat.completions.create(
+            model="{GROUP}", messages=[{{"role": "user", "content": "Count from 1 to 20."}}],
+            max_tokens=48, temperature=0,
+        )
+        print(json.dumps({{"i": i, "ok": bool(r.choices[0].message.content), "s": time.monotonic() - t0}}), flush=True)
+    except Exception as err:
+        print(json.dumps({{"i": i, "ok": False, "error": repr(err)[:300], "s": time.monotonic() - t0}}), flush=True)
+"""
+    (old,) = pool.agent_pods()
+    popen = subprocess.Popen(
+        [str(pool.cluster.kubectl), "--kubeconfig", str(pool.cluster.kubeconfig), "-n", pool.namespace, "exec", "-i",
+         "client", "--", "python", "-u", "-"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stream = RequestStream(popen)
+    assert popen.stdin is not None
+    popen.stdin.write(script)
+    popen.stdin.close()
+    pump = threading.Thread(target=stream.pump, daemon=True)
+    pump.start()
+    try:
+        wait_until(lambda: stream.count() >= 2, timeout=120, what="two answers before the agent pod is deleted")
+        before = stream.count()
+        pool.cluster.kubectl_run("-n", pool.namespace, "delete", "pod", old["metadata"]["name"], "--wait=false")
+        new = wait_until(
+            lambda: [
+                p
+                for p in pool.agent_pods()
+                if p["metadata"]["name"] != old["metadata"]["name"]
+                and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+            ],
+            timeout=240,
+            what="the replacement agent pod Ready",
+        )
+        assert new
+        popen.wait(timeout=600)
+        pump.join(timeout=10)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait(timeout=10)
+    results = stream.results
+    assert len(results) == total, (results, popen.stderr.read() if popen.stderr else "")
+    failed = [r for r in results if not r["ok"]]
+    assert len(failed) <= 1, failed
+    # Everything sent after the one in flight at the deletion was answered, by the new pod.
+    assert all(r["ok"] for r in results[before + 1 :]), results
+    assert max(r["s"] for r in results[before:]) > min(r["s"] for r in results[:before])  # some waited
+
+
+def test_deleting_a_model_deployment_collects_its_agents_and_the_balancer_forgets_its_group(pool: Pool) -> None:
+    # A second model group beside `default` (which the balancer always lists).
+    cluster, group = pool.cluster, "smollm2"
+    cluster.apply(
+        f"""
+apiVersion: paddler.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {group}}}
+spec:
+  poolRef: {{name: {POOL}}}
+  model: {{localPath: {MODEL_PATH}}}
+  inferenceParameters: {{contextSize: 1024}}
+""",
+        pool.namespace,
+    )
+    wait_until(
+        lambda: ready_condition(cluster.get_json("-n", pool.namespace, "md", group)) == "True",
+        timeout=300,
+        what=f"ModelDeployment {group} Ready",
+    )
+    groups_script = f"""
+import json, urllib.request
+request = urllib.request.Request(
+    "{pool.management_url}/api/v1/model_groups", headers={{"Authorization": "Bearer {pool.management_token()}"}}
+)
+with urllib.request.urlopen(request, timeout=30) as r:
+    print(json.dumps({{g["name"]: g["agents"] for g in json.load(r)["model_groups"]}}))
+"""
+
+    def groups() -> dict[str, int]:
+        answer: dict[str, int] = json.loads(pool.in_client(groups_script).strip())
+        return answer
+
+    assert groups().get(group) == 1
+    cluster.kubectl_run("-n", pool.namespace, "delete", "md", group, "--wait=false")
+
+    def collected() -> bool:
+        deployments = cluster.get_json("-n", pool.namespace, "deployments")["items"]
+        pods = cluster.get_json("-n", pool.namespace, "pods", "-l", f"{MD_LABEL}={group}")["items"]
+        return not pods and f"{group}-agent" not in [d["metadata"]["name"] for d in deployments]
+
+    wait_until(collected, timeout=180, what="agent Deployment and pods garbage-collected")
+    wait_until(lambda: group not in groups(), timeout=120, what="the balancer to forget the model group")
+    assert groups().get(GROUP) == 1  # the other group keeps its agent
