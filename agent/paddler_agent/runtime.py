@@ -66,7 +66,7 @@ class AgentSettings:
     name: str | None = None
     model_group: str = "default"
     engine: str = "llama"
-    """``llama`` or ``simulated``."""
+    """``llama``, ``simulated`` or ``llama-server``."""
     model_cache_dir: str | None = None
     simulated_tokens_per_second: float = 100.0
     """Simulated engine: decode steps per second (one token per busy slot per step)."""
@@ -80,6 +80,11 @@ class AgentSettings:
     """Model URLs this agent downloads (checked again here: the balancer is not the only guard)."""
     model_local_roots: tuple[str, ...] = ()
     """Folders ``LocalToAgent`` paths must lie in; empty: any path."""
+
+    llama_server_url: str = "http://127.0.0.1:8080"
+    """``llama-server`` engine: the server's base URL. ``slots`` 0 means all of its slots."""
+    llama_server_host_header: str | None = None
+    llama_server_api_key: str | None = None
 
     @property
     def model_access(self) -> ModelAccess:
@@ -119,6 +124,17 @@ class AgentRuntime:
                 tokens_per_second=s.simulated_tokens_per_second,
                 max_tokens=s.simulated_max_tokens,
                 load_time=s.simulated_load_time,
+            )
+        if s.engine == "llama-server":
+            from paddler_agent.llama_server import LlamaServerEngine
+
+            return LlamaServerEngine(
+                self,
+                self.board,
+                s.slots or None,
+                url=s.llama_server_url,
+                host_header=s.llama_server_host_header,
+                api_key=s.llama_server_api_key,
             )
         from paddler_agent.llama_engine import LlamaEngine
 
@@ -344,7 +360,7 @@ class AgentRuntime:
         if not keys:
             return
         self._recent_prefixes[generate.request_id] = keys
-        while len(self._recent_prefixes) > self.settings.slots:
+        while len(self._recent_prefixes) > max(1, self.engine.slots):
             self._recent_prefixes.popitem(last=False)
         merged = sorted({k for ks in self._recent_prefixes.values() for k in ks})
         if merged != self.board.prefix_hashes:

@@ -165,10 +165,26 @@ def _run_balancer(args: argparse.Namespace) -> int:
 def _add_agent(sub: Any) -> None:
     p = sub.add_parser("agent", help="run an agent that serves slots to a balancer")
     p.add_argument("--management-addr", required=True, help="the balancer's management address (host:port)")
-    p.add_argument("--slots", type=int, required=True, help="concurrent sequences this agent serves")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="concurrent sequences this agent serves (required, except with --engine llama-server, where it "
+        "caps the server's own slots)",
+    )
     p.add_argument("--name", default=None, help="a name shown in the admin panel")
     p.add_argument("--model-group", default="default", help="the model group this agent serves")
-    p.add_argument("--engine", choices=["llama", "simulated"], default="llama")
+    p.add_argument("--engine", choices=["llama", "simulated", "llama-server"], default="llama")
+    p.add_argument(
+        "--llama-server-url",
+        default="http://127.0.0.1:8080",
+        help="llama-server engine: the base URL of the llama-server this agent forwards to",
+    )
+    p.add_argument(
+        "--llama-server-host-header",
+        default=None,
+        help="llama-server engine: send this Host header (a server behind a proxy that routes by host name)",
+    )
     p.add_argument(
         "--model-cache-dir", default=None, help="downloaded models go here (default ~/.cache/paddler/models)"
     )
@@ -196,14 +212,20 @@ def _add_agent(sub: Any) -> None:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    if args.slots < 1:
+    if args.slots is None and args.engine != "llama-server":
+        print(f"error: --slots is required with --engine {args.engine}", file=sys.stderr)
+        return 2
+    if args.slots is not None and args.slots < 1:
         print("error: --slots must be >= 1", file=sys.stderr)
+        return 2
+    if args.engine == "llama-server" and not args.llama_server_url.startswith(("http://", "https://")):
+        print("error: --llama-server-url must start with http:// or https://", file=sys.stderr)
         return 2
     from paddler_agent.runtime import AgentSettings, run_agent
 
     settings = AgentSettings(
         management_addr=args.management_addr,
-        slots=args.slots,
+        slots=args.slots or 0,
         name=args.name,
         model_group=args.model_group,
         engine=args.engine,
@@ -214,6 +236,10 @@ def _run_agent(args: argparse.Namespace) -> int:
         model_url_policy=ModelUrlPolicy.from_entries(args.model_url_allow),
         model_local_roots=tuple(args.model_local_root),
         simulated_load_time=args.simulated_load_time,
+        llama_server_url=args.llama_server_url,
+        llama_server_host_header=args.llama_server_host_header,
+        # The server's --api-key, if any, from the environment llama-server itself reads.
+        llama_server_api_key=os.environ.get("LLAMA_API_KEY") or None,
     )
     return _run_until_signal(lambda stop: run_agent(settings, stop))
 
