@@ -1,4 +1,4 @@
-"""The ``paddler`` command: ``balancer``, ``agent``, ``operator``, ``quickstart``.
+"""The ``paddler`` command: ``balancer``, ``agent``, ``operator``, ``quickstart``, ``dashboard``.
 
 Subcommands import their component lazily, so ``paddler balancer`` never loads
 llama.cpp and ``paddler agent`` never loads kopf.
@@ -283,7 +283,11 @@ def build_parser(extensions: list[Callable[[Any], None]] | None = None) -> argpa
 def _extensions() -> list[Callable[[Any], None]]:
     """Subcommands owned by other components (operator, quickstart), if installed."""
     found: list[Callable[[Any], None]] = []
-    for module, attr in (("paddler_operator.cli", "add_subcommand"), ("paddler_cli.quickstart", "add_subcommand")):
+    for module, attr in (
+        ("paddler_operator.cli", "add_subcommand"),
+        ("paddler_cli.quickstart", "add_subcommand"),
+        ("paddler_cli.dashboard", "add_subcommand"),
+    ):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError:
