@@ -37,6 +37,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DEFAULT_BALANCER_IMAGE = "ghcr.io/paddler-k8s/balancer:0.1.0"
 DEFAULT_AGENT_IMAGE = "ghcr.io/paddler-k8s/agent:0.1.0"
+DEFAULT_LLAMA_SERVER_IMAGE = "ghcr.io/paddler-k8s/llama-server:0.1.0"
+LLAMA_SERVER_PORT = 8080
 
 MANAGEMENT_PORT = 8060
 INFERENCE_PORT = 8061
@@ -440,9 +442,48 @@ class RolloutSpec(_Spec):
     max_surge: Quantity = Field(default=0, description="Extra agent pods during a rollout (0 for scarce GPUs).")
 
 
+class EngineKind(StrEnum):
+    LLAMA = "llama"
+    """The agent's built-in llama.cpp engine (the agent image)."""
+    LLAMA_SERVER = "llamaServer"
+    """llama.cpp's own llama-server in a container beside the agent, in the same pod."""
+
+
+class LlamaServerSpec(_Spec):
+    """The llama-server container of each agent pod (``engine: llamaServer``).
+
+    The operator starts it with ``--host 127.0.0.1 --port PORT --parallel SLOTS``, the
+    model (``--model``, ``--hf-repo``/``--hf-file`` or ``--model-url``), ``--ctx-size``,
+    ``--batch-size``, ``--n-gpu-layers`` and embeddings from the inference parameters,
+    then ``args``. The agent container beside it forwards to it and needs no llama.cpp.
+    """
+
+    image: str = Field(default=DEFAULT_LLAMA_SERVER_IMAGE, description="Image whose entrypoint is llama-server.")
+    image_pull_policy: ImagePullPolicy = Field(default=ImagePullPolicy.IF_NOT_PRESENT, description="Pull policy.")
+    args: list[str] = Field(
+        default_factory=list, description="Extra llama-server flags, after the ones the operator sets."
+    )
+    port: Annotated[int, Field(ge=1, le=65535, description="Port llama-server listens on (pod loopback only).")] = (
+        LLAMA_SERVER_PORT
+    )
+    resources: ResourceRequirements | None = Field(
+        default=None, description="The server container's resources (default: the agent resources)."
+    )
+    gpus: Annotated[
+        int | None, Field(ge=0, description="GPUs on the server container (default: the pool's agent.gpus).")
+    ] = None
+
+
 class ModelDeploymentSpec(_Spec):
     pool_ref: PoolRef = Field(description="The LlmPool whose balancer serves this model.")
     model: ModelSourceSpec
+    engine: EngineKind = Field(
+        default=EngineKind.LLAMA,
+        description="llama: the agent's built-in llama.cpp; llamaServer: a llama-server container beside the agent.",
+    )
+    llama_server: LlamaServerSpec = Field(
+        default_factory=LlamaServerSpec, description="The llama-server container (engine: llamaServer)."
+    )
     inference_parameters: InferenceParametersSpec = Field(
         default_factory=InferenceParametersSpec, description="Engine and sampling parameters of the model group."
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.desired_state import BalancerDesiredState, PoolingType
 from paddler_operator.crd_models import (
     ADMIN_PANEL_PORT,
     API_VERSION,
@@ -27,10 +27,12 @@ from paddler_operator.crd_models import (
     AutoscalingMode,
     AutoscalingSpec,
     Condition,
+    EngineKind,
     LlmPoolSpec,
     LlmPoolStatus,
     ModelDeploymentSpec,
     ModelDeploymentStatus,
+    ModelSourceSpec,
     ResourceRequirements,
 )
 
@@ -382,6 +384,85 @@ def agent_resources(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
     return base.to_kube(extra)
 
 
+LLAMA_SERVER_CONTAINER = "llama-server"
+AGENT_BESIDE_SERVER_RESOURCES = ResourceRequirements(
+    requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"}
+)
+"""The agent container of an ``engine: llamaServer`` pod: it only forwards HTTP."""
+_POOLING_FLAGS = {
+    PoolingType.NONE: "none",
+    PoolingType.MEAN: "mean",
+    PoolingType.CLS: "cls",
+    PoolingType.LAST: "last",
+    PoolingType.RANK: "rank",
+}
+
+
+def llama_server_model_args(model: ModelSourceSpec) -> list[str]:
+    """The model flags of llama-server for a model source (downloads go to LLAMA_CACHE)."""
+    if model.local_path is not None:
+        return ["--model", model.local_path]
+    if model.hugging_face is not None:
+        return ["--hf-repo", model.hugging_face.repo_id, "--hf-file", model.hugging_face.filename]
+    assert model.url is not None
+    return ["--model-url", model.url]
+
+
+def llama_server_args(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> list[str]:
+    """llama-server's flags: loopback only, one slot per agent slot, the model and the
+    engine parameters of the inference parameters, then the spec's own ``args``."""
+    params = md.inference_parameters
+    args = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(md.llama_server.port),
+        "--parallel",
+        str(slots_per_agent(md, pool)),
+        *llama_server_model_args(md.model),
+        "--ctx-size",
+        str(params.context_size),
+        "--batch-size",
+        str(params.n_batch),
+        "--n-gpu-layers",
+        str(params.n_gpu_layers),
+    ]
+    if params.enable_embeddings:
+        args.append("--embeddings")
+        if params.pooling_type in _POOLING_FLAGS:
+            args += ["--pooling", _POOLING_FLAGS[params.pooling_type]]
+    return [*args, *md.llama_server.args]
+
+
+def llama_server_container(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+    server = md.llama_server
+    base: ResourceRequirements = server.resources or md.resources or pool.agent.resources
+    gpus = server.gpus if server.gpus is not None else pool.agent.gpus
+    extra: dict[str, int | str] | None = {pool.agent.gpu_resource_name: gpus} if gpus else None
+    cache = pool.agent.model_cache
+    return {
+        "name": LLAMA_SERVER_CONTAINER,
+        "image": server.image,
+        "imagePullPolicy": server.image_pull_policy.value,
+        "args": llama_server_args(md, pool),
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "LLAMA_CACHE", "value": f"{cache.mount_path}/llama-server"},
+        ],
+        "resources": base.to_kube(extra),
+        "securityContext": _container_security(),
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": server.port, "host": "127.0.0.1"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "volumeMounts": [
+            {"name": MODEL_CACHE_VOLUME, "mountPath": cache.mount_path},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
 def plan_model_deployment(
     owner: Owner,
     md: ModelDeploymentSpec,
@@ -418,12 +499,26 @@ def plan_model_deployment(
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    containers = [container]
+    if md.engine == EngineKind.LLAMA_SERVER:
+        # The agent forwards to llama-server on the pod's loopback; it needs no llama.cpp,
+        # so it runs from the (small) balancer image, which has the same `paddler` command.
+        container["image"] = pool.balancer.image
+        container["imagePullPolicy"] = pool.balancer.image_pull_policy.value
+        container["args"] += [
+            "--engine",
+            "llama-server",
+            "--llama-server-url",
+            f"http://127.0.0.1:{md.llama_server.port}",
+        ]
+        container["resources"] = AGENT_BESIDE_SERVER_RESOURCES.to_kube()
+        containers.append(llama_server_container(md, pool))
     pod_spec: Obj = {
         "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
         # An agent finishes its in-flight requests before it exits.
         "terminationGracePeriodSeconds": 60,
-        "containers": [container],
+        "containers": containers,
         "volumes": [cache.volume(), {"name": "tmp", "emptyDir": {}}],
     }
     if pool.agent.node_selector:

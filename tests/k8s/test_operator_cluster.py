@@ -521,3 +521,45 @@ def test_agents_parked_while_the_pool_is_gone(operators: Operators, k8s_namespac
     cluster.apply(POOL, namespace=ns)
     wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 1)
     wait_condition(cluster, ns, "md/m", "Ready", ("False", "BalancerUnreachable"))
+
+
+LLAMA_SERVER_MODEL = """
+apiVersion: paddler.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: m}
+spec:
+  poolRef: {name: p}
+  model: {localPath: /models/smollm2.gguf}
+  engine: llamaServer
+  slotsPerAgent: 2
+  llamaServer:
+    image: registry.local/llama-server:cuda
+    args: ["--flash-attn", "on"]
+    gpus: 1
+"""
+
+
+def test_llama_server_engine_runs_the_server_beside_the_agent_in_one_pod(
+    operators: Operators, k8s_namespace: str
+) -> None:
+    cluster, ns = operators.cluster, k8s_namespace
+    operators.start(ns)
+    cluster.apply(POOL + "---" + LLAMA_SERVER_MODEL, namespace=ns)
+    deployment = wait_object(cluster, ns, "deployment/m-agent")
+    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    assert list(containers) == ["agent", "llama-server"]
+    agent, server = containers["agent"], containers["llama-server"]
+    assert (flag(agent["args"], "--engine"), flag(agent["args"], "--llama-server-url")) == (
+        "llama-server", "http://127.0.0.1:8080",
+    )  # fmt: skip
+    assert server["image"] == "registry.local/llama-server:cuda"
+    assert (flag(server["args"], "--parallel"), flag(server["args"], "--model")) == ("2", "/models/smollm2.gguf")
+    assert server["args"][-2:] == ["--flash-attn", "on"]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the API server's quantity form
+    assert "nvidia.com/gpu" not in agent["resources"].get("limits", {})
+    # The Deployment controller made pods with both containers: the objects are real.
+    pods = wait_object(
+        cluster, ns, "pods", lambda o: any(p["metadata"]["name"].startswith("m-agent") for p in o["items"])
+    )
+    pod = next(p for p in pods["items"] if p["metadata"]["name"].startswith("m-agent"))
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["agent", "llama-server"]
