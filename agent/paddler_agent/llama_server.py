@@ -107,6 +107,7 @@ ISSUE_MODEL = "ModelNotApplicableToLlamaServer"
 _SERVER_ISSUES = {ISSUE_UNREACHABLE, ISSUE_NOT_READY}
 
 Payload = dict[str, Any] | str
+FINAL_FIELDS = ("content", "stop", "stop_type", "tokens_predicted", "tokens_evaluated", "tokens_cached")
 
 
 class LlamaServerError(Exception):
@@ -262,6 +263,8 @@ def prepare_completion(
         "n_predict": params.max_tokens,
         "stream": True,
         "cache_prompt": True,
+        # The last chunk otherwise echoes the prompt and every setting.
+        "response_fields": list(FINAL_FIELDS),
         **sampling_fields(sampling),
         **grammar_fields(params),
     }
@@ -444,21 +447,35 @@ def embedding_vectors(body: Any, count: int) -> list[list[float]]:
     return vectors
 
 
+def sse_data(line: bytes) -> dict[str, Any] | None:
+    """The JSON object of one SSE ``data:`` line; None for other lines and ``[DONE]``."""
+    text = line.decode("utf-8", errors="replace").strip()
+    if not text.startswith("data:"):
+        return None  # blank separators, ":" pings
+    data = text[5:].strip()
+    if data == "[DONE]":
+        return None
+    try:
+        decoded = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise LlamaServerError("SamplerError", f"llama-server sent a line that is not JSON: {data[:200]}") from e
+    return decoded if isinstance(decoded, dict) else None
+
+
 async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
-    """JSON objects of an SSE stream's ``data:`` lines (``[DONE]`` ends it)."""
-    async for raw in content:
-        line = raw.decode("utf-8", errors="replace").strip()
-        if not line.startswith("data:"):
-            continue  # blank separators, ":" pings
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            decoded = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise LlamaServerError("SamplerError", f"llama-server sent a line that is not JSON: {data[:200]}") from e
-        if isinstance(decoded, dict):
-            yield decoded
+    """JSON objects of an SSE stream's ``data:`` lines, whatever their length (aiohttp's
+    own line reader refuses lines over 64 KiB)."""
+    pending = b""
+    async for block in content.iter_any():
+        pending += block
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            event = sse_data(line)
+            if event is not None:
+                yield event
+    event = sse_data(pending)
+    if event is not None:
+        yield event
 
 
 # ---- the engine --------------------------------------------------------------------------------
@@ -542,11 +559,15 @@ class LlamaServerEngine(Engine):
             async with self._session.post(f"{self.url}/completion", json=prepared.body) as response:
                 if response.status != 200:
                     raise error_of_response(response.status, await response.text())
-                async for chunk in sse_events(response.content):
-                    for payload in translator.feed(chunk):
-                        self._emit(rid, payload, False)
-                    if translator.final is not None:
-                        break
+                try:
+                    async for chunk in sse_events(response.content):
+                        for payload in translator.feed(chunk):
+                            self._emit(rid, payload, False)
+                        if translator.final is not None:
+                            break
+                except asyncio.CancelledError:
+                    response.close()  # drop the connection: llama-server stops and frees the slot
+                    raise
             if translator.final is None:
                 raise LlamaServerError("SamplerError", "llama-server ended the stream before the last token")
             *body, last = translator.finish()

@@ -257,3 +257,34 @@ def test_embeddings_are_read_in_document_order_and_pooling_none_is_refused() -> 
         embedding_vectors([{"index": 0, "embedding": [[1.0], [2.0]]}], 1)
     with pytest.raises(LlamaServerError, match="2 documents"):
         embedding_vectors([{"index": 0, "embedding": [1.0]}], 2)
+
+
+async def test_sse_events_reads_lines_longer_than_aiohttps_line_limit() -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from paddler_agent.llama_server import sse_events
+
+    long_text = "x" * 200_000
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        line = b"data: " + json.dumps({"content": long_text}).encode() + b"\n\n: ping\n\ndata: [DONE]\n\n"
+        for start in range(0, len(line), 7000):  # arrives in pieces
+            await response.write(line[start : start + 7000])
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as response:
+            events = [event async for event in sse_events(response.content)]
+    finally:
+        await runner.cleanup()
+    assert events == [{"content": long_text}]
