@@ -199,9 +199,11 @@ def model_matches(source: ModelSource, server_model_path: str) -> bool:
 # ---- request translation (pure) ----------------------------------------------------------------
 
 
-def sampling_fields(params: InferenceParameters) -> dict[str, Any]:
-    """Per-request sampling fields of ``/completion`` for the group's parameters."""
-    return {
+def sampling_fields(params: InferenceParameters, n_ctx: int = 0) -> dict[str, Any]:
+    """Per-request sampling fields of ``/completion`` for the group's parameters.
+    ``penalty_last_n = -1`` (the whole context) becomes the slot's context size
+    ``n_ctx``: llama-server refuses -1; without ``n_ctx`` the server's default stays."""
+    fields: dict[str, Any] = {
         "temperature": params.temperature,
         "top_k": params.top_k,
         "top_p": params.top_p,
@@ -209,8 +211,12 @@ def sampling_fields(params: InferenceParameters) -> dict[str, Any]:
         "repeat_penalty": params.penalty_repeat,
         "presence_penalty": params.penalty_presence,
         "frequency_penalty": params.penalty_frequency,
-        "repeat_last_n": params.penalty_last_n,
     }
+    if params.penalty_last_n >= 0:
+        fields["repeat_last_n"] = params.penalty_last_n
+    elif n_ctx > 0:
+        fields["repeat_last_n"] = n_ctx
+    return fields
 
 
 def grammar_fields(params: GenerationParams) -> dict[str, Any]:
@@ -265,7 +271,7 @@ def prepare_completion(
         "cache_prompt": True,
         # The last chunk otherwise echoes the prompt and every setting.
         "response_fields": list(FINAL_FIELDS),
-        **sampling_fields(sampling),
+        **sampling_fields(sampling, props.n_ctx),
         **grammar_fields(params),
     }
     if overrides is not None and overrides.seed is not None:
@@ -694,7 +700,7 @@ class LlamaServerEngine(Engine):
     async def _read_slots(self) -> None:
         async with self._session.get(f"{self.url}/slots", timeout=_probe_timeout()) as response:
             if response.status == 501 and self.props is not None:
-                log.info("llama-server has no /slots endpoint; busy slots are the agent's own requests")
+                log.info("llama-server has no /slots endpoint (HTTP 501); busy slots are the agent's own requests")
                 self.props = _without_slots_endpoint(self.props)
                 busy = 0
             elif response.status != 200:
@@ -715,6 +721,8 @@ class LlamaServerEngine(Engine):
         board.slots_total = slots
         board.desired_slots_total = slots
         board.model_path = props.model_path
+        if not props.slots_endpoint:
+            log.info("llama-server has no /slots endpoint (--no-slots); busy slots are the agent's own requests")
         if previous is None or previous.model_path != props.model_path:
             log.info("llama-server ready url=%s model=%s slots=%d", self.url, props.model_path, slots)
         else:

@@ -18,6 +18,7 @@ from paddler_agent.llama_server import (
     error_of_response,
     model_matches,
     prepare_completion,
+    sampling_fields,
 )
 from paddler_core.desired_state import InferenceParameters, ModelSource, SamplingOverrides
 from paddler_core.protocol import GenerateMessage
@@ -96,6 +97,16 @@ def test_raw_prompt_becomes_a_streaming_completion_with_group_and_request_sampli
     assert body["prompt"] == "Hi" and body["n_predict"] == 7 and body["stream"] is True
     assert (body["temperature"], body["top_k"], body["seed"], body["stop"]) == (0.0, 11, 5, ["\n"])
     assert prepared.tools is None
+
+
+@pytest.mark.parametrize(
+    ("last_n", "n_ctx", "expected"), [(64, 2048, 64), (0, 2048, 0), (-1, 2048, 2048), (-1, 0, None)]
+)
+def test_penalty_window_of_the_whole_context_becomes_the_slots_context_size(
+    last_n: int, n_ctx: int, expected: int | None
+) -> None:
+    fields = sampling_fields(InferenceParameters(penalty_last_n=last_n), n_ctx)
+    assert fields.get("repeat_last_n") == expected
 
 
 def test_conversation_is_rendered_with_the_servers_template_without_a_leading_bos() -> None:
