@@ -133,7 +133,7 @@ async def run_side(side: str, url: str, n: int, tokens: int, tag: str) -> dict[s
 
 
 async def measure(n: int, rounds: int, tokens: int, servers: LlamaServers, processes: Processes) -> dict[str, Any]:
-    server = servers.start("--parallel", str(n), "--ctx-size", str(CONTEXT_PER_SLOT * n), "--threads-batch", "2")
+    server = servers.start("--parallel", str(n), "--ctx-size", str(CONTEXT_PER_SLOT * n))
     balancer = processes.balancer("--buffered-request-timeout", "600s", "--inference-item-timeout", "600s")
     processes.spawn(
         f"agent-{n}",
