@@ -1158,8 +1158,10 @@ class DecodeWorker:
         self._step_log: list[tuple[Sequence_, list[int], bool]] = []
         """What this step's batch added per sequence (tokens, from next_token), to undo
         it when llama.cpp finds no room for the batch."""
+        self._empty_steps = 0
         self._stalled = False
-        """The last step could do nothing: sleep until a command arrives."""
+        """Two steps in a row could do nothing: sleep until a command arrives (a guard
+        against spinning; admission always has room once nothing runs)."""
         self._embeds: deque[EmbedJob | EmbedMessage] = deque()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake = threading.Condition()
@@ -1231,6 +1233,7 @@ class DecodeWorker:
             self._inbox.clear()
         if inbox:
             self._stalled = False
+            self._empty_steps = 0
         for kind, item in inbox:
             self._handle_command(kind, item)
         return True
@@ -1270,10 +1273,14 @@ class DecodeWorker:
         self._make_room()
         entries = self._fill_batch()
         if not entries:
-            if not embedded and self._has_work():
+            # The first empty step may have freed room (a sequence ended) for the next
+            # one to admit a request; a second one in a row can change nothing.
+            self._empty_steps = 0 if embedded else self._empty_steps + 1
+            if self._empty_steps >= 2 and self._has_work():
                 logger.warning("decode loop stalled: nothing can run until a command arrives")
                 self._stalled = True
             return
+        self._empty_steps = 0
         self.steps += 1
         rc = self.gen.batch.decode(self.gen.handle)
         if rc != 0:
