@@ -10,7 +10,7 @@ for each variant, alternately:
 * ``after``: the agent of this checkout;
 
 it starts a real ``paddler balancer`` and one real ``paddler agent --engine llama
---slots S`` (PADDLER_THREADS=2), puts Paddler's default desired state (context_size
+--slots S`` (PADDLER_THREADS=``--threads``, default 2), puts Paddler's default desired state (context_size
 8192, n_batch 2048, Q8_0 KV cache, default sampling) with the SmolLM2 GGUF
 (scripts/fetch-model.sh), warms up with one request, then sends N concurrent
 streams of ``--tokens`` tokens through the native NDJSON API and measures:
@@ -107,8 +107,8 @@ class Proc:
                 self.popen.wait()
 
 
-def spawn(args: list[str], pythonpath: str | None) -> Proc:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PADDLER_THREADS": "2"}
+def spawn(args: list[str], pythonpath: str | None, threads: int) -> Proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PADDLER_THREADS": str(threads)}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     popen = subprocess.Popen(
@@ -146,7 +146,9 @@ async def _stream(session: Any, url: str, prompt: str, tokens: int) -> tuple[flo
             if not raw_line.strip():
                 continue
             line = json.loads(raw_line)
-            token = line.get("response", {}).get("GeneratedToken", {})
+            if "Error" in line:
+                raise RuntimeError(f"stream failed: {line}")
+            token = line["Response"]["response"].get("GeneratedToken", {})
             if first is None and isinstance(token, dict) and "ContentToken" in token:
                 first = time.perf_counter() - started
             if isinstance(token, dict) and "Done" in token:
@@ -186,9 +188,23 @@ async def _drive(urls: dict[str, str], model: str, slots: int, streams: int, tok
 
 
 def measure(
-    variant: str, pythonpath: str | None, model: str, streams: int, slots: int, tokens: int, tag: str
+    variant: str, pythonpath: str | None, model: str, streams: int, slots: int, tokens: int, tag: str, threads: int
 ) -> dict[str, Any]:
-    balancer = spawn(["balancer", "--inference-addr", "127.0.0.1:0", "--management-addr", "127.0.0.1:0"], None)
+    balancer = spawn(
+        [
+            "balancer",
+            "--inference-addr",
+            "127.0.0.1:0",
+            "--management-addr",
+            "127.0.0.1:0",
+            "--buffered-request-timeout",
+            "600s",
+            "--inference-item-timeout",
+            "600s",
+        ],
+        None,
+        threads,
+    )
     agent: Proc | None = None
     try:
         urls = balancer.urls()
@@ -206,6 +222,7 @@ def measure(
                 "llama",
             ],
             pythonpath,
+            threads,
         )
         result = asyncio.run(_drive(urls, model, slots, streams, tokens, tag))
         result["peak_rss_mib"] = agent.peak_rss_kib() / 1024
@@ -256,6 +273,7 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE_REF, help="git ref of the 'before' agent")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=200, help="max tokens per stream")
+    parser.add_argument("--threads", type=int, default=2, help="PADDLER_THREADS of the agent")
     args = parser.parse_args()
     model = fetch_model()
     rows: list[dict[str, Any]] = []
@@ -268,7 +286,7 @@ def main() -> None:
                 order = variants if round_no % 2 == 0 else variants[::-1]
                 for variant, pythonpath in order:
                     tag = f"r{round_no}-{variant}-{streams}"
-                    result = measure(variant, pythonpath, model, streams, slots, args.tokens, tag)
+                    result = measure(variant, pythonpath, model, streams, slots, args.tokens, tag, args.threads)
                     row = {"round": round_no, "variant": variant, "streams": streams, "slots": slots, **result}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -278,6 +296,7 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
         "before": args.before,
         "tokens": args.tokens,
+        "threads": args.threads,
         "rows": rows,
     }
     results = REPO / "bench" / "results"

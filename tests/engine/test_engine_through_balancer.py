@@ -305,7 +305,7 @@ async def test_status_and_metrics_report_the_agents_kv_cache_use(
 
     await wait_until(reported, timeout=10, interval=0.1, what="status carries KV cache use")
     metrics = await management.get_metrics()
-    labels = r'\{model_group="default",agent_id="[^"]+",agent_name="llama"\}'
+    labels = r'\{agent_id="[^"]+",agent_name="llama",model_group="default"\}'
     assert re.search(r"paddler_agent_kv_cache_tokens_total" + labels + r" 2048\.0", metrics), metrics
     used = re.search(r"paddler_agent_kv_cache_tokens_used" + labels + r" (\d+)\.0", metrics)
     assert used is not None and 0 < int(used.group(1)) <= 2048, metrics
