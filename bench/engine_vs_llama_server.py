@@ -5,8 +5,9 @@ llama-server (scripts/install-llama-server.sh) and the model (scripts/fetch-mode
 then for each concurrency N (1, 4, 8) and each round, alternately:
 
 * starts llama-server with ``-np N`` and our engine (LlamaEngine in a child process,
-  so its memory is its own) with ``slots=N``, both with ``-t THREADS``, a 2048-token
-  context per slot, Q8_0 KV cache with flash attention (Paddler's default);
+  so its memory is its own) with ``slots=N``, both with ``-t THREADS``, a KV cache of
+  2048 cells per slot (``-c`` / ``context_size`` = 2048 x N, shared by the slots),
+  Q8_0 KV cache with flash attention (Paddler's default);
 * generation: N concurrent greedy streams of ``--tokens`` tokens, distinct prompts;
   aggregate tokens/s = all generated tokens / wall time from first send to last token;
 * at N = 1 also: time to first token of a short prompt, and prompt tokens/s of a
@@ -148,8 +149,9 @@ async def _engine_run(w: Workload) -> dict[str, Any]:
 
     host = _Host()
     engine = LlamaEngine(host, StatusBoard(), w.slots, n_threads=w.threads)
+    # context_size is the agent's whole KV cache, like llama-server's -c.
     params = InferenceParameters(
-        context_size=CONTEXT_PER_SLOT, temperature=0.0, penalty_repeat=1.0, penalty_presence=0.0
+        context_size=CONTEXT_PER_SLOT * w.slots, temperature=0.0, penalty_repeat=1.0, penalty_presence=0.0
     )
     await engine.apply_desired_state(
         BalancerDesiredState(model=ModelSource.local(w.model), inference_parameters=params)

@@ -55,6 +55,8 @@ class StatusBoard:
     prefix_hashes: list[str] = field(default_factory=list)
     applied_state_revision: str | None = None
     """Set by the runtime when applying a desired state has finished."""
+    kv_cache_tokens_used: int = 0
+    kv_cache_tokens_total: int = 0
 
     def snapshot(self, version: int) -> AgentStatus:
         # asdict copies the lists, so the snapshot does not change with the board.

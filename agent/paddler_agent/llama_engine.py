@@ -5,17 +5,28 @@ This is the only module of the project that imports ``llama_cpp``.
 Design
 ------
 * **Continuous batching.** One generation context with ``n_seq_max = slots``; the KV
-  cache of slot *i* is sequence id *i* (non-unified KV, so every slot owns
-  ``context_size`` cells). A decode thread runs steps; each step is one
+  cache of slot *i* is sequence id *i*. A decode thread runs steps; each step is one
   ``llama_decode`` of a batch that holds one token per generating sequence plus
   prompt chunks of new sequences, bounded by ``n_batch``. ``llama_decode`` releases
   the GIL, so the event loop stays responsive; the payloads of one step reach the
   loop in one ``loop.call_soon_threadsafe``.
+* **One KV cache shared by the slots** (Paddler's and llama-server's semantics):
+  ``context_size`` is the whole agent's cache (llama.cpp's unified KV), so one long
+  conversation may use far more than ``context_size / slots`` while others are short.
+  :class:`KvLedger` mirrors which cells each slot holds. A request starts when a slot
+  is free and the cache has room for its prompt beside what the running sequences
+  still need; otherwise it waits, oldest first. When generation fills the cache, idle
+  slots' cached prefixes are evicted (least recently used first), then the youngest
+  running sequence is preempted: its cells are freed and it resumes later by
+  re-evaluating its prompt and generated tokens, with its sampler and output state
+  intact. A prompt longer than the whole cache is refused on arrival; a sequence alone
+  in a full cache ends with "context full" (a length stop).
 * **Sampling** per sequence with llama.cpp's sampler chain (grammar, penalties,
   top-k, top-p, min-p, temperature, dist; greedy when temperature is 0).
 * **Prefix reuse.** A slot keeps its KV cache after a request. A new request goes to
-  the free slot whose cached tokens share the longest prefix with its prompt; only
-  the rest is evaluated (``cached_prompt_tokens``). The board's ``prefix_hashes`` lists
+  the free slot whose cached tokens share the longest prefix with its prompt; a longer
+  prefix held by another slot (busy or not) is shared with it (the cells get both
+  sequence ids); only the rest is evaluated (``cached_prompt_tokens``). The board's ``prefix_hashes`` lists
   the prefix keys (:func:`paddler_core.prefix.request_prefix_keys`) of the requests
   whose KV cache the slots hold, so the balancer can route repeats here.
 * **Output classes.** Conversation requests go through the chat template module and
@@ -36,6 +47,7 @@ import asyncio
 import codecs
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import re
@@ -55,6 +67,7 @@ from pydantic import ValidationError
 
 from paddler_agent.chat_template import ChatTemplateError, TemplateRenderer, compile_chat_template, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
+from paddler_agent.kv_cache import KvLedger
 from paddler_agent.model_source import DownloadProgress, ModelAccess, ModelSourceError, resolve_model
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
 from paddler_core.desired_state import (
@@ -89,9 +102,10 @@ from paddler_core.protocol import (
 logger = logging.getLogger(__name__)
 
 MAX_PREFIX_HASHES = 4096
-COPY_MIN_TOKENS = 16
-"""Copy another slot's KV cache when it holds at least this many more prompt tokens
-(a whole-stream copy costs about as much as evaluating a few tokens)."""
+COPY_MIN_TOKENS = 1
+"""Share another slot's cached prefix when it holds at least this many more prompt
+tokens than the chosen slot (sharing cells of the unified cache costs no memory and
+no compute)."""
 MAX_SLOTS = 64
 """llama.cpp's LLAMA_MAX_SEQ."""
 WARMUP_TOKENS = 4
@@ -454,17 +468,19 @@ def _context_params(config: LoadConfig, *, embeddings: bool) -> Any:
         params.embeddings = True
         params.pooling_type = _POOLING[config.pooling_type]
     else:
-        params.n_ctx = config.context_size * config.slots
+        # Paddler's semantics (and llama-server's -c with --parallel): context_size is the
+        # whole KV cache of the agent, one unified cache shared by all slots.
+        params.n_ctx = config.context_size
         params.n_batch = config.n_batch
         params.n_ubatch = min(config.n_batch, 512)
         params.n_seq_max = config.slots
-        params.kv_unified = False
+        params.kv_unified = True
         params.embeddings = False
     return params
 
 
 class GenContext:
-    """The generation context: one KV sequence per slot."""
+    """The generation context: one unified KV cache, one sequence id per slot."""
 
     def __init__(self, model: NativeModel, config: LoadConfig) -> None:
         params = _context_params(config, embeddings=False)
@@ -474,7 +490,9 @@ class GenContext:
             raise ModelLoadError(
                 "llama.cpp cannot create the generation context: " + ("; ".join(errors) or "unknown error")
             )
-        self.n_ctx_seq = int(llama_cpp.llama_n_ctx(self.handle)) // config.slots
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx(self.handle))
+        """Cells of the whole KV cache (context_size, padded by llama.cpp): one sequence
+        may use all of them."""
         self.n_batch = int(llama_cpp.llama_n_batch(self.handle))
         self.memory = llama_cpp.llama_get_memory(self.handle)
         self.batch = _Batch(self.n_batch + config.slots)
@@ -483,10 +501,11 @@ class GenContext:
         """Drop positions ``>= keep`` of sequence ``seq``."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
 
-    def seq_copy(self, src: int, dst: int) -> None:
-        """Make ``dst`` hold what ``src`` holds (each slot is its own KV stream, so this
-        copies the stream's buffers; llama.cpp does it at the start of the next decode)."""
-        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+    def seq_copy(self, src: int, dst: int, n: int) -> None:
+        """Make ``dst`` hold positions ``[0, n)`` of ``src``. In the unified cache this
+        tags ``src``'s cells with ``dst`` too: the cells are shared, not duplicated."""
+        llama_cpp.llama_memory_seq_rm(self.memory, dst, 0, -1)
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, n)
 
     def free(self) -> None:
         self.batch.free()
@@ -981,6 +1000,8 @@ class Job:
     """Set for conversation requests: their output is classified (tools may be empty)."""
     starts_in_reasoning: bool = False
     parse_tool_calls: bool = True
+    order: int = 0
+    """Arrival order: older requests go first and are preempted last."""
 
 
 @dataclass
@@ -1002,6 +1023,9 @@ class Sequence_:
     uncounted: int = 0
     """Generated tokens whose kind is not known yet (they emitted nothing so far)."""
     started: float = field(default_factory=time.monotonic)
+    parked: bool = False
+    """Preempted because the KV cache was full: its cells were freed and ``pending``
+    holds everything to re-evaluate (prompt, generated tokens) when it resumes."""
 
 
 @dataclass
@@ -1043,6 +1067,7 @@ class StatusDelta:
     prefix_hashes: list[str] | None = None
     loop_stopped: str | None = None
     """The decode loop died with this error: the engine reports it as an issue."""
+    kv_cache_tokens_used: int | None = None
 
 
 Deliver = Callable[[list[Emit], StatusDelta | None], None]
@@ -1127,7 +1152,16 @@ class DecodeWorker:
         self._loop = loop
         self._deliver = deliver
         self._slots = [Slot(i) for i in range(runtime.config.slots)]
-        self._waiting: deque[GenerateMessage] = deque()
+        self._ledger = KvLedger(self.gen.n_ctx_seq, runtime.config.slots)
+        self._waiting: deque[Job] = deque()
+        self._arrivals = itertools.count()
+        self._step_log: list[tuple[Sequence_, list[int], bool]] = []
+        """What this step's batch added per sequence (tokens, from next_token), to undo
+        it when llama.cpp finds no room for the batch."""
+        self._empty_steps = 0
+        self._stalled = False
+        """Two steps in a row could do nothing: sleep until a command arrives (a guard
+        against spinning; admission always has room once nothing runs)."""
         self._embeds: deque[EmbedJob | EmbedMessage] = deque()
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake = threading.Condition()
@@ -1136,6 +1170,7 @@ class DecodeWorker:
         self._busy_reported = 0
         self._hashes_reported: list[str] = []
         self._rendered: dict[str, str] = {}
+        self._kv_reported = 0
         self.steps = 0
 
     # -- called from the event loop -----------------------------------------------------------
@@ -1164,7 +1199,10 @@ class DecodeWorker:
 
     def run(self) -> None:
         logger.info(
-            "decode loop start slots=%d n_ctx_seq=%d n_batch=%d", len(self._slots), self.gen.n_ctx_seq, self.gen.n_batch
+            "decode loop start slots=%d kv_cache_tokens=%d n_batch=%d",
+            len(self._slots),
+            self.gen.n_ctx_seq,
+            self.gen.n_batch,
         )
         try:
             while self._wait_for_work():
@@ -1193,16 +1231,21 @@ class DecodeWorker:
                 return False
             inbox = list(self._inbox)
             self._inbox.clear()
+        if inbox:
+            self._stalled = False
+            self._empty_steps = 0
         for kind, item in inbox:
             self._handle_command(kind, item)
         return True
 
     def _has_work(self) -> bool:
+        if self._stalled:
+            return False
         return bool(self._embeds) or bool(self._waiting) or any(s.seq is not None for s in self._slots)
 
     def _handle_command(self, kind: str, item: Any) -> None:
         if kind == "generate":
-            self._waiting.append(item)
+            self._queue(item)
         elif kind == "rendered":
             request_id, text = item
             self._rendered[request_id] = text
@@ -1224,11 +1267,20 @@ class DecodeWorker:
 
     def _step(self) -> None:
         self._admit_waiting()
-        if self._embeds:
+        embedded = bool(self._embeds)
+        if embedded:
             self._embed_one_batch()
+        self._make_room()
         entries = self._fill_batch()
         if not entries:
+            # The first empty step may have freed room (a sequence ended) for the next
+            # one to admit a request; a second one in a row can change nothing.
+            self._empty_steps = 0 if embedded else self._empty_steps + 1
+            if self._empty_steps >= 2 and self._has_work():
+                logger.warning("decode loop stalled: nothing can run until a command arrives")
+                self._stalled = True
             return
+        self._empty_steps = 0
         self.steps += 1
         rc = self.gen.batch.decode(self.gen.handle)
         if rc != 0:
@@ -1258,7 +1310,11 @@ class DecodeWorker:
         if hashes != self._hashes_reported:
             self._hashes_reported = hashes
             delta.prefix_hashes = hashes
-        if delta.slots_processing is None and delta.prefix_hashes is None:
+        used = self._ledger.used
+        if used != self._kv_reported:
+            self._kv_reported = used
+            delta.kv_cache_tokens_used = used
+        if delta.slots_processing is None and delta.prefix_hashes is None and delta.kv_cache_tokens_used is None:
             return None
         return delta
 
@@ -1268,25 +1324,56 @@ class DecodeWorker:
 
     # -- admission ----------------------------------------------------------------------------
 
+    def _queue(self, message: GenerateMessage) -> None:
+        """Prepare a request when it arrives, so one that can never run (a prompt longer
+        than the whole KV cache, a broken template) is answered before it waits."""
+        try:
+            job = self._prepare(message)
+        except RequestError as e:
+            self._reject_request(message.request_id, e)
+            return
+        except Exception as e:  # one request's failure must not stop the loop
+            logger.exception("request failed to start request_id=%s", message.request_id)
+            text = f"the request failed to start: {type(e).__name__}: {e}"
+            self._emit(message.request_id, generated_error_payload("SamplerError", text), True)
+            return
+        job.order = next(self._arrivals)
+        self._waiting.append(job)
+
+    def _reject_request(self, request_id: str, error: RequestError) -> None:
+        logger.info("request rejected request_id=%s kind=%s message=%s", request_id, error.kind, error.message)
+        self._emit(request_id, generated_error_payload(error.kind, error.message), True)
+
     def _admit_waiting(self) -> None:
+        """Resume preempted sequences, then start waiting requests, oldest first, while
+        a slot is free and the KV cache has room for the prompt; the first one that does
+        not fit waits (and so do the ones behind it)."""
+        for seq in sorted(self._parked(), key=lambda q: q.job.order):
+            if not self._resume(seq):
+                return
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
             if not free:
                 return
-            message = self._waiting.popleft()
+            job = self._waiting[0]
             try:
-                job = self._prepare(message)
-                self._start(job, free)
+                started = self._start(job, free)
             except RequestError as e:
-                logger.info("request rejected request_id=%s kind=%s message=%s", message.request_id, e.kind, e.message)
-                self._emit(message.request_id, generated_error_payload(e.kind, e.message), True)
+                self._waiting.popleft()
+                self._reject_request(job.request_id, e)
+                continue
             except Exception as e:  # one request's failure must not stop the loop
-                logger.exception("request failed to start request_id=%s", message.request_id)
+                self._waiting.popleft()
+                logger.exception("request failed to start request_id=%s", job.request_id)
                 for slot in self._slots:
-                    if slot.seq is not None and slot.seq.job.request_id == message.request_id:
+                    if slot.seq is not None and slot.seq.job.request_id == job.request_id:
                         self._release(slot)
                 text = f"the request failed to start: {type(e).__name__}: {e}"
-                self._emit(message.request_id, generated_error_payload("SamplerError", text), True)
+                self._emit(job.request_id, generated_error_payload("SamplerError", text), True)
+                continue
+            if not started:
+                return
+            self._waiting.popleft()
 
     def _prepare(self, message: GenerateMessage) -> Job:
         try:
@@ -1347,12 +1434,18 @@ class DecodeWorker:
         if len(tokens) >= self.gen.n_ctx_seq:
             raise RequestError(
                 "SamplerError",
-                f"context full: the prompt has {len(tokens)} tokens and a slot's context holds {self.gen.n_ctx_seq}",
+                f"context full: the prompt has {len(tokens)} tokens and the agent's KV cache "
+                f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
             )
         return tokens
 
-    def _start(self, job: Job, free: list[Slot]) -> None:
+    def _start(self, job: Job, free: list[Slot]) -> bool:
+        """Start ``job`` in one of the ``free`` slots; False when the KV cache has no room
+        for its prompt yet (nothing changed then, but idle slots' caches may be gone)."""
         slot, shared = self._pick_slot(job.prompt, free)
+        donor, reuse = self._prefix_plan(job.prompt, slot, shared)
+        if not self._room_for(job.prompt, slot, donor, reuse):
+            return False
         sampler: Sampler | FastSampler
         if FastSampler.suits(job.params) and job.grammar is not None:
             sampler = GrammarSampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
@@ -1361,7 +1454,7 @@ class DecodeWorker:
         else:
             sampler = Sampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
         sampler.accept_prompt(job.prompt)
-        reuse = self._reuse_prefix(job.prompt, slot, shared)
+        self._apply_prefix(slot, donor, reuse)
         classifier = None
         if job.tools is not None:
             classifier = OutputClassifier(tools=bool(job.tools), start_in_reasoning=job.starts_in_reasoning)
@@ -1384,11 +1477,13 @@ class DecodeWorker:
             len(job.prompt),
             reuse,
         )
+        return True
 
-    def _reuse_prefix(self, prompt: Sequence[int], slot: Slot, shared: int) -> int:
-        """Keep the longest cached prefix of ``prompt`` in ``slot``: its own, or another
-        slot's (busy or not) copied over when that is longer by COPY_MIN_TOKENS; returns
-        how many prompt tokens need no evaluation (at least one is always evaluated)."""
+    def _prefix_plan(self, prompt: Sequence[int], slot: Slot, shared: int) -> tuple[Slot | None, int]:
+        """(donor, reuse): keep the longest cached prefix of ``prompt`` for ``slot``: its
+        own (``shared`` tokens), or another slot's (busy or not) when that is longer by
+        COPY_MIN_TOKENS; ``reuse`` prompt tokens need no evaluation (at least one is
+        always evaluated)."""
         donor = max(
             (s for s in self._slots if s is not slot),
             key=lambda s: common_prefix_length(s.tokens, prompt),
@@ -1397,14 +1492,126 @@ class DecodeWorker:
         if donor is not None:
             donor_shared = min(common_prefix_length(donor.tokens, prompt), len(prompt) - 1)
             if donor_shared >= shared + COPY_MIN_TOKENS:
-                self.gen.seq_copy(donor.index, slot.index)
-                slot.tokens = list(donor.tokens)
-                shared = donor_shared
-                logger.debug("prefix copied src_slot=%d dst_slot=%d tokens=%d", donor.index, slot.index, shared)
-        reuse = min(shared, len(prompt) - 1)
-        self.gen.seq_truncate(slot.index, reuse)
-        del slot.tokens[reuse:]
-        return reuse
+                return donor, donor_shared
+        return None, min(shared, len(prompt) - 1)
+
+    def _apply_prefix(self, slot: Slot, donor: Slot | None, reuse: int) -> None:
+        if donor is not None:
+            self.gen.seq_copy(donor.index, slot.index, reuse)
+            self._ledger.share(donor.index, slot.index, reuse)
+            slot.tokens = donor.tokens[:reuse]
+            logger.debug("prefix shared src_slot=%d dst_slot=%d tokens=%d", donor.index, slot.index, reuse)
+        else:
+            self._truncate(slot, reuse)
+
+    # -- the shared KV cache ------------------------------------------------------------------
+
+    def _running(self) -> list[Sequence_]:
+        """Sequences that hold KV cells (not preempted), oldest first."""
+        running = [s.seq for s in self._slots if s.seq is not None and not s.seq.parked]
+        running.sort(key=lambda q: q.job.order)
+        return running
+
+    def _parked(self) -> list[Sequence_]:
+        return [s.seq for s in self._slots if s.seq is not None and s.seq.parked]
+
+    def _truncate(self, slot: Slot, keep: int) -> None:
+        if keep < len(slot.tokens):
+            self.gen.seq_truncate(slot.index, keep)
+            self._ledger.truncate(slot.index, keep)
+            del slot.tokens[keep:]
+
+    def _append(self, slot: Slot, tokens: Sequence[int]) -> None:
+        slot.tokens.extend(tokens)
+        self._ledger.extend(slot.index, len(tokens))
+
+    def _room_for(self, tokens: Sequence[int], slot: Slot, donor: Slot | None, reuse: int) -> bool:
+        """Whether ``slot`` can evaluate ``tokens`` (keeping ``reuse`` of them cached, from
+        itself or copied from ``donor``) and then generate, beside what the running
+        sequences still need: their unevaluated tokens and a cell each for their next
+        token. Evicts idle slots' cached prefixes, least recently used first, while that
+        is not enough (an idle donor keeps the prefix it lends)."""
+        ledger = self._ledger
+        headroom = 1 if len(tokens) < ledger.capacity else 0
+        needed = len(tokens) - reuse + headroom + sum(len(q.pending) + 1 for q in self._running())
+        own_keep = 0 if donor is not None else reuse
+
+        def fits() -> bool:
+            return needed <= ledger.free + ledger.freed_by_truncate(slot.index, own_keep)
+
+        if fits():
+            return True
+        idle = [s for s in self._slots if s.seq is None and s is not slot and s.tokens]
+        for other in sorted(idle, key=lambda s: s.last_used):
+            self._evict(other, reuse if other is donor else 0)
+            if fits():
+                return True
+        return False
+
+    def _evict(self, slot: Slot, keep: int) -> None:
+        """Drop an idle slot's cached tokens beyond ``keep`` (its prefix keys go with them)."""
+        if keep < len(slot.tokens):
+            logger.debug("cached prefix evicted slot=%d tokens=%d kept=%d", slot.index, len(slot.tokens), keep)
+            self._truncate(slot, keep)
+            slot.prefix_keys = ()
+
+    def _make_room(self) -> None:
+        """Give each generating sequence a cell for this step (or, when none generates, a
+        prompt chunk at least one): evict idle slots' cached prefixes, least recently
+        used first, then preempt the youngest running sequence (it resumes later by
+        re-evaluating its tokens). A sequence alone in a full cache has used it up."""
+        ledger = self._ledger
+        while True:
+            running = self._running()
+            if not running:
+                return
+            needed = max(1, sum(1 for q in running if q.next_token is not None))
+            if needed <= ledger.free:
+                return
+            idle = [s for s in self._slots if s.seq is None and ledger.freed_by_truncate(s.index, 0)]
+            if idle:
+                self._evict(min(idle, key=lambda s: s.last_used), 0)
+            elif len(running) == 1:
+                self._context_full(running[0])
+            else:
+                self._park(running[-1])
+
+    def _park(self, seq: Sequence_) -> None:
+        """Preempt ``seq``: free its cells; it keeps its slot, sampler and output state and
+        re-evaluates its prompt and generated tokens when it resumes."""
+        slot = self._slots[seq.slot]
+        history = slot.tokens + seq.pending
+        if seq.next_token is not None:
+            history.append(seq.next_token)
+        seq.pending, seq.next_token, seq.n_past, seq.parked = history, None, 0, True
+        self._truncate(slot, 0)
+        slot.prefix_keys = ()
+        logger.info(
+            "request preempted: the KV cache is full request_id=%s slot=%d tokens=%d generated=%d",
+            seq.job.request_id,
+            slot.index,
+            len(history),
+            seq.generated,
+        )
+
+    def _resume(self, seq: Sequence_) -> bool:
+        """Resume a preempted sequence when the cache has room for all it held."""
+        slot = self._slots[seq.slot]
+        history = seq.pending
+        donor, reuse = self._prefix_plan(history, slot, 0)
+        if not self._room_for(history, slot, donor, reuse):
+            return False
+        self._apply_prefix(slot, donor, reuse)
+        seq.pending, seq.n_past, seq.parked = history[reuse:], reuse, False
+        slot.prefix_keys = seq.job.prefix_keys
+        logger.info(
+            "request resumed request_id=%s slot=%d tokens=%d cached_tokens=%d",
+            seq.job.request_id,
+            slot.index,
+            len(history),
+            reuse,
+        )
+        return True
 
     @staticmethod
     def _pick_slot(prompt: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:
@@ -1417,29 +1624,58 @@ class DecodeWorker:
         batch = self.gen.batch
         batch.clear()
         entries: list[tuple[Sequence_, int | None]] = []
-        active = [s.seq for s in self._slots if s.seq is not None]
-        for seq in active:
+        log = self._step_log
+        log.clear()
+        running = self._running()
+        for seq in running:
             if seq.next_token is not None:
-                index = batch.add([seq.next_token], seq.n_past, seq.slot, last_logits=True)
-                self._slots[seq.slot].tokens.append(seq.next_token)
+                token = seq.next_token
+                index = batch.add([token], seq.n_past, seq.slot, last_logits=True)
+                self._append(self._slots[seq.slot], [token])
                 seq.n_past += 1
                 seq.next_token = None
                 entries.append((seq, index))
-        budget = self.gen.n_batch - batch.n
-        for seq in active:
+                log.append((seq, [token], True))
+        budget = min(self.gen.n_batch - batch.n, self._ledger.free)
+        for seq in running:
             if not seq.pending or budget <= 0:
                 continue
             chunk = seq.pending[:budget]
             del seq.pending[:budget]
             last = not seq.pending
             index = batch.add(chunk, seq.n_past, seq.slot, last_logits=last)
-            self._slots[seq.slot].tokens.extend(chunk)
+            self._append(self._slots[seq.slot], chunk)
             seq.n_past += len(chunk)
             budget -= len(chunk)
             entries.append((seq, index if last else None))
+            log.append((seq, chunk, False))
         return entries
 
+    def _undo_step(self) -> None:
+        """Take back what _fill_batch added (llama.cpp evaluated none of it)."""
+        for seq, tokens, was_next in reversed(self._step_log):
+            slot = self._slots[seq.slot]
+            self._truncate(slot, len(slot.tokens) - len(tokens))
+            seq.n_past -= len(tokens)
+            if was_next:
+                seq.next_token = tokens[0]
+            else:
+                seq.pending[0:0] = tokens
+        self._step_log.clear()
+
     def _decode_failed(self, rc: int, entries: list[tuple[Sequence_, int | None]]) -> None:
+        if rc == 1:
+            # No room in the KV cache for the batch (the ledger should prevent it; a cache
+            # type it does not model, e.g. sliding-window, may not): nothing was
+            # evaluated, so undo the step and preempt the youngest sequence.
+            logger.warning("llama_decode found no KV cache room sequences=%d used=%d", len(entries), self._ledger.used)
+            self._undo_step()
+            running = self._running()
+            if len(running) == 1:
+                self._context_full(running[0])
+            elif running:
+                self._park(running[-1])
+            return
         logger.error("llama_decode failed code=%d sequences=%d", rc, len(entries))
         for seq, _ in entries:
             slot = self._slots[seq.slot]
@@ -1541,7 +1777,7 @@ class DecodeWorker:
         self._flush_text(seq)
         rid = seq.job.request_id
         message = (
-            f"context full: the slot's context of {self.gen.n_ctx_seq} tokens was used up "
+            f"context full: the agent's KV cache of {self.gen.n_ctx_seq} tokens was used up "
             f"after {seq.generated} generated tokens"
         )
         logger.info("request context full request_id=%s slot=%d", rid, seq.slot)
@@ -1556,6 +1792,7 @@ class DecodeWorker:
 
     def _forget_cache(self, slot: Slot) -> None:
         self.gen.seq_truncate(slot.index, 0)
+        self._ledger.truncate(slot.index, 0)
         slot.tokens.clear()
         slot.prefix_keys = ()
 
@@ -1568,8 +1805,8 @@ class DecodeWorker:
             if slot.seq is not None:
                 self._emit(slot.seq.job.request_id, generated_error_payload("SamplerError", message), True)
                 self._release(slot)
-        for waiting in self._waiting:
-            self._emit(waiting.request_id, generated_error_payload("SamplerError", message), True)
+        for job in self._waiting:
+            self._emit(job.request_id, generated_error_payload("SamplerError", message), True)
         self._waiting.clear()
 
     def _emit(self, request_id: str, payload: Payload, final: bool) -> None:
@@ -1811,11 +2048,15 @@ class LlamaEngine(Engine):
         if delta is not None and delta.loop_stopped is not None:
             self._loop_stopped(delta.loop_stopped)
         if delta is not None:
+            if delta.kv_cache_tokens_used is not None and self._native is not None:
+                # Changes every step: the runtime's periodic snapshot carries it.
+                self.board.kv_cache_tokens_used = delta.kv_cache_tokens_used
             if delta.slots_processing is not None:
                 self.board.slots_processing = delta.slots_processing
             if delta.prefix_hashes is not None:
                 self.board.prefix_hashes = delta.prefix_hashes
-            self.host.status_changed()
+            if delta.slots_processing is not None or delta.prefix_hashes is not None:
+                self.host.status_changed()
         if not self._inflight:
             self._drained.set()
 
@@ -1955,6 +2196,8 @@ class LlamaEngine(Engine):
         await asyncio.to_thread(native.shutdown)
         self.board.slots_processing = 0
         self.board.prefix_hashes = []
+        self.board.kv_cache_tokens_used = 0
+        self.board.kv_cache_tokens_total = 0
         logger.info("model unloaded path=%s", runtime.config.path if runtime else None)
 
     def _native_alive(self) -> bool:
@@ -1970,6 +2213,8 @@ class LlamaEngine(Engine):
         self._serving = True
         self._loop_dead = False
         self.board.slots_total = self.slots
+        self.board.kv_cache_tokens_used = 0
+        self.board.kv_cache_tokens_total = runtime.gen.n_ctx_seq
         held, self._held = list(self._held), deque()
         for message in held:
             self._submit(message)

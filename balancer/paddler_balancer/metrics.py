@@ -27,11 +27,44 @@ class GroupGauges:
     requests_buffered: int
 
 
+@dataclass(frozen=True)
+class AgentGauges:
+    model_group: str
+    agent_id: str
+    agent_name: str
+    kv_cache_tokens_used: int
+    kv_cache_tokens_total: int
+
+
 class _LiveGauges(Collector):
-    def __init__(self, read: Callable[[], list[GroupGauges]]) -> None:
+    def __init__(self, read: Callable[[], list[GroupGauges]], read_agents: Callable[[], list[AgentGauges]]) -> None:
         self._read = read
+        self._read_agents = read_agents
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._collect_groups()
+        yield from self._collect_agents()
+
+    def _collect_agents(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model_group", "agent_id", "agent_name"]
+        used = GaugeMetricFamily(
+            "paddler_agent_kv_cache_tokens_used",
+            "KV cache cells in use on the agent (running requests and cached prefixes)",
+            labels=labels,
+        )
+        total = GaugeMetricFamily(
+            "paddler_agent_kv_cache_tokens_total",
+            "KV cache cells of the agent (context_size, shared by its slots)",
+            labels=labels,
+        )
+        for row in self._read_agents():
+            key = [row.model_group, row.agent_id, row.agent_name]
+            used.add_metric(key, float(row.kv_cache_tokens_used))
+            total.add_metric(key, float(row.kv_cache_tokens_total))
+        yield used
+        yield total
+
+    def _collect_groups(self) -> Iterator[GaugeMetricFamily]:
         rows = self._read()
         families = {
             "agents": GaugeMetricFamily("paddler_agents", "Connected agents", labels=["model_group"]),
@@ -56,10 +89,14 @@ class _LiveGauges(Collector):
 
 
 class Metrics:
-    def __init__(self, read_gauges: Callable[[], list[GroupGauges]]) -> None:
+    def __init__(
+        self,
+        read_gauges: Callable[[], list[GroupGauges]],
+        read_agent_gauges: Callable[[], list[AgentGauges]] = list,
+    ) -> None:
         self.read_gauges = read_gauges
         self.registry = CollectorRegistry()
-        self.registry.register(_LiveGauges(read_gauges))
+        self.registry.register(_LiveGauges(read_gauges, read_agent_gauges))
         self.time_to_first_token = Histogram(
             "paddler_time_to_first_token_seconds",
             "From request arrival to the first token sent to the client",

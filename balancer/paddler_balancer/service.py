@@ -19,7 +19,7 @@ from typing import Any
 
 from paddler_balancer.agents import AgentController, AgentPool, totals
 from paddler_balancer.dispatcher import Dispatcher, Lease
-from paddler_balancer.metrics import GroupGauges, Metrics
+from paddler_balancer.metrics import AgentGauges, GroupGauges, Metrics
 from paddler_balancer.rollout import Rollout, Rollouts
 from paddler_balancer.routing import RouteRequest
 from paddler_balancer.settings import BalancerSettings
@@ -96,7 +96,7 @@ class Balancer:
             candidate_limit=self.settings.routing_candidates,
             load_cap=self.settings.prefix_affinity_load_cap,
         )
-        self.metrics = Metrics(self.gauges)
+        self.metrics = Metrics(self.gauges, self.agent_gauges)
         self.rollouts = Rollouts(self.pool, MaxUnavailable.parse(self.settings.max_unavailable))
 
     # ---- state -------------------------------------------------------------------------
@@ -112,6 +112,18 @@ class Balancer:
             slots_total, in_flight = totals(agents)
             rows.append(GroupGauges(group, len(agents), slots_total, in_flight, buffered.get(group, 0)))
         return rows
+
+    def agent_gauges(self) -> list[AgentGauges]:
+        return [
+            AgentGauges(
+                model_group=agent.model_group,
+                agent_id=agent.id,
+                agent_name=agent.name or "",
+                kv_cache_tokens_used=agent.status.kv_cache_tokens_used,
+                kv_cache_tokens_total=agent.status.kv_cache_tokens_total,
+            )
+            for agent in sorted(self.pool.agents.values(), key=lambda a: a.order)
+        ]
 
     def set_desired_state(
         self,

@@ -143,6 +143,12 @@ class AgentStatus(BaseModel):
     applied_state_revision: str | None = None
     """``revision`` of the last ``set_desired_state`` whose application finished; then
     ``state_application_status`` tells how it went (Applied, AttemptedAndNotAppliable)."""
+    kv_cache_tokens_total: Annotated[int, Field(ge=0)] = 0
+    """Cells of the agent's KV cache (``context_size``, shared by its slots); 0 when no
+    model is loaded or the engine has none (simulated)."""
+    kv_cache_tokens_used: Annotated[int, Field(ge=0)] = 0
+    """Cells in use: running requests plus cached prefixes of idle slots (evicted on
+    demand). Refreshed with the periodic status."""
 
 
 # ---- agent -> balancer ----------------------------------------------------------------------

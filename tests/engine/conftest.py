@@ -78,6 +78,8 @@ class FakeHost:
         self.board: StatusBoard | None = None
         self.slots_seen: list[int] = []
         """``board.slots_total`` at every status change."""
+        self.events: list[tuple[str, bool]] = []
+        """(request id, final) of every payload, in the order they were emitted."""
 
     def request(self, request_id: str) -> Request:
         return self.requests.setdefault(request_id, Request())
@@ -88,6 +90,7 @@ class FakeHost:
         if req.done.is_set():
             req.after_final += 1
         req.payloads.append(payload)
+        self.events.append((request_id, final))
         if final:
             req.done.set()
 

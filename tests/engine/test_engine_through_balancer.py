@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from paddler_client import ClientInference, ClientManagement
 from paddler_client.agent_desired_model import AgentDesiredModel
@@ -26,6 +28,7 @@ from paddler_client.inference_message import InferenceMessageKind, TokenUsage
 from paddler_client.url_model_reference import UrlModelReference
 
 from tests.harness import Balancer, Processes, wait_until
+from tests.openai.conftest import agents, openai_client
 
 pytestmark = pytest.mark.engine
 
@@ -267,3 +270,42 @@ async def test_a_model_swap_under_continuous_load_fails_no_request(
         await asyncio.gather(*workers)
 
     assert outcomes and all(o == "ok" for o in outcomes), outcomes
+
+
+async def test_a_prompt_longer_than_the_whole_kv_cache_is_a_400_with_context_length_exceeded(
+    clients: tuple[ClientInference, ClientManagement], stack: tuple[Balancer, Path]
+) -> None:
+    """context_size (2048) is the agent's whole cache, shared by its 4 slots: a prompt
+    over it can never run, so it is refused before it waits, as a client error."""
+    note = "The balancer routes every request to an agent that can take it at once. "
+    question = note * 150 + "What does the balancer do?"  # about 2,400 tokens
+
+    async with openai_client(stack[0]) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": question}], max_tokens=4
+            )
+
+    assert caught.value.status_code == 400
+    assert caught.value.code == "context_length_exceeded"
+    assert "KV cache" in caught.value.message and "2048" in caught.value.message
+    text, _ = await complete(clients[0], chat("Say hi.", max_tokens=4))
+    assert text
+
+
+async def test_status_and_metrics_report_the_agents_kv_cache_use(
+    clients: tuple[ClientInference, ClientManagement], stack: tuple[Balancer, Path]
+) -> None:
+    inference, management = clients
+    await complete(inference, chat("Tell me about the Moon.", max_tokens=8))  # its prefix stays cached
+
+    async def reported() -> bool:
+        agent = (await agents(stack[0]))[0]
+        return bool(agent["kv_cache_tokens_total"] == 2048 and agent["kv_cache_tokens_used"] > 0)
+
+    await wait_until(reported, timeout=10, interval=0.1, what="status carries KV cache use")
+    metrics = await management.get_metrics()
+    labels = r'\{agent_id="[^"]+",agent_name="llama",model_group="default"\}'
+    assert re.search(r"paddler_agent_kv_cache_tokens_total" + labels + r" 2048\.0", metrics), metrics
+    used = re.search(r"paddler_agent_kv_cache_tokens_used" + labels + r" (\d+)\.0", metrics)
+    assert used is not None and 0 < int(used.group(1)) <= 2048, metrics
