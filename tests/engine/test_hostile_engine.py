@@ -208,7 +208,10 @@ async def test_sigterm_stops_an_agent_while_a_template_render_runs(model_path: P
     assert exit_code == 0
     assert stopped_in < 10
     assert renderers and not any(alive(pid) for pid in renderers)
-    assert response.status_code == 502  # the request ends with its agent, at once
+    # The agent drains on SIGTERM: the request in flight is answered (its render ends at the
+    # render time limit, not with the agent), then the agent leaves.
+    assert response.status_code == 200
+    assert "ChatTemplateError" in response.text and "did not finish rendering" in response.text
 
 
 async def _in_flight(balancer: Balancer, count: int) -> bool:
