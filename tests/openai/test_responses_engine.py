@@ -174,10 +174,22 @@ async def _idle(balancer: Balancer) -> bool:
 async def test_busy_slot_gives_503_when_the_buffer_is_full_and_504_when_the_wait_expires(
     engine_pool: Balancer,
 ) -> None:
+    # The slot is held by a raw-prompt count under a grammar that never completes, so the
+    # model cannot end early (SmolLM2 answers LONG itself in 26 tokens and frees the slot).
     async with (
         openai_client(engine_pool) as client,
-        client.responses.stream(model="default", input=LONG, max_output_tokens=1000, temperature=0) as busy,
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream(
+            "POST",
+            f"{engine_pool.inference_url}/api/v1/continue_from_raw_prompt",
+            json={
+                "raw_prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+                "max_tokens": 1000,
+                "grammar": {"type": "gbnf", "grammar": 'root ::= " " [0-9]+ "," root'},
+            },
+        ) as busy_response,
     ):
+        busy = busy_response.aiter_lines()
         await wait_busy(engine_pool)
         waiting = asyncio.create_task(client.responses.create(model="default", input="Hi", max_output_tokens=2))
 
