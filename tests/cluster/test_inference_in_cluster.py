@@ -10,6 +10,7 @@ deleted) run last, in file order.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import threading
@@ -226,9 +227,19 @@ def test_helm_runs_the_operator_on_the_node_under_the_chart_rbac(cluster: Cluste
 
 
 def test_pool_and_model_deployment_report_ready_with_four_slots(pool: Pool) -> None:
-    printed = pool.cluster.kubectl_run("-n", pool.namespace, "get", "lp,md").stdout
+    def rows() -> tuple[str, dict[str, list[str]]]:
+        out = pool.cluster.kubectl_run("-n", pool.namespace, "get", "lp,md").stdout
+        return out, {line.split()[0]: line.split() for line in out.splitlines() if line and not line.startswith("NAME")}
+
+    # The pool's status is written by its own reconcile, which may come a few seconds after
+    # the ModelDeployment's: wait for it (bounded) instead of reading it once.
+    def pool_caught_up() -> bool:
+        return rows()[1][f"llmpool.paddler.dev/{POOL}"][1:4] == ["True", "1", "4/4"]
+
+    with contextlib.suppress(AssertionError):
+        wait_until(pool_caught_up, timeout=60, what="the LlmPool's status shows the agent")
+    printed, lines = rows()
     record("kubectl get pods,lp,md", pool.cluster.kubectl_run("-n", pool.namespace, "get", "pods,lp,md").stdout)
-    lines = {line.split()[0]: line.split() for line in printed.splitlines() if line and not line.startswith("NAME")}
     lp = lines[f"llmpool.paddler.dev/{POOL}"]
     md = lines[f"modeldeployment.paddler.dev/{GROUP}"]
     assert lp[1:4] == ["True", "1", "4/4"], printed
