@@ -87,12 +87,14 @@ case "$MODE" in
     ;;
 
   llama-wheel)
-    # Portable: no -march=native (GGML_NATIVE=OFF); AMX off as in scripts/install-llama.sh
-    # (gcc 12 miscompiles ggml's AMX tile set-up). GGML_CUDA=ON for the CUDA variant.
+    # Portable: no -march=native (GGML_NATIVE=OFF); AMX off (gcc 12 miscompiles ggml's
+    # AMX tile set-up). LLAVA_BUILD=ON builds libmtmd (multimodal projectors, images).
+    # GGML_CUDA=ON for the CUDA variant. The host venv installs this same wheel
+    # (scripts/install-llama.sh): one llama.cpp compile for host and image.
     mkdir -p "$ARG"
     export CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     export CXXFLAGS="$CFLAGS"
-    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_CUDA=${GGML_CUDA:-OFF}"
+    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=ON -DGGML_CUDA=${GGML_CUDA:-OFF}"
     export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
     TMPV="$(mktemp -d)"
     trap 'rm -rf "$TMPV"' EXIT
