@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/balancer_vs_llama_server.py [--rounds 3] [--tokens 128]``.
 Builds or reuses llama-server (scripts/install-llama-server.sh) and the SmolLM2 GGUF
 (scripts/fetch-model.sh). For each concurrency N (4, 8) it starts one llama-server
-with ``--parallel N`` (2 threads, 2,048 tokens of context per slot), a real
+with ``--parallel N`` (1 thread, 2,048 tokens of context per slot), a real
 ``paddler balancer`` and one ``paddler agent --engine llama-server`` in front of it, then
 alternates, round by round:
 
