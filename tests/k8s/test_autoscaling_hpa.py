@@ -14,6 +14,7 @@ import json
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,3 +290,38 @@ def test_operator_restart_while_the_hpa_has_grown_the_group_keeps_its_replicas(
     assert not g.operator_owns_replicas()
     g.agent("agent-1")
     assert g.requests.join() == [200] * 4
+
+
+def put_group(balancer: Balancer, group: str) -> None:
+    request = urllib.request.Request(
+        f"{balancer.management_url}/api/v1/model_groups/{group}/desired_state",
+        data=json.dumps({"model": {"LocalToAgent": f"/models/{group}.gguf"}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="PUT",
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 204
+
+
+def test_adapter_rule_keeps_same_named_groups_of_two_namespaces_apart(
+    k8s_cluster: K8sCluster,
+    paddler: Processes,
+    prometheus_targets: Prometheus,  # noqa: F811
+    metrics_adapter: MetricsAdapter,  # noqa: F811
+) -> None:
+    """Two pools (two balancers, two namespaces), each with a model group `m`: a request buffered
+    in one is read by the external metrics API of that namespace only."""
+    suffix = uuid.uuid4().hex[:8]
+    busy_ns, idle_ns = f"t-busy-{suffix}", f"t-idle-{suffix}"  # labels only: the adapter needs no namespace object
+    busy, idle = paddler.balancer("--buffered-request-timeout", "60s"), paddler.balancer()
+    for ns, balancer in ((busy_ns, busy), (idle_ns, idle)):
+        put_group(balancer, "m")  # the group exists (what the operator's desired state does)
+        prometheus_targets.scrape(ns, balancer.management_addr, namespace=ns)
+    requests = Requests(busy)
+    requests.send()  # no agent anywhere: buffered in busy_ns only
+    wait_for_external(metrics_adapter, busy_ns, "paddler_requests_buffered", SELECTOR, at_least=1)
+    wait_for_external(metrics_adapter, idle_ns, "paddler_requests_buffered", SELECTOR, at_least=0)
+    assert metrics_adapter.external(idle_ns, "paddler_requests_buffered", SELECTOR) == [0.0]
+    assert metrics_adapter.external(busy_ns, "paddler_requests_buffered", SELECTOR) == [1.0]
+    paddler.agent(busy, slots=1, name="agent-0", extra=("--model-group", "m"))
+    assert requests.join(timeout=60) == [200]
