@@ -44,6 +44,14 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument(
         "--liveness-endpoint", default=None, help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz"
     )
+    p.add_argument(
+        "--hpa-scale-to-zero",
+        choices=["auto", "on", "off"],
+        default=os.environ.get("PADDLER_OPERATOR_HPA_SCALE_TO_ZERO", "auto"),
+        help="HPA mode: the cluster's HPA does 0 <-> 1 itself (feature gate HPAScaleToZero): on, off, or auto "
+        "(ask the API server with a dry-run HPA); off: the operator wakes a group 0 -> 1 and the HPA does 1 <-> N "
+        "(env PADDLER_OPERATOR_HPA_SCALE_TO_ZERO)",
+    )
     p.set_defaults(run=run)
 
 
@@ -57,6 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         builtin_poll_interval=args.builtin_poll_interval,
         kubeconfig=args.kubeconfig,
         liveness_endpoint=args.liveness_endpoint,
+        hpa_scale_to_zero={"auto": None, "on": True, "off": False}[args.hpa_scale_to_zero],
     )
 
 

@@ -249,6 +249,16 @@ class KubeApi:
         )
         return created
 
+    async def dry_run_create(self, obj: Obj) -> None:
+        """Ask the API server to validate ``obj`` as a create, storing nothing (``dryRun=All``)."""
+        ref = ObjRef.of(obj)
+        await self._run(
+            "POST",
+            collection_path(ref.api_version, ref.kind, ref.namespace),
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("dryRun", "All")],
+        )
+
     async def patch(self, ref: ObjRef, patch: Mapping[str, Any]) -> Obj:
         patched: Obj = await self._run(
             "PATCH",

@@ -469,11 +469,13 @@ def plan_model_deployment(
     pool: LlmPoolSpec,
     *,
     builtin_replicas: int | None = None,
+    hpa_scale_to_zero: bool = True,
 ) -> MdPlan:
     """Agent Deployment (+ HPA or ScaledObject) of a ModelDeployment, and its desired state.
 
     ``builtin_replicas`` is the Builtin scaler's answer (see :func:`builtin_scale`);
-    it is used only when ``autoscaling.mode`` is ``Builtin``.
+    it is used only when ``autoscaling.mode`` is ``Builtin``. ``hpa_scale_to_zero``: the
+    cluster's HPA accepts ``minReplicas: 0`` (see :func:`hpa_min_replicas`).
     """
     pool_name = md.pool_ref.name
     labels = {**_labels(owner, pool_name, "agent", "paddler-agent"), MD_LABEL: owner.name}
@@ -561,7 +563,7 @@ def plan_model_deployment(
     absent = []
     spa = slots_per_agent(md, pool)
     if mode == AutoscalingMode.HPA:
-        objects.append(_hpa(owner, name, labels, md.autoscaling, spa))
+        objects.append(_hpa(owner, name, labels, md.autoscaling, spa, hpa_scale_to_zero))
     else:
         absent.append(hpa_ref)
     trigger_auth_ref = ObjRef("keda.sh/v1alpha1", "TriggerAuthentication", owner.namespace, name)
@@ -605,7 +607,54 @@ def busy_slots_target(autoscaling: AutoscalingSpec, slots: int) -> str:
     return f"{milli}m" if milli % 1000 else str(milli // 1000)
 
 
-def _hpa(owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, slots: int) -> Obj:
+def hpa_min_replicas(a: AutoscalingSpec, scale_to_zero: bool) -> int:
+    """The HPA's ``minReplicas``: ``autoscaling.minReplicas``, but at least 1 where the cluster's
+    HPA cannot scale to zero (no ``HPAScaleToZero`` gate: the API server rejects 0)."""
+    return a.min_replicas if scale_to_zero else max(1, a.min_replicas)
+
+
+def hpa_wakes(a: AutoscalingSpec, scale_to_zero: bool, replicas_now: int | None, buffered: int) -> bool:
+    """Should the operator set the agent Deployment of an HPA-mode group to 1 replica?
+
+    Only where the HPA cannot do 0 -> 1 itself (no ``HPAScaleToZero``): an HPA whose target sits
+    at 0 replicas does nothing ("scaling is disabled"), so a buffered request would wait for ever.
+    The operator performs that one step and nothing else; the HPA does 1 <-> N."""
+    return (
+        not scale_to_zero
+        and a.mode == AutoscalingMode.HPA
+        and a.min_replicas == 0
+        and replicas_now == 0
+        and buffered > 0
+    )
+
+
+def hpa_gate_probe(namespace: str) -> Obj:
+    """An HPA with ``minReplicas: 0``, for a dry-run create: accepted only where the cluster has
+    the ``HPAScaleToZero`` feature gate."""
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "paddler-scale-to-zero-probe", "namespace": namespace},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "paddler-probe"},
+            "minReplicas": 0,
+            "maxReplicas": 1,
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"name": "paddler_requests_buffered"},
+                        "target": {"type": "AverageValue", "averageValue": "1"},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _hpa(
+    owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, slots: int, scale_to_zero: bool = True
+) -> Obj:
     group = {"matchLabels": {"model_group": owner.name}}
     return {
         "apiVersion": "autoscaling/v2",
@@ -613,7 +662,7 @@ def _hpa(owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, sl
         "metadata": _meta(owner, name, labels),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-            "minReplicas": a.min_replicas,
+            "minReplicas": hpa_min_replicas(a, scale_to_zero),
             "maxReplicas": a.max_replicas,
             "metrics": [
                 {

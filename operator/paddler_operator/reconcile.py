@@ -140,6 +140,23 @@ class Reconciler:
         self.clock = clock
         """Wall-clock seconds: the Builtin scaler's low-demand timestamp lives in the
         ModelDeployment's status (``lowDemandSince``), so it survives an operator restart."""
+        self._hpa_gate: bool | None = settings.hpa_scale_to_zero
+
+    async def hpa_scale_to_zero(self, namespace: str) -> bool:
+        """Does this cluster's HPA accept ``minReplicas: 0``? The setting, else asked once with a
+        dry-run create (the answer is kept; an inconclusive error is asked again next time)."""
+        if self._hpa_gate is not None:
+            return self._hpa_gate
+        try:
+            await self.kube.dry_run_create(plan.hpa_gate_probe(namespace))
+            self._hpa_gate = True
+        except KubeError as err:
+            if err.status != 422:
+                log.warning("HPAScaleToZero probe failed (assuming the gate is on for now): %s", err)
+                return True
+            self._hpa_gate = False
+        log.info("HPA scale to zero (feature gate HPAScaleToZero): %s", "on" if self._hpa_gate else "off")
+        return self._hpa_gate
 
     # --- apply -----------------------------------------------------------------------
 
@@ -416,8 +433,26 @@ class Reconciler:
             low_demand_since = _timestamp(decision.low_since) if decision.low_since is not None else None
             if decision.replicas != replicas_now and current is not None:
                 log.info("builtin scale md=%s/%s %d->%d %s", namespace, name, replicas_now, builtin, decision.reason)
-        md_plan = plan.plan_model_deployment(owner, spec, pool_spec, builtin_replicas=builtin)
+        hpa_gate = True
+        if spec.autoscaling.mode == AutoscalingMode.HPA:
+            hpa_gate = await self.hpa_scale_to_zero(namespace)
+        md_plan = plan.plan_model_deployment(
+            owner, spec, pool_spec, builtin_replicas=builtin, hpa_scale_to_zero=hpa_gate
+        )
         errors = await self.apply(obj, md_plan.objects, md_plan.absent)
+        if current is not None and plan.hpa_wakes(
+            spec.autoscaling,
+            hpa_gate,
+            int((current.get("spec") or {}).get("replicas") or 0),
+            snapshot.buffered_by_group.get(name, 0) if snapshot else 0,
+        ):
+            # No HPAScaleToZero: the HPA cannot leave 0; the operator's one step (docs/scaling.md).
+            try:
+                await self.kube.patch(deployment_ref, {"spec": {"replicas": 1}})
+                log.info("hpa wake md=%s/%s 0->1: requests buffered, HPA cannot scale from zero", namespace, name)
+                await self.kube.event(obj, "Normal", "ScaledFromZero", "Requests buffered: agent replicas 0 -> 1")
+            except KubeError as err:
+                errors.append(f"Deployment {deployment_ref.name}: {err.message}")
 
         desired_state_error: str | None = None
         if snapshot is not None:
@@ -455,7 +490,12 @@ class Reconciler:
         )
         transient = bool(errors) or snapshot is None or desired_state_error is not None
         # Builtin scaling and a running rollout are watched closely (status shows its progress).
-        poll = spec.autoscaling.mode == AutoscalingMode.BUILTIN or (rollout or {}).get("phase") == "Progressing"
+        # So is an HPA-mode group that only the operator can wake (no HPAScaleToZero).
+        poll = (
+            spec.autoscaling.mode == AutoscalingMode.BUILTIN
+            or (rollout or {}).get("phase") == "Progressing"
+            or (spec.autoscaling.mode == AutoscalingMode.HPA and not hpa_gate and spec.autoscaling.min_replicas == 0)
+        )
         return Outcome(
             ok=not transient,
             retry=transient,

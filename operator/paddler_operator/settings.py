@@ -33,6 +33,11 @@ class OperatorSettings:
     """kubeconfig path; None: $KUBECONFIG, ~/.kube/config or the in-cluster service account."""
     liveness_endpoint: str | None = None
     """e.g. ``http://0.0.0.0:8080/healthz`` (kopf's liveness probe); None: off."""
+    hpa_scale_to_zero: bool | None = None
+    """Does the cluster's HPA scale to and from zero (feature gate ``HPAScaleToZero``)? None: ask the
+    API server once (a dry-run HPA with ``minReplicas: 0``). Without it, HPA mode writes the HPA with
+    ``minReplicas`` at least 1 and the operator itself takes the agent Deployment 0 -> 1 when a request
+    is buffered (docs/scaling.md)."""
 
     def __post_init__(self) -> None:
         if not self.all_namespaces and not self.namespaces:

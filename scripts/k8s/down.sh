@@ -27,6 +27,12 @@ ours() {
   [[ -z "$exe" || "$(basename "${exe% (deleted)}")" == "$name" ]]
 }
 
+# The metrics pipeline of `make metrics-up` (scripts/k8s/prometheus*.sh), if running.
+if [[ -d "$STATE/metrics/pids" ]]; then
+  KUBECONFIG="$STATE/kubeconfig" bash "$HERE/prometheus-adapter.sh" down "$STATE/metrics" || true
+  bash "$HERE/prometheus.sh" down "$STATE/metrics" || true
+fi
+
 # Stop clients before servers: kwok, scheduler, controller-manager, apiserver, etcd.
 order=(kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
 stopped=()

@@ -11,7 +11,11 @@
 #   .k8s/cluster-id   changes each time a new control plane is started
 # Idempotent: if the control plane is already up and healthy, it does nothing.
 # Environment: PADDLER_K8S_DIR (default <repo>/.k8s), K8S_FAKE_NODES (2),
-# K8S_UP_TIMEOUT (seconds, 120), plus what build.sh reads.
+# K8S_UP_TIMEOUT (seconds, 120), K8S_HPA_SYNC_PERIOD (the HPA controller's loop, 1s:
+# tests see an autoscaling decision within seconds; the upstream default is 15s), plus
+# what build.sh reads. The API aggregator is set up (front-proxy certificates,
+# --enable-aggregator-routing) so extension API servers such as prometheus-adapter
+# (scripts/k8s/prometheus-adapter.sh) can be registered as APIServices.
 # K8S_NODE_MODE=1 (scripts/k8s/cluster-up.sh): the apiserver also listens on the
 # host's address and advertises it, so pods of a real node (scripts/k8s/node-up.sh)
 # reach it through the `kubernetes` Service (10.96.0.1); no fake nodes.
@@ -137,6 +141,21 @@ EXT
     chmod 600 ./*.key tokens.csv
   )
 fi
+# Front proxy (the API aggregator's client certificate toward extension API servers such
+# as prometheus-adapter, scripts/k8s/prometheus-adapter.sh): its own CA, kept like the rest.
+if [[ ! -f "$PKI/front-proxy-client.crt" ]]; then
+  (
+    cd "$PKI"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout front-proxy-ca.key -out front-proxy-ca.crt \
+      -subj "/CN=paddler-front-proxy-ca" >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -keyout front-proxy-client.key -out front-proxy-client.csr \
+      -subj "/CN=front-proxy-client" >/dev/null 2>&1
+    printf 'extendedKeyUsage=clientAuth\n' >front-proxy-client.ext
+    openssl x509 -req -in front-proxy-client.csr -CA front-proxy-ca.crt -CAkey front-proxy-ca.key \
+      -CAcreateserial -days 3650 -extfile front-proxy-client.ext -out front-proxy-client.crt >/dev/null 2>&1
+    chmod 600 front-proxy-ca.key front-proxy-client.key
+  )
+fi
 TOKEN="$(cut -d, -f1 "$PKI/tokens.csv")"
 
 ETCD_PORT="$(free_port)"; ETCD_PEER_PORT="$(free_port)"; API_PORT="$(free_port)"
@@ -233,6 +252,14 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --endpoint-reconciler-type "$RECONCILER" \
   --kubelet-preferred-address-types InternalIP,Hostname \
   --allow-privileged=true \
+  --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+  --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User \
+  --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file "$PKI/front-proxy-client.crt" \
+  --proxy-client-key-file "$PKI/front-proxy-client.key" \
+  --enable-aggregator-routing=true \
   --feature-gates HPAScaleToZero=true
 wait_for "kube-apiserver /readyz" api_ready
 log "kube-apiserver ready at $SERVER after $((SECONDS - T0))s"
@@ -249,6 +276,7 @@ start kube-controller-manager "$BIN/kube-controller-manager" \
   --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
   --service-cluster-ip-range 10.96.0.0/16 \
   --controllers '*' \
+  --horizontal-pod-autoscaler-sync-period "${K8S_HPA_SYNC_PERIOD:-1s}" \
   --feature-gates HPAScaleToZero=true
 if [[ -x "$BIN/kube-scheduler" ]]; then
   start kube-scheduler "$BIN/kube-scheduler" \

@@ -152,6 +152,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if k8s_items and not binaries_cached():
         for item in k8s_items:
             item.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT_S), append=False)
+    # The same for prometheus-adapter (scripts/k8s/prometheus-adapter.sh builds it once).
+    adapter_items = [i for i in items if "metrics_adapter" in getattr(i, "fixturenames", ())]
+    if adapter_items and subprocess.run(["bash", str(SCRIPTS / "prometheus-adapter.sh"), "--check"]).returncode:
+        for item in adapter_items:
+            item.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT_S), append=False)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "examplePool.enabled=true",
         "--set-json", 'examplePool.spec={"agent":{"slotsPerAgent":2,"gpus":1}}',
     ],
+    "prometheus-adapter-rules": ["--set", "prometheusAdapterRules.enabled=true"],
     "no-rbac": ["--set", "rbac.create=false", "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=x"],
 }  # fmt: skip
 

@@ -82,3 +82,11 @@ def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser([add_subcommand]).parse_args(["operator", "-A", "--resync-interval", "-1"])
     assert run(args) == 2
     assert "intervals must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], None), (["--hpa-scale-to-zero", "on"], True), (["--hpa-scale-to-zero", "off"], False)],
+)
+def test_hpa_scale_to_zero_flag(argv: list[str], expected: bool | None) -> None:
+    assert parse("-n", "a", *argv).hpa_scale_to_zero is expected

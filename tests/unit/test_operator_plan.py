@@ -303,6 +303,42 @@ def test_hpa_scales_on_buffered_and_busy_slots() -> None:
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 60
 
 
+@pytest.mark.parametrize(("min_replicas", "gate", "expected"), [(0, True, 0), (0, False, 1), (2, False, 2)])
+def test_hpa_min_replicas_without_the_scale_to_zero_gate_is_at_least_one(
+    min_replicas: int, gate: bool, expected: int
+) -> None:
+    spec = md_spec(autoscaling={"mode": "HPA", "minReplicas": min_replicas, "maxReplicas": 5})
+    hpa = plan.plan_model_deployment(MD, spec, pool_spec(), hpa_scale_to_zero=gate).objects[1]
+    assert hpa["spec"]["minReplicas"] == expected
+    assert "replicas" not in plan.plan_model_deployment(MD, spec, pool_spec()).objects[0]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "gate", "replicas_now", "buffered", "wakes"),
+    [
+        ({"mode": "HPA", "minReplicas": 0}, False, 0, 1, True),
+        ({"mode": "HPA", "minReplicas": 0}, True, 0, 1, False),  # the HPA does it itself
+        ({"mode": "HPA", "minReplicas": 0}, False, 0, 0, False),  # nothing waits
+        ({"mode": "HPA", "minReplicas": 0}, False, 1, 5, False),  # 1 <-> N is the HPA's
+        ({"mode": "HPA", "minReplicas": 0}, False, None, 1, False),  # no Deployment yet
+        ({"mode": "HPA", "minReplicas": 1}, False, 0, 1, False),  # not a scale-to-zero group
+        ({"mode": "Builtin", "minReplicas": 0}, False, 0, 1, False),
+    ],
+)
+def test_operator_wakes_an_hpa_group_only_where_the_hpa_cannot(
+    autoscaling: dict[str, Any], gate: bool, replicas_now: int | None, buffered: int, wakes: bool
+) -> None:
+    a = md_spec(autoscaling=autoscaling).autoscaling
+    assert plan.hpa_wakes(a, gate, replicas_now, buffered) is wakes
+
+
+def test_scale_to_zero_probe_is_an_hpa_with_min_replicas_zero() -> None:
+    probe = plan.hpa_gate_probe("team-a")
+    assert (probe["kind"], probe["metadata"]["namespace"], probe["spec"]["minReplicas"]) == (
+        "HorizontalPodAutoscaler", "team-a", 0,
+    )  # fmt: skip
+
+
 def test_keda_reads_the_balancer_json() -> None:
     spec = md_spec(autoscaling={"mode": "KEDA", "minReplicas": 0})
     so = plan.plan_model_deployment(MD, spec, pool_spec()).objects[1]

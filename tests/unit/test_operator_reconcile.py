@@ -45,6 +45,8 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.calls: list[tuple[str, str]] = []
         self._uids = itertools.count(1)
+        self.hpa_scale_to_zero = True
+        """The HPAScaleToZero feature gate: without it an HPA with minReplicas 0 is invalid (422)."""
 
     def add(self, obj: Obj) -> Obj:
         obj = copy.deepcopy(obj)
@@ -75,6 +77,11 @@ class FakeKube:
         if ref in self.objects:
             raise KubeError(409, "AlreadyExists", f"{ref} already exists")
         return self.add(obj)
+
+    async def dry_run_create(self, obj: Obj) -> None:
+        self.calls.append(("dry-run", str(ObjRef.of(obj))))
+        if obj["kind"] == "HorizontalPodAutoscaler" and obj["spec"]["minReplicas"] < 1 and not self.hpa_scale_to_zero:
+            raise KubeError(422, "Invalid", "spec.minReplicas: Invalid value: 0: must be greater than or equal to 1")
 
     async def patch(self, ref: ObjRef, patch: Mapping[str, Any]) -> Obj:
         self.calls.append(("patch", str(ref)))
@@ -244,6 +251,23 @@ async def test_autoscaling_mode_switch_removes_the_hpa(balancers: BalancerClient
     await r.reconcile_model_deployment(NS, "m")
     assert hpa not in kube.objects
     assert kube.objects[deployment_ref("m-agent")]["spec"]["replicas"] == 1
+
+
+@pytest.mark.parametrize(("gate", "min_replicas"), [(True, 0), (False, 1)])
+async def test_hpa_min_replicas_follow_the_clusters_scale_to_zero_gate(
+    balancers: BalancerClient, gate: bool, min_replicas: int
+) -> None:
+    kube = FakeKube()
+    kube.hpa_scale_to_zero = gate
+    kube.add(pool())
+    kube.add(model_deployment(autoscaling={"mode": "HPA", "minReplicas": 0}))
+    r = reconciler(kube, balancers)
+    await r.reconcile_model_deployment(NS, "m")
+    await r.reconcile_model_deployment(NS, "m")
+    hpa = kube.objects[ObjRef("autoscaling/v2", "HorizontalPodAutoscaler", NS, "m-agent")]
+    assert hpa["spec"]["minReplicas"] == min_replicas
+    probes = [c for c in kube.calls if c[0] == "dry-run"]
+    assert probes == [("dry-run", f"HorizontalPodAutoscaler/{NS}/paddler-scale-to-zero-probe")]  # asked once
 
 
 async def test_workers_retry_with_backoff_and_stop(balancers: BalancerClient) -> None:
