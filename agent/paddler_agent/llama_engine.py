@@ -1779,8 +1779,14 @@ class DecodeWorker:
             self._release(slot)
             self._forget_cache(slot)
             return False
-        if self._ledger.free < image.n_pos:
-            return False
+        ledger = self._ledger
+        idle = [s for s in self._slots if s.seq is None and ledger.freed_by_truncate(s.index, 0)]
+        for other in sorted(idle, key=lambda s: s.last_used):
+            if ledger.free >= image.n_pos:
+                break
+            self._evict(other, 0)
+        if ledger.free < image.n_pos:
+            return False  # running sequences hold the cache: wait for them
         projector = self.runtime.projector
         started = time.monotonic()
         try:
@@ -2195,7 +2201,8 @@ class LlamaEngine(Engine):
             else:
                 reason = "it has no multimodal projector (set multimodal_projection in the desired state)"
             raise RequestError(
-                "MultimodalNotSupported", f"the request has {len(urls)} image(s), but this model takes no images: {reason}"
+                "MultimodalNotSupported",
+                f"the request has {len(urls)} image(s), but this model takes no images: {reason}",
             )
         try:
             return await asyncio.to_thread(decode_images, urls, self._settings.defaults.image_resize_to_fit)

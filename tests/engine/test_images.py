@@ -59,7 +59,9 @@ def png_declaring(width: int, height: int) -> str:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
@@ -205,7 +207,9 @@ async def test_bytes_that_are_not_an_image_are_refused_with_400_on_every_api(poo
         with pytest.raises(openai.BadRequestError) as responses_error:
             await client.responses.create(
                 model="default",
-                input=[{"role": "user", "content": [{"type": "input_image", "image_url": not_an_image, "detail": "auto"}]}],
+                input=[
+                    {"role": "user", "content": [{"type": "input_image", "image_url": not_an_image, "detail": "auto"}]}
+                ],
             )
     for error in (chat_error.value, responses_error.value):
         assert error.code == "image_decoding_failed"
