@@ -82,11 +82,11 @@ def decode_image(url: str, resize_to_fit: int, *, max_pixels: int = MAX_IMAGE_PI
                     f"the largest accepted is {max_pixels} pixels"
                 )
             image.draft("RGB", fit_size(width, height, resize_to_fit))  # JPEG: decode at a smaller scale
-            image = image.convert("RGB")
-            size = fit_size(image.width, image.height, resize_to_fit)
-            if size != image.size:
-                image = image.resize(size, Image.Resampling.BICUBIC)
-            return DecodedImage(image.width, image.height, image.tobytes())
+            rgb = image.convert("RGB")
+            size = fit_size(rgb.width, rgb.height, resize_to_fit)
+            if size != rgb.size:
+                rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+            return DecodedImage(rgb.width, rgb.height, rgb.tobytes())
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

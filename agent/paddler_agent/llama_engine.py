@@ -698,9 +698,9 @@ def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None
 
 
 def _refuse_images(params: ContinueFromConversationHistoryParams) -> None:
-    """This agent loads no multimodal projector: an image part is refused (Paddler's
-    ``MultimodalNotSupported``) rather than dropped, which would let the model invent
-    what the image shows."""
+    """A request whose images the engine did not decode for a projector: an image part
+    is refused (Paddler's ``MultimodalNotSupported``) rather than dropped, which would
+    let the model invent what the image shows."""
     for index, message in enumerate(params.conversation_history):
         if isinstance(message.content, list) and any(isinstance(p, ImageUrlContentPart) for p in message.content):
             raise RequestError(
@@ -2196,8 +2196,9 @@ class LlamaEngine(Engine):
         """The request's images, decoded off the event loop; raises RequestError when the
         model takes no images or one cannot be decoded."""
         if runtime.projector is None:
-            if runtime.projector_error is not None:
-                reason = f"its multimodal projection could not be loaded ({runtime.projector_error})"
+            problem = self._projector_problem(runtime.config.path)
+            if problem is not None:
+                reason = f"its multimodal projection could not be loaded ({problem.message})"
             else:
                 reason = "it has no multimodal projector (set multimodal_projection in the desired state)"
             raise RequestError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,47 @@ _lib.mtmd_decode_use_non_causal.argtypes = [ctypes.c_void_p]
 _lib.mtmd_decode_use_non_causal.restype = ctypes.c_bool
 _lib.mtmd_decode_use_mrope.argtypes = [ctypes.c_void_p]
 _lib.mtmd_decode_use_mrope.restype = ctypes.c_bool
+
+
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+# ggml's GGUF reader (beside libmtmd in llama-cpp-python's lib folder): libmtmd reads a
+# projector's tensors without checking that the file holds them all.
+_ggml = ctypes.CDLL(os.path.join(os.path.dirname(mtmd_cpp.__file__), "lib", "libggml-base.so"))
+_ggml.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
+_ggml.gguf_init_from_file.restype = ctypes.c_void_p
+_ggml.gguf_free.argtypes = [ctypes.c_void_p]
+_ggml.gguf_free.restype = None
+_ggml.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
+_ggml.gguf_get_data_offset.restype = ctypes.c_size_t
+_ggml.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
+_ggml.gguf_get_n_tensors.restype = ctypes.c_int64
+_ggml.gguf_get_tensor_offset.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+_ggml.gguf_get_tensor_offset.restype = ctypes.c_size_t
+_ggml.gguf_get_tensor_size.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+_ggml.gguf_get_tensor_size.restype = ctypes.c_size_t
+
+
+def check_gguf_complete(path: str) -> None:
+    """Raise ProjectorLoadError unless ``path`` is a GGUF file that holds all the tensor
+    data its header declares (a truncated download would load with garbage weights)."""
+    handle = _ggml.gguf_init_from_file(path.encode(), _GgufInitParams(True, None))
+    if not handle:
+        raise ProjectorLoadError(f"the multimodal projection {path} is not a GGUF file")
+    try:
+        base = int(_ggml.gguf_get_data_offset(handle))
+        end = base
+        for i in range(int(_ggml.gguf_get_n_tensors(handle))):
+            end = max(
+                end, base + int(_ggml.gguf_get_tensor_offset(handle, i)) + int(_ggml.gguf_get_tensor_size(handle, i))
+            )
+    finally:
+        _ggml.gguf_free(handle)
+    size = os.path.getsize(path)
+    if size < end:
+        raise ProjectorLoadError(f"the multimodal projection {path} is truncated: {size} bytes, its tensors need {end}")
 
 
 class ProjectorLoadError(Exception):
@@ -99,6 +141,7 @@ class Projector:
     def load(cls, path: str, model: Any, n_threads: int, use_gpu: bool) -> Projector:
         """Load ``path`` for the language model ``model`` (a ``llama_model``); raises
         ProjectorLoadError."""
+        check_gguf_complete(path)
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = False
