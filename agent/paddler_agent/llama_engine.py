@@ -1748,9 +1748,10 @@ class DecodeWorker:
                 if budget <= 0:
                     continue
             chunk = seq.pending[:budget]
-            cut = next((i for i, t in enumerate(chunk) if is_placeholder(t)), None)
-            if cut is not None:
-                chunk = chunk[:cut]
+            if seq.job.media is not None:  # text up to the next image only
+                cut = next((i for i, t in enumerate(chunk) if is_placeholder(t)), None)
+                if cut is not None:
+                    chunk = chunk[:cut]
             if not chunk:  # another image follows at once: the next step evaluates it
                 continue
             del seq.pending[: len(chunk)]
