@@ -42,7 +42,7 @@ print(f.read_text().strip() if f.exists() else "")
 PYEOF
 }
 
-if [[ "$(installed_key)" == "$KEY" ]] && "$PY" -c "import numpy, huggingface_hub" 2>/dev/null; then
+if [[ "$(installed_key)" == "$KEY" ]] && "$PY" -c "import numpy, huggingface_hub, PIL" 2>/dev/null; then
   log "llama-cpp-python ($KEY) already installed"
   exit 0
 fi
@@ -51,7 +51,7 @@ log "installing $KEY into $VENV"
 "$PIP" install -q --no-index --find-links "$WHEELHOUSE" --force-reinstall --no-deps llama-cpp-python
 # Runtime dependencies of llama-cpp-python and of the agent (from PyPI, cached by pip).
 "$PIP" install -q "typing-extensions>=4.5" "numpy>=1.20" "diskcache>=5.6.1" "jinja2>=2.11.3" \
-  huggingface_hub
+  huggingface_hub "pillow>=10.1"
 SITE="$("$PY" -c 'import importlib.metadata as m; print(m.distribution("llama_cpp_python").locate_file("llama_cpp"))')"
 printf '%s\n' "$KEY" >"$SITE/.paddler-build-key"
 "$PY" -c "import llama_cpp; print('[install-llama] llama_cpp', llama_cpp.__version__, 'ok')" >&2

@@ -67,14 +67,24 @@ from pydantic import ValidationError
 
 from paddler_agent.chat_template import ChatTemplateError, TemplateRenderer, compile_chat_template, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
+from paddler_agent.images import DecodedImage, ImageError, decode_images, image_urls, with_image_markers
 from paddler_agent.kv_cache import KvLedger
 from paddler_agent.model_source import DownloadProgress, ModelAccess, ModelSourceError, resolve_model
+from paddler_agent.multimodal import (
+    ImageChunk,
+    MediaPrompt,
+    MultimodalError,
+    Projector,
+    ProjectorLoadError,
+    is_placeholder,
+)
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
 from paddler_core.desired_state import (
     BalancerDesiredState,
     EmbeddingNormalizationMethod,
     InferenceParameters,
     KvCacheDtype,
+    ModelSource,
     PoolingType,
 )
 from paddler_core.inference import (
@@ -115,6 +125,9 @@ EMBEDDING_MAX_SEQS = 32
 MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
 """Agent-issue variant of a model file that llama.cpp refuses to load."""
 DECODE_LOOP_STOPPED = "DecodeLoopStopped"
+MULTIMODAL_PROJECTION_CANNOT_BE_LOADED = "MultimodalProjectionCannotBeLoaded"
+"""Agent-issue variant (Paddler's) of a ``multimodal_projection`` that cannot be resolved
+or loaded: the model serves text, image requests are refused."""
 """Agent-issue variant of an inference loop that died (a bug): nothing is served."""
 
 _KV_TYPES: dict[KvCacheDtype, int] = {
@@ -257,9 +270,13 @@ class LoadConfig:
     enable_embeddings: bool
     embedding_batch_size: int
     pooling_type: PoolingType
+    projector: str | None = None
+    """Local path of the multimodal projector GGUF, or None."""
 
     @classmethod
-    def build(cls, path: str, slots: int, params: InferenceParameters, threads: int) -> LoadConfig:
+    def build(
+        cls, path: str, slots: int, params: InferenceParameters, threads: int, projector: str | None = None
+    ) -> LoadConfig:
         return cls(
             path=path,
             slots=slots,
@@ -272,6 +289,7 @@ class LoadConfig:
             enable_embeddings=params.enable_embeddings,
             embedding_batch_size=params.embedding_batch_size,
             pooling_type=params.pooling_type,
+            projector=projector,
         )
 
 
@@ -586,6 +604,9 @@ class Runtime:
     model: NativeModel
     gen: GenContext
     emb: EmbedContext | None
+    projector: Projector | None = None
+    projector_error: str | None = None
+    """Why the configured projector did not load (the model serves text only)."""
 
     @classmethod
     def load(cls, config: LoadConfig) -> Runtime:
@@ -609,6 +630,15 @@ class Runtime:
             raise
         runtime = cls(config, model, gen, emb)
         runtime.warm_up()
+        if config.projector is not None:
+            try:
+                runtime.projector = Projector.load(
+                    config.projector, model.handle, config.n_threads, use_gpu=config.n_gpu_layers > 0
+                )
+                logger.info("multimodal projection loaded path=%s", config.projector)
+            except ProjectorLoadError as e:
+                logger.warning("multimodal projection not loaded path=%s error=%s", config.projector, e)
+                runtime.projector_error = str(e)
         logger.info(
             "model load done path=%s n_vocab=%d n_embd=%d n_ctx_seq=%d elapsed_s=%.2f",
             config.path,
@@ -635,6 +665,8 @@ class Runtime:
             self.emb.embed([tokens])
 
     def free(self) -> None:
+        if self.projector is not None:
+            self.projector.free()
         if self.emb is not None:
             self.emb.free()
         self.gen.free()
@@ -666,9 +698,9 @@ def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None
 
 
 def _refuse_images(params: ContinueFromConversationHistoryParams) -> None:
-    """This agent loads no multimodal projector: an image part is refused (Paddler's
-    ``MultimodalNotSupported``) rather than dropped, which would let the model invent
-    what the image shows."""
+    """A request whose images the engine did not decode for a projector: an image part
+    is refused (Paddler's ``MultimodalNotSupported``) rather than dropped, which would
+    let the model invent what the image shows."""
     for index, message in enumerate(params.conversation_history):
         if isinstance(message.content, list) and any(isinstance(p, ImageUrlContentPart) for p in message.content):
             raise RequestError(
@@ -1002,6 +1034,15 @@ class Job:
     parse_tool_calls: bool = True
     order: int = 0
     """Arrival order: older requests go first and are preempted last."""
+    media: MediaPrompt | None = None
+    """The image chunks of a prompt with images; ``prompt`` holds their placeholders."""
+    image_tokens: int = 0
+    """Tokens of ``prompt`` that stand for images."""
+
+    def free_media(self) -> None:
+        if self.media is not None:
+            self.media.free()
+            self.media = None
 
 
 @dataclass
@@ -1169,17 +1210,25 @@ class DecodeWorker:
         self._out: list[Emit] = []
         self._busy_reported = 0
         self._hashes_reported: list[str] = []
-        self._rendered: dict[str, str] = {}
+        self._rendered: dict[str, tuple[str, list[DecodedImage] | None]] = {}
         self._kv_reported = 0
+        self._next_placeholder = -1
+        """The next placeholder token of an image chunk (counts down, never reused)."""
         self.steps = 0
 
     # -- called from the event loop -----------------------------------------------------------
 
-    def submit(self, message: GenerateMessage | EmbedMessage, rendered: str | None = None) -> None:
+    def submit(
+        self,
+        message: GenerateMessage | EmbedMessage,
+        rendered: str | None = None,
+        images: list[DecodedImage] | None = None,
+    ) -> None:
         """Queue a request; ``rendered`` is a conversation's prompt, rendered beforehand
-        (templates never run on this thread)."""
+        (templates never run on this thread), with its decoded ``images`` in the order
+        of the projector's markers in it."""
         if rendered is not None:
-            self._post("rendered", (message.request_id, rendered))
+            self._post("rendered", (message.request_id, (rendered, images)))
         self._post("embed" if isinstance(message, EmbedMessage) else "generate", message)
 
     def cancel(self, request_id: str) -> None:
@@ -1215,6 +1264,8 @@ class DecodeWorker:
             self._report_stopped(f"{type(e).__name__}: {e}")
         finally:
             self._release_samplers()
+            for job in self._waiting:
+                job.free_media()
             logger.info("decode loop stop steps=%d", self.steps)
 
     def _report_stopped(self, error: str) -> None:
@@ -1256,6 +1307,9 @@ class DecodeWorker:
 
     def _cancel(self, request_id: str) -> None:
         self._rendered.pop(request_id, None)
+        for job in self._waiting:
+            if job.request_id == request_id:
+                job.free_media()
         self._waiting = deque(m for m in self._waiting if m.request_id != request_id)
         self._embeds = deque(e for e in self._embeds if e.request_id != request_id)
         for slot in self._slots:
@@ -1360,10 +1414,12 @@ class DecodeWorker:
                 started = self._start(job, free)
             except RequestError as e:
                 self._waiting.popleft()
+                job.free_media()
                 self._reject_request(job.request_id, e)
                 continue
             except Exception as e:  # one request's failure must not stop the loop
                 self._waiting.popleft()
+                job.free_media()
                 logger.exception("request failed to start request_id=%s", job.request_id)
                 for slot in self._slots:
                     if slot.seq is not None and slot.seq.job.request_id == job.request_id:
@@ -1383,27 +1439,32 @@ class DecodeWorker:
         overrides = message.overrides
         sampling = overrides.apply(self.settings.defaults) if overrides else self.settings.defaults
         tools: list[Tool] | None = None
-        rendered = self._rendered.pop(message.request_id, None)
+        rendered, images = self._rendered.pop(message.request_id, (None, None))
         parse_calls = True
         if isinstance(params, ContinueFromRawPromptParams):
             text = params.raw_prompt
         else:
-            _refuse_images(params)
+            if not images:
+                _refuse_images(params)
             text = rendered if rendered is not None else self._render(params)
             tools = list(params.tools)
             parse_calls = params.parse_tool_calls
+        grammar = grammar_text(params.grammar)
+        media = self._tokenize_media(text, images) if images else None
         return Job(
             request_id=message.request_id,
-            prompt=self._tokenize_prompt(text),
+            prompt=media.tokens if media is not None else self._tokenize_prompt(text),
             max_tokens=params.max_tokens,
             params=sampling,
             seed=overrides.seed if overrides else None,
             stops=list(overrides.stop or []) if overrides else [],
-            grammar=grammar_text(params.grammar),
+            grammar=grammar,
             prefix_keys=request_prefix_keys(message.variant, message.params),
             tools=tools,
             starts_in_reasoning=tools is not None and prompt_opens_reasoning(text),
             parse_tool_calls=parse_calls,
+            media=media,
+            image_tokens=sum(i.n_pos for i in media.images.values()) if media is not None else 0,
         )
 
     def _render(self, params: ContinueFromConversationHistoryParams) -> str:
@@ -1439,6 +1500,46 @@ class DecodeWorker:
             )
         return tokens
 
+    def _tokenize_media(self, text: str, images: list[DecodedImage]) -> MediaPrompt:
+        """Tokens and image chunks of a prompt with images; raises RequestError."""
+        projector = self.runtime.projector
+        if projector is None:
+            raise RequestError("MultimodalNotSupported", "this model has no multimodal projector")
+        bos_text = self.model.token_text(self.model.bos)
+        add_special = not (bos_text and text.startswith(bos_text))
+        try:
+            media = projector.tokenize(text, images, add_special=add_special, next_placeholder=self._next_placeholder)
+        except MultimodalError as e:
+            raise RequestError(e.kind, e.message) from None
+        self._next_placeholder -= sum(image.n_pos for image in media.images.values())
+        try:
+            self._check_media(media, projector)
+        except RequestError:
+            media.free()
+            raise
+        return media
+
+    def _check_media(self, media: MediaPrompt, projector: Projector) -> None:
+        tokens = media.tokens
+        if not tokens or is_placeholder(tokens[-1]):
+            raise RequestError(
+                "MultimodalTokenizationFailed", "the prompt ends with an image; text must follow it (a question)"
+            )
+        if len(tokens) >= self.gen.n_ctx_seq:
+            raise RequestError(
+                "SamplerError",
+                f"context full: the prompt has {len(tokens)} tokens (images included) and the agent's KV cache "
+                f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
+            )
+        n_ubatch = int(llama_cpp.llama_n_ubatch(self.gen.handle))
+        for image in media.images.values():
+            if projector.non_causal and image.n_tokens > n_ubatch:
+                raise RequestError(
+                    "MediaExceedsMicroBatch",
+                    f"an image takes {image.n_tokens} tokens; this model decodes an image in one micro-batch "
+                    f"of at most {n_ubatch} (raise n_batch or lower image_resize_to_fit)",
+                )
+
     def _start(self, job: Job, free: list[Slot]) -> bool:
         """Start ``job`` in one of the ``free`` slots; False when the KV cache has no room
         for its prompt yet (nothing changed then, but idle slots' caches may be gone)."""
@@ -1453,7 +1554,7 @@ class DecodeWorker:
             sampler = FastSampler(self.model.n_vocab, job.params, job.seed, self.gen.n_ctx_seq)
         else:
             sampler = Sampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
-        sampler.accept_prompt(job.prompt)
+        sampler.accept_prompt(job.prompt if job.media is None else [t for t in job.prompt if not is_placeholder(t)])
         self._apply_prefix(slot, donor, reuse)
         classifier = None
         if job.tools is not None:
@@ -1640,8 +1741,20 @@ class DecodeWorker:
         for seq in running:
             if not seq.pending or budget <= 0:
                 continue
+            if is_placeholder(seq.pending[0]):
+                if not self._eval_image(seq):
+                    continue
+                budget = min(budget, self._ledger.free)
+                if budget <= 0:
+                    continue
             chunk = seq.pending[:budget]
-            del seq.pending[:budget]
+            if seq.job.media is not None:  # text up to the next image only
+                cut = next((i for i, t in enumerate(chunk) if is_placeholder(t)), None)
+                if cut is not None:
+                    chunk = chunk[:cut]
+            if not chunk:  # another image follows at once: the next step evaluates it
+                continue
+            del seq.pending[: len(chunk)]
             last = not seq.pending
             index = batch.add(chunk, seq.n_past, seq.slot, last_logits=last)
             self._append(self._slots[seq.slot], chunk)
@@ -1650,6 +1763,55 @@ class DecodeWorker:
             entries.append((seq, index if last else None))
             log.append((seq, chunk, False))
         return entries
+
+    def _eval_image(self, seq: Sequence_) -> bool:
+        """Evaluate the image chunk at the head of ``seq.pending`` (outside the step's
+        batch: its text before it is already decoded); False when it did not run (no
+        room in the KV cache yet, or it failed and the request ended)."""
+        media = seq.job.media
+        image: ImageChunk | None = media.images.get(seq.pending[0]) if media is not None else None
+        slot = self._slots[seq.slot]
+        if image is None or media is None:  # a bug: placeholders of no chunk
+            self._emit(
+                seq.job.request_id,
+                generated_error_payload("MultimodalIngestionFailed", "an image of the prompt was lost"),
+                True,
+            )
+            self._release(slot)
+            self._forget_cache(slot)
+            return False
+        ledger = self._ledger
+        idle = [s for s in self._slots if s.seq is None and ledger.freed_by_truncate(s.index, 0)]
+        for other in sorted(idle, key=lambda s: s.last_used):
+            if ledger.free >= image.n_pos:
+                break
+            self._evict(other, 0)
+        if ledger.free < image.n_pos:
+            return False  # running sequences hold the cache: wait for them
+        projector = self.runtime.projector
+        started = time.monotonic()
+        try:
+            if projector is None:
+                raise MultimodalError("MultimodalNotSupported", "the multimodal projector is not loaded")
+            end = projector.eval_image(self.gen.handle, image, seq.n_past, seq.slot, self.gen.n_batch)
+        except MultimodalError as e:
+            logger.warning("image evaluation failed request_id=%s error=%s", seq.job.request_id, e.message)
+            self._emit(seq.job.request_id, generated_error_payload(e.kind, e.message), True)
+            self._release(slot)
+            self._forget_cache(slot)
+            return False
+        placeholders = seq.pending[: image.n_pos]
+        del seq.pending[: image.n_pos]
+        self._append(slot, placeholders)
+        seq.n_past = end
+        logger.info(
+            "image evaluated request_id=%s slot=%d tokens=%d elapsed_s=%.3f",
+            seq.job.request_id,
+            seq.slot,
+            image.n_tokens,
+            time.monotonic() - started,
+        )
+        return True
 
     def _undo_step(self) -> None:
         """Take back what _fill_batch added (llama.cpp evaluated none of it)."""
@@ -1759,6 +1921,7 @@ class DecodeWorker:
             content_tokens=seq.counts.get("ContentToken", 0),
             reasoning_tokens=seq.counts.get("ReasoningToken", 0),
             tool_call_tokens=seq.counts.get("ToolCallToken", 0),
+            input_image_tokens=seq.job.image_tokens,
         )
         self._emit(rid, done_payload(usage), True)
         elapsed = time.monotonic() - seq.started
@@ -1787,6 +1950,7 @@ class DecodeWorker:
     def _release(self, slot: Slot) -> None:
         if slot.seq is not None:
             slot.seq.sampler.free()
+            slot.seq.job.free_media()
             slot.seq = None
         slot.last_used = time.monotonic()
 
@@ -1807,6 +1971,7 @@ class DecodeWorker:
                 self._release(slot)
         for job in self._waiting:
             self._emit(job.request_id, generated_error_payload("SamplerError", message), True)
+            job.free_media()
         self._waiting.clear()
 
     def _emit(self, request_id: str, payload: Payload, final: bool) -> None:
@@ -1929,6 +2094,8 @@ class LlamaEngine(Engine):
         self._drained.set()
         self._swap_task: asyncio.Task[None] | None = None
         self._issue_variants: set[str] = set()
+        self._projector_issue: AgentIssue | None = None
+        """MultimodalProjectionCannotBeLoaded of the state being applied, or None."""
         self._loop_dead = False
         """The decode loop of the loaded model died; requests are refused until a reload."""
         self._renderer = TemplateRenderer()
@@ -1946,7 +2113,12 @@ class LlamaEngine(Engine):
     def embed(self, message: EmbedMessage) -> None:
         self._submit(message)
 
-    def _submit(self, message: GenerateMessage | EmbedMessage, rendered: str | None = None) -> None:
+    def _submit(
+        self,
+        message: GenerateMessage | EmbedMessage,
+        rendered: str | None = None,
+        images: list[DecodedImage] | None = None,
+    ) -> None:
         rid = message.request_id
         if self._native is not None and (self._loop_dead or not self._native.alive):
             self._reject(message, "the engine's decode loop stopped after an error; see the agent log")
@@ -1962,7 +2134,7 @@ class LlamaEngine(Engine):
                 self._rendering[rid] = task
                 task.add_done_callback(lambda _t: self._rendering.pop(rid, None))
                 return
-            self._worker.submit(message, rendered)
+            self._worker.submit(message, rendered, images)
         elif self._applying or self._native is not None:
             logger.info("request held while the model is not serving request_id=%s", rid)
             self._held.append(message)
@@ -1980,13 +2152,20 @@ class LlamaEngine(Engine):
         except (ValidationError, ValueError):
             params = None  # the decode thread reports it, as for any invalid request
         text: str | None = None
+        images: list[DecodedImage] | None = None
         if isinstance(params, ContinueFromConversationHistoryParams) and runtime is not None:
             model = runtime.model
             try:
                 template = template_for(params, self._settings, model)
+                messages = params.conversation_history
+                urls = image_urls(messages)
+                if urls:
+                    images = await self._decode_images(runtime, urls)
+                    assert runtime.projector is not None
+                    messages = with_image_markers(messages, runtime.projector.marker)
                 text = await self._renderer.render(
                     template,
-                    params.conversation_history,
+                    messages,
                     add_generation_prompt=params.add_generation_prompt,
                     enable_thinking=params.enable_thinking,
                     tools=params.tools,
@@ -2012,7 +2191,25 @@ class LlamaEngine(Engine):
         self._inflight.discard(rid)
         if not self._inflight:
             self._drained.set()
-        self._submit(message, text)
+        self._submit(message, text, images)
+
+    async def _decode_images(self, runtime: Runtime, urls: list[str]) -> list[DecodedImage]:
+        """The request's images, decoded off the event loop; raises RequestError when the
+        model takes no images or one cannot be decoded."""
+        if runtime.projector is None:
+            problem = self._projector_problem(runtime.config.path)
+            if problem is not None:
+                reason = f"its multimodal projection could not be loaded ({problem.message})"
+            else:
+                reason = "it has no multimodal projector (set multimodal_projection in the desired state)"
+            raise RequestError(
+                "MultimodalNotSupported",
+                f"the request has {len(urls)} image(s), but this model takes no images: {reason}",
+            )
+        try:
+            return await asyncio.to_thread(decode_images, urls, self._settings.defaults.image_resize_to_fit)
+        except ImageError as e:
+            raise RequestError(e.kind, e.message) from None
 
     def _reject_unserved(self, message: GenerateMessage | EmbedMessage) -> None:
         self._reject(message, "no model is loaded on this agent")
@@ -2123,7 +2320,8 @@ class LlamaEngine(Engine):
             self._fail(e.variant, e.message, **e.details)
             self._answer_held_if_nothing_serves()
             return
-        config = LoadConfig.build(str(path), self.slots, state.inference_parameters, self.n_threads)
+        projector = await self._resolve_projector(state.multimodal_projection)
+        config = LoadConfig.build(str(path), self.slots, state.inference_parameters, self.n_threads, projector)
         if self._runtime is not None and self._runtime.config == config and self._native_alive():
             self._update_settings(settings)
             self._set_applied(config.path, settings)
@@ -2132,6 +2330,21 @@ class LlamaEngine(Engine):
             self._answer_held_if_nothing_serves()
             return
         await self._shielded(self._swap(config, settings))
+
+    async def _resolve_projector(self, source: ModelSource) -> str | None:
+        """The local path of the desired state's ``multimodal_projection`` (resolved,
+        downloaded and cached like the model), or None: none is set, or it cannot be had,
+        which is Paddler's ``MultimodalProjectionCannotBeLoaded`` (the model still serves
+        text)."""
+        self._projector_issue = None
+        if source.is_none:
+            return None
+        try:
+            path = await resolve_model(source, self.cache_dir, self._on_download, access=self.model_access)
+        except ModelSourceError as e:
+            self._projector_issue = projector_issue(source.describe(), f"{e.variant}: {e.message}")
+            return None
+        return str(path)
 
     def _answer_held_if_nothing_serves(self) -> None:
         """No model will serve held requests (the first one failed): end them."""
@@ -2252,10 +2465,26 @@ class LlamaEngine(Engine):
         board.model_path = path
         board.uses_chat_template_override = settings.chat_template_override is not None
         board.state_application_status = StateApplicationStatus.APPLIED
+        projector_problem = self._projector_problem(path)
+        if projector_problem is not None:
+            # Paddler 4.1 reports the state as not appliable; the model serves text.
+            board.issues.append(projector_problem)
+            self._issue_variants.add(projector_problem.variant)
+            board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
         if path is None:
             board.slots_total = 0
         self.host.status_changed()
         logger.info("desired state applied model_path=%s slots_total=%d", path, board.slots_total)
+
+    def _projector_problem(self, path: str | None) -> AgentIssue | None:
+        if path is None:
+            return None
+        if self._projector_issue is not None:
+            return self._projector_issue
+        runtime = self._runtime
+        if runtime is not None and runtime.config.projector is not None and runtime.projector_error is not None:
+            return projector_issue(runtime.config.projector, runtime.projector_error)
+        return None
 
     def _fail(self, variant: str, message: str, **details: str) -> None:
         logger.warning("desired state not appliable issue=%s message=%s", variant, message)
@@ -2288,6 +2517,15 @@ class LlamaEngine(Engine):
         self._native, self._runtime = None, None
         if native is not None:
             await asyncio.to_thread(native.shutdown)
+
+
+def projector_issue(model_path: str, message: str) -> AgentIssue:
+    """Paddler 4.1's ``MultimodalProjectionCannotBeLoaded {model_path}`` (and our
+    ``message``)."""
+    return AgentIssue(
+        variant=MULTIMODAL_PROJECTION_CANNOT_BE_LOADED,
+        params={"model_path": model_path, "message": f"The multimodal projection cannot be loaded: {message}"},
+    )
 
 
 def slot_cannot_start(slots: int) -> AgentIssue:

@@ -575,6 +575,8 @@ _AGENT_ERROR_STATUS: dict[str, int] = {
     "ImageDecodingFailed": 400,
     "MultimodalNotSupported": 400,
     "ImageExceedsBatchSize": 400,
+    "MediaExceedsMicroBatch": 400,
+    "MultimodalTokenizationFailed": 400,
 }
 
 

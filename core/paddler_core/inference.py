@@ -241,11 +241,14 @@ def usage_dict(
     reasoning_tokens: int = 0,
     tool_call_tokens: int = 0,
     undeterminable_tokens: int = 0,
+    input_image_tokens: int = 0,
 ) -> dict[str, int]:
+    """Paddler's usage; ``prompt_tokens`` counts the images' tokens too, and
+    ``input_image_tokens`` says how many of them are."""
     return {
         "prompt_tokens": prompt_tokens,
         "cached_prompt_tokens": cached_prompt_tokens,
-        "input_image_tokens": 0,
+        "input_image_tokens": input_image_tokens,
         "input_audio_tokens": 0,
         "content_tokens": content_tokens,
         "reasoning_tokens": reasoning_tokens,

@@ -488,6 +488,10 @@ class ModelDeploymentSpec(_Spec):
         default_factory=InferenceParametersSpec, description="Engine and sampling parameters of the model group."
     )
     chat_template: str | None = Field(default=None, description="Jinja chat template that overrides the GGUF's.")
+    multimodal_projection: ModelSourceSpec | None = Field(
+        default=None,
+        description="Multimodal projector GGUF (mmproj) that lets the model take images; same sources as model.",
+    )
     replicas: Annotated[int, Field(ge=0, description="Agent pods (when autoscaling.mode is None).")] = 1
     slots_per_agent: Annotated[int | None, Field(ge=1, le=256, description="Overrides the pool's default.")] = None
     resources: ResourceRequirements | None = Field(default=None, description="Overrides the pool's agent resources.")
@@ -501,6 +505,9 @@ class ModelDeploymentSpec(_Spec):
             inference_parameters=self.inference_parameters.to_core(),
             chat_template_override=ChatTemplate(content=self.chat_template) if self.chat_template else None,
             use_chat_template_override=self.chat_template is not None,
+            multimodal_projection=(
+                self.multimodal_projection.to_core() if self.multimodal_projection is not None else ModelSource.none()
+            ),
         )
 
 

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from aiohttp import web
 
+from tests.engine.projector import write_test_projector
 from tests.harness import Balancer, Processes, wait_until
+from tests.openai.conftest import openai_client
 
 pytestmark = pytest.mark.engine
 
@@ -174,3 +177,63 @@ async def test_agent_asked_for_too_many_slots_registers_and_reports_slot_cannot_
 
     await wait_until(refused, timeout=30, what="the state refused, the agent still registered")
     assert agent.alive
+
+
+def _projector(kind: str, tmp_path: Path, model_path: Path) -> Path:
+    """A ``multimodal_projection`` file that cannot be loaded, of the given kind."""
+    if kind == "missing":
+        return tmp_path / "mmproj-missing.gguf"
+    if kind == "not_gguf":
+        path = tmp_path / "mmproj-notes.gguf"
+        path.write_text("these are notes, not a projector")
+        return path
+    if kind == "language_model":
+        return model_path  # a GGUF, but a language model's, not a projector's
+    whole = write_test_projector(tmp_path / "mmproj-whole.gguf")
+    data = whole.read_bytes()
+    path = tmp_path / "mmproj-truncated.gguf"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_gguf", "language_model", "truncated"])
+async def test_projector_that_cannot_be_loaded_is_an_agent_issue_and_text_is_still_served(
+    pool: Balancer, model_path: Path, tmp_path: Path, kind: str
+) -> None:
+    projector = _projector(kind, tmp_path, model_path)
+    await _put(
+        pool,
+        {"model": {"LocalToAgent": str(model_path)}, "multimodal_projection": {"LocalToAgent": str(projector)}},
+    )
+    found: list[dict[str, Any]] = []
+
+    async def reported() -> bool:
+        async with httpx.AsyncClient() as http:
+            agents = (await http.get(pool.management_url + "/api/v1/agents")).json()["agents"]
+        found[:] = [
+            {**agent, "issue": issue["MultimodalProjectionCannotBeLoaded"]}
+            for agent in agents
+            for issue in agent.get("issues", [])
+            if isinstance(issue, dict)
+            and issue.get("MultimodalProjectionCannotBeLoaded", {}).get("model_path") == str(projector)
+        ]
+        return bool(found) and found[0]["slots_total"] == 1
+
+    await wait_until(reported, timeout=120, what="MultimodalProjectionCannotBeLoaded for this projector")
+    (agent,) = found
+    assert agent["state_application_status"] == "AttemptedAndNotAppliable"
+    assert agent["issue"]["message"].startswith("The multimodal projection cannot be loaded")
+    async with openai_client(pool) as client:
+        text = await client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+        )
+        assert text.choices[0].finish_reason in ("stop", "length")
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        with pytest.raises(openai.BadRequestError) as error:
+            await client.chat.completions.create(
+                model="default",
+                messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}],  # type: ignore[list-item]
+                max_tokens=4,
+            )
+    assert error.value.code == "multimodal_not_supported"
+    assert "could not be loaded" in str(error.value)

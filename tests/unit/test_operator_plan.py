@@ -378,6 +378,24 @@ def test_desired_state_json(
     assert (state["chat_template_override"] or {}).get("content") == template
 
 
+def test_desired_state_carries_the_multimodal_projection_and_none_without_it() -> None:
+    with_projector = ModelDeploymentSpec.model_validate(
+        {
+            "poolRef": {"name": "p"},
+            "model": {"localPath": "/models/vlm.gguf"},
+            "multimodalProjection": {"url": "https://x.invalid/mmproj.gguf"},
+            "inferenceParameters": {"imageResizeToFit": 512},
+        }
+    )
+    state = plan.plan_model_deployment(MD, with_projector, pool_spec()).desired_state.to_json_dict()
+    assert state["multimodal_projection"] == {"Url": {"url": "https://x.invalid/mmproj.gguf"}}
+    assert state["inference_parameters"]["image_resize_to_fit"] == 512
+    text_only = ModelDeploymentSpec.model_validate({"poolRef": {"name": "p"}, "model": {"localPath": "/m.gguf"}})
+    assert plan.plan_model_deployment(MD, text_only, pool_spec()).desired_state.to_json_dict()[
+        "multimodal_projection"
+    ] == "None"
+
+
 @pytest.mark.parametrize(
     ("template", "url"),
     [
