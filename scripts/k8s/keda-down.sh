@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Stop what keda-up.sh started (by its pid files only) and remove KEDA's
-# APIService, so the control plane can serve external.metrics.k8s.io from
-# something else (prometheus-adapter). KEDA's CRDs and namespace stay.
+# Undo keda-up.sh: remove KEDA's APIService (so the control plane can serve
+# external.metrics.k8s.io from something else: prometheus-adapter) and its CRDs
+# (so keda.sh is not served any more: the operator's "KEDA mode without KEDA"
+# path sees the cluster as before), then stop the processes keda-up.sh started
+# (by their pid files only). The CRDs go while keda-operator still runs: it
+# clears its finalizers from the ScaledObjects that go with them; finalizers
+# left (operator already gone) are removed by hand.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -26,6 +30,23 @@ if [[ -f "$STATE/kubeconfig" ]]; then
   kctl() { "$K8S_BIN/kubectl" --kubeconfig "$STATE/kubeconfig" --request-timeout=10s "$@"; }
   if [[ "$(kctl get apiservice "$APISERVICE" -o jsonpath='{.spec.service.namespace}' 2>/dev/null)" == keda ]]; then
     kctl delete apiservice "$APISERVICE" --wait=false >/dev/null 2>&1 && log "removed APIService $APISERVICE" || true
+  fi
+  kctl -n keda delete service,endpoints keda-metrics-apiserver --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  crds=(scaledobjects.keda.sh scaledjobs.keda.sh triggerauthentications.keda.sh
+        clustertriggerauthentications.keda.sh cloudeventsources.eventing.keda.sh
+        clustercloudeventsources.eventing.keda.sh)
+  if kctl get crd scaledobjects.keda.sh >/dev/null 2>&1; then
+    kctl delete crd "${crds[@]}" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+    deadline=$((SECONDS + 30))
+    while kctl get crd scaledobjects.keda.sh >/dev/null 2>&1 && (( SECONDS < deadline )); do sleep 0.5; done
+    for kind in scaledobjects.keda.sh scaledjobs.keda.sh; do
+      kctl get "$kind" -A -o jsonpath='{range .items[*]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' 2>/dev/null \
+        | while read -r ns name; do
+            [[ -n "$name" ]] && kctl -n "$ns" patch "$kind" "$name" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+          done
+    done
+    kctl wait --for=delete crd "${crds[@]}" --timeout=30s >/dev/null 2>&1 || log "KEDA CRDs still being removed"
+    log "removed KEDA's CRDs"
   fi
 fi
 
