@@ -30,6 +30,7 @@ from paddler_operator.plan import quantity_value
 from tests.harness import Balancer, Processes
 
 from .conftest import COLD_BUILD_TIMEOUT_S, SCRIPTS, K8sCluster, wait_until
+from .metrics_pipeline import Prometheus, prometheus, prometheus_targets  # noqa: F401 - fixtures
 from .test_operator_cluster import (  # noqa: F401 - crds and operators are fixtures
     MODEL,
     POOL,
@@ -63,7 +64,8 @@ def keda(crds: K8sCluster) -> Iterator[K8sCluster]:  # noqa: F811
         subprocess.run(["bash", str(SCRIPTS / "keda-down.sh")], capture_output=True, text=True, timeout=120)
 
 
-def keda_model(*, delay: int, max_replicas: int = 3, trigger: str = "metricsApi") -> str:
+def keda_model(*, delay: int, max_replicas: int = 3, prometheus_url: str | None = None) -> str:
+    trigger = "metricsApi" if prometheus_url is None else f"prometheus, prometheusServerAddress: '{prometheus_url}'"
     autoscaling = (
         f"  autoscaling:\n    mode: KEDA\n    minReplicas: 0\n    maxReplicas: {max_replicas}\n"
         f"    scaleDownDelaySeconds: {delay}\n    keda: {{trigger: {trigger}, pollingIntervalSeconds: 1}}\n"
@@ -180,6 +182,42 @@ def test_metrics_api_trigger_wakes_the_group_from_zero_answers_the_request_and_r
     wait_replicas(cluster, ns, 0)
     print(f"KEDA metrics-api: answered -> replicas 0 in {time.monotonic() - t1:.2f}s (cooldown 5s)")
     assert so_status(get(cluster, ns, SCALED_OBJECT), "Active") == "False"
+
+
+def test_prometheus_trigger_wakes_the_group_from_zero_and_answers_the_request(
+    keda: K8sCluster,
+    operators: Operators,  # noqa: F811
+    k8s_namespace: str,
+    paddler: Processes,
+    prometheus_targets: Prometheus,  # noqa: F811
+) -> None:
+    cluster, ns = keda, k8s_namespace
+    balancer = paddler.balancer("--buffered-request-timeout", "60s")
+    # Prometheus scrapes the balancer's /metrics (every second), its series labelled with the namespace.
+    prometheus_targets.scrape(f"keda-{ns}", balancer.management_addr, namespace=ns)
+    operators.start(ns, balancer_url=balancer.management_url)
+    cluster.apply(keda_model(delay=5, prometheus_url=prometheus_targets.url), namespace=ns)
+    query = f'sum(paddler_requests_buffered{{model_group="m",namespace="{ns}"}})'
+    prometheus_targets.wait_for_series(query)
+    so = ready_scaled_object(cluster, ns)
+    trigger = so["spec"]["triggers"][0]
+    assert (trigger["type"], trigger["metadata"]["query"]) == ("prometheus", query)
+    assert trigger["metadata"]["serverAddress"] == prometheus_targets.url
+    metric = so["status"]["externalMetricNames"][0]
+
+    requests = Requests(balancer)
+    t0 = time.monotonic()
+    requests.send()
+    try:
+        wait_replicas(cluster, ns, 1)
+        print(f"\nKEDA prometheus: request buffered -> replicas 1 in {time.monotonic() - t0:.2f}s")
+        wait_object(cluster, ns, SCALED_OBJECT, lambda o: so_status(o, "Active") == "True")
+        assert external_metric(cluster, ns, metric) == 1  # KEDA's reading of Prometheus
+        paddler.agent(balancer, slots=2, name="agent-0", extra=("--model-group", "m"))  # the pod comes up
+    finally:
+        statuses = requests.join()
+    assert statuses == [200]
+    wait_replicas(cluster, ns, 0)
 
 
 def test_keda_hpa_grows_the_group_under_sustained_buffered_load(
