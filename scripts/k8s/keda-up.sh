@@ -93,8 +93,12 @@ fi
 
 # --- CRDs and namespace ------------------------------------------------------------
 kctl apply --server-side --force-conflicts -f "$KEDA_DIR/crds" >/dev/null
-kctl wait --for=condition=Established crd/scaledobjects.keda.sh crd/triggerauthentications.keda.sh \
-  crd/clustertriggerauthentications.keda.sh crd/scaledjobs.keda.sh --timeout=60s >/dev/null
+established() {
+  kctl wait --for=condition=Established crd/scaledobjects.keda.sh crd/triggerauthentications.keda.sh \
+    crd/clustertriggerauthentications.keda.sh crd/scaledjobs.keda.sh --timeout=5s >/dev/null 2>&1
+}
+for _ in $(seq 24); do established && break; sleep 0.5; done
+established || { echo "keda-up.sh: KEDA's CRDs are not Established" >&2; exit 1; }
 kctl get namespace "$NS" >/dev/null 2>&1 || kctl create namespace "$NS" >/dev/null
 
 free_port() {
