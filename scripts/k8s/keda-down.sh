@@ -43,7 +43,7 @@ if [[ -f "$STATE/kubeconfig" ]]; then
       kctl get "$kind" -A -o jsonpath='{range .items[*]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' 2>/dev/null \
         | while read -r ns name; do
             [[ -n "$name" ]] && kctl -n "$ns" patch "$kind" "$name" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
-          done
+          done || true  # the kind is usually gone already
     done
     kctl wait --for=delete crd "${crds[@]}" --timeout=30s >/dev/null 2>&1 || log "KEDA CRDs still being removed"
     log "removed KEDA's CRDs"

@@ -19,7 +19,11 @@
 # so scripts/k8s/down.sh stops KEDA with the control plane.
 # Idempotent: already up and Available -> does nothing.
 # Environment: PADDLER_K8S_DIR, KEDA_UP_TIMEOUT (seconds, 120), KEDA_LOG_LEVEL (info),
-# plus what keda-build.sh reads.
+# KEDA_DNS (a cluster DNS address, e.g. 10.96.0.10 on the real node of cluster-up.sh:
+# KEDA then runs in its own mount namespace whose /etc/resolv.conf asks that server
+# with the cluster's search domains, so triggers may name Services as pods do, e.g.
+# the operator's default http://p-management.NS.svc:8060; needs root), plus what
+# keda-build.sh reads.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -115,12 +119,20 @@ KEDA_OPERATOR_PROBE=http://127.0.0.1:$PROBE_PORT
 KEDA_OPERATOR_METRICS=http://127.0.0.1:$OP_METRICS_PORT/metrics
 ENV
 
+WRAP=()
+if [[ -n "${KEDA_DNS:-}" ]]; then
+  printf 'nameserver %s\nsearch %s.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n' \
+    "$KEDA_DNS" "$NS" >"$KSTATE/resolv.conf"
+  # unshare and sh exec in turn: the pid started below ends up being KEDA's own binary.
+  WRAP=(unshare --mount --propagation private sh -c 'mount --bind "$0" /etc/resolv.conf && exec "$@"' "$KSTATE/resolv.conf")
+fi
 start() {
   local name="$1"; shift
   mkdir -p "$STATE/pids" "$STATE/logs"
   setsid env KUBECONFIG="$KUBECONFIG_FILE" WATCH_NAMESPACE="" POD_NAMESPACE="$NS" \
-    KEDA_CLUSTER_OBJECT_NAMESPACE="$NS" "$@" </dev/null >"$STATE/logs/$name.log" 2>&1 7>&- &
+    KEDA_CLUSTER_OBJECT_NAMESPACE="$NS" "${WRAP[@]+"${WRAP[@]}"}" "$@" </dev/null >"$STATE/logs/$name.log" 2>&1 7>&- &
   echo $! >"$STATE/pids/$name.pid"
+  local i; for i in $(seq 40); do alive "$name" && break; sleep 0.05; done  # the wrapper's execs
   log "started $name (pid $!)"
 }
 fail() {

@@ -61,7 +61,8 @@ def keda(crds: K8sCluster) -> Iterator[K8sCluster]:  # noqa: F811
     try:
         yield crds
     finally:
-        subprocess.run(["bash", str(SCRIPTS / "keda-down.sh")], capture_output=True, text=True, timeout=120)
+        down = subprocess.run(["bash", str(SCRIPTS / "keda-down.sh")], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, f"scripts/k8s/keda-down.sh failed:\n{down.stdout}\n{down.stderr}"
 
 
 def keda_model(*, delay: int, max_replicas: int = 3, prometheus_url: str | None = None) -> str:
