@@ -105,7 +105,14 @@ async def agents(request: web.Request) -> web.Response:
 
 
 async def buffered_requests(request: web.Request) -> web.Response:
-    return web.json_response(_buffered_body(_balancer(request)))
+    """All buffered requests, or (``?model_group=m``) those of one group: KEDA's
+    metrics-api trigger of a ModelDeployment reads its own group's count."""
+    balancer = _balancer(request)
+    group = request.query.get("model_group")
+    if group is None:
+        return web.json_response(_buffered_body(balancer))
+    count = sum(1 for waiting in balancer.dispatcher.waiting_requests() if waiting.model_group == group)
+    return web.json_response({"buffered_requests_current": count})
 
 
 async def agents_stream(request: web.Request) -> web.StreamResponse:

@@ -393,6 +393,36 @@ class AutoscalingMode(StrEnum):
     BUILTIN = "Builtin"
 
 
+class KedaTrigger(StrEnum):
+    METRICS_API = "metricsApi"
+    """KEDA's metrics-api scaler reads the balancer's JSON (no Prometheus needed)."""
+    PROMETHEUS = "prometheus"
+    """KEDA's prometheus scaler queries a Prometheus that scrapes the balancer's /metrics."""
+
+
+DEFAULT_PROMETHEUS_SERVER_ADDRESS = "http://prometheus.monitoring.svc:9090"
+
+
+class KedaSpec(_Spec):
+    """How KEDA reads the buffered-request gauge (``autoscaling.mode: KEDA``)."""
+
+    trigger: KedaTrigger = Field(
+        default=KedaTrigger.METRICS_API,
+        description=(
+            "metricsApi: the balancer's /api/v1/model_groups (per group); prometheus: "
+            "sum(paddler_requests_buffered{model_group,namespace}) from prometheusServerAddress."
+        ),
+    )
+    prometheus_server_address: str = Field(
+        default=DEFAULT_PROMETHEUS_SERVER_ADDRESS,
+        min_length=1,
+        description="Prometheus base URL for the prometheus trigger (its series carry a namespace label).",
+    )
+    polling_interval_seconds: Annotated[
+        int, Field(ge=1, description="How often KEDA reads the trigger: the 0 -> 1 step waits at most this long.")
+    ] = 5
+
+
 class AutoscalingSpec(_Spec):
     """Scale agent pods on buffered requests and busy slots."""
 
@@ -420,6 +450,7 @@ class AutoscalingSpec(_Spec):
         int, Field(ge=1, le=100, description="Busy slots / total slots (percent) to keep below.")
     ] = 80
     scale_down_delay_seconds: Annotated[int, Field(ge=0, description="Idle time before scaling down (s).")] = 300
+    keda: KedaSpec = Field(default_factory=KedaSpec, description="KEDA's trigger (mode KEDA only).")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:

@@ -28,6 +28,7 @@ from paddler_operator.crd_models import (
     AutoscalingSpec,
     Condition,
     EngineKind,
+    KedaTrigger,
     LlmPoolSpec,
     LlmPoolStatus,
     ModelDeploymentSpec,
@@ -469,13 +470,17 @@ def plan_model_deployment(
     pool: LlmPoolSpec,
     *,
     builtin_replicas: int | None = None,
+    balancer_url: str | None = None,
     hpa_scale_to_zero: bool = True,
 ) -> MdPlan:
     """Agent Deployment (+ HPA or ScaledObject) of a ModelDeployment, and its desired state.
 
     ``builtin_replicas`` is the Builtin scaler's answer (see :func:`builtin_scale`);
-    it is used only when ``autoscaling.mode`` is ``Builtin``. ``hpa_scale_to_zero``: the
-    cluster's HPA accepts ``minReplicas: 0`` (see :func:`hpa_min_replicas`).
+    it is used only when ``autoscaling.mode`` is ``Builtin``. ``balancer_url`` is where
+    the operator reaches the pool's management API (its ``--balancer-url-template``);
+    KEDA's metrics-api trigger reads the same URL (default: the management Service).
+    ``hpa_scale_to_zero``: the cluster's HPA accepts ``minReplicas: 0`` (see
+    :func:`hpa_min_replicas`).
     """
     pool_name = md.pool_ref.name
     labels = {**_labels(owner, pool_name, "agent", "paddler-agent"), MD_LABEL: owner.name}
@@ -569,9 +574,10 @@ def plan_model_deployment(
     trigger_auth_ref = ObjRef("keda.sh/v1alpha1", "TriggerAuthentication", owner.namespace, name)
     token_ref = management_token_ref(pool_name, pool)
     if mode == AutoscalingMode.KEDA:
-        addr = management_addr(pool_name, owner.namespace, pool)
-        objects.append(_scaled_object(owner, name, labels, md.autoscaling, addr, token_ref is not None))
-        if token_ref is not None:
+        base = balancer_url or f"http://{management_addr(pool_name, owner.namespace, pool)}"
+        needs_token = token_ref is not None and md.autoscaling.keda.trigger == KedaTrigger.METRICS_API
+        objects.append(_scaled_object(owner, name, labels, md.autoscaling, base, needs_token))
+        if needs_token and token_ref is not None:
             objects.append(_trigger_authentication(owner, name, labels, token_ref))
         else:
             absent.append(trigger_auth_ref)
@@ -695,22 +701,46 @@ def _trigger_authentication(owner: Owner, name: str, labels: dict[str, str], tok
     }
 
 
-def _scaled_object(
-    owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, addr: str, with_token: bool = False
-) -> Obj:
-    base = f"http://{addr}"
+def buffered_query(group: str, namespace: str) -> str:
+    """PromQL of the prometheus trigger: this group's buffered requests in this namespace only."""
+    return f'sum(paddler_requests_buffered{{model_group="{group}",namespace="{namespace}"}})'
+
+
+def keda_trigger(owner: Owner, a: AutoscalingSpec, balancer_base_url: str, with_token: bool) -> Obj:
+    """The ScaledObject's trigger on the group's buffered requests (``autoscaling.keda.trigger``):
+    active (0 -> 1) as soon as one request is buffered, one agent per ``targetBufferedRequests``."""
+    target = str(a.target_buffered_requests)
+    if a.keda.trigger == KedaTrigger.PROMETHEUS:
+        return {
+            "type": "prometheus",
+            "metadata": {
+                "serverAddress": a.keda.prometheus_server_address,
+                "query": buffered_query(owner.name, owner.namespace),
+                "threshold": target,
+                "activationThreshold": "0",
+                "ignoreNullValues": "true",  # no series yet (nothing scraped): 0, not an error
+            },
+        }
     trigger: Obj = {
-        # The balancer's own JSON: no Prometheus needed (it is pushed, never stale).
+        # The balancer's own JSON, this group's count: no Prometheus needed.
         "type": "metrics-api",
         "metadata": {
-            "url": f"{base}/api/v1/buffered_requests",
+            "url": f"{balancer_base_url}/api/v1/buffered_requests?model_group={owner.name}",
             "valueLocation": "buffered_requests_current",
-            "targetValue": str(a.target_buffered_requests),
+            "targetValue": target,
             "activationTargetValue": "0",
         },
     }
     if with_token:
         trigger["metadata"]["authMode"] = "bearer"
+    return trigger
+
+
+def _scaled_object(
+    owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, balancer_base_url: str, with_token: bool
+) -> Obj:
+    trigger = keda_trigger(owner, a, balancer_base_url, with_token)
+    if trigger["type"] == "metrics-api" and with_token:
         trigger["authenticationRef"] = {"name": name}
     return {
         "apiVersion": "keda.sh/v1alpha1",
@@ -720,8 +750,15 @@ def _scaled_object(
             "scaleTargetRef": {"name": name},
             "minReplicaCount": a.min_replicas,
             "maxReplicaCount": a.max_replicas,
+            # KEDA scales 1 -> 0 after cooldownPeriod without activity; its HPA (1 <-> N)
+            # waits as long before removing agents, like mode HPA.
             "cooldownPeriod": a.scale_down_delay_seconds,
-            "pollingInterval": 5,
+            "pollingInterval": a.keda.polling_interval_seconds,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {"scaleDown": {"stabilizationWindowSeconds": min(a.scale_down_delay_seconds, 3600)}}
+                }
+            },
             "triggers": [trigger],
         },
     }

@@ -437,7 +437,7 @@ class Reconciler:
         if spec.autoscaling.mode == AutoscalingMode.HPA:
             hpa_gate = await self.hpa_scale_to_zero(namespace)
         md_plan = plan.plan_model_deployment(
-            owner, spec, pool_spec, builtin_replicas=builtin, hpa_scale_to_zero=hpa_gate
+            owner, spec, pool_spec, builtin_replicas=builtin, balancer_url=url, hpa_scale_to_zero=hpa_gate
         )
         errors = await self.apply(obj, md_plan.objects, md_plan.absent)
         if current is not None and plan.hpa_wakes(

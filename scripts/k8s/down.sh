@@ -33,8 +33,8 @@ if [[ -d "$STATE/metrics/pids" ]]; then
   bash "$HERE/prometheus.sh" down "$STATE/metrics" || true
 fi
 
-# Stop clients before servers: kwok, scheduler, controller-manager, apiserver, etcd.
-order=(kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
+# Stop clients before servers: KEDA (keda-up.sh), kwok, scheduler, controller-manager, apiserver, etcd.
+order=(keda-adapter keda-operator kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
 stopped=()
 for name in "${order[@]}"; do
   f="$STATE/pids/$name.pid"

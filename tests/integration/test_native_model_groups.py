@@ -113,3 +113,33 @@ async def test_unknown_group_is_404_listing_the_served_groups(three_groups: Bala
         async with websockets.connect(socket_url, additional_headers={"X-Paddler-Model-Group": "gamma"}):
             pass
     assert refused.value.response.status_code == 404
+
+
+async def test_buffered_requests_can_be_read_per_model_group(paddler: Processes) -> None:
+    # KEDA's metrics-api trigger of a ModelDeployment reads its own group's count.
+    balancer = paddler.balancer("--buffered-request-timeout", "20s")
+    async with httpx.AsyncClient(timeout=30) as http:
+        for group in ("alpha", "beta"):
+            url = f"{balancer.management_url}/api/v1/model_groups/{group}/desired_state"
+            response = await http.put(url, json={"model": {"LocalToAgent": f"/models/{group}.gguf"}})
+            assert response.status_code == 204, response.text
+
+        async def buffered(query: str = "") -> int:
+            body = (await http.get(f"{balancer.management_url}/api/v1/buffered_requests{query}")).json()
+            return int(body["buffered_requests_current"])
+
+        chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        pending = [
+            asyncio.create_task(http.post(f"{balancer.inference_url}/v1/chat/completions", json=chat)) for _ in range(2)
+        ]
+
+        async def two_buffered() -> bool:
+            return await buffered() == 2
+
+        await wait_until(two_buffered, timeout=10, what="two requests buffered")
+        assert (await buffered("?model_group=alpha"), await buffered("?model_group=beta")) == (2, 0)
+        assert await buffered("?model_group=unknown") == 0
+        paddler.agent(balancer, slots=2, name="alpha", extra=("--model-group", "alpha"))
+        responses = await asyncio.wait_for(asyncio.gather(*pending), 20)
+        assert [r.status_code for r in responses] == [200, 200]
+        assert await buffered("?model_group=alpha") == 0

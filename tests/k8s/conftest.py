@@ -46,6 +46,10 @@ def binaries_cached() -> bool:
     return subprocess.run(["bash", str(SCRIPTS / "build.sh"), "--check"]).returncode == 0
 
 
+def keda_cached() -> bool:
+    return subprocess.run(["bash", str(SCRIPTS / "keda-build.sh"), "--check"]).returncode == 0
+
+
 @dataclass(frozen=True)
 class K8sCluster:
     kubeconfig: Path
@@ -156,6 +160,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     adapter_items = [i for i in items if "metrics_adapter" in getattr(i, "fixturenames", ())]
     if adapter_items and subprocess.run(["bash", str(SCRIPTS / "prometheus-adapter.sh"), "--check"]).returncode:
         for item in adapter_items:
+            item.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT_S), append=False)
+    # The same for KEDA's build (scripts/k8s/keda-build.sh), paid by the first KEDA test.
+    keda_items = [i for i in items if "keda" in getattr(i, "fixturenames", ())]
+    if keda_items and not keda_cached():
+        for item in keda_items:
             item.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT_S), append=False)
 
 

@@ -339,13 +339,59 @@ def test_scale_to_zero_probe_is_an_hpa_with_min_replicas_zero() -> None:
     )  # fmt: skip
 
 
-def test_keda_reads_the_balancer_json() -> None:
-    spec = md_spec(autoscaling={"mode": "KEDA", "minReplicas": 0})
+def test_keda_reads_the_groups_buffered_requests_from_the_balancer_json() -> None:
+    spec = md_spec(autoscaling={"mode": "KEDA", "minReplicas": 0, "scaleDownDelaySeconds": 60})
     so = plan.plan_model_deployment(MD, spec, pool_spec()).objects[1]
     trigger = so["spec"]["triggers"][0]
     assert so["spec"]["minReplicaCount"] == 0
+    assert (so["spec"]["cooldownPeriod"], so["spec"]["pollingInterval"]) == (60, 5)
+    assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == {
+        "scaleDown": {"stabilizationWindowSeconds": 60}
+    }
     assert trigger["type"] == "metrics-api"
-    assert trigger["metadata"]["url"] == "http://p-management.ns.svc:8060/api/v1/buffered_requests"
+    assert trigger["metadata"] == {
+        "url": "http://p-management.ns.svc:8060/api/v1/buffered_requests?model_group=m",
+        "valueLocation": "buffered_requests_current",
+        "targetValue": "1",
+        "activationTargetValue": "0",
+        "authMode": "bearer",
+    }
+
+
+def test_keda_metrics_api_trigger_reads_where_the_operator_reaches_the_balancer() -> None:
+    spec = md_spec(autoscaling={"mode": "KEDA"})
+    so = plan.plan_model_deployment(MD, spec, pool_spec(), balancer_url="http://127.0.0.1:4321").objects[1]
+    assert (
+        so["spec"]["triggers"][0]["metadata"]["url"] == "http://127.0.0.1:4321/api/v1/buffered_requests?model_group=m"
+    )
+
+
+def test_keda_prometheus_trigger_queries_the_group_in_its_namespace() -> None:
+    keda = {"trigger": "prometheus", "prometheusServerAddress": "http://prom.mon.svc:9090", "pollingIntervalSeconds": 2}
+    spec = md_spec(autoscaling={"mode": "KEDA", "targetBufferedRequests": 2, "keda": keda})
+    p = plan.plan_model_deployment(MD, spec, pool_spec())
+    so = p.objects[1]
+    assert so["spec"]["pollingInterval"] == 2
+    assert so["spec"]["triggers"] == [
+        {
+            "type": "prometheus",
+            "metadata": {
+                "serverAddress": "http://prom.mon.svc:9090",
+                "query": 'sum(paddler_requests_buffered{model_group="m",namespace="ns"})',
+                "threshold": "2",
+                "activationThreshold": "0",
+                "ignoreNullValues": "true",
+            },
+        }
+    ]
+    # Prometheus needs no management token from KEDA: no TriggerAuthentication.
+    assert [o["kind"] for o in p.objects] == ["Deployment", "ScaledObject"]
+    assert "TriggerAuthentication" in [r.kind for r in p.absent]
+
+
+def test_keda_trigger_kind_is_validated() -> None:
+    with pytest.raises(ValueError, match="trigger"):
+        md_spec(autoscaling={"mode": "KEDA", "keda": {"trigger": "cpu"}})
 
 
 @pytest.mark.parametrize(
