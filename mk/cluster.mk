@@ -1,6 +1,6 @@
 # Container images and a real single-node cluster (docs/development.md, "Cluster tier").
-#   make images        Docker images of Dockerfile.{balancer,agent,agent-model}; tags are
-#                      the chart's and the operator's defaults (IMAGE_TAG=... to change)
+#   make images        Docker images of Dockerfile.{balancer,agent,agent-model,llama-server};
+#                      tags are the chart's and the operator's defaults (IMAGE_TAG=... to change)
 #   make cluster-up    control plane (scripts/k8s/up.sh) + a real node (containerd, CNI,
 #                      kubelet, kube-proxy, CoreDNS) with the images loaded;
 #                      KUBECONFIG=.k8s/cluster/kubeconfig, .k8s/cluster/bin/{kubectl,helm}
@@ -20,8 +20,9 @@ docker-down:
 llama-wheel-portable:
 	nice -n 10 scripts/llama-wheel-portable.sh >/dev/null
 
-## images: balancer, agent and agent+SmolLM2 images (BASE_IMAGE=... for a public base)
-images: docker-up llama-wheel-portable model
+## images: balancer, agent, agent+SmolLM2, llama-server and llama-server+SmolLM2 images
+## (BASE_IMAGE=... for a public base); llama-server is the tests' cached binary, not a compile
+images: docker-up llama-wheel-portable model llama-server
 	bash scripts/images.sh all
 
 cluster-up: k8s-build images

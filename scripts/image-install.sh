@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Install steps of the container images (Dockerfile.balancer, Dockerfile.agent).
+# Install steps of the container images (Dockerfile.balancer, Dockerfile.agent,
+# Dockerfile.llama-server).
 # The Dockerfiles only call this script, and CI runs it too (the balancer
 # variant, into a temporary prefix: tests/unit/test_operator_image.py), so the
 # install steps are tested even where Docker cannot run.
 #
 # Usage:
-#   image-install.sh system-deps venv|build|runtime|runtime-light
+#   image-install.sh system-deps venv|build|runtime|runtime-light|llama-server
 #                                                apt packages that the base lacks (python3 + venv,
-#                                                compilers, libgomp); none when all are there
+#                                                compilers, libgomp; llama-server: its shared
+#                                                libraries, no Python); none when all are there
 #   image-install.sh user UID                    a system user and group UID named paddler
 #   image-install.sh llama-wheel DIR             build a portable llama-cpp-python wheel into DIR
 #   image-install.sh balancer PREFIX             venv at PREFIX with paddler[operator] (balancer + operator)
@@ -75,7 +77,8 @@ case "$MODE" in
         [[ "$ARG" == runtime ]] && pkgs+=(libgomp1 libstdc++6)
         pkgs+=(ca-certificates)
         ;;
-      *) echo "system-deps: venv, build, runtime or runtime-light" >&2; exit 2 ;;
+      llama-server) pkgs+=(libgomp1 libstdc++6 libssl3 ca-certificates) ;;
+      *) echo "system-deps: venv, build, runtime, runtime-light or llama-server" >&2; exit 2 ;;
     esac
     [[ ${#pkgs[@]} -eq 0 ]] || apt_install "${pkgs[@]}"
     ;;

@@ -4,13 +4,20 @@
 #   $AGENT_IMAGE     Dockerfile.agent: paddler agent + portable llama.cpp
 #   $MODEL_IMAGE     Dockerfile.agent-model: the agent image plus the SmolLM2 GGUF
 #                    at /models/SmolLM2-135M-Instruct.Q4_1.gguf
+#   $LLAMA_SERVER_IMAGE        Dockerfile.llama-server: llama.cpp's llama-server (the
+#                              container beside the agent of `engine: llamaServer`)
+#   $LLAMA_SERVER_MODEL_IMAGE  Dockerfile.agent-model on top of it: + the same GGUF
 # Defaults are the chart's and the operator's image defaults (nothing is
 # published: `make images` is where they come from). No registry is needed:
 # BASE_IMAGE defaults to a Debian bookworm base made here (mmdebstrap | docker
 # import); set BASE_IMAGE=python:3.11-slim-bookworm (or any Debian/Ubuntu image
 # with python3) where a registry is reachable. The agent's llama.cpp comes from
 # a portable wheel cached under $PADDLER_CACHE (scripts/llama-wheel-portable.sh),
-# so an image build is an install, not a compile.
+# so an image build is an install, not a compile. llama-server is the binary that
+# scripts/install-llama-server.sh built and cached for the tests (the same flags:
+# AMX off, -march=native unless GGML_NATIVE=OFF), copied in: no second compile.
+#
+# Usage: images.sh [all|balancer|agent|model|llama-server]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${PADDLER_CACHE:-$HOME/.cache/paddler}"
@@ -19,6 +26,8 @@ TAG="${IMAGE_TAG:-$VERSION}"
 BALANCER_IMAGE="${BALANCER_IMAGE:-ghcr.io/paddler-k8s/balancer:$TAG}"
 AGENT_IMAGE="${AGENT_IMAGE:-ghcr.io/paddler-k8s/agent:$TAG}"
 MODEL_IMAGE="${MODEL_IMAGE:-ghcr.io/paddler-k8s/agent:$TAG-smollm2}"
+LLAMA_SERVER_IMAGE="${LLAMA_SERVER_IMAGE:-ghcr.io/paddler-k8s/llama-server:$TAG}"
+LLAMA_SERVER_MODEL_IMAGE="${LLAMA_SERVER_MODEL_IMAGE:-ghcr.io/paddler-k8s/llama-server:$TAG-smollm2}"
 LOCAL_BASE="paddler-local/debian-python:bookworm"
 BASE_PACKAGES="python3,python3-venv,libgomp1,libstdc++6,ca-certificates"
 DOCKER="${DOCKER:-docker}"
@@ -53,7 +62,7 @@ base_image() {
 # build/ (ignored by git).
 stage_context() {
   mkdir -p build/image
-  rm -f build/image/*.whl build/image/ca.crt
+  rm -f build/image/*.whl build/image/ca.crt build/image/llama-server
   local ca="${PADDLER_BUILD_CA_BUNDLE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}"
   [[ -s "$ca" ]] && cp "$ca" build/image/ca.crt
   return 0
@@ -62,6 +71,11 @@ stage_wheel() {
   local wheelhouse
   wheelhouse="$(scripts/llama-wheel-portable.sh)"
   cp "$wheelhouse"/llama_cpp_python-*.whl build/image/
+}
+stage_llama_server() {
+  local bin
+  bin="$(scripts/install-llama-server.sh)"
+  cp "$bin" build/image/llama-server
 }
 stage_model() {
   local model
@@ -91,7 +105,14 @@ case "$WHAT" in all|agent|model)
   timed stage_model
   timed build "$MODEL_IMAGE" Dockerfile.agent-model --build-arg "AGENT_IMAGE=$AGENT_IMAGE" ;;
 esac
+case "$WHAT" in all|llama-server)
+  timed stage_llama_server
+  timed build "$LLAMA_SERVER_IMAGE" Dockerfile.llama-server \
+    --build-arg "BASE_IMAGE=$BASE"
+  timed stage_model
+  timed build "$LLAMA_SERVER_MODEL_IMAGE" Dockerfile.agent-model --build-arg "AGENT_IMAGE=$LLAMA_SERVER_IMAGE" ;;
+esac
 echo "images (tag $TAG, base $BASE):"
-for image in "$BALANCER_IMAGE" "$AGENT_IMAGE" "$MODEL_IMAGE"; do
+for image in "$BALANCER_IMAGE" "$AGENT_IMAGE" "$MODEL_IMAGE" "$LLAMA_SERVER_IMAGE" "$LLAMA_SERVER_MODEL_IMAGE"; do
   $DOCKER image inspect -f "  $image  {{.Id}}  {{.Size}} bytes" "$image" 2>/dev/null || true
 done

@@ -4,7 +4,7 @@
 # kube-proxy, CoreDNS), with the images of `make images` loaded into the node.
 # Idempotent. State in $PADDLER_K8S_DIR (make: .k8s/cluster/):
 #   kubeconfig, bin/kubectl, bin/helm, logs/ (control plane), node/ (node).
-# Env: CLUSTER_IMAGES (images to load; default: the three of scripts/images.sh),
+# Env: CLUSTER_IMAGES (images to load; default: the five of scripts/images.sh),
 # CLUSTER_EXTRA_IMAGES (loaded too: e.g. the test tier's client image).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,6 +18,7 @@ export PADDLER_K8S_LOCKED=1
 VERSION="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$REPO/charts/paddler/Chart.yaml")"
 TAG="${IMAGE_TAG:-$VERSION}"
 DEFAULT_IMAGES="ghcr.io/paddler-k8s/balancer:$TAG ghcr.io/paddler-k8s/agent:$TAG ghcr.io/paddler-k8s/agent:$TAG-smollm2"
+DEFAULT_IMAGES+=" ghcr.io/paddler-k8s/llama-server:$TAG ghcr.io/paddler-k8s/llama-server:$TAG-smollm2"
 export NODE_IMAGES="${CLUSTER_IMAGES:-$DEFAULT_IMAGES} ${CLUSTER_EXTRA_IMAGES:-}"
 t0=$SECONDS
 bash "$REPO/scripts/docker.sh" up

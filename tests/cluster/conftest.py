@@ -1,7 +1,7 @@
 """Fixtures of the cluster tier: the project's images on a real single-node cluster.
 
 ``cluster`` (session scope) runs ``make images`` (Docker daemon, base image, the
-portable llama wheel, three images), builds the tier's client image (curl + the
+portable llama wheel, the cached llama-server, five images), builds the tier's client image (curl + the
 ``openai`` SDK), then ``make cluster-up``: the control plane of ``scripts/k8s/up.sh``
 plus a real node (containerd, CNI bridge, kubelet, kube-proxy, CoreDNS) with the
 images loaded. ``make cluster-down`` stops all of it afterwards, whatever happened,
@@ -32,6 +32,7 @@ VERSION = next(
 BALANCER_IMAGE = f"ghcr.io/paddler-k8s/balancer:{VERSION}"
 AGENT_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}"
 MODEL_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}-smollm2"
+LLAMA_SERVER_MODEL_IMAGE = f"ghcr.io/paddler-k8s/llama-server:{VERSION}-smollm2"
 CLIENT_IMAGE = f"paddler-local/test-client:{VERSION}"
 MODEL_PATH = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 

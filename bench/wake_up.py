@@ -1,0 +1,388 @@
+"""Scale from zero on the real node: a timeline of one request to a pool with no agent.
+
+Run (as root, on the machine of the cluster tier):
+
+    make cluster-up                      # the real node with the images of `make images`
+    .venv/bin/python bench/wake_up.py [--modes Builtin] [--rounds 3]
+    make cluster-down
+
+For each autoscaling mode it installs the chart (the operator in-cluster, once), makes
+a namespace with an ``LlmPool`` and a ``ModelDeployment`` (SmolLM2 from the model image,
+``minReplicas: 0``, ``maxReplicas: 1``) and, each round, waits until the group has no
+agent pod and no agent on the balancer, then sends ONE streamed chat request from this
+machine (the node itself) to the pool's inference Service (its ClusterIP, through
+kube-proxy) and timestamps, on this machine's clock:
+
+* ``buffered``   the balancer's management API (``/api/v1/buffered_requests/stream``,
+                 server-sent events) shows the request in its buffer;
+* ``replicas``   the agent Deployment's ``spec.replicas`` becomes 1 (``kubectl get -w``);
+* ``scheduled``  the agent pod has a node; ``running``: its phase is ``Running``
+                 (containers started); ``ready``: its Ready condition (the pod watch);
+* ``connected``  the agent appears on the balancer (``/api/v1/agents/stream``);
+* ``loaded``     the agent reports slots (the model is loaded);
+* ``first token`` and ``done`` at the client (the ``openai`` SDK, streamed).
+
+Every wait is bounded. Writes ``bench/results/wake_up.json`` (machine, date, every
+round) and prints a Markdown table (median and range of each step, seconds after the
+request was sent) for docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from openai import AsyncOpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+STATE = REPO / ".k8s" / "cluster"
+KUBECONFIG = STATE / "kubeconfig"
+KUBECTL = STATE / "bin" / "kubectl"
+HELM = STATE / "bin" / "helm"
+RESULTS = REPO / "bench" / "results" / "wake_up.json"
+VERSION = next(
+    line.split(":", 1)[1].strip().strip('"')
+    for line in (REPO / "charts" / "paddler" / "Chart.yaml").read_text().splitlines()
+    if line.startswith("appVersion:")
+)
+MODEL_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}-smollm2"
+MODEL_PATH = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+RELEASE, RELEASE_NS, POOL, GROUP = "paddler", "paddler-system", "p", "default"
+MD_LABEL = "paddler.dev/model-deployment"
+STEPS = ["buffered", "replicas", "scheduled", "running", "ready", "connected", "loaded", "first_token", "done"]
+STEP_NAMES = {
+    "buffered": "request buffered (balancer)",
+    "replicas": "replicas 0 → 1 (Deployment)",
+    "scheduled": "pod scheduled",
+    "running": "pod running (containers started)",
+    "connected": "agent connected (balancer)",
+    "loaded": "model loaded (agent reports slots)",
+    "ready": "pod Ready (kubelet)",
+    "first_token": "first token (client)",
+    "done": "answer complete (client)",
+}
+ROUND_TIMEOUT_S = 300.0
+SCALE_DOWN_DELAY_S = 5
+
+
+def log(message: str) -> None:
+    print(f"[wake-up {datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def kubectl(*args: str, input: str | None = None, timeout: float = 60) -> str:
+    proc = subprocess.run(
+        [str(KUBECTL), "--kubeconfig", str(KUBECONFIG), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def get_json(*args: str) -> Any:
+    return json.loads(kubectl("get", "-o", "json", *args))
+
+
+def wait_for(probe: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def autoscaling(mode: str) -> str:
+    return (
+        f"{{mode: {mode}, minReplicas: 0, maxReplicas: 1, targetBufferedRequests: 1, "
+        f"scaleDownDelaySeconds: {SCALE_DOWN_DELAY_S}}}"
+    )
+
+
+def manifests(namespace: str, mode: str) -> str:
+    return f"""
+apiVersion: paddler.dev/v1alpha1
+kind: LlmPool
+metadata: {{name: {POOL}, namespace: {namespace}}}
+spec:
+  balancer: {{bufferedRequestTimeout: 300s}}
+  agent:
+    image: {MODEL_IMAGE}
+    slotsPerAgent: 2
+    resources: {{requests: {{cpu: 500m, memory: 512Mi}}}}
+---
+apiVersion: paddler.dev/v1alpha1
+kind: ModelDeployment
+metadata: {{name: {GROUP}, namespace: {namespace}}}
+spec:
+  poolRef: {{name: {POOL}}}
+  model: {{localPath: {MODEL_PATH}}}
+  inferenceParameters: {{contextSize: 2048, temperature: 0}}
+  autoscaling: {autoscaling(mode)}
+"""
+
+
+@dataclass
+class Round:
+    mode: str
+    sent: float = 0.0
+    at: dict[str, float] = field(default_factory=dict)
+    text: str = ""
+
+    def mark(self, step: str, when: float | None = None) -> None:
+        if step not in self.at:
+            self.at[step] = time.time() if when is None else when
+
+    def relative(self) -> dict[str, float]:
+        return {step: round(self.at[step] - self.sent, 3) for step in STEPS if step in self.at}
+
+
+async def sse(session: aiohttp.ClientSession, url: str, token: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON bodies of a management API event stream, as they arrive."""
+    async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                yield json.loads(line[6:])
+
+
+async def watch_lines(*args: str) -> AsyncIterator[str]:
+    """Lines of a ``kubectl get -w`` (one per change), ended when the caller stops."""
+    proc = await asyncio.create_subprocess_exec(
+        str(KUBECTL), "--kubeconfig", str(KUBECONFIG), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async for raw in proc.stdout:
+            yield raw.decode().strip()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+class Pool:
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        inference = get_json("-n", namespace, "service", f"{POOL}-inference")["spec"]["clusterIP"]
+        management = get_json("-n", namespace, "service", f"{POOL}-management")["spec"]["clusterIP"]
+        self.inference_url = f"http://{inference}:8061"
+        self.management_url = f"http://{management}:8060"
+        secret = get_json("-n", namespace, "secret", f"{POOL}-management-token")
+        self.token = base64.b64decode(secret["data"]["management-token"]).decode()
+
+    def agents(self) -> list[dict[str, Any]]:
+        import urllib.request
+
+        request = urllib.request.Request(
+            self.management_url + "/api/v1/agents", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            found: list[dict[str, Any]] = json.load(response)["agents"]
+        return [a for a in found if a["model_group"] == GROUP]
+
+    def at_zero(self) -> bool:
+        deployment = get_json("-n", self.namespace, "deployment", f"{GROUP}-agent")
+        pods = get_json("-n", self.namespace, "pods", "-l", f"{MD_LABEL}={GROUP}")["items"]
+        return deployment["spec"].get("replicas") == 0 and not pods and not self.agents()
+
+
+async def one_round(pool: Pool, mode: str) -> Round:
+    result = Round(mode)
+    ns = pool.namespace
+    seen_at_start = asyncio.Event()
+
+    async def buffered(session: aiohttp.ClientSession) -> None:
+        async for body in sse(session, pool.management_url + "/api/v1/buffered_requests/stream", pool.token):
+            if body["buffered_requests_current"] >= 1 and result.sent:
+                result.mark("buffered")
+                return
+
+    async def agents(session: aiohttp.ClientSession) -> None:
+        async for body in sse(session, pool.management_url + "/api/v1/agents/stream", pool.token):
+            mine = [a for a in body["agents"] if a["model_group"] == GROUP]
+            if mine:
+                result.mark("connected")
+            if any(a["slots_total"] > 0 for a in mine):
+                result.mark("loaded")
+                return
+
+    async def replicas() -> None:
+        deployment = f"deployment/{GROUP}-agent"
+        async for line in watch_lines("-n", ns, "get", deployment, "-w", "-o", 'jsonpath={.spec.replicas}{"\\n"}'):
+            seen_at_start.set()
+            if line.isdigit() and int(line) >= 1:
+                result.mark("replicas")
+                return
+
+    async def pods() -> None:
+        template = (
+            "jsonpath=name={.metadata.name} node={.spec.nodeName} phase={.status.phase} "
+            'ready={.status.conditions[?(@.type=="Ready")].status}{"\\n"}'
+        )
+        async for line in watch_lines("-n", ns, "get", "pods", "-l", f"{MD_LABEL}={GROUP}", "-w", "-o", template):
+            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            if fields.get("node"):
+                result.mark("scheduled")
+            if fields.get("phase") == "Running":
+                result.mark("running")
+            if fields.get("ready") == "True":
+                result.mark("ready")
+                return
+
+    async def client() -> None:
+        async with AsyncOpenAI(
+            base_url=pool.inference_url + "/v1", api_key="unused", max_retries=0, timeout=ROUND_TIMEOUT_S
+        ) as openai:
+            result.sent = time.time()
+            stream = await openai.chat.completions.create(
+                model=GROUP,
+                messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                max_tokens=32,
+                temperature=0,
+                stream=True,
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    result.mark("first_token")
+                    result.text += chunk.choices[0].delta.content
+            result.mark("done")
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session, asyncio.timeout(ROUND_TIMEOUT_S):
+        watchers = [
+            asyncio.create_task(replicas()),
+            asyncio.create_task(pods()),
+            asyncio.create_task(agents(session)),
+        ]
+        await asyncio.wait_for(seen_at_start.wait(), timeout=30)  # the Deployment watch is live
+        watchers.append(asyncio.create_task(buffered(session)))
+        await asyncio.sleep(0.5)  # the event streams are open (their first event is the current state)
+        try:
+            await client()
+            await asyncio.wait_for(asyncio.gather(*watchers), timeout=30)
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+    return result
+
+
+def helm_install() -> None:
+    installed = subprocess.run(
+        [str(HELM), "status", RELEASE, "-n", RELEASE_NS],
+        capture_output=True,
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )
+    if installed.returncode == 0:
+        return
+    log("helm install (the operator in-cluster)")
+    subprocess.run(
+        [str(HELM), "install", RELEASE, str(REPO / "charts" / "paddler"), "-n", RELEASE_NS, "--create-namespace",
+         "--wait", "--timeout", "5m"],
+        check=True, capture_output=True, timeout=360, env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )  # fmt: skip
+
+
+def ready(namespace: str, kind: str, name: str) -> bool:
+    for c in get_json("-n", namespace, kind, name).get("status", {}).get("conditions", []):
+        if c["type"] == "Ready":
+            return bool(c["status"] == "True")
+    return False
+
+
+def measure_mode(mode: str, rounds: int) -> list[Round]:
+    namespace = f"wake-{mode.lower()}-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", namespace)
+    try:
+        kubectl("-n", namespace, "apply", "-f", "-", input=manifests(namespace, mode))
+        wait_for(lambda: ready(namespace, "lp", POOL), timeout=300, what="the LlmPool Ready (balancer up)")
+        pool = Pool(namespace)
+        found: list[Round] = []
+        for n in range(rounds):
+            log(f"{mode} round {n + 1}/{rounds}: waiting for zero agents")
+            wait_for(pool.at_zero, timeout=300, what=f"{mode}: scaled to zero")
+            time.sleep(2)  # nothing left moving (a terminated pod's last status updates)
+            one = asyncio.run(one_round(pool, mode))
+            log(f"{mode} round {n + 1}: {one.relative()} answer={one.text!r}")
+            found.append(one)
+        return found
+    finally:
+        kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+
+
+def table(rounds: list[Round], modes: list[str]) -> str:
+    header = "| step | " + " | ".join(modes) + " |\n|---|" + "---|" * len(modes) + "\n"
+    lines = []
+    for step in STEPS:
+        cells = []
+        for mode in modes:
+            values = [r.relative()[step] for r in rounds if r.mode == mode and step in r.relative()]
+            if not values:
+                cells.append("n/a")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.1f} s")
+            else:
+                cells.append(f"{statistics.median(values):.1f} s ({min(values):.1f} to {max(values):.1f})")
+        lines.append(f"| {STEP_NAMES[step]} | " + " | ".join(cells) + " |")
+    return header + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", default=["Builtin"], choices=["Builtin", "HPA", "KEDA"])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if not KUBECONFIG.exists():
+        raise SystemExit("no cluster: run `make cluster-up` first")
+    helm_install()
+    rounds: list[Round] = []
+    for mode in args.modes:
+        rounds += measure_mode(mode, args.rounds)
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": MODEL_PATH,
+        "image": MODEL_IMAGE,
+        "rounds": [{"mode": r.mode, "seconds_after_send": r.relative(), "answer": r.text} for r in rounds],
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(rounds, args.modes))
+    log(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
