@@ -452,15 +452,26 @@ def llama_server_container(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
         ],
         "resources": base.to_kube(extra),
         "securityContext": _container_security(),
-        "readinessProbe": {
-            "httpGet": {"path": "/health", "port": server.port, "host": "127.0.0.1"},
-            "periodSeconds": 5,
-            "failureThreshold": 3,
-        },
         "volumeMounts": [
             {"name": MODEL_CACHE_VOLUME, "mountPath": cache.mount_path},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
+    }
+
+
+def llama_server_readiness_probe(port: int) -> Obj:
+    """The pod is Ready when llama-server answers ``/health`` on the pod's loopback.
+
+    An exec probe in the agent container (the paddler image has Python; a llama-server
+    image may have neither curl nor Python): the kubelet's own ``httpGet``/``tcpSocket``
+    probes connect from the node, which cannot reach a server bound to the pod's
+    127.0.0.1 (with ``host: 127.0.0.1`` they would ask the node's own loopback)."""
+    check = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=2)"
+    return {
+        "exec": {"command": ["python", "-c", check]},
+        "periodSeconds": 5,
+        "timeoutSeconds": 4,
+        "failureThreshold": 3,
     }
 
 
@@ -519,6 +530,7 @@ def plan_model_deployment(
             f"http://127.0.0.1:{md.llama_server.port}",
         ]
         container["resources"] = AGENT_BESIDE_SERVER_RESOURCES.to_kube()
+        container["readinessProbe"] = llama_server_readiness_probe(md.llama_server.port)
         containers.append(llama_server_container(md, pool))
     pod_spec: Obj = {
         "securityContext": _pod_security(),

@@ -332,15 +332,21 @@ spec:
             timeout=300,
             what=f"ModelDeployment {group} Ready (llama-server loaded the model, the agent reports its slots)",
         )
-        (pod,) = [
-            p
-            for p in cluster.get_json("-n", ns, "pods", "-l", f"{MD_LABEL}={group}")["items"]
-            if not p["metadata"].get("deletionTimestamp")
-        ]
+
+        def pods() -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = cluster.get_json("-n", ns, "pods", "-l", f"{MD_LABEL}={group}")["items"]
+            return [p for p in found if not p["metadata"].get("deletionTimestamp")]
+
+        # The kubelet's readiness probe of llama-server (every 5 s) may trail the agent's
+        # own look at /health, which made the group Ready.
+        (pod,) = wait_until(
+            lambda: [p for p in pods() if all(c["ready"] for c in p["status"].get("containerStatuses", [{}]))],
+            timeout=60,
+            what="both containers of the pod ready",
+        )
         name = pod["metadata"]["name"]
         images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
         assert images == {"agent": BALANCER_IMAGE, "llama-server": LLAMA_SERVER_MODEL_IMAGE}
-        assert all(c["ready"] for c in pod["status"]["containerStatuses"]), pod["status"]["containerStatuses"]
         row = next(
             line.split()
             for line in cluster.kubectl_run("-n", ns, "get", "md", group).stdout.splitlines()
@@ -421,6 +427,10 @@ class ClientRun:
                 with self.lock:
                     self.results.append(json.loads(line))
 
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
     def finish(self, timeout: float) -> list[dict[str, Any]]:
         try:
             self.popen.wait(timeout=timeout)
@@ -466,7 +476,11 @@ def test_agent_pod_deleted_with_requests_waiting_answers_them_all_on_the_new_pod
     while the group has no agent all wait in the balancer's buffer at once
     (`bufferedRequestTimeout: 180s`) and are all answered once the Deployment's
     replacement pod has loaded the model. Only the request in flight on the killed pod
-    may fail (the agent drains on SIGTERM, so it normally does not)."""
+    may fail (the agent drains on SIGTERM, so it normally does not).
+
+    The node is cordoned while the pod is replaced, so the replacement stays Pending
+    until the requests are seen waiting (on a quiet node it serves within seconds: the
+    window would be a race); uncordoned, it is scheduled, loads SmolLM2 and serves them."""
     waiting = 6
     token = pool.management_token()
     probe = f"""
@@ -498,15 +512,19 @@ except Exception as err:
 """
     (old,) = pool.agent_pods()
     old_name = old["metadata"]["name"]
+    cluster = pool.cluster
     in_flight = ClientRun.start(pool, long_script)
     waiters: ClientRun | None = None
+    cordoned = False
     try:
         wait_until(
             lambda: any(a["name"] == old_name and a["slots_in_flight"] >= 1 for a in balancer()["agents"]),
             timeout=120,
             what="a request in flight on the old agent",
         )
-        pool.cluster.kubectl_run("-n", pool.namespace, "delete", "pod", old_name, "--wait=false")
+        cluster.kubectl_run("cordon", NODE_NAME)
+        cordoned = True
+        cluster.kubectl_run("-n", pool.namespace, "delete", "pod", old_name, "--wait=false")
         # The killed agent takes no new request (it reports no slots at once, then leaves).
         wait_until(
             lambda: not any(a["slots_total"] > a["slots_in_flight"] for a in balancer()["agents"]),
@@ -520,33 +538,40 @@ except Exception as err:
             return buffered if buffered >= waiting else None
 
         peak = wait_until(all_waiting, timeout=60, what=f"{waiting} requests waiting in the buffer at once")
-        new = wait_until(
-            lambda: [
-                p
+        (pending,) = [p for p in pool.agent_pods() if p["metadata"]["name"] != old_name]
+        assert pending["status"]["phase"] == "Pending"  # not scheduled: nothing served them yet
+        assert waiters.count() == 0
+        cluster.kubectl_run("uncordon", NODE_NAME)
+        cordoned = False
+        wait_until(
+            lambda: any(
+                c["type"] == "Ready" and c["status"] == "True"
                 for p in pool.agent_pods()
-                if p["metadata"]["name"] != old_name
-                and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-            ],
+                if p["metadata"]["name"] == pending["metadata"]["name"]
+                for c in p["status"].get("conditions", [])
+            ),
             timeout=240,
             what="the replacement agent pod Ready",
         )
         answered = waiters.finish(timeout=300)
         first = in_flight.finish(timeout=120)
     finally:
+        if cordoned:
+            cluster.kubectl_run("uncordon", NODE_NAME, check=False)
         in_flight.stop()
         if waiters is not None:
             waiters.stop()
+    new_name = pending["metadata"]["name"]
     record(
         "agent pod deleted with requests waiting",
         f"deleted {old_name} with 1 request in flight; {peak} requests buffered at once; "
-        f"replacement {new[0]['metadata']['name']}\nin flight: {json.dumps(first)}\nwaiting: {json.dumps(answered)}",
+        f"replacement {new_name}\nin flight: {json.dumps(first)}\nwaiting: {json.dumps(answered)}",
     )
     assert peak == waiting
     assert len(answered) == waiting, answered
     assert all(r["ok"] for r in answered), answered
     assert len(first) == 1  # answered or failed, but not lost
     # The old agent leaves once its in-flight request is done: the new pod served the rest.
-    new_name = new[0]["metadata"]["name"]
     wait_until(
         lambda: [a["name"] for a in balancer()["agents"]] == [new_name],
         timeout=90,

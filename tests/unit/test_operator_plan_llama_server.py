@@ -46,7 +46,11 @@ def test_llama_server_engine_adds_the_server_beside_the_agent_on_pod_loopback() 
     assert (flag(args, "--host"), flag(args, "--port"), flag(args, "--parallel")) == ("127.0.0.1", "8080", "3")
     assert flag(args, "--model") == "/models/smollm2.gguf"
     assert server["image"] == "ghcr.io/paddler-k8s/llama-server:0.1.0"
-    assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+    # Probed from inside the pod (the kubelet's HTTP probes come from the node, which cannot
+    # reach the pod's loopback), by the agent container's Python.
+    assert "readinessProbe" not in server
+    probe = agent["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["python", "-c"] and "http://127.0.0.1:8080/health" in probe[2]
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     assert {m["name"] for m in server["volumeMounts"]} == {"models", "tmp"}
 
