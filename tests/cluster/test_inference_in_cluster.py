@@ -453,6 +453,10 @@ def chat_requests_script(pool: Pool, count: int, max_tokens: int) -> str:
 import json, threading, time
 from openai import OpenAI
 client = OpenAI(base_url="{pool.inference_url}/v1", api_key="unused", max_retries=0, timeout=300)
+lock = threading.Lock()
+def emit(answer):
+    with lock:  # one whole line per answer
+        print(json.dumps(answer), flush=True)
 def one(i):
     t0 = time.monotonic()
     try:
@@ -460,9 +464,9 @@ def one(i):
             model="{GROUP}", messages=[{{"role": "user", "content": f"Count from 1 to 20, request {{i}}."}}],
             max_tokens={max_tokens}, temperature=0,
         )
-        print(json.dumps({{"i": i, "ok": bool(r.choices[0].message.content), "s": time.monotonic() - t0}}), flush=True)
+        emit({{"i": i, "ok": bool(r.choices[0].message.content), "s": time.monotonic() - t0}})
     except Exception as err:
-        print(json.dumps({{"i": i, "ok": False, "error": repr(err)[:300], "s": time.monotonic() - t0}}), flush=True)
+        emit({{"i": i, "ok": False, "error": repr(err)[:300], "s": time.monotonic() - t0}})
 threads = [threading.Thread(target=one, args=(i,)) for i in range({count})]
 for t in threads:
     t.start()
