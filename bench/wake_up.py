@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -40,8 +39,9 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,20 +113,29 @@ def wait_for(probe: Callable[[], Any], *, timeout: float, what: str, interval: f
         time.sleep(interval)
 
 
-def autoscaling(mode: str) -> str:
+def autoscaling(mode: str, prometheus_url: str | None) -> str:
+    keda = ""
+    if mode == "KEDA":
+        # KEDA runs beside the control plane, as a host process (scripts/k8s/keda-up.sh):
+        # it cannot resolve the pool's Service names, so it reads the host's Prometheus.
+        keda = (
+            f", keda: {{trigger: prometheus, prometheusServerAddress: '{prometheus_url}', pollingIntervalSeconds: 1}}"
+        )
     return (
         f"{{mode: {mode}, minReplicas: 0, maxReplicas: 1, targetBufferedRequests: 1, "
-        f"scaleDownDelaySeconds: {SCALE_DOWN_DELAY_S}}}"
+        f"scaleDownDelaySeconds: {SCALE_DOWN_DELAY_S}{keda}}}"
     )
 
 
-def manifests(namespace: str, mode: str) -> str:
+def manifests(namespace: str, mode: str, prometheus_url: str | None) -> str:
+    # No management token: the host's Prometheus (HPA, KEDA) scrapes /metrics without
+    # one; the same pool for the three modes.
     return f"""
 apiVersion: paddler.dev/v1alpha1
 kind: LlmPool
 metadata: {{name: {POOL}, namespace: {namespace}}}
 spec:
-  balancer: {{bufferedRequestTimeout: 300s}}
+  balancer: {{bufferedRequestTimeout: 300s, managementAuth: {{enabled: false}}}}
   agent:
     image: {MODEL_IMAGE}
     slotsPerAgent: 2
@@ -139,7 +148,7 @@ spec:
   poolRef: {{name: {POOL}}}
   model: {{localPath: {MODEL_PATH}}}
   inferenceParameters: {{contextSize: 2048, temperature: 0}}
-  autoscaling: {autoscaling(mode)}
+  autoscaling: {autoscaling(mode, prometheus_url)}
 """
 
 
@@ -158,9 +167,9 @@ class Round:
         return {step: round(self.at[step] - self.sent, 3) for step in STEPS if step in self.at}
 
 
-async def sse(session: aiohttp.ClientSession, url: str, token: str) -> AsyncIterator[dict[str, Any]]:
+async def sse(session: aiohttp.ClientSession, url: str) -> AsyncIterator[dict[str, Any]]:
     """The JSON bodies of a management API event stream, as they arrive."""
-    async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+    async with session.get(url) as response:
         response.raise_for_status()
         async for raw in response.content:
             line = raw.decode().strip()
@@ -190,17 +199,11 @@ class Pool:
         inference = get_json("-n", namespace, "service", f"{POOL}-inference")["spec"]["clusterIP"]
         management = get_json("-n", namespace, "service", f"{POOL}-management")["spec"]["clusterIP"]
         self.inference_url = f"http://{inference}:8061"
-        self.management_url = f"http://{management}:8060"
-        secret = get_json("-n", namespace, "secret", f"{POOL}-management-token")
-        self.token = base64.b64decode(secret["data"]["management-token"]).decode()
+        self.management_address = f"{management}:8060"
+        self.management_url = f"http://{self.management_address}"
 
     def agents(self) -> list[dict[str, Any]]:
-        import urllib.request
-
-        request = urllib.request.Request(
-            self.management_url + "/api/v1/agents", headers={"Authorization": f"Bearer {self.token}"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(self.management_url + "/api/v1/agents", timeout=10) as response:
             found: list[dict[str, Any]] = json.load(response)["agents"]
         return [a for a in found if a["model_group"] == GROUP]
 
@@ -216,13 +219,13 @@ async def one_round(pool: Pool, mode: str) -> Round:
     seen_at_start = asyncio.Event()
 
     async def buffered(session: aiohttp.ClientSession) -> None:
-        async for body in sse(session, pool.management_url + "/api/v1/buffered_requests/stream", pool.token):
+        async for body in sse(session, pool.management_url + "/api/v1/buffered_requests/stream"):
             if body["buffered_requests_current"] >= 1 and result.sent:
                 result.mark("buffered")
                 return
 
     async def agents(session: aiohttp.ClientSession) -> None:
-        async for body in sse(session, pool.management_url + "/api/v1/agents/stream", pool.token):
+        async for body in sse(session, pool.management_url + "/api/v1/agents/stream"):
             mine = [a for a in body["agents"] if a["model_group"] == GROUP]
             if mine:
                 result.mark("connected")
@@ -314,24 +317,72 @@ def ready(namespace: str, kind: str, name: str) -> bool:
     return False
 
 
+def script(name: str, *args: str) -> str:
+    """Run one of scripts/k8s/*.sh against this cluster; its stdout."""
+    env = {**os.environ, "PADDLER_K8S_DIR": str(STATE), "KUBECONFIG": str(KUBECONFIG)}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "k8s" / name), *args], capture_output=True, text=True, env=env, timeout=900
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+METRICS = STATE / "metrics"
+
+
+@contextlib.contextmanager
+def scaler(mode: str) -> Iterator[str | None]:
+    """What the mode needs beside the operator: nothing (Builtin); Prometheus and
+    prometheus-adapter (HPA); Prometheus and KEDA (KEDA). Yields the Prometheus URL."""
+    if mode == "Builtin":
+        yield None
+        return
+    url = script("prometheus.sh", "up", str(METRICS)).strip().splitlines()[-1]
+    log(f"{mode}: Prometheus at {url}")
+    if mode == "HPA":
+        script("prometheus-adapter.sh", "up")
+    else:
+        script("keda-up.sh")
+    try:
+        yield url
+    finally:
+        if mode == "HPA":
+            script("prometheus-adapter.sh", "down")
+        else:
+            script("keda-down.sh")
+
+
 def measure_mode(mode: str, rounds: int) -> list[Round]:
     namespace = f"wake-{mode.lower()}-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", namespace)
-    try:
-        kubectl("-n", namespace, "apply", "-f", "-", input=manifests(namespace, mode))
-        wait_for(lambda: ready(namespace, "lp", POOL), timeout=300, what="the LlmPool Ready (balancer up)")
-        pool = Pool(namespace)
-        found: list[Round] = []
-        for n in range(rounds):
-            log(f"{mode} round {n + 1}/{rounds}: waiting for zero agents")
-            wait_for(pool.at_zero, timeout=300, what=f"{mode}: scaled to zero")
-            time.sleep(2)  # nothing left moving (a terminated pod's last status updates)
-            one = asyncio.run(one_round(pool, mode))
-            log(f"{mode} round {n + 1}: {one.relative()} answer={one.text!r}")
-            found.append(one)
-        return found
-    finally:
-        kubectl("delete", "namespace", namespace, "--wait=false")
+    with scaler(mode) as prometheus_url:
+        kubectl("create", "namespace", namespace)
+        try:
+            kubectl("-n", namespace, "apply", "-f", "-", input=manifests(namespace, mode, prometheus_url))
+            wait_for(lambda: ready(namespace, "lp", POOL), timeout=300, what="the LlmPool Ready (balancer up)")
+            pool = Pool(namespace)
+            if prometheus_url is not None:
+                script(
+                    "prometheus.sh",
+                    "target",
+                    str(METRICS),
+                    namespace,
+                    pool.management_address,
+                    f"namespace={namespace}",
+                )
+            found: list[Round] = []
+            for n in range(rounds):
+                log(f"{mode} round {n + 1}/{rounds}: waiting for zero agents")
+                wait_for(pool.at_zero, timeout=300, what=f"{mode}: scaled to zero")
+                time.sleep(2)  # nothing left moving (a terminated pod's last status updates)
+                one = asyncio.run(one_round(pool, mode))
+                log(f"{mode} round {n + 1}: {one.relative()} answer={one.text!r}")
+                found.append(one)
+            return found
+        finally:
+            if prometheus_url is not None:
+                script("prometheus.sh", "untarget", str(METRICS), namespace)
+            kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def machine() -> dict[str, Any]:
@@ -369,8 +420,12 @@ def main() -> None:
         raise SystemExit("no cluster: run `make cluster-up` first")
     helm_install()
     rounds: list[Round] = []
-    for mode in args.modes:
-        rounds += measure_mode(mode, args.rounds)
+    try:
+        for mode in args.modes:
+            rounds += measure_mode(mode, args.rounds)
+    finally:
+        if set(args.modes) & {"HPA", "KEDA"}:
+            script("prometheus.sh", "down", str(METRICS))
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
