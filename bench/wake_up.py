@@ -324,7 +324,9 @@ def script(name: str, *args: str) -> str:
         ["bash", str(REPO / "scripts" / "k8s" / name), *args], capture_output=True, text=True, env=env, timeout=900
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+        )
     return proc.stdout
 
 
@@ -353,7 +355,7 @@ def scaler(mode: str) -> Iterator[str | None]:
             script("keda-down.sh")
 
 
-def measure_mode(mode: str, rounds: int) -> list[Round]:
+def measure_mode(mode: str, rounds: int, found: list[Round]) -> None:
     namespace = f"wake-{mode.lower()}-{uuid.uuid4().hex[:6]}"
     with scaler(mode) as prometheus_url:
         kubectl("create", "namespace", namespace)
@@ -370,7 +372,6 @@ def measure_mode(mode: str, rounds: int) -> list[Round]:
                     pool.management_address,
                     f"namespace={namespace}",
                 )
-            found: list[Round] = []
             for n in range(rounds):
                 log(f"{mode} round {n + 1}/{rounds}: waiting for zero agents")
                 wait_for(pool.at_zero, timeout=300, what=f"{mode}: scaled to zero")
@@ -378,7 +379,6 @@ def measure_mode(mode: str, rounds: int) -> list[Round]:
                 one = asyncio.run(one_round(pool, mode))
                 log(f"{mode} round {n + 1}: {one.relative()} answer={one.text!r}")
                 found.append(one)
-            return found
         finally:
             if prometheus_url is not None:
                 script("prometheus.sh", "untarget", str(METRICS), namespace)
@@ -422,20 +422,30 @@ def main() -> None:
     rounds: list[Round] = []
     try:
         for mode in args.modes:
-            rounds += measure_mode(mode, args.rounds)
+            measure_mode(mode, args.rounds, rounds)
     finally:
         if set(args.modes) & {"HPA", "KEDA"}:
             script("prometheus.sh", "down", str(METRICS))
+        write_report(rounds, args.modes)
+
+
+def write_report(rounds: list[Round], modes: list[str]) -> None:
+    """Whatever was measured, even when a later step failed."""
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "model": MODEL_PATH,
         "image": MODEL_IMAGE,
+        "settings": {
+            "Builtin": "operator --builtin-poll-interval 1s (in-cluster, chart defaults)",
+            "HPA": "Prometheus (host) scrape 1s, prometheus-adapter relist 2s, HPA sync period 1s, HPAScaleToZero",
+            "KEDA": "KEDA (host processes) prometheus trigger, pollingIntervalSeconds 1, Prometheus scrape 1s",
+        },
         "rounds": [{"mode": r.mode, "seconds_after_send": r.relative(), "answer": r.text} for r in rounds],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(rounds, args.modes))
+    print(table(rounds, modes))
     log(f"wrote {RESULTS}")
 
 
