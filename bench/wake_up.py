@@ -116,13 +116,16 @@ def wait_for(probe: Callable[[], Any], *, timeout: float, what: str, interval: f
 def autoscaling(mode: str, prometheus_url: str | None) -> str:
     keda = ""
     if mode == "KEDA":
-        # KEDA runs beside the control plane, as a host process (scripts/k8s/keda-up.sh):
-        # it cannot resolve the pool's Service names, so it reads the host's Prometheus.
+        # The default metricsApi trigger: KEDA (host processes, keda-up.sh with KEDA_DNS)
+        # reads the balancer's JSON by its Service name through the cluster's DNS.
+        keda = ", keda: {pollingIntervalSeconds: 1}"
+    elif mode == "KEDA-prometheus":
         keda = (
             f", keda: {{trigger: prometheus, prometheusServerAddress: '{prometheus_url}', pollingIntervalSeconds: 1}}"
         )
+    kind = "KEDA" if mode.startswith("KEDA") else mode
     return (
-        f"{{mode: {mode}, minReplicas: 0, maxReplicas: 1, targetBufferedRequests: 1, "
+        f"{{mode: {kind}, minReplicas: 0, maxReplicas: 1, targetBufferedRequests: 1, "
         f"scaleDownDelaySeconds: {SCALE_DOWN_DELAY_S}{keda}}}"
     )
 
@@ -317,11 +320,11 @@ def ready(namespace: str, kind: str, name: str) -> bool:
     return False
 
 
-def script(name: str, *args: str) -> str:
+def script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
     """Run one of scripts/k8s/*.sh against this cluster; its stdout."""
-    env = {**os.environ, "PADDLER_K8S_DIR": str(STATE), "KUBECONFIG": str(KUBECONFIG)}
+    full = {**os.environ, "PADDLER_K8S_DIR": str(STATE), "KUBECONFIG": str(KUBECONFIG), **(env or {})}
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "k8s" / name), *args], capture_output=True, text=True, env=env, timeout=900
+        ["bash", str(REPO / "scripts" / "k8s" / name), *args], capture_output=True, text=True, env=full, timeout=900
     )
     if proc.returncode != 0:
         raise RuntimeError(
@@ -331,14 +334,23 @@ def script(name: str, *args: str) -> str:
 
 
 METRICS = STATE / "metrics"
+CLUSTER_DNS = "10.96.0.10"  # CoreDNS of scripts/k8s/node-up.sh
 
 
 @contextlib.contextmanager
 def scaler(mode: str) -> Iterator[str | None]:
     """What the mode needs beside the operator: nothing (Builtin); Prometheus and
-    prometheus-adapter (HPA); Prometheus and KEDA (KEDA). Yields the Prometheus URL."""
-    if mode == "Builtin":
-        yield None
+    prometheus-adapter (HPA); KEDA resolving Service names through the cluster's DNS
+    (KEDA, metricsApi trigger); Prometheus and KEDA (KEDA-prometheus). Yields the
+    Prometheus URL, if any."""
+    if mode in ("Builtin", "KEDA"):
+        if mode == "KEDA":
+            script("keda-up.sh", env={"KEDA_DNS": CLUSTER_DNS})
+        try:
+            yield None
+        finally:
+            if mode == "KEDA":
+                script("keda-down.sh")
         return
     url = script("prometheus.sh", "up", str(METRICS)).strip().splitlines()[-1]
     log(f"{mode}: Prometheus at {url}")
@@ -413,7 +425,9 @@ def table(rounds: list[Round], modes: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=["Builtin"], choices=["Builtin", "HPA", "KEDA"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["Builtin"], choices=["Builtin", "HPA", "KEDA", "KEDA-prometheus"]
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not KUBECONFIG.exists():
@@ -424,24 +438,31 @@ def main() -> None:
         for mode in args.modes:
             measure_mode(mode, args.rounds, rounds)
     finally:
-        if set(args.modes) & {"HPA", "KEDA"}:
+        if set(args.modes) & {"HPA", "KEDA-prometheus"}:
             script("prometheus.sh", "down", str(METRICS))
         write_report(rounds, args.modes)
 
 
 def write_report(rounds: list[Round], modes: list[str]) -> None:
-    """Whatever was measured, even when a later step failed."""
+    """Whatever was measured, even when a later step failed; the rounds of other modes
+    already in the results file are kept (each round has its date)."""
+    today = datetime.now(UTC).isoformat(timespec="seconds")
+    kept: list[dict[str, Any]] = []
+    if RESULTS.exists():
+        kept = [r for r in json.loads(RESULTS.read_text()).get("rounds", []) if r["mode"] not in modes]
     report = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": today,
         "machine": machine(),
         "model": MODEL_PATH,
         "image": MODEL_IMAGE,
         "settings": {
             "Builtin": "operator --builtin-poll-interval 1s (in-cluster, chart defaults)",
             "HPA": "Prometheus (host) scrape 1s, prometheus-adapter relist 2s, HPA sync period 1s, HPAScaleToZero",
-            "KEDA": "KEDA (host processes) prometheus trigger, pollingIntervalSeconds 1, Prometheus scrape 1s",
+            "KEDA": "KEDA (host processes, KEDA_DNS) metricsApi trigger, pollingIntervalSeconds 1",
+            "KEDA-prometheus": "KEDA (host processes) prometheus trigger, pollingIntervalSeconds 1, scrape 1s",
         },
-        "rounds": [{"mode": r.mode, "seconds_after_send": r.relative(), "answer": r.text} for r in rounds],
+        "rounds": kept
+        + [{"mode": r.mode, "date": today, "seconds_after_send": r.relative(), "answer": r.text} for r in rounds],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
