@@ -427,6 +427,12 @@ class ClientRun:
                 with self.lock:
                     self.results.append(json.loads(line))
 
+    def stderr(self) -> str:
+        """What the client wrote to stderr (once it has exited)."""
+        if self.popen.poll() is None or self.popen.stderr is None:
+            return ""
+        return self.popen.stderr.read()[-3000:]
+
     def count(self) -> int:
         with self.lock:
             return len(self.results)
@@ -501,14 +507,16 @@ print(json.dumps({{"agents": [a for a in get("/api/v1/agents")["agents"] if a["m
         seen: dict[str, Any] = json.loads(pool.in_client(probe).strip().splitlines()[-1])
         return seen
 
-    # A long answer (a count does not stop early at temperature 0): in flight for seconds.
+    # A long answer (a count does not stop early at temperature 0): in flight for tens of
+    # seconds even on a quiet node (300 tokens took 6.6 s there; the probe below is ~1 s).
+    # Longer than the agent's 50 s drain on a slow node: then it is the one that may fail.
     long_script = f"""
 import json, time
 from openai import OpenAI
 client = OpenAI(base_url="{pool.inference_url}/v1", api_key="unused", max_retries=0, timeout=300)
 t0 = time.monotonic()
 try:
-    r = client.completions.create(model="{GROUP}", prompt="1, 2, 3, 4, 5,", max_tokens=300, temperature=0)
+    r = client.completions.create(model="{GROUP}", prompt="1, 2, 3, 4, 5,", max_tokens=1200, temperature=0)
     tokens = r.usage.completion_tokens if r.usage else 0
     print(json.dumps({{"ok": bool(r.choices[0].text), "tokens": tokens, "s": time.monotonic() - t0}}))
 except Exception as err:
@@ -521,11 +529,12 @@ except Exception as err:
     waiters: ClientRun | None = None
     cordoned = False
     try:
-        wait_until(
-            lambda: any(a["name"] == old_name and a["slots_in_flight"] >= 1 for a in balancer()["agents"]),
-            timeout=120,
-            what="a request in flight on the old agent",
-        )
+
+        def long_request_in_flight() -> bool:
+            assert in_flight.popen.poll() is None, (in_flight.results, in_flight.stderr())
+            return any(a["name"] == old_name and a["slots_in_flight"] >= 1 for a in balancer()["agents"])
+
+        wait_until(long_request_in_flight, timeout=120, what="a request in flight on the old agent")
         cluster.kubectl_run("cordon", NODE_NAME)
         cordoned = True
         cluster.kubectl_run("-n", pool.namespace, "delete", "pod", old_name, "--wait=false")
