@@ -529,12 +529,22 @@ except Exception as err:
     waiters: ClientRun | None = None
     cordoned = False
     try:
-
-        def long_request_in_flight() -> bool:
-            assert in_flight.popen.poll() is None, (in_flight.results, in_flight.stderr())
-            return any(a["name"] == old_name and a["slots_in_flight"] >= 1 for a in balancer()["agents"])
-
-        wait_until(long_request_in_flight, timeout=120, what="a request in flight on the old agent")
+        # Polled inside the client pod every 0.1 s: one `kubectl exec` per look takes seconds
+        # on a busy 2-core node and can miss the whole request.
+        watch = f"""
+import json, time, urllib.request
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    headers = {{"Authorization": "Bearer {token}"}}
+    request = urllib.request.Request("{pool.management_url}/api/v1/agents", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as r:
+        agents = json.load(r)["agents"]
+    if any(a["name"] == "{old_name}" and a["slots_in_flight"] >= 1 for a in agents):
+        print("in flight")
+        break
+    time.sleep(0.1)
+"""
+        assert "in flight" in pool.in_client(watch, timeout=150), (in_flight.results, in_flight.stderr())
         cluster.kubectl_run("cordon", NODE_NAME)
         cordoned = True
         cluster.kubectl_run("-n", pool.namespace, "delete", "pod", old_name, "--wait=false")
