@@ -73,7 +73,8 @@ stop containerd
 #    of CRI (cni-*), mounts under the kubelet root and containerd's run state.
 if [[ -x "$BIN/kube-proxy" ]]; then "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
 for chain in $(iptables -t nat -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^CNI-/ {print $2}'); do
-  iptables -t nat -S POSTROUTING | grep -- "-j $chain" | sed 's/^-A/-D/' | while read -r rule; do
+  # awk, not grep: a chain no rule jumps to any more must not fail the pipeline (pipefail).
+  iptables -t nat -S POSTROUTING | awk -v c="$chain" '$0 ~ ("-j " c "($| )") {print}' | sed 's/^-A/-D/' | while read -r rule; do
     eval iptables -t nat "$rule" 2>/dev/null || true
   done
   iptables -t nat -F "$chain" 2>/dev/null || true
