@@ -379,12 +379,18 @@ def make_app(address: str) -> App[None]:
             groups.clear()
             for cells in group_rows(state):
                 groups.add_row(*(Text(cell) for cell in cells))
-            self.query_one("#detail", Static).update(Text(agent_detail(state, self.selected)))
+            self._show_detail()
 
         def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
             if event.data_table.id == "agents" and event.row_key.value is not None:
                 self.selected = str(event.row_key.value)
-                self.query_one("#detail", Static).update(Text(agent_detail(self.state, self.selected)))
+                self._show_detail()
+
+        def _show_detail(self) -> None:
+            # A query, not query_one: a row highlight can arrive while the app closes and
+            # the panel is already gone (seen in CI as NoMatches during shutdown).
+            for panel in self.query("#detail").results(Static):
+                panel.update(Text(agent_detail(self.state, self.selected)))
 
         def action_sort(self) -> None:
             self.state.next_sort()
