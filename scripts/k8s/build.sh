@@ -35,20 +35,8 @@ mkdir -p "$BIN" "$WORK"
 log() { printf '[k8s-build %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
 # --- Go toolchain and caches ------------------------------------------------
-GO="${GO:-}"
-if [[ -z "$GO" ]]; then
-  if command -v go >/dev/null 2>&1; then GO="$(command -v go)";
-  elif [[ -x /usr/local/go/bin/go ]]; then GO=/usr/local/go/bin/go;
-  else echo "build.sh: no Go toolchain found (set GO=/path/to/go)" >&2; exit 1; fi
-fi
-export GOPATH="$CACHE/go/path"
-export GOMODCACHE="$GOPATH/pkg/mod"
-export GOCACHE="$CACHE/go/build-cache"
-export GOFLAGS="-trimpath -mod=mod"
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
-mkdir -p "$GOPATH" "$GOCACHE"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+go_env "$CACHE"
 
 have() { [[ -x "$BIN/$1" ]]; }
 # Time one step and remember it in $ROOT/build-times.txt (for reports).

@@ -45,20 +45,8 @@ if complete; then
   exit 0
 fi
 
-GO="${GO:-}"
-if [[ -z "$GO" ]]; then
-  if command -v go >/dev/null 2>&1; then GO="$(command -v go)";
-  elif [[ -x /usr/local/go/bin/go ]]; then GO=/usr/local/go/bin/go;
-  else echo "keda-build.sh: no Go toolchain found (set GO=/path/to/go)" >&2; exit 1; fi
-fi
-export GOPATH="$CACHE/go/path"
-export GOMODCACHE="$GOPATH/pkg/mod"
-export GOCACHE="$CACHE/go/build-cache"
-export GOFLAGS="-trimpath -mod=mod"
-export GOTOOLCHAIN=local
-export CGO_ENABLED=0
-export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
-mkdir -p "$GOPATH" "$GOCACHE"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+go_env "$CACHE"
 log "go: $("$GO" version); building KEDA $KEDA_VERSION into $BIN"
 T0=$SECONDS
 

@@ -50,36 +50,5 @@ if [[ -f "$STATE/kubeconfig" ]]; then
   fi
 fi
 
-ours() {
-  local pid="$1" name="$2" exe
-  kill -0 "$pid" 2>/dev/null || return 1
-  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 1
-  exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
-  [[ -z "$exe" || "$(basename "${exe% (deleted)}")" == "$name" ]]
-}
-stopped=()
-for name in keda-adapter keda-operator; do
-  f="$STATE/pids/$name.pid"
-  [[ -f "$f" ]] || continue
-  pid="$(cat "$f")"
-  if [[ "$pid" =~ ^[0-9]+$ ]] && ours "$pid" "$name"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    stopped+=("$name:$pid")
-  fi
-done
-deadline=$((SECONDS + TIMEOUT))
-for entry in "${stopped[@]+"${stopped[@]}"}"; do
-  name="${entry%%:*}"; pid="${entry##*:}"
-  while ours "$pid" "$name"; do
-    if (( SECONDS >= deadline )); then
-      log "$name (pid $pid) ignored SIGTERM, sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      for _ in $(seq 100); do ours "$pid" "$name" || break; sleep 0.05; done
-      break
-    fi
-    sleep 0.05
-  done
-  log "stopped $name (pid $pid)"
-done
-rm -f "$STATE/pids/keda-operator.pid" "$STATE/pids/keda-adapter.pid"
-[[ ${#stopped[@]} -gt 0 ]] || log "nothing was running"
+source "$HERE/lib.sh"
+stop_pidfiles "$STATE/pids" "$TIMEOUT" keda-adapter keda-operator

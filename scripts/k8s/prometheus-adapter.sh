@@ -50,18 +50,11 @@ build() {
   exec 8>"$ROOT/.build.lock"
   flock 8
   [[ -x "$ADAPTER" ]] && return 0
-  local go="${GO:-}"
-  if [[ -z "$go" ]]; then
-    if command -v go >/dev/null 2>&1; then go="$(command -v go)";
-    elif [[ -x /usr/local/go/bin/go ]]; then go=/usr/local/go/bin/go;
-    else die "no Go toolchain found (set GO=/path/to/go)"; fi
-  fi
-  # The same module and build caches as scripts/k8s/build.sh.
-  export GOPATH="$CACHE/go/path" GOMODCACHE="$CACHE/go/path/pkg/mod" GOCACHE="$CACHE/go/build-cache"
-  export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-trimpath
-  export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
+  # The same toolchain, module and build caches as scripts/k8s/build.sh.
+  source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+  go_env "$CACHE" || die "no Go toolchain"
   local t0=$SECONDS d="$ROOT/work"
-  log "building sigs.k8s.io/prometheus-adapter $VERSION with $("$go" version)"
+  log "building sigs.k8s.io/prometheus-adapter $VERSION with $("$GO" version)"
   # A throwaway module that requires it (`go install pkg@version` would ask the proxy for
   # the module's version list, which it does not serve for this module).
   rm -rf "$d"; mkdir -p "$d"
@@ -79,8 +72,8 @@ package tools
 
 import _ "sigs.k8s.io/prometheus-adapter/cmd/adapter"
 SRC
-  (cd "$d" && GOFLAGS="-trimpath -mod=mod" "$go" mod tidy >/dev/null \
-    && GOFLAGS="-trimpath -mod=mod" nice -n 10 "$go" build -p "${K8S_BUILD_P:-2}" -ldflags "-s -w" \
+  (cd "$d" && GOFLAGS="-trimpath -mod=mod" "$GO" mod tidy >/dev/null \
+    && GOFLAGS="-trimpath -mod=mod" nice -n 10 "$GO" build -p "${K8S_BUILD_P:-2}" -ldflags "-s -w" \
       -o "$ADAPTER.tmp" sigs.k8s.io/prometheus-adapter/cmd/adapter \
     && mv "$ADAPTER.tmp" "$ADAPTER")
   rm -rf "$d"
