@@ -253,10 +253,18 @@ def test_keda_hpa_grows_the_group_under_sustained_buffered_load(
         wait_until(lambda: start_agents_for_pods() >= 1, timeout=TIMEOUT, what="KEDA's 0 -> 1", interval=0.1)
 
         # KEDA's HPA reads the buffered count through the external metrics API and adds agents.
+        # A sync that ran while the Deployment's status still said 0 replicas (just after KEDA's
+        # 0 -> 1) divides the metric by zero and reports -9223372036854775808m as the average;
+        # its decision is right but its average says nothing, so wait for a sync that has one.
         def grown() -> Any:
             start_agents_for_pods()
             hpa = get(cluster, ns, KEDA_HPA)
-            return hpa if hpa and (hpa.get("status") or {}).get("desiredReplicas", 0) >= 2 else None
+            status = (hpa or {}).get("status") or {}
+            if status.get("desiredReplicas", 0) < 2 or (status.get("currentReplicas") or 0) < 1:
+                return None
+            current = next((m["external"] for m in status.get("currentMetrics") or [] if m["type"] == "External"), None)
+            average = None if current is None else quantity_value(current["current"].get("averageValue", ""))
+            return hpa if average is not None and average >= 0 else None
 
         hpa = wait_until(grown, timeout=90, what="KEDA's HPA asks for 2+ agents", interval=0.2)
         wait_until(lambda: start_agents_for_pods() >= 2, timeout=TIMEOUT, what="replicas >= 2", interval=0.1)
