@@ -10,16 +10,15 @@ unless the cluster was already up before the session (then it is left running).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
+
+from tests.kubectl import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = REPO / ".k8s" / "cluster"
@@ -39,51 +38,12 @@ MODEL_PATH = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Cold: base image (~2 min), images (~3 min), node images; warm: seconds.
 SETUP_TIMEOUT_S = 30 * 60
 
-T = TypeVar("T")
-
-
-def wait_until(probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll ``probe`` until it returns a truthy value, bounded by a deadline."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = probe()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-
 
 @dataclass(frozen=True)
-class Cluster:
-    kubeconfig: Path
-    kubectl: Path
+class Cluster(Kubectl):
+    """The real node's cluster (kubeconfig and kubectl of ``make cluster-up``), with helm."""
+
     helm: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-
-    def kubectl_run(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(self.kubectl), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
-        return proc
-
-    def get_json(self, *args: str) -> Any:
-        return json.loads(self.kubectl_run("get", "-o", "json", *args).stdout)
-
-    def apply(self, manifest: str, namespace: str) -> None:
-        self.kubectl_run("-n", namespace, "apply", "-f", "-", input=manifest)
 
     def exec_python(self, namespace: str, pod: str, script: str, timeout: float = 300) -> str:
         """Run a Python script in a pod of the cluster; return its stdout."""

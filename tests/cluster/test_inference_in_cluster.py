@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from paddler_client.inference_message import parse_inference_client_message
 
+from tests.kubectl import wait_until
+
 from .conftest import (
     BALANCER_IMAGE,
     CLIENT_IMAGE,
@@ -32,7 +34,6 @@ from .conftest import (
     REPO,
     STATE,
     Cluster,
-    wait_until,
 )
 
 pytestmark = pytest.mark.cluster

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
+
+from tests.kubectl import Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "k8s"
@@ -39,8 +38,6 @@ CLUSTER_ID = STATE / "cluster-id"
 # first. If the cache is empty anyway, the first test gets this much time.
 COLD_BUILD_TIMEOUT_S = 90 * 60
 
-T = TypeVar("T")
-
 
 def binaries_cached() -> bool:
     return subprocess.run(["bash", str(SCRIPTS / "build.sh"), "--check"]).returncode == 0
@@ -51,63 +48,16 @@ def keda_cached() -> bool:
 
 
 @dataclass(frozen=True)
-class K8sCluster:
-    kubeconfig: Path
-    kubectl: Path
+class K8sCluster(Kubectl):
     helm: Path | None
     bin_dir: Path
 
     @property
     def env(self) -> dict[str, str]:
         """Environment for child processes (kopf, helm, the operator)."""
-        env = dict(os.environ)
-        env["KUBECONFIG"] = str(self.kubeconfig)
+        env = super().env
         env["PATH"] = f"{self.kubectl.parent}{os.pathsep}{env.get('PATH', '')}"
         return env
-
-    def kubectl_run(
-        self,
-        *args: str,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float = 60,
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(self.kubectl), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc
-
-    def get_json(self, *args: str) -> Any:
-        return json.loads(self.kubectl_run("get", "-o", "json", *args).stdout)
-
-    def apply(self, manifest: str, namespace: str | None = None) -> None:
-        ns = ["-n", namespace] if namespace else []
-        self.kubectl_run(*ns, "apply", "-f", "-", input=manifest)
-
-
-def wait_until(
-    probe: Callable[[], T | None],
-    *,
-    timeout: float,
-    what: str,
-    interval: float = 0.2,
-) -> T:
-    """Poll ``probe`` until it returns a truthy value, bounded by a deadline."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = probe()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,9 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import K8sCluster, wait_until
+from tests.kubectl import wait_until
+
+from .conftest import K8sCluster
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "k8s"
@@ -164,4 +166,3 @@ def wait_for_external(
         return values if values and max(values) >= at_least else None
 
     return wait_until(probe, timeout=timeout, what=f"external metric {metric}{{{selector}}} >= {at_least}")
-

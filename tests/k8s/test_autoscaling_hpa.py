@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from tests.harness import Balancer, Processes
+from tests.kubectl import wait_until
 
-from .conftest import K8sCluster, wait_until
+from .conftest import K8sCluster
 from .metrics_pipeline import (  # noqa: F401 (fixtures)
     MetricsAdapter,
     Prometheus,
@@ -206,9 +207,9 @@ def test_hpa_wakes_a_group_from_zero_on_the_adapters_buffered_metric_and_returns
         timeout=TIMEOUT,
         what="HPA status.currentMetrics: paddler_requests_buffered >= 1",
     )
-    assert any(
-        m.startswith("New size: 1; reason: external metric paddler_requests_buffered") for m in g.rescales()
-    ), g.rescales()
+    assert any(m.startswith("New size: 1; reason: external metric paddler_requests_buffered") for m in g.rescales()), (
+        g.rescales()
+    )
     # ... and the operator never wrote the replica count.
     assert not g.operator_owns_replicas()
     assert "hpa wake" not in g.operator.output()
@@ -278,9 +279,7 @@ def test_operator_restart_while_the_hpa_has_grown_the_group_keeps_its_replicas(
         g.requests.send(max_tokens=50)
     grown = g.wait_replicas(lambda n: n >= 2, "HPA grows the group under buffered load")
     g.operator.stop()
-    second = operators.start(
-        g.ns, balancer_url=g.balancer.management_url, extra_args=("--hpa-scale-to-zero", "on")
-    )
+    second = operators.start(g.ns, balancer_url=g.balancer.management_url, extra_args=("--hpa-scale-to-zero", "on"))
     wait_until(
         lambda: second.count(f"ModelDeployment/{g.ns}/m ok="),
         timeout=TIMEOUT,

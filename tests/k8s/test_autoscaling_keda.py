@@ -28,8 +28,9 @@ import pytest
 
 from paddler_operator.plan import quantity_value
 from tests.harness import Balancer, Processes
+from tests.kubectl import wait_until
 
-from .conftest import COLD_BUILD_TIMEOUT_S, SCRIPTS, K8sCluster, wait_until
+from .conftest import COLD_BUILD_TIMEOUT_S, SCRIPTS, K8sCluster
 from .metrics_pipeline import Prometheus, prometheus, prometheus_targets  # noqa: F401 - fixtures
 from .test_operator_cluster import (  # noqa: F401 - crds and operators are fixtures
     MODEL,
@@ -147,6 +148,27 @@ class Requests:
             return sorted(self.statuses)
 
 
+def wake_from_zero_and_answer(
+    cluster: K8sCluster, ns: str, paddler: Processes, balancer: Balancer, metric: str, trigger: str
+) -> Any:
+    """One request to the group at zero: buffered (no agent), KEDA reads 1 through its trigger
+    and activates (replicas 1), the agent of that pod comes up, the request is answered.
+    Returns the active ScaledObject."""
+    requests = Requests(balancer)
+    t0 = time.monotonic()
+    requests.send()  # no agent: the balancer buffers it; KEDA's next poll sees 1 and activates
+    try:
+        wait_replicas(cluster, ns, 1)
+        print(f"\nKEDA {trigger}: request buffered -> replicas 1 in {time.monotonic() - t0:.2f}s")
+        active = wait_object(cluster, ns, SCALED_OBJECT, lambda o: so_status(o, "Active") == "True")
+        assert external_metric(cluster, ns, metric) == 1  # what KEDA read through its trigger
+        paddler.agent(balancer, slots=2, name="agent-0", extra=("--model-group", "m"))  # the pod comes up
+    finally:
+        statuses = requests.join()
+    assert statuses == [200]
+    return active
+
+
 def test_metrics_api_trigger_wakes_the_group_from_zero_answers_the_request_and_returns_to_zero(
     keda: K8sCluster,
     operators: Operators,  # noqa: F811
@@ -164,19 +186,8 @@ def test_metrics_api_trigger_wakes_the_group_from_zero_answers_the_request_and_r
     metric = so["status"]["externalMetricNames"][0]
     assert external_metric(cluster, ns, metric) == 0
 
-    requests = Requests(balancer)
-    t0 = time.monotonic()
-    requests.send()  # no agent: the balancer buffers it; KEDA's next poll sees 1 and activates
-    try:
-        woke = wait_replicas(cluster, ns, 1)
-        print(f"\nKEDA metrics-api: request buffered -> replicas 1 in {time.monotonic() - t0:.2f}s ({woke:.2f}s)")
-        active = wait_object(cluster, ns, SCALED_OBJECT, lambda o: so_status(o, "Active") == "True")
-        assert external_metric(cluster, ns, metric) == 1  # what KEDA read from the balancer
-        assert active["status"]["lastActiveTime"]
-        paddler.agent(balancer, slots=2, name="agent-0", extra=("--model-group", "m"))  # the pod comes up
-    finally:
-        statuses = requests.join()
-    assert statuses == [200]
+    active = wake_from_zero_and_answer(cluster, ns, paddler, balancer, metric, "metrics-api")
+    assert active["status"]["lastActiveTime"]
 
     # Idle for the cooldown (scaleDownDelaySeconds): KEDA takes the group back to 0.
     t1 = time.monotonic()
@@ -206,18 +217,7 @@ def test_prometheus_trigger_wakes_the_group_from_zero_and_answers_the_request(
     assert trigger["metadata"]["serverAddress"] == prometheus_targets.url
     metric = so["status"]["externalMetricNames"][0]
 
-    requests = Requests(balancer)
-    t0 = time.monotonic()
-    requests.send()
-    try:
-        wait_replicas(cluster, ns, 1)
-        print(f"\nKEDA prometheus: request buffered -> replicas 1 in {time.monotonic() - t0:.2f}s")
-        wait_object(cluster, ns, SCALED_OBJECT, lambda o: so_status(o, "Active") == "True")
-        assert external_metric(cluster, ns, metric) == 1  # KEDA's reading of Prometheus
-        paddler.agent(balancer, slots=2, name="agent-0", extra=("--model-group", "m"))  # the pod comes up
-    finally:
-        statuses = requests.join()
-    assert statuses == [200]
+    wake_from_zero_and_answer(cluster, ns, paddler, balancer, metric, "prometheus")
     wait_replicas(cluster, ns, 0)
 
 

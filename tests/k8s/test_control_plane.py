@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import K8sCluster, wait_until
+from tests.kubectl import wait_until
+
+from .conftest import K8sCluster
 
 pytestmark = pytest.mark.k8s
 

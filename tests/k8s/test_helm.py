@@ -12,7 +12,9 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from .conftest import K8sCluster, wait_until
+from tests.kubectl import wait_until
+
+from .conftest import K8sCluster
 from .test_operator_cluster import MODEL, POOL, Operators, condition, get, wait_object
 
 pytestmark = pytest.mark.k8s

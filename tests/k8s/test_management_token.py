@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from tests.harness import Processes
+from tests.kubectl import wait_until
 
-from .conftest import K8sCluster, wait_until
+from .conftest import K8sCluster
 from .test_operator_cluster import MODEL, POOL, REPO, TIMEOUT, Operators, get, wait_condition, wait_object
 
 pytestmark = pytest.mark.k8s

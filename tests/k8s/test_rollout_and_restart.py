@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tests.harness import Processes
+from tests.kubectl import wait_until
 
-from .conftest import wait_until
 from .test_operator_cluster import (  # noqa: F401 - crds and operators are fixtures
     MODEL,
     POOL,
