@@ -42,6 +42,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.workload import balancer_stream, chat_prompt, story_prompts  # noqa: E402
+
 SOURCE_DIRS = ["core", "balancer", "agent", "operator", "cli"]
 BEFORE_REF = "2e1f765"
 """The last commit whose agent gave every slot its own context_size cells."""
@@ -49,21 +53,7 @@ CONFIGS = [(1, 4), (4, 4), (8, 8)]
 """(concurrent streams, agent slots), as in the Paddler comparison of issue 14."""
 PADDLER_PEAK_MIB = {4: 235, 8: 244}
 """Paddler 4.1's agent peak RSS with its default desired state (issue 14, same machine kind)."""
-STORY_STARTS = [
-    "Write a long story about a lighthouse keeper who finds a map.",
-    "Write a long essay about the history of bread in Europe.",
-    "Write a long story about two robots crossing a desert.",
-    "Write a long letter to a friend describing a trip to the mountains.",
-    "Write a long story about a detective in a rainy city.",
-    "Write a long essay about why people enjoy gardening.",
-    "Write a long story about a child who learns to sail.",
-    "Write a long report about the life of honey bees.",
-]
 _LISTENING = re.compile(r"paddler listening service=(\w+) url=(\S+)")
-
-
-def chat_prompt(text: str) -> str:
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 # ---- processes --------------------------------------------------------------------------------
@@ -82,7 +72,7 @@ class Proc:
     def urls(self, timeout: float = 30.0) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = dict(m.groups() for line in list(self.lines) if (m := _LISTENING.search(line)))
+            found = {m[1]: m[2] for line in list(self.lines) if (m := _LISTENING.search(line))}
             if {"inference", "management"} <= set(found):
                 return found
             if self.popen.poll() is not None:
@@ -134,30 +124,6 @@ def export_ref(ref: str, into: Path) -> str:
 # ---- one measurement --------------------------------------------------------------------------
 
 
-async def _stream(session: Any, url: str, prompt: str, tokens: int) -> tuple[float, int]:
-    """(seconds to first token, generated tokens) of one NDJSON stream."""
-    started = time.perf_counter()
-    first: float | None = None
-    generated = 0
-    body = {"raw_prompt": prompt, "max_tokens": tokens}
-    async with session.post(url + "/api/v1/continue_from_raw_prompt", json=body) as response:
-        response.raise_for_status()
-        async for raw_line in response.content:
-            if not raw_line.strip():
-                continue
-            line = json.loads(raw_line)
-            if "Error" in line:
-                raise RuntimeError(f"stream failed: {line}")
-            token = line["Response"]["response"].get("GeneratedToken", {})
-            if first is None and isinstance(token, dict) and "ContentToken" in token:
-                first = time.perf_counter() - started
-            if isinstance(token, dict) and "Done" in token:
-                generated = int(token["Done"]["usage"]["content_tokens"])
-            elif isinstance(token, dict) and token and "ContentToken" not in token:
-                raise RuntimeError(f"stream failed: {line}")
-    return (first if first is not None else float("nan")), generated
-
-
 async def _drive(urls: dict[str, str], model: str, slots: int, streams: int, tokens: int, tag: str) -> dict[str, Any]:
     import aiohttp
 
@@ -173,17 +139,17 @@ async def _drive(urls: dict[str, str], model: str, slots: int, streams: int, tok
             if time.monotonic() > deadline:
                 raise RuntimeError(f"agent not serving: {agents}")
             await asyncio.sleep(0.1)
-        await _stream(session, urls["inference"], chat_prompt(f"({tag}) Say hello."), 8)
-        prompts = [chat_prompt(f"({tag}) {STORY_STARTS[i % len(STORY_STARTS)]}") for i in range(streams)]
+        await balancer_stream(session, urls["inference"], chat_prompt(f"({tag}) Say hello."), 8)
         started = time.perf_counter()
-        results = await asyncio.gather(*(_stream(session, urls["inference"], p, tokens) for p in prompts))
+        prompts = story_prompts(tag, streams)
+        results = await asyncio.gather(*(balancer_stream(session, urls["inference"], p, tokens) for p in prompts))
         wall = time.perf_counter() - started
-    generated = sum(n for _, n in results)
+    generated = sum(r.generated for r in results)
     return {
         "tokens_per_s": generated / wall,
         "generated": generated,
         "wall_s": wall,
-        "ttft_s": statistics.median(t for t, _ in results),
+        "ttft_s": statistics.median(r.time_to_first_token for r in results),
     }
 
 

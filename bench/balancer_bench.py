@@ -115,7 +115,8 @@ def run_client(url: str, concurrency: int, duration: float, max_tokens: int) -> 
         capture_output=True,
         text=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def decision_time(agent_count: int, rounds: int = 20000) -> dict[str, float]:

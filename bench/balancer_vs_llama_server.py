@@ -40,6 +40,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.workload import Streamed, balancer_stream, chat_prompt, llama_server_stream, story_prompts  # noqa: E402
 from paddler_agent.llama_server import sampling_fields  # noqa: E402
 from paddler_core.desired_state import InferenceParameters  # noqa: E402
 from tests.harness import Processes, wait_until  # noqa: E402
@@ -47,20 +48,6 @@ from tests.llama_server.conftest import LlamaServers  # noqa: E402
 
 CONTEXT_PER_SLOT = 2048
 GREEDY = InferenceParameters(temperature=0.0, penalty_repeat=1.0, penalty_presence=0.0, context_size=2048)
-STORIES = [
-    "Write a long story about a lighthouse keeper who finds a map.",
-    "Write a long essay about the history of bread in Europe.",
-    "Write a long story about two robots crossing a desert.",
-    "Write a long letter to a friend describing a trip to the mountains.",
-    "Write a long story about a detective in a rainy city.",
-    "Write a long essay about why people enjoy gardening.",
-    "Write a long story about a child who learns to sail.",
-    "Write a long report about the life of honey bees.",
-]
-
-
-def prompt(text: str) -> str:
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def script(name: str) -> Path:
@@ -68,66 +55,28 @@ def script(name: str) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-async def direct_stream(session: aiohttp.ClientSession, url: str, text: str, tokens: int) -> tuple[float, int]:
-    """(seconds to first token, tokens generated) of one streamed /completion."""
-    body = {"prompt": text, "n_predict": tokens, "stream": True, "cache_prompt": True, **sampling_fields(GREEDY)}
-    start = time.perf_counter()
-    first = None
-    generated = 0
-    async with session.post(url + "/completion", json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data: "):
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk.get("content"):
-                first = time.perf_counter()
-            if chunk.get("stop"):
-                generated = int(chunk.get("tokens_predicted", 0))
-    return (first or time.perf_counter()) - start, generated
-
-
-async def balanced_stream(session: aiohttp.ClientSession, url: str, text: str, tokens: int) -> tuple[float, int]:
-    """(seconds to first token, tokens generated) through the balancer's NDJSON API."""
-    body = {"raw_prompt": text, "max_tokens": tokens}
-    start = time.perf_counter()
-    first = None
-    generated = 0
-    async with session.post(url + "/api/v1/continue_from_raw_prompt", json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content:
-            if not raw.strip():
-                continue
-            message = json.loads(raw)
-            payload = message.get("Response", {}).get("response", {})
-            token = payload.get("GeneratedToken", {}) if isinstance(payload, dict) else {}
-            if first is None and token.get("ContentToken"):
-                first = time.perf_counter()
-            if "Done" in token:
-                generated = int(token["Done"]["usage"]["content_tokens"])
-            if "Error" in message:
-                raise RuntimeError(f"balancer error: {message}")
-    return (first or time.perf_counter()) - start, generated
+async def direct_stream(session: aiohttp.ClientSession, url: str, text: str, tokens: int) -> Streamed:
+    return await llama_server_stream(session, url, text, tokens, sampling_fields(GREEDY))
 
 
 async def run_side(side: str, url: str, n: int, tokens: int, tag: str) -> dict[str, Any]:
-    stream = direct_stream if side == "direct" else balanced_stream
+    stream = direct_stream if side == "direct" else balancer_stream
     # llama-server closes a streamed response's connection: a new one per request on both sides.
     connector = aiohttp.TCPConnector(force_close=True, limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-        await stream(session, url, prompt(f"({tag}) warm up"), 4)
-        single = [(await stream(session, url, prompt(f"({tag}-{i}) Say hi."), 2))[0] for i in range(9)]
-        prompts = [prompt(f"({tag}) {STORIES[i % len(STORIES)]}") for i in range(n)]
+        await stream(session, url, chat_prompt(f"({tag}) warm up"), 4)
+        hellos = [await stream(session, url, chat_prompt(f"({tag}-{i}) Say hi."), 2) for i in range(9)]
+        single = [h.time_to_first_token for h in hellos]
+        prompts = story_prompts(tag, n)
         start = time.perf_counter()
         outs = await asyncio.gather(*(stream(session, url, p, tokens) for p in prompts))
         wall = time.perf_counter() - start
-    generated = sum(o[1] for o in outs)
+    generated = sum(o.generated for o in outs)
     return {
         "tps": generated / wall,
         "generated": generated,
         "wall_s": wall,
-        "ttft_s": statistics.median(o[0] for o in outs),
+        "ttft_s": statistics.median(o.time_to_first_token for o in outs),
         "single_ttft_s": statistics.median(single),
     }
 

@@ -39,33 +39,16 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.workload import Streamed, chat_prompt, llama_server_stream, story_prompts  # noqa: E402
+
 CONTEXT_PER_SLOT = 2048
 LONG_PROMPT_SENTENCE = (
     "The balancer keeps a registry of agents, their free slots and the model each one "
     "serves, and it routes every request to an agent that can take it at once. "
 )
-STORY_STARTS = [
-    "Write a long story about a lighthouse keeper who finds a map.",
-    "Write a long essay about the history of bread in Europe.",
-    "Write a long story about two robots crossing a desert.",
-    "Write a long letter to a friend describing a trip to the mountains.",
-    "Write a long story about a detective in a rainy city.",
-    "Write a long essay about why people enjoy gardening.",
-    "Write a long story about a child who learns to sail.",
-    "Write a long report about the life of honey bees.",
-]
-
-
 # ---- workload -----------------------------------------------------------------------------
-
-
-def chat_prompt(text: str) -> str:
-    """SmolLM2's chat format, written out so both sides get the same raw prompt."""
-    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def generation_prompts(n: int, tag: str) -> list[str]:
-    return [chat_prompt(f"({tag}) {STORY_STARTS[i % len(STORY_STARTS)]}") for i in range(n)]
 
 
 def long_prompt(tag: str, sentences: int) -> str:
@@ -175,7 +158,7 @@ async def _engine_run(w: Workload) -> dict[str, Any]:
             )
         result["ttft_s"] = summarize(ttft)
         result["prompt_tps"] = summarize(prompt_rates)
-    prompts = generation_prompts(w.slots, w.tag)
+    prompts = story_prompts(w.tag, w.slots)
     start = time.perf_counter()
     finals = await asyncio.gather(
         *(_engine_request(engine, host, f"gen{i}", p, w.tokens) for i, p in enumerate(prompts))
@@ -220,31 +203,8 @@ def free_port() -> int:
         return port
 
 
-async def _server_request(session: Any, url: str, prompt: str, tokens: int) -> tuple[float | None, int, int]:
-    """(time of first token, tokens predicted, prompt tokens evaluated)."""
-    body = {
-        "prompt": prompt,
-        "n_predict": tokens,
-        "temperature": 0.0,
-        "stream": True,
-        "cache_prompt": True,
-    }
-    first: float | None = None
-    predicted = evaluated = 0
-    async with session.post(url + "/completion", json=body) as response:
-        response.raise_for_status()
-        async for raw_line in response.content:
-            line = raw_line.strip()
-            if not line.startswith(b"data: "):
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk.get("content"):
-                first = time.perf_counter()
-            if chunk.get("stop"):
-                timings = chunk.get("timings", {})
-                predicted = int(timings.get("predicted_n", chunk.get("tokens_predicted", 0)))
-                evaluated = int(timings.get("prompt_n", 0))
-    return first, predicted, evaluated
+async def _server_request(session: Any, url: str, prompt: str, tokens: int) -> Streamed:
+    return await llama_server_stream(session, url, prompt, tokens, {"temperature": 0.0})
 
 
 async def _server_run(w: Workload, url: str) -> dict[str, Any]:
@@ -259,20 +219,19 @@ async def _server_run(w: Workload, url: str) -> dict[str, Any]:
         if w.measure_latency:
             ttft, prompt_rates = [], []
             for i in range(w.latency_reps):
-                start = time.perf_counter()
-                first, _, _ = await _server_request(session, url, chat_prompt(f"({w.tag}-{i}) Say hi."), 4)
-                ttft.append((first or time.perf_counter()) - start)
+                said = await _server_request(session, url, chat_prompt(f"({w.tag}-{i}) Say hi."), 4)
+                ttft.append(said.time_to_first_token)
             for i in range(3):
                 start = time.perf_counter()
-                _, _, evaluated = await _server_request(session, url, long_prompt(f"{w.tag}-{i}", w.long_sentences), 1)
-                prompt_rates.append(evaluated / (time.perf_counter() - start))
+                long = await _server_request(session, url, long_prompt(f"{w.tag}-{i}", w.long_sentences), 1)
+                prompt_rates.append(long.evaluated / (time.perf_counter() - start))
             result["ttft_s"] = summarize(ttft)
             result["prompt_tps"] = summarize(prompt_rates)
-        prompts = generation_prompts(w.slots, w.tag)
+        prompts = story_prompts(w.tag, w.slots)
         start = time.perf_counter()
         outs = await asyncio.gather(*(_server_request(session, url, p, w.tokens) for p in prompts))
         wall = time.perf_counter() - start
-    generated = [o[1] for o in outs]
+    generated = [o.generated for o in outs]
     result.update(gen_tps=sum(generated) / wall, generated=generated, wall_s=wall)
     return result
 
@@ -601,5 +560,4 @@ def write_plot(report: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

@@ -41,7 +41,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +51,10 @@ import aiohttp
 from openai import AsyncOpenAI
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.kubectl import Kubectl, wait_until  # noqa: E402
+
 STATE = REPO / ".k8s" / "cluster"
 KUBECONFIG = STATE / "kubeconfig"
 KUBECTL = STATE / "bin" / "kubectl"
@@ -85,32 +89,11 @@ def log(message: str) -> None:
     print(f"[wake-up {datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
+CLUSTER = Kubectl(kubeconfig=KUBECONFIG, kubectl=KUBECTL)
+
+
 def kubectl(*args: str, input: str | None = None, timeout: float = 60) -> str:
-    proc = subprocess.run(
-        [str(KUBECTL), "--kubeconfig", str(KUBECONFIG), *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def get_json(*args: str) -> Any:
-    return json.loads(kubectl("get", "-o", "json", *args))
-
-
-def wait_for(probe: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return CLUSTER.kubectl_run(*args, input=input, timeout=timeout).stdout
 
 
 def autoscaling(mode: str, prometheus_url: str | None) -> str:
@@ -199,8 +182,8 @@ async def watch_lines(*args: str) -> AsyncIterator[str]:
 class Pool:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        inference = get_json("-n", namespace, "service", f"{POOL}-inference")["spec"]["clusterIP"]
-        management = get_json("-n", namespace, "service", f"{POOL}-management")["spec"]["clusterIP"]
+        inference = CLUSTER.get_json("-n", namespace, "service", f"{POOL}-inference")["spec"]["clusterIP"]
+        management = CLUSTER.get_json("-n", namespace, "service", f"{POOL}-management")["spec"]["clusterIP"]
         self.inference_url = f"http://{inference}:8061"
         self.management_address = f"{management}:8060"
         self.management_url = f"http://{self.management_address}"
@@ -211,8 +194,8 @@ class Pool:
         return [a for a in found if a["model_group"] == GROUP]
 
     def at_zero(self) -> bool:
-        deployment = get_json("-n", self.namespace, "deployment", f"{GROUP}-agent")
-        pods = get_json("-n", self.namespace, "pods", "-l", f"{MD_LABEL}={GROUP}")["items"]
+        deployment = CLUSTER.get_json("-n", self.namespace, "deployment", f"{GROUP}-agent")
+        pods = CLUSTER.get_json("-n", self.namespace, "pods", "-l", f"{MD_LABEL}={GROUP}")["items"]
         return deployment["spec"].get("replicas") == 0 and not pods and not self.agents()
 
 
@@ -314,7 +297,7 @@ def helm_install() -> None:
 
 
 def ready(namespace: str, kind: str, name: str) -> bool:
-    for c in get_json("-n", namespace, kind, name).get("status", {}).get("conditions", []):
+    for c in CLUSTER.get_json("-n", namespace, kind, name).get("status", {}).get("conditions", []):
         if c["type"] == "Ready":
             return bool(c["status"] == "True")
     return False
@@ -373,7 +356,7 @@ def measure_mode(mode: str, rounds: int, found: list[Round]) -> None:
         kubectl("create", "namespace", namespace)
         try:
             kubectl("-n", namespace, "apply", "-f", "-", input=manifests(namespace, mode, prometheus_url))
-            wait_for(lambda: ready(namespace, "lp", POOL), timeout=300, what="the LlmPool Ready (balancer up)")
+            wait_until(lambda: ready(namespace, "lp", POOL), timeout=300, what="the LlmPool Ready (balancer up)")
             pool = Pool(namespace)
             if prometheus_url is not None:
                 script(
@@ -386,7 +369,7 @@ def measure_mode(mode: str, rounds: int, found: list[Round]) -> None:
                 )
             for n in range(rounds):
                 log(f"{mode} round {n + 1}/{rounds}: waiting for zero agents")
-                wait_for(pool.at_zero, timeout=300, what=f"{mode}: scaled to zero")
+                wait_until(pool.at_zero, timeout=300, what=f"{mode}: scaled to zero")
                 time.sleep(2)  # nothing left moving (a terminated pod's last status updates)
                 one = asyncio.run(one_round(pool, mode))
                 log(f"{mode} round {n + 1}: {one.relative()} answer={one.text!r}")
