@@ -36,6 +36,7 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --explicit-package-bases bench
 
 pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)
