@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from paddler_balancer.batches import EMBEDDING_DONE, part_payloads, split_evenly
+from paddler_balancer.relay import EMBEDDING_DONE, part_payloads, split_evenly
 
 EMBEDDING = {"Embedding": {"Embedding": {"embedding": [1.0], "source_document_id": "a"}}}
 ERROR = {"Embedding": {"Error": "context full"}}
