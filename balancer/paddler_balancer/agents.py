@@ -128,7 +128,6 @@ class AgentPool:
         """Per model group: the agents with at least one free slot."""
         self.prefix_index: dict[str, set[AgentController]] = {}
         self._listeners: list[Callable[[], None]] = []
-        self.version = 0
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -137,7 +136,6 @@ class AgentPool:
         self._listeners.remove(listener)
 
     def changed(self) -> None:
-        self.version += 1
         for listener in self._listeners:
             listener()
 

@@ -1,4 +1,9 @@
-"""App factories and the server lifecycle of ``paddler balancer``."""
+"""App factories and the server lifecycle of ``paddler balancer``.
+
+The composition root: ``BALANCER_KEY`` (how every handler finds the :class:`Balancer`) is
+defined here, and the API modules, which read it, are imported by the factories that
+mount them (so importing an API module never needs this module's factories first).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,23 @@ from typing import Any
 
 from aiohttp import web
 
-from paddler_balancer import inference_api, management_api, openai_api, openai_responses
 from paddler_balancer.agent_claims import CLAIMS_KEY, AgentClaims
-from paddler_balancer.auth import inference_door, management_door
 from paddler_balancer.http_util import (
     MAX_MANAGEMENT_BODY_BYTES,
     CorsPolicy,
     api_app,
+    inference_door,
     keep_large_buffers_out_of_the_heap,
+    management_door,
     normalize_origin,
 )
-from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.metrics import statsd_reporter
 from paddler_balancer.service import Balancer
 from paddler_balancer.settings import BalancerSettings, parse_addr
 
 log = logging.getLogger(__name__)
+
+BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
 
 
 def _inference_middlewares(balancer: Balancer) -> list[Any]:
@@ -42,27 +48,37 @@ def _cors(origins: tuple[str, ...], panel_ports: set[int] | None) -> CorsPolicy:
 def inference_app(balancer: Balancer, panel_ports: set[int] | None = None) -> web.Application:
     """Native and OpenAI-compatible inference APIs on one address. ``panel_ports``: the
     admin panel's port(s), whose origin CORS allows (filled in once the panel listens)."""
+    from paddler_balancer import inference_api
+    from paddler_balancer.openai import api as openai_api
+    from paddler_balancer.openai import responses_api
+
     settings = balancer.settings
     app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, panel_ports))
     app[BALANCER_KEY] = balancer
     inference_api.add_routes(app)
     openai_api.add_routes(app)
-    openai_responses.add_routes(app)
+    responses_api.add_routes(app)
     return app
 
 
 def compat_openai_app(balancer: Balancer) -> web.Application:
     """The OpenAI-compatible API alone (``--compat-openai-addr``, Paddler compatibility)."""
+    from paddler_balancer import inference_api
+    from paddler_balancer.openai import api as openai_api
+    from paddler_balancer.openai import responses_api
+
     settings = balancer.settings
     app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, None))
     app[BALANCER_KEY] = balancer
     app.router.add_get("/health", inference_api.health)
     openai_api.add_routes(app)
-    openai_responses.add_routes(app)
+    responses_api.add_routes(app)
     return app
 
 
 def management_app(balancer: Balancer, panel_ports: set[int] | None = None) -> web.Application:
+    from paddler_balancer import management_api
+
     settings = balancer.settings
     token = settings.management_token
     middlewares = [management_door(token).middleware()] if token else []
@@ -105,22 +121,25 @@ async def _start(app: web.Application, addr: str, name: str, shutdown_timeout: f
     host, port = parse_addr(addr)
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    actual = sockets[0].getsockname()[1] if sockets else port
+    actual = _bound_port(runner, port)
     # One stable line per listener: tests and scripts read the real port from it.
     print(f"paddler listening service={name} url=http://{host}:{actual}", flush=True)
     log.info("listening service=%s host=%s port=%s", name, host, actual)
     return runner
 
 
+def _bound_port(runner: web.AppRunner, default: int) -> int:
+    """The port the runner actually listens on (port 0 resolved)."""
+    for sockname in runner.addresses:
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            return int(sockname[1])
+    return default
+
+
 def _bound_addr(runner: web.AppRunner, addr: str) -> str:
     """``addr`` with the port the runner actually listens on."""
     host, port = parse_addr(addr)
-    for sockname in runner.addresses:
-        if isinstance(sockname, tuple) and len(sockname) >= 2:
-            port = int(sockname[1])
-            break
+    port = _bound_port(runner, port)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -18,26 +18,33 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
-from paddler_balancer.batches import Batch, run_embedding, run_generation
+from paddler_balancer.app import BALANCER_KEY
 from paddler_balancer.http_util import MAX_BODY_BYTES, json_error, read_json, validation_message
-from paddler_balancer.openai_types import served_groups
+from paddler_balancer.openai.model_groups import served_groups
+from paddler_balancer.relay import (
+    HttpSink,
+    NdjsonEncoder,
+    Runner,
+    WebSocketEncoder,
+    WebSocketSink,
+    forward,
+    run_embedding,
+    run_generation,
+)
 from paddler_balancer.service import Balancer
 from paddler_balancer.streams import InferenceFailure
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP
 from paddler_core.inference import (
-    TIMEOUT,
-    TOO_MANY_BUFFERED_REQUESTS,
     GenerateEmbeddingBatchParams,
     RequestKind,
     error_envelope,
     parse_generation_request,
-    response_envelope,
 )
 from paddler_core.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
@@ -45,7 +52,6 @@ log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r'"Request"\s*:\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
 
-BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
 MODEL_GROUP_HEADER = "X-Paddler-Model-Group"
 MODEL_GROUP_PARAM = "model_group"
 
@@ -137,45 +143,18 @@ async def generate_embedding_batch(request: web.Request) -> web.StreamResponse:
     return await stream_ndjson(request, request_id, runner)
 
 
-async def stream_ndjson(request: web.Request, request_id: str, runner: AsyncIterator[Batch]) -> web.StreamResponse:
-    """Write a runner's payloads as NDJSON envelopes. Status first, then lines."""
-    async with contextlib.aclosing(runner):  # type: ignore[type-var]
-        try:
-            first = await anext(runner)
-        except InferenceFailure as failure:
-            return json_error(failure.status, failure.message, failure.kind)
-        except StopAsyncIteration:
-            return json_error(502, "the agent ended the request without a response", "agent_lost")
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        batch: Batch | None = first
-        while batch is not None:
-            agent_id, items = batch
-            await response.write(
-                "".join(json.dumps(response_envelope(request_id, p, agent_id)) + "\n" for p, _ in items).encode()
-            )
-            try:
-                batch = await anext(runner)
-            except StopAsyncIteration:
-                batch = None
-            except InferenceFailure as failure:
-                line = json.dumps(error_envelope(request_id, failure.status, failure.message))
-                await response.write((line + "\n").encode())
-                batch = None
-        await response.write_eof()
-        return response
+async def stream_ndjson(request: web.Request, request_id: str, runner: Runner) -> web.StreamResponse:
+    """A runner's payloads as NDJSON envelopes: the status first (a failure before any
+    output is its HTTP status), then lines, an error line last if it failed mid-stream."""
+    sink = HttpSink(request, {"Content-Type": "application/x-ndjson"})
+    try:
+        await forward(runner, NdjsonEncoder(request_id), sink)
+    except InferenceFailure as failure:
+        return json_error(failure.status, failure.message, failure.kind)
+    return sink.response
 
 
 # ---- WebSocket ------------------------------------------------------------------------------
-
-
-def _failure_payload(request_id: str, failure: InferenceFailure) -> dict[str, Any]:
-    """Paddler's WebSocket shapes: named responses for buffer outcomes, else an Error."""
-    if failure.kind == "buffer_full":
-        return response_envelope(request_id, TOO_MANY_BUFFERED_REQUESTS)
-    if failure.kind in ("buffer_timeout", "item_timeout"):
-        return response_envelope(request_id, TIMEOUT)
-    return error_envelope(request_id, failure.status, failure.message)
 
 
 async def inference_socket(request: web.Request) -> web.StreamResponse:
@@ -188,19 +167,18 @@ async def inference_socket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     tasks: dict[str, asyncio.Task[None]] = {}
 
-    async def send(message: dict[str, Any]) -> None:
-        if not ws.closed:
-            await ws.send_str(json.dumps(message))
+    sink = WebSocketSink(ws)
 
-    def start(request_id: str, make_runner: Callable[[], AsyncIterator[Batch]]) -> None:
+    async def send(message: dict[str, Any]) -> None:
+        await sink.write([json.dumps(message)])
+
+    def start(request_id: str, make_runner: Callable[[], Runner]) -> None:
         async def run() -> None:
+            encoder = WebSocketEncoder(request_id)
             try:
-                async with contextlib.aclosing(make_runner()) as runner:  # type: ignore[type-var]
-                    async for agent_id, items in runner:
-                        for payload, _final in items:
-                            await send(response_envelope(request_id, payload, agent_id))
-            except InferenceFailure as failure:
-                await send(_failure_payload(request_id, failure))
+                await forward(make_runner(), encoder, sink)
+            except InferenceFailure as failure:  # before any output: buffer full, timeouts
+                await sink.write([encoder.failure(failure)])
             except (ConnectionResetError, asyncio.CancelledError):
                 pass
             except Exception:  # a bug must fail this request only, never go unanswered
@@ -275,7 +253,7 @@ async def _handle_socket_message(
     group: str,
     data: str,
     send: Callable[[dict[str, Any]], Any],
-    start: Callable[[str, Callable[[], AsyncIterator[Batch]]], None],
+    start: Callable[[str, Callable[[], Runner]], None],
     tasks: dict[str, asyncio.Task[None]],
 ) -> None:
     try:

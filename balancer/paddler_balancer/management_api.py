@@ -18,8 +18,8 @@ from aiohttp import WSCloseCode, web
 from pydantic import ValidationError
 
 from paddler_balancer.agent_socket import OPEN_AGENT_SOCKETS, handle_agent_socket
+from paddler_balancer.app import BALANCER_KEY
 from paddler_balancer.http_util import json_error, read_json, validation_message
-from paddler_balancer.inference_api import BALANCER_KEY
 from paddler_balancer.service import Balancer
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState, MaxUnavailable
 from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy

@@ -279,7 +279,7 @@ async def test_embeddings_have_the_model_dimension(engine_pool: Balancer) -> Non
         return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])  # similar texts are closer
-    from paddler_balancer.openai_types import decode_embedding
+    from paddler_balancer.openai.output import decode_embedding
 
     encoded = b64.data[0].embedding
     decoded = decode_embedding(encoded) if isinstance(encoded, str) else encoded

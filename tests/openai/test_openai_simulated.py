@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from paddler_balancer.openai_types import decode_embedding
+from paddler_balancer.openai.output import decode_embedding
 from tests.harness import Balancer, Processes
 from tests.openai.conftest import (
     API_KEY,

@@ -9,23 +9,11 @@ import pytest
 from openai.types.responses import Response, ResponseErrorEvent, ResponseFailedEvent, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
-from paddler_balancer.openai_responses_types import (
-    ResponseHeader,
-    ResponsesRequest,
-    ResponsesStream,
-    chat_messages,
-    chat_request,
-    output_items,
-)
-from paddler_balancer.openai_types import (
-    Accumulated,
-    Done,
-    OpenAIError,
-    Token,
-    ToolCalls,
-    chat_params,
-    openai_tool_call,
-)
+from paddler_balancer.openai.errors import OpenAIError
+from paddler_balancer.openai.events import Accumulated, Done, Token, ToolCalls, openai_tool_call
+from paddler_balancer.openai.mapping import chat_params
+from paddler_balancer.openai.responses_output import ResponseHeader, ResponsesStream, output_items
+from paddler_balancer.openai.responses_request import ResponsesRequest, chat_messages, chat_request
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}

@@ -12,43 +12,40 @@ from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
-from paddler_balancer.openai_types import (
+from paddler_balancer.openai.errors import OpenAIError, invalid_request, parse_body
+from paddler_balancer.openai.events import (
     Accumulated,
     AgentError,
-    ChatCompletionRequest,
-    CompletionRequest,
     Done,
-    EmbeddingRequest,
-    OpenAIError,
     Token,
     ToolCallFailed,
     ToolCalls,
     agent_error,
-    chat_chunk,
-    chat_completion,
-    chat_params,
     classify,
+    embedding_failure,
+    is_length_stop,
+)
+from paddler_balancer.openai.mapping import (
+    chat_params,
     completion_params,
     conversation,
-    decode_embedding,
-    embedding_failure,
     embedding_params,
+    sampling_overrides,
+)
+from paddler_balancer.openai.model_groups import model_aliases, models_list, resolve_model, served_groups
+from paddler_balancer.openai.output import (
+    chat_chunk,
+    chat_completion,
+    decode_embedding,
     embeddings_response,
     encode_embedding,
     finish_reason,
     forced_tool_calls,
-    invalid_request,
-    is_length_stop,
-    model_aliases,
-    models_list,
-    parse_body,
-    resolve_model,
-    sampling_overrides,
-    served_groups,
     text_chunk,
     text_completion,
     usage_block,
 )
+from paddler_balancer.openai.request_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from paddler_core.desired_state import BalancerDesiredState, SamplingOverrides
 
 USER = [{"role": "user", "content": "hi"}]

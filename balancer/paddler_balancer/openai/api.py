@@ -24,54 +24,41 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from paddler_balancer.batches import Batch, run_embedding, run_generation
+from paddler_balancer.app import BALANCER_KEY
 from paddler_balancer.http_util import BodyError, Handler, check_json_content_type, read_body
-from paddler_balancer.inference_api import BALANCER_KEY, served_model_groups
-from paddler_balancer.openai_types import (
-    SSE_DONE,
-    Accumulated,
-    AgentError,
+from paddler_balancer.inference_api import served_model_groups
+from paddler_balancer.openai.errors import OpenAIError, invalid_request, parse_body
+from paddler_balancer.openai.events import Accumulated, embedding_failure
+from paddler_balancer.openai.mapping import (
+    chat_params,
+    completion_params,
+    embedding_params,
+    sampling_overrides,
+)
+from paddler_balancer.openai.model_groups import models_list, resolve_model
+from paddler_balancer.openai.output import (
+    chat_completion,
+    completion_id,
+    embeddings_response,
+    forced_tool_calls,
+    now,
+    text_completion,
+)
+from paddler_balancer.openai.request_models import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    Event,
-    OpenAIError,
-    Token,
-    ToolCallFailed,
-    ToolCalls,
     ToolDefinition,
-    agent_error,
-    chat_chunk,
-    chat_completion,
-    chat_delta,
-    chat_params,
-    classify,
-    completion_id,
-    completion_params,
-    embedding_failure,
-    embedding_params,
-    embeddings_response,
-    finish_reason,
-    forced_tool_calls,
-    invalid_request,
-    is_length_stop,
-    models_list,
-    now,
-    parse_body,
-    resolve_model,
-    sampling_overrides,
-    sse,
-    text_chunk,
-    text_completion,
-    usage_block,
 )
+from paddler_balancer.openai.stream import ChatRenderer, Renderer, TextRenderer, collect, inference_error, stream_sse
+from paddler_balancer.relay import Runner, run_embedding, run_generation
 from paddler_balancer.service import Balancer
 from paddler_balancer.streams import InferenceFailure
 from paddler_core.desired_state import BalancerDesiredState
@@ -150,10 +137,6 @@ def validate(model: type[_M], body: dict[str, Any]) -> _M:
         raise invalid_request(err) from None
 
 
-def _failure(failure: InferenceFailure) -> OpenAIError:
-    return OpenAIError(failure.status, failure.message, code=failure.kind)
-
-
 def _groups(balancer: Balancer) -> tuple[list[str], dict[str, BalancerDesiredState]]:
     served = served_model_groups(balancer)
     return served, {g: balancer.store.get(g) for g in served}
@@ -198,217 +181,20 @@ _CREATED = now()
 # ---- generation -----------------------------------------------------------------------------
 
 
-class Renderer(Protocol):
-    """Turns a generation's events into streamed chunks and chunks into SSE bytes."""
-
-    acc: Accumulated
-
-    def opening(self) -> list[dict[str, Any]]: ...
-
-    def on_event(self, event: Token | ToolCalls) -> list[dict[str, Any]]: ...
-
-    def closing(self) -> list[dict[str, Any]]: ...
-
-    def failed(self, error: OpenAIError) -> list[dict[str, Any]]:
-        """The chunks that report an error after streaming started."""
-        ...
-
-    def encode(self, chunk: dict[str, Any]) -> bytes: ...
-
-    @property
-    def trailer(self) -> bytes:
-        """Written after the last chunk (``data: [DONE]`` for chat and text)."""
-        ...
-
-
-class DoneTerminated:
-    """Chat and text completions: ``data:`` lines, an error chunk in the error envelope,
-    ``data: [DONE]`` at the end."""
-
-    def failed(self, error: OpenAIError) -> list[dict[str, Any]]:
-        return [error.body()]
-
-    def encode(self, chunk: dict[str, Any]) -> bytes:
-        return sse(chunk)
-
-    @property
-    def trailer(self) -> bytes:
-        return SSE_DONE
-
-
-@dataclass
-class ChatRenderer(DoneTerminated):
-    response_id: str
-    model: str
-    created: int
-    include_usage: bool
-    max_tokens: int
-    forced: list[ToolDefinition]
-    acc: Accumulated
-
-    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-        return chat_chunk(self.response_id, self.model, self.created, delta, finish, None, self.include_usage)
-
-    def opening(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""})]
-
-    def on_event(self, event: Token | ToolCalls) -> list[dict[str, Any]]:
-        if isinstance(event, ToolCalls):
-            return [self._chunk({"tool_calls": event.calls})]
-        if self.forced:
-            return []  # the forced call is parsed and sent as tool_calls at the end
-        delta = chat_delta(event)
-        return [self._chunk(delta)] if delta is not None else []
-
-    def closing(self) -> list[dict[str, Any]]:
-        chunks = []
-        if self.forced and not self.acc.tool_calls:
-            calls = forced_tool_calls(self.acc.text, self.forced)
-            self.acc.tool_calls.extend(calls)
-            chunks.append(self._chunk({"tool_calls": calls} if calls else {"content": self.acc.text}))
-        chunks.append(self._chunk({}, finish_reason(self.acc, self.max_tokens)))
-        if self.include_usage:
-            usage = usage_block(self.acc.usage, self.acc.tokens)
-            chunks.append(chat_chunk(self.response_id, self.model, self.created, None, None, usage, True))
-        return chunks
-
-
-@dataclass
-class TextRenderer(DoneTerminated):
-    response_id: str
-    model: str
-    created: int
-    include_usage: bool
-    max_tokens: int
-    acc: Accumulated
-
-    def opening(self) -> list[dict[str, Any]]:
-        return []
-
-    def on_event(self, event: Token | ToolCalls) -> list[dict[str, Any]]:
-        if isinstance(event, Token) and event.kind == "content":
-            return [text_chunk(self.response_id, self.model, self.created, event.text, None, None, self.include_usage)]
-        return []
-
-    def closing(self) -> list[dict[str, Any]]:
-        finish = finish_reason(self.acc, self.max_tokens)
-        chunks = [text_chunk(self.response_id, self.model, self.created, "", finish, None, self.include_usage)]
-        if self.include_usage:
-            usage = usage_block(self.acc.usage, self.acc.tokens)
-            chunks.append(text_chunk(self.response_id, self.model, self.created, None, None, usage, True))
-        return chunks
-
-
-Absorbed = tuple[list[Token | ToolCalls], OpenAIError | None, bool]
-"""(events to render, the terminal error if any, whether the generation ended)."""
-
-
-def _events(batch: Batch) -> list[Event]:
-    return [classify(payload) for payload, _final in batch[1]]
-
-
-def _absorb(acc: Accumulated, events: list[Event]) -> Absorbed:
-    """Add events to ``acc``: (events to render, terminal error, finished)."""
-    shown: list[Token | ToolCalls] = []
-    for event in events:
-        if isinstance(event, AgentError):
-            if is_length_stop(event, acc.tokens):
-                acc.length_stop = True
-                return shown, None, True
-            return shown, agent_error(event), True
-        replacement = acc.add(event)
-        if isinstance(event, ToolCallFailed):
-            log.info("tool call not parsed kind=%s message=%s; returned as content", event.kind, event.message)
-            if replacement is not None and replacement.text:
-                shown.append(replacement)
-        elif isinstance(event, Token | ToolCalls):
-            shown.append(event)
-    return shown, None, False
-
-
-async def collect(runner: AsyncIterator[Batch], acc: Accumulated) -> None:
-    """Run a generation to its end into ``acc``; raises OpenAIError."""
-    async with contextlib.aclosing(runner):  # type: ignore[type-var]
-        try:
-            async for batch in runner:
-                _shown, error, finished = _absorb(acc, _events(batch))
-                if error is not None:
-                    raise error
-                if finished:
-                    return
-        except InferenceFailure as failure:
-            raise _failure(failure) from None
-
-
-async def stream_sse(
-    request: web.Request, runner: AsyncIterator[Batch], renderer: Renderer, outcome: Outcome
-) -> web.StreamResponse:
-    """SSE. The first batch is awaited before the headers, so a failure before any
-    output is an HTTP status; later failures are an error chunk, then ``[DONE]``."""
-    async with contextlib.aclosing(runner):  # type: ignore[type-var]
-        first = await _first_events(runner, renderer.acc)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-        await response.prepare(request)
-        try:
-            error = await _pump(response, runner, renderer, first)
-            outcome.tokens = renderer.acc.tokens
-            if error is not None:
-                outcome.status = error.status
-                log.info("openai stream failed status=%d code=%s message=%s", error.status, error.code, error.message)
-                chunks = renderer.failed(error)
-            else:
-                chunks = renderer.closing()
-            await response.write(b"".join(renderer.encode(c) for c in chunks) + renderer.trailer)
-            await response.write_eof()
-        except ConnectionResetError:
-            outcome.status = 499  # the client went away mid-stream; leaving frees the slot
-        return response
-
-
-async def _first_events(runner: AsyncIterator[Batch], acc: Accumulated) -> Absorbed:
-    """The first batch, or the OpenAIError to answer with before any header."""
-    try:
-        first = await anext(runner)
-    except InferenceFailure as failure:
-        raise _failure(failure) from None
-    except StopAsyncIteration:
-        raise OpenAIError(502, "the agent ended the request without a response", code="agent_lost") from None
-    shown, error, finished = _absorb(acc, _events(first))
-    if error is not None and not shown:
-        raise error
-    return shown, error, finished
-
-
-async def _pump(
-    response: web.StreamResponse, runner: AsyncIterator[Batch], renderer: Renderer, first: Absorbed
-) -> OpenAIError | None:
-    """Write chunks until the generation ends; the error that ended it, if any."""
-    shown, error, finished = first
-    chunks = renderer.opening()
-    while True:
-        for event in shown:
-            chunks.extend(renderer.on_event(event))
-        if chunks:
-            await response.write(b"".join(renderer.encode(c) for c in chunks))
-            chunks = []
-        if finished:
-            return error
-        try:
-            batch = await anext(runner)
-        except StopAsyncIteration:
-            return None
-        except InferenceFailure as failure:
-            return _failure(failure)
-        shown, error, finished = _absorb(renderer.acc, _events(batch))
+async def stream(request: web.Request, runner: Runner, renderer: Renderer, outcome: Outcome) -> web.StreamResponse:
+    """Stream a generation as SSE; its tokens and end status go to ``outcome``."""
+    response, status = await stream_sse(request, runner, renderer)
+    outcome.tokens = renderer.acc.tokens
+    if status != 200:
+        outcome.status = status
+    return response
 
 
 @dataclass
 class ChatRun:
     """A conversation generation, resolved and mapped, not started yet."""
 
-    runner: AsyncIterator[Batch]
+    runner: Runner
     group: str
     max_tokens: int
     forced: list[ToolDefinition]
@@ -448,7 +234,7 @@ async def chat_completions(request: web.Request, outcome: Outcome) -> web.Stream
     if req.stream:
         acc = Accumulated()
         renderer = ChatRenderer(response_id, model, created, req.include_usage, run.max_tokens, run.forced, acc)
-        return await stream_sse(request, run.runner, renderer, outcome)
+        return await stream(request, run.runner, renderer, outcome)
     acc = await collect_chat(run, outcome)
     return web.json_response(chat_completion(response_id, model, created, acc, run.max_tokens))
 
@@ -471,7 +257,7 @@ async def completions(request: web.Request, outcome: Outcome) -> web.StreamRespo
     acc = Accumulated()
     if req.stream:
         renderer = TextRenderer(response_id, model, created, req.include_usage, max_tokens, acc)
-        return await stream_sse(request, runner, renderer, outcome)
+        return await stream(request, runner, renderer, outcome)
     await collect(runner, acc)
     outcome.tokens = acc.tokens
     return web.json_response(text_completion(response_id, model, created, acc, max_tokens))
@@ -487,13 +273,13 @@ async def embeddings(request: web.Request, outcome: Outcome) -> web.StreamRespon
     params = embedding_params(req)
     runner = run_embedding(balancer, model_group=group, params=params, request_id=uuid.uuid4().hex)
     vectors: dict[str, list[float]] = {}
-    async with contextlib.aclosing(runner):  # type: ignore[type-var]
+    async with contextlib.aclosing(runner):
         try:
             async for _agent, items in runner:
                 for payload, _final in items:
                     _take_embedding(payload, vectors)
         except InferenceFailure as failure:
-            raise _failure(failure) from None
+            raise inference_error(failure) from None
     ordered = [vectors.get(doc.id) for doc in params.input_batch]
     if any(v is None for v in ordered):
         raise OpenAIError(502, "the agents returned fewer embeddings than inputs", code="missing_embeddings")

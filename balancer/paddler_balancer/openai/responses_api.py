@@ -1,7 +1,7 @@
 """``POST /v1/responses``: OpenAI's Responses API on the inference address and on
 ``--compat-openai-addr``.
 
-A response is a chat completion underneath (``openai_responses_types.chat_request``):
+A response is a chat completion underneath (``responses_request.chat_request``):
 the same model-group resolution, tools, grammars, sampling, buffer (503 full, 504
 timeouts, HTTP statuses before the first event), error envelope and log line
 (``openai request endpoint=responses ...``); a client that disconnects leaves the
@@ -12,16 +12,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from paddler_balancer.openai_api import Outcome, collect_chat, endpoint, request_body, start_chat, stream_sse, validate
-from paddler_balancer.openai_responses_types import (
-    ResponseHeader,
-    ResponsesRequest,
-    ResponsesStream,
-    chat_request,
-    new_id,
-    output_items,
-)
-from paddler_balancer.openai_types import Accumulated, now
+from paddler_balancer.openai.api import Outcome, collect_chat, endpoint, request_body, start_chat, stream, validate
+from paddler_balancer.openai.events import Accumulated
+from paddler_balancer.openai.output import now
+from paddler_balancer.openai.responses_output import ResponseHeader, ResponsesStream, new_id, output_items
+from paddler_balancer.openai.responses_request import ResponsesRequest, chat_request
 
 
 def add_routes(app: web.Application) -> None:
@@ -34,6 +29,6 @@ async def create_response(request: web.Request, outcome: Outcome) -> web.StreamR
     header = ResponseHeader(new_id("resp"), req.model or run.group, now(), req)
     if req.stream:
         renderer = ResponsesStream(header, run.max_tokens, run.forced, Accumulated())
-        return await stream_sse(request, run.runner, renderer, outcome)
+        return await stream(request, run.runner, renderer, outcome)
     acc = await collect_chat(run, outcome)
     return web.json_response(header.finished(acc, run.max_tokens, output_items(acc, bool(run.forced))))
