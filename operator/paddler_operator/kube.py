@@ -53,6 +53,7 @@ FIELD_MANAGER = "paddler-operator"
 REQUEST_TIMEOUT_S = 30.0
 IN_CLUSTER_TOKEN_REREAD_S = 60.0
 """The service account's projected token rotates: read its file again this often (and on a 401)."""
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_RETRY_AFTER_S = 30.0
 """Longest wait a 429's ``Retry-After`` is honoured for (longer ones are cut to this)."""
 MAX_THROTTLED_RETRIES = 3
@@ -153,8 +154,9 @@ def _credentials(configuration: k8s_client.Configuration, expires_at: dt.datetim
     )
 
 
-async def login(kubeconfig: str | None = None) -> Credentials:
-    """Load credentials afresh (runs a kubeconfig's exec plugin; reads token files again)."""
+async def login(kubeconfig: str | None = None, service_account: Path = SERVICE_ACCOUNT) -> Credentials:
+    """Load credentials afresh (runs a kubeconfig's exec plugin; reads token files again).
+    Without a kubeconfig: the pod's service account (``service_account``: its mounted folder)."""
     configuration = k8s_client.Configuration()
     paths = kubeconfig_paths(kubeconfig)
     try:
@@ -169,7 +171,10 @@ async def login(kubeconfig: str | None = None) -> Credentials:
                 expiry = expiry.replace(tzinfo=dt.UTC)
             return _credentials(configuration, expiry)
         k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]  # typed package, untyped function
-            client_configuration=configuration, try_refresh_token=False
+            client_configuration=configuration,
+            try_refresh_token=False,
+            token_filename=str(service_account / "token"),
+            cert_filename=str(service_account / "ca.crt"),
         )
     except (k8s_config.ConfigException, OSError, KeyError, ValueError) as err:
         where = ", ".join(map(str, paths)) if paths else "in-cluster service account"
