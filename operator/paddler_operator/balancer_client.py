@@ -1,7 +1,7 @@
 """HTTP client of a pool balancer's management API, as the operator uses it.
 
-Reads agents, model groups and buffered-request gauges, writes a model group's
-desired state with the ``X-Paddler-Owner`` header. A balancer that cannot be
+Reads agents, model groups (with their owners) and buffered requests, all as
+JSON; writes a model group's desired state with the ``X-Paddler-Owner`` header. A balancer that cannot be
 reached (no pod yet, DNS, timeout) raises :class:`BalancerUnreachable`; one that
 answers with an error raises :class:`BalancerRejected`.
 """
@@ -9,17 +9,14 @@ answers with an error raises :class:`BalancerRejected`.
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from paddler_operator.plan import AgentView, BalancerSnapshot
-
-OWNER_HEADER = "X-Paddler-Owner"
-_GAUGE = re.compile(r'^paddler_requests_buffered\{[^}]*model_group="([^"]*)"[^}]*\}\s+([0-9.eE+-]+)\s*$')
+from paddler_core.owner import OWNER_HEADER
+from paddler_operator.balancer_views import AgentView, BalancerSnapshot
 
 
 class BalancerUnreachable(Exception):
@@ -40,14 +37,9 @@ class BalancerClientSettings:
     """Seconds for one management API request, connect included."""
 
 
-def parse_buffered_by_group(metrics_text: str) -> dict[str, int]:
-    """``paddler_requests_buffered{model_group="x"} 2`` lines of a Prometheus scrape."""
-    out: dict[str, int] = {}
-    for line in metrics_text.splitlines():
-        match = _GAUGE.match(line.strip())
-        if match:
-            out[match.group(1)] = int(float(match.group(2)))
-    return out
+def _count(body: Any) -> int:
+    """``{"buffered_requests_current": n}`` of ``GET /api/v1/buffered_requests``."""
+    return int((body or {}).get("buffered_requests_current", 0))
 
 
 class BalancerClient:
@@ -100,26 +92,30 @@ class BalancerClient:
         except aiohttp.ClientResponseError as err:
             raise BalancerRejected(err.status, err.message) from err
 
-    async def snapshot(self, base_url: str) -> BalancerSnapshot:
-        """Agents, model groups and buffered requests, read in parallel."""
+    async def snapshot(self, base_url: str, group: str | None = None) -> BalancerSnapshot:
+        """Agents, model groups and buffered requests (in all, and of ``group`` when given), read in parallel."""
         base = base_url.rstrip("/")
         # One request first: an unreachable balancer fails here, always with the same message
         # (conditions stay stable while it is down, so the status is not rewritten on every retry).
         auth = self._auth(base)
         agents = await self._request("GET", f"{base}/api/v1/agents", headers=auth)
-        groups, buffered, metrics = await asyncio.gather(
+        reads = [
             self._request("GET", f"{base}/api/v1/model_groups", headers=auth),
             self._request("GET", f"{base}/api/v1/buffered_requests", headers=auth),
-            self._request("GET", f"{base}/metrics", text=True, headers=auth),
-        )
+        ]
+        if group is not None:
+            reads.append(
+                self._request("GET", f"{base}/api/v1/buffered_requests?model_group={quote(group)}", headers=auth)
+            )
+        groups, buffered, *in_group = await asyncio.gather(*reads)
+        rows = (groups or {}).get("model_groups", [])
         return BalancerSnapshot(
             agents=tuple(AgentView.from_json(a) for a in (agents or {}).get("agents", [])),
-            buffered_total=int((buffered or {}).get("buffered_requests_current", 0)),
-            buffered_by_group=parse_buffered_by_group(metrics or ""),
-            group_states={g["name"]: g.get("desired_state") or {} for g in (groups or {}).get("model_groups", [])},
-            group_rollouts={
-                g["name"]: g["rollout"] for g in (groups or {}).get("model_groups", []) if g.get("rollout") is not None
-            },
+            buffered_total=_count(buffered),
+            buffered_by_group={group: _count(in_group[0])} if group is not None else {},
+            group_states={g["name"]: g.get("desired_state") or {} for g in rows},
+            group_rollouts={g["name"]: g["rollout"] for g in rows if g.get("rollout") is not None},
+            group_owners={g["name"]: g.get("owner") for g in rows},
         )
 
     async def put_desired_state(

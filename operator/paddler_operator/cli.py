@@ -75,8 +75,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if settings.kubeconfig:
-        os.environ["KUBECONFIG"] = settings.kubeconfig  # kopf's own login reads it too
     from paddler_operator import handlers  # imports kopf: only now, only here
 
     handlers.run(settings)

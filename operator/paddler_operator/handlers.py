@@ -16,7 +16,7 @@ import kopf
 
 from paddler_operator.balancer_client import BalancerClient, BalancerClientSettings
 from paddler_operator.crd_models import API_VERSION, GROUP, VERSION
-from paddler_operator.kube import KubeApi, KubeSettings
+from paddler_operator.kube import KubeApi, KubeConfigError, KubeSettings, login
 from paddler_operator.plan import MANAGED_BY
 from paddler_operator.reconcile import Key, Kind, Reconciler, Workers
 from paddler_operator.settings import OperatorSettings
@@ -58,6 +58,29 @@ def _workers() -> Workers:
     if _runtime is None or _runtime.workers is None:
         raise kopf.PermanentError("operator not started")
     return _runtime.workers
+
+
+@kopf.on.login()
+async def kopf_login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches log in with the operator's own credentials (kubeconfig incl. exec plugins,
+    or the service account), loaded by the official client; kopf calls this again on a 401."""
+    if _runtime is None:
+        raise kopf.LoginError("paddler_operator.handlers.configure() was not called")
+    try:
+        credentials = await login(_runtime.settings.kubeconfig)
+    except KubeConfigError as err:
+        raise kopf.LoginError(str(err)) from err
+    scheme, _space, token = (credentials.authorization or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=credentials.server,
+        ca_path=credentials.ca_file,
+        insecure=credentials.insecure,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=credentials.cert_file,
+        private_key_path=credentials.key_file,
+        expiration=credentials.expires_at,
+    )
 
 
 @kopf.on.startup()

@@ -1,34 +1,39 @@
 """The operator's only door to the Kubernetes API (besides kopf's own watches).
 
-A small generic async client (aiohttp): get, create, JSON-merge-patch, delete and
-list any namespaced kind of a fixed table, patch the status subresource, post
-Events. Errors become :class:`KubeError` with the API server's message, which
-ends up in conditions and events verbatim.
+Credentials come from the official client's configuration loading
+(``kubernetes_asyncio.config``): a kubeconfig with any user the client supports
+(token, token file, client certificate, ``exec`` plugins such as ``aws eks get-token``
+or ``kubelogin``, the OIDC and GCP auth providers), or the in-cluster service
+account. :func:`login` returns them as :class:`Credentials`, which kopf's login
+handler shares (:mod:`paddler_operator.handlers`).
 
-It reads credentials itself (kubeconfig: token or client certificate; in-cluster:
-the service account's rotating token), so the operator image does not need the
-``kubernetes`` package (about 75 MB of generated code); kopf logs in the same way.
+Requests go through a thin async layer of our own (aiohttp): get, list, delete and
+server-side apply of any namespaced kind of a fixed table, status merge patches,
+Events. A 401 logs in again (an exec plugin runs again, a rotated token file is
+read again) and repeats the request once; a 429 waits out ``Retry-After`` (bounded)
+a few times. Errors become :class:`KubeError` with the API server's message, which
+ends up in conditions and events verbatim.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import datetime as dt
 import json
 import logging
 import os
 import ssl
-import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
 
-from paddler_operator.plan import Obj, ObjRef
+from paddler_operator.objects import Obj, ObjRef
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,13 @@ PLURALS: dict[tuple[str, str], str] = {
 }
 FIELD_MANAGER = "paddler-operator"
 REQUEST_TIMEOUT_S = 30.0
+IN_CLUSTER_TOKEN_REREAD_S = 60.0
+"""The service account's projected token rotates: read its file again this often (and on a 401)."""
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+MAX_RETRY_AFTER_S = 30.0
+"""Longest wait a 429's ``Retry-After`` is honoured for (longer ones are cut to this)."""
+MAX_THROTTLED_RETRIES = 3
+"""429 answers waited out per request before it fails."""
 
 
 class KubeError(Exception):
@@ -62,7 +73,7 @@ class KubeError(Exception):
 
 
 class KubeConfigError(Exception):
-    """No usable credentials (no kubeconfig, not in a pod, or an unsupported auth method)."""
+    """No usable credentials (no kubeconfig, not in a pod, or the kubeconfig's user cannot log in)."""
 
 
 def collection_path(api_version: str, kind: str, namespace: str) -> str:
@@ -84,19 +95,40 @@ class KubeSettings:
 
 
 @dataclass(frozen=True)
-class Connection:
+class Credentials:
+    """Where the API server is and how to prove who we are, as the official client loaded them."""
+
     server: str
-    ssl_context: ssl.SSLContext
-    token: str | None = None
-    token_file: Path | None = None
-    """Re-read on every request: projected service-account tokens rotate."""
+    ca_file: str | None = None
+    insecure: bool = False
+    tls_server_name: str | None = None
+    cert_file: str | None = None
+    """Client certificate (a temporary file when the kubeconfig or an exec plugin gave it inline)."""
+    key_file: str | None = None
+    authorization: str | None = None
+    """The ``Authorization`` header value (``Bearer ...``, ``Basic ...``), None with a client certificate only."""
+    expires_at: dt.datetime | None = None
+    """When to log in again before the next request (an exec plugin's token expiry; the service
+    account's token file re-read interval); None: only after a 401."""
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.cert_file and self.key_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
 
     def headers(self) -> dict[str, str]:
-        token = self.token_file.read_text().strip() if self.token_file is not None else self.token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return {"Authorization": self.authorization} if self.authorization else {}
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        return self.expires_at is not None and (now or dt.datetime.now(dt.UTC)) >= self.expires_at
 
 
-def _kubeconfig_paths(explicit: str | None) -> list[Path]:
+def kubeconfig_paths(explicit: str | None) -> list[Path]:
+    """The kubeconfig files to merge: ``explicit``, else $KUBECONFIG, else ~/.kube/config if it exists."""
     if explicit:
         return [Path(explicit).expanduser()]
     env = os.environ.get("KUBECONFIG")
@@ -106,80 +138,101 @@ def _kubeconfig_paths(explicit: str | None) -> list[Path]:
     return [default] if default.exists() else []
 
 
-def _path(base: Path, value: str) -> str:
-    """Relative paths in a kubeconfig are relative to the file."""
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else base / path)
+def _credentials(configuration: k8s_client.Configuration, expires_at: dt.datetime | None) -> Credentials:
+    token = configuration.api_key.get("BearerToken")
+    if token and " " not in token:  # the client stores the scheme with the token; be lenient
+        token = f"Bearer {token}"
+    return Credentials(
+        server=str(configuration.host).rstrip("/"),
+        ca_file=configuration.ssl_ca_cert or None,
+        insecure=not configuration.verify_ssl,
+        tls_server_name=configuration.tls_server_name or None,
+        cert_file=configuration.cert_file or None,
+        key_file=configuration.key_file or None,
+        authorization=token or None,
+        expires_at=expires_at,
+    )
 
 
-def connection_from_kubeconfig(paths: list[Path]) -> Connection:
-    current: str | None = None
-    contexts: dict[str, Any] = {}
-    clusters: dict[str, Any] = {}
-    users: dict[str, Any] = {}
-    base = paths[0].parent
-    for path in paths:
-        config = yaml.safe_load(path.read_text()) or {}
-        current = current or config.get("current-context")
-        for section, into in (("contexts", contexts), ("clusters", clusters), ("users", users)):
-            for item in config.get(section) or []:
-                into.setdefault(item["name"], item.get(section[:-1]) or {})
-    if current is None or current not in contexts:
-        raise KubeConfigError(f"no current-context in {', '.join(map(str, paths))}")
-    context = contexts[current]
-    cluster, user = clusters[context["cluster"]], users.get(context.get("user", ""), {})
-    if "exec" in user or "auth-provider" in user:
-        raise KubeConfigError("kubeconfig exec/auth-provider plugins are not supported; use a token or certificate")
-    ssl_context = ssl.create_default_context()
-    if cluster.get("certificate-authority-data"):
-        ssl_context.load_verify_locations(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
-    elif cluster.get("certificate-authority"):
-        ssl_context.load_verify_locations(cafile=_path(base, cluster["certificate-authority"]))
-    if cluster.get("insecure-skip-tls-verify"):
-        ssl_context.check_hostname = False
-        ssl_context.verify_mode = ssl.CERT_NONE
-    if user.get("client-certificate-data") and user.get("client-key-data"):
-        with tempfile.TemporaryDirectory(prefix="paddler-kube-") as tmp:
-            cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
-            cert.write_bytes(base64.b64decode(user["client-certificate-data"]))
-            key.write_bytes(base64.b64decode(user["client-key-data"]))
-            key.chmod(0o600)
-            ssl_context.load_cert_chain(str(cert), str(key))
-    elif user.get("client-certificate") and user.get("client-key"):
-        ssl_context.load_cert_chain(_path(base, user["client-certificate"]), _path(base, user["client-key"]))
-    token = user.get("token")
-    token_file = Path(_path(base, user["tokenFile"])) if user.get("tokenFile") else None
-    return Connection(server=cluster["server"].rstrip("/"), ssl_context=ssl_context, token=token, token_file=token_file)
+async def login(kubeconfig: str | None = None, service_account: Path = SERVICE_ACCOUNT) -> Credentials:
+    """Load credentials afresh (runs a kubeconfig's exec plugin; reads token files again).
+    Without a kubeconfig: the pod's service account (``service_account``: its mounted folder)."""
+    configuration = k8s_client.Configuration()
+    paths = kubeconfig_paths(kubeconfig)
+    try:
+        if paths:
+            loader = await k8s_config.load_kube_config(
+                config_file=os.pathsep.join(str(p) for p in paths),
+                client_configuration=configuration,
+                persist_config=False,
+            )
+            expiry: dt.datetime | None = getattr(loader, "exec_plugin_expiry", None)
+            if expiry is not None and expiry.tzinfo is None:
+                expiry = expiry.replace(tzinfo=dt.UTC)
+            return _credentials(configuration, expiry)
+        k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]  # typed package, untyped function
+            client_configuration=configuration,
+            try_refresh_token=False,
+            token_filename=str(service_account / "token"),
+            cert_filename=str(service_account / "ca.crt"),
+        )
+    except (k8s_config.ConfigException, OSError, KeyError, ValueError) as err:
+        where = ", ".join(map(str, paths)) if paths else "in-cluster service account"
+        raise KubeConfigError(f"cannot log in to Kubernetes ({where}): {type(err).__name__}: {err}") from err
+    reread = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=IN_CLUSTER_TOKEN_REREAD_S)
+    return _credentials(configuration, reread)
 
 
-def connection_in_cluster(root: Path = SERVICE_ACCOUNT) -> Connection:
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-    if not host or not (root / "token").exists():
-        raise KubeConfigError("no kubeconfig ($KUBECONFIG, ~/.kube/config) and not running in a pod")
-    ssl_context = ssl.create_default_context(cafile=str(root / "ca.crt"))
-    server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    return Connection(server=server, ssl_context=ssl_context, token_file=root / "token")
+def _retry_after(value: str | None) -> float:
+    """Seconds a 429 asks us to wait (``Retry-After``: seconds or an HTTP date), within bounds."""
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = dt.datetime.strptime(value, "%a, %d %b %Y %H:%M:%S GMT").replace(tzinfo=dt.UTC)
+            except ValueError:
+                seconds = 1.0
+            else:
+                seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    else:
+        seconds = 1.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
-def load_connection(kubeconfig: str | None = None) -> Connection:
-    paths = _kubeconfig_paths(kubeconfig)
-    if paths:
-        return connection_from_kubeconfig(paths)
-    return connection_in_cluster()
+Login = Callable[[], Awaitable[Credentials]]
 
 
 class KubeApi:
     """Generic async calls to the Kubernetes API."""
 
-    def __init__(self, settings: KubeSettings | None = None, connection: Connection | None = None) -> None:
+    def __init__(self, settings: KubeSettings | None = None, login_with: Login | None = None) -> None:
         self.settings = settings or KubeSettings()
-        self.connection = connection or load_connection(self.settings.kubeconfig)
+        self._login: Login = login_with or (lambda: login(self.settings.kubeconfig))
+        self._credentials: Credentials | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._login_lock = asyncio.Lock()
+        self.logins = 0
+        """How many times credentials were loaded (the first time included)."""
 
-    def _http(self) -> aiohttp.ClientSession:
+    async def credentials(self, stale: Credentials | None = None) -> Credentials:
+        """The current credentials; logs in when there are none, they expired, or they are ``stale``
+        (a request with them got a 401). Concurrent callers share one login."""
+        async with self._login_lock:
+            current = self._credentials
+            if current is None or current is stale or current.expired():
+                fresh = await self._login()
+                self.logins += 1
+                if self._session is not None:
+                    await self._session.close()
+                    self._session = None
+                self._credentials = current = fresh
+            return current
+
+    def _http(self, credentials: Credentials) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.connection.ssl_context),
+                connector=aiohttp.TCPConnector(ssl=credentials.ssl_context()),
                 timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
             )
         return self._session
@@ -189,6 +242,29 @@ class KubeApi:
             await self._session.close()
             self._session = None
 
+    async def _send(
+        self,
+        credentials: Credentials,
+        method: str,
+        path: str,
+        data: str | None,
+        query: list[tuple[str, str]] | None,
+        content_type: str,
+    ) -> tuple[int, str, str, str | None]:
+        headers = {"Accept": "application/json", **credentials.headers()}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        extra: dict[str, Any] = {}
+        if credentials.tls_server_name:
+            extra["server_hostname"] = credentials.tls_server_name
+        try:
+            async with self._http(credentials).request(
+                method, credentials.server + path, params=query or None, data=data, headers=headers, **extra
+            ) as resp:
+                return resp.status, resp.reason or "", await resp.text(), resp.headers.get("Retry-After")
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as err:
+            raise KubeError(0, "Unreachable", f"{method} {path}: {type(err).__name__}: {err}") from err
+
     async def _run(
         self,
         method: str,
@@ -197,19 +273,32 @@ class KubeApi:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        headers = {"Accept": "application/json", **self.connection.headers()}
-        data = None
-        if body is not None:
-            headers["Content-Type"] = content_type
-            data = json.dumps(body)
-        url = self.connection.server + path
+        data = json.dumps(body) if body is not None else None
         try:
-            async with self._http().request(method, url, params=query or None, data=data, headers=headers) as resp:
-                text = await resp.text()
-                status_code = resp.status
-                reason_phrase = resp.reason or ""
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise KubeError(0, "Unreachable", f"{method} {path}: {type(err).__name__}: {err}") from err
+            credentials = await self.credentials()
+        except KubeConfigError as err:
+            raise KubeError(401, "Unauthorized", str(err)) from err
+        relogged = False
+        throttled = 0
+        while True:
+            status_code, reason_phrase, text, retry_after = await self._send(
+                credentials, method, path, data, query, content_type
+            )
+            if status_code == 401 and not relogged:
+                relogged = True
+                log.info("401 from the API server: logging in again")
+                try:
+                    credentials = await self.credentials(stale=credentials)
+                except KubeConfigError as err:
+                    raise KubeError(401, "Unauthorized", str(err)) from err
+                continue
+            if status_code == 429 and throttled < MAX_THROTTLED_RETRIES:
+                throttled += 1
+                delay = _retry_after(retry_after)
+                log.info("429 from the API server: retrying %s %s in %.1fs", method, path, delay)
+                await asyncio.sleep(delay)
+                continue
+            break
         if not 200 <= status_code < 300:
             try:
                 status = json.loads(text)
@@ -248,6 +337,19 @@ class KubeApi:
             query=[("fieldManager", FIELD_MANAGER)],
         )
         return created
+
+    async def apply(self, obj: Obj) -> Obj:
+        """Server-side apply: the object carries (at least) what ``obj`` says, created if absent.
+        Fields this manager set before and ``obj`` no longer has are removed; a conflict with
+        another manager is resolved in our favour (``force``)."""
+        applied: Obj = await self._run(
+            "PATCH",
+            object_path(ObjRef.of(obj)),
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",  # JSON is YAML
+        )
+        return applied
 
     async def dry_run_create(self, obj: Obj) -> None:
         """Ask the API server to validate ``obj`` as a create, storing nothing (``dryRun=All``)."""

@@ -3,7 +3,7 @@
 Nothing here does I/O or reads a clock; every function is a value in, value out,
 tested with tables in ``tests/unit/test_operator_plan.py``. The reconciler
 (:mod:`paddler_operator.reconcile`) observes, calls these, and applies the
-difference through :mod:`paddler_operator.kube`.
+result through :mod:`paddler_operator.kube` (server-side apply).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import base64
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from paddler_core.desired_state import BalancerDesiredState, PoolingType
+from paddler_operator.balancer_views import AgentView, BalancerSnapshot
 from paddler_operator.crd_models import (
     ADMIN_PANEL_PORT,
     API_VERSION,
@@ -36,18 +35,17 @@ from paddler_operator.crd_models import (
     ModelSourceSpec,
     ResourceRequirements,
 )
+from paddler_operator.objects import Obj, ObjRef
 
 MANAGED_BY = "paddler-operator"
 OWNER_HEADER_KIND = "ModelDeployment"
+"""Owner (``X-Paddler-Owner``) of a model group: ``ModelDeployment/<namespace>/<name>``."""
 CONFIG_HASH_ANNOTATION = "paddler.dev/config-hash"
 POOL_LABEL = "paddler.dev/pool"
 COMPONENT_LABEL = "paddler.dev/component"
 MD_LABEL = "paddler.dev/model-deployment"
 RUN_AS_USER = 10001
 MODEL_CACHE_VOLUME = "models"
-
-Obj = dict[str, Any]
-
 
 # --- identities -----------------------------------------------------------------
 
@@ -71,22 +69,6 @@ class Owner:
             "controller": True,
             "blockOwnerDeletion": True,
         }
-
-
-@dataclass(frozen=True)
-class ObjRef:
-    api_version: str
-    kind: str
-    namespace: str
-    name: str
-
-    @classmethod
-    def of(cls, obj: Mapping[str, Any]) -> ObjRef:
-        meta = obj["metadata"]
-        return cls(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-
-    def __str__(self) -> str:
-        return f"{self.kind}/{self.namespace}/{self.name}"
 
 
 def balancer_name(pool: str) -> str:
@@ -157,6 +139,15 @@ def management_secret(owner: Owner, spec: LlmPoolSpec, token: str) -> Obj:
 def owner_header(namespace: str, name: str) -> str:
     """``X-Paddler-Owner`` value of a ModelDeployment's model group."""
     return f"{OWNER_HEADER_KIND}/{namespace}/{name}"
+
+
+def owned_by_model_deployment(owner: str | None, namespace: str) -> str | None:
+    """The name of the ModelDeployment of ``namespace`` that an owner header value names, else None."""
+    kind, _, rest = (owner or "").partition("/")
+    ns, _, name = rest.partition("/")
+    if kind != OWNER_HEADER_KIND or ns != namespace or not name or "/" in name:
+        return None
+    return name
 
 
 # --- shared pieces -------------------------------------------------------------------
@@ -776,123 +767,7 @@ def _scaled_object(
     }
 
 
-# --- comparing desired with actual -----------------------------------------------------
-
-_QUANTITY = re.compile(r"^([+-]?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)(n|u|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_QUANTITY_SUFFIX = {
-    "n": "1e-9", "u": "1e-6", "m": "1e-3", "": "1", "k": "1e3", "M": "1e6", "G": "1e9", "T": "1e12", "P": "1e15",
-    "E": "1e18", "Ki": "1024", "Mi": str(1024**2), "Gi": str(1024**3), "Ti": str(1024**4), "Pi": str(1024**5),
-    "Ei": str(1024**6),
-}  # fmt: skip
-
-
-def quantity_value(text: str) -> Decimal | None:
-    """The numeric value of a Kubernetes quantity (``500m`` -> 0.5), or None if it is not one."""
-    match = _QUANTITY.match(text)
-    if match is None:
-        return None
-    number, suffix = match.group(1), match.group(2) or ""
-    try:
-        return Decimal(number) * Decimal(_QUANTITY_SUFFIX[suffix])
-    except (InvalidOperation, KeyError):
-        return None
-
-
-def _scalar_equal(want: Any, have: Any) -> bool:
-    if want == have and type(want) is type(have):
-        return True
-    if isinstance(want, bool) or isinstance(have, bool):
-        return False
-    if isinstance(want, int | float | str) and isinstance(have, int | float | str):
-        a, b = quantity_value(str(want)), quantity_value(str(have))
-        return a is not None and a == b
-    return False
-
-
-def differences(desired: Any, actual: Any, path: str = "") -> list[str]:
-    """Paths where ``actual`` does not carry ``desired`` (fields only in ``actual`` are fine:
-    the API server adds defaults). Lists must match element by element."""
-    if isinstance(desired, dict):
-        if not isinstance(actual, dict):
-            return [path or "."]
-        out: list[str] = []
-        for key, value in desired.items():
-            out += differences(value, actual.get(key), f"{path}.{key}")
-        return out
-    if isinstance(desired, list):
-        if not isinstance(actual, list) or len(actual) != len(desired):
-            return [path or "."]
-        out = []
-        for i, (want, have) in enumerate(zip(desired, actual, strict=True)):
-            out += differences(want, have, f"{path}[{i}]")
-        return out
-    return [] if _scalar_equal(desired, actual) else [path or "."]
-
-
-def patch_for(desired: Obj) -> Obj:
-    """A JSON merge patch that makes an object carry ``desired`` (lists are replaced whole)."""
-    meta = desired["metadata"]
-    patch: Obj = {
-        "metadata": {k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta},
-    }
-    for key, value in desired.items():
-        if key not in ("apiVersion", "kind", "metadata"):
-            patch[key] = value
-    return patch
-
-
 # --- status -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AgentView:
-    """One agent as the balancer's ``GET /api/v1/agents`` shows it."""
-
-    id: str
-    name: str | None
-    model_group: str
-    slots_total: int
-    slots_in_flight: int
-    state: str
-    issues: tuple[str, ...] = ()
-    model_path: str | None = None
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> AgentView:
-        issues = []
-        for issue in data.get("issues") or []:
-            issues.append(json.dumps(issue, sort_keys=True) if not isinstance(issue, str) else issue)
-        return cls(
-            id=str(data.get("id", "")),
-            name=data.get("name"),
-            model_group=str(data.get("model_group", "default")),
-            slots_total=int(data.get("slots_total") or 0),
-            slots_in_flight=int(data.get("slots_in_flight") or 0),
-            state=str(data.get("state_application_status", "Fresh")),
-            issues=tuple(issues),
-            model_path=data.get("model_path"),
-        )
-
-    @property
-    def ready(self) -> bool:
-        return self.state == "Applied" and self.slots_total > 0
-
-
-@dataclass(frozen=True)
-class BalancerSnapshot:
-    """What the operator read from a pool's balancer in one pass."""
-
-    agents: tuple[AgentView, ...] = ()
-    buffered_total: int = 0
-    buffered_by_group: Mapping[str, int] = field(default_factory=dict)
-    group_states: Mapping[str, Obj] = field(default_factory=dict)
-    """Model group -> desired state JSON the balancer holds."""
-    group_rollouts: Mapping[str, Obj] = field(default_factory=dict)
-    """Model group -> the balancer's rollout of its last desired state change
-    (``revision``, ``phase``: Progressing/Complete/Failed, ``applied``, ``total``, ``message``)."""
-
-    def in_group(self, group: str) -> list[AgentView]:
-        return [a for a in self.agents if a.model_group == group]
 
 
 @dataclass(frozen=True)
@@ -1069,17 +944,6 @@ def model_deployment_status(
         desired_state_applied=applied,
         low_demand_since=low_demand_since,
     )
-
-
-def status_patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Obj | None:
-    """The status to write, or None when nothing but timestamps would change."""
-    if (
-        previous is not None
-        and not differences(dict(new), dict(previous))
-        and not differences(dict(previous), dict(new))
-    ):
-        return None
-    return dict(new)
 
 
 # --- Builtin autoscaler ---------------------------------------------------------------

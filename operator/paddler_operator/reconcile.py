@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, state_revision
 from paddler_operator import plan
 from paddler_operator.balancer_client import BalancerClient, BalancerRejected, BalancerUnreachable
+from paddler_operator.balancer_views import BalancerSnapshot
 from paddler_operator.crd_models import (
     API_VERSION,
     AutoscalingMode,
@@ -37,7 +39,8 @@ from paddler_operator.crd_models import (
     ModelDeploymentSpec,
 )
 from paddler_operator.kube import KubeApi, KubeError
-from paddler_operator.plan import BalancerSnapshot, Obj, ObjRef, Owner
+from paddler_operator.objects import Obj, ObjRef, status_patch
+from paddler_operator.plan import Owner
 from paddler_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,20 @@ def _validation_message(err: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors())
 
 
+def _resource_version(obj: Mapping[str, Any]) -> str | None:
+    version = (obj.get("metadata") or {}).get("resourceVersion")
+    return str(version) if version is not None else None
+
+
+def _members(model_deployments: Sequence[Obj], pool: str) -> list[str]:
+    """Names of the ModelDeployments that name ``pool``."""
+    return sorted(
+        i["metadata"]["name"]
+        for i in model_deployments
+        if ((i.get("spec") or {}).get("poolRef") or {}).get("name") == pool
+    )
+
+
 def _controller_uid(obj: Mapping[str, Any]) -> str | None:
     for ref in obj.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("controller"):
@@ -161,44 +178,25 @@ class Reconciler:
     # --- apply -----------------------------------------------------------------------
 
     async def apply(self, owner_obj: Obj, desired: Sequence[Obj], absent: Sequence[ObjRef] = ()) -> list[str]:
-        """Create or patch what differs, delete what must not exist; returns error messages."""
+        """Server-side apply what should exist (the API server writes only what differs), delete what
+        must not exist; returns error messages."""
         errors: list[str] = []
         uid = owner_obj["metadata"]["uid"]
         for want in desired:
             ref = ObjRef.of(want)
             try:
                 have = await self.kube.get(ref)
-                if have is None:
-                    try:
-                        await self.kube.create(want)
-                        log.info("created object=%s owner=%s", ref, owner_obj["metadata"]["name"])
-                        await self.kube.event(owner_obj, "Normal", "Created", f"Created {ref.kind} {ref.name}")
-                        continue
-                    except KubeError as err:
-                        if err.status != 409:  # 409: created meanwhile (e.g. by a previous operator): compare it
-                            raise
-                    have = await self.kube.get(ref)
-                    if have is None:
-                        raise KubeError(409, "Conflict", f"{ref} exists but cannot be read")
-                controller = _controller_uid(have)
+                controller = _controller_uid(have) if have is not None else None
                 if controller is not None and controller != uid:
                     errors.append(f"{ref} exists and is controlled by another object (uid {controller})")
                     continue
-                diff = plan.differences({k: v for k, v in want.items() if k != "metadata"}, have)
-                diff += plan.differences(
-                    {
-                        k: want["metadata"][k]
-                        for k in ("labels", "annotations", "ownerReferences")
-                        if k in want["metadata"]
-                    },
-                    have.get("metadata", {}),
-                    ".metadata",
-                )
-                if diff:
-                    await self.kube.patch(ref, plan.patch_for(want))
-                    fields = ", ".join(sorted(diff)[:5])
-                    log.info("patched object=%s fields=%s", ref, fields)
-                    await self.kube.event(owner_obj, "Normal", "Updated", f"Updated {ref.kind} {ref.name}: {fields}")
+                applied = await self.kube.apply(want)
+                if have is None:
+                    log.info("created object=%s owner=%s", ref, owner_obj["metadata"]["name"])
+                    await self.kube.event(owner_obj, "Normal", "Created", f"Created {ref.kind} {ref.name}")
+                elif _resource_version(applied) != _resource_version(have):
+                    log.info("updated object=%s owner=%s", ref, owner_obj["metadata"]["name"])
+                    await self.kube.event(owner_obj, "Normal", "Updated", f"Updated {ref.kind} {ref.name}")
             except KubeError as err:
                 log.warning("apply failed object=%s err=%s", ref, err)
                 message = err.message
@@ -222,7 +220,7 @@ class Reconciler:
         ref = _ref(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
         new = dict(status)
         previous = obj.get("status") or {}
-        if plan.status_patch(obj.get("status"), new) is not None:
+        if status_patch(obj.get("status"), new) is not None:
             # A merge patch keeps keys it does not mention: drop the ones no longer set.
             patch = {**{k: None for k in previous if k not in new}, **new}
             try:
@@ -254,9 +252,9 @@ class Reconciler:
             log.warning("degraded object=%s/%s reason=%s message=%s", meta["namespace"], meta["name"], new.reason,
                         new.message)  # fmt: skip
 
-    async def _snapshot(self, url: str) -> tuple[BalancerSnapshot | None, str | None]:
+    async def _snapshot(self, url: str, group: str | None = None) -> tuple[BalancerSnapshot | None, str | None]:
         try:
-            return await self.balancers.snapshot(url), None
+            return await self.balancers.snapshot(url, group), None
         except (BalancerUnreachable, BalancerRejected) as err:
             return None, str(err)
 
@@ -301,7 +299,10 @@ class Reconciler:
         balancer_error: str | None = "balancer.replicas is 0"
         if spec.balancer.replicas > 0:
             snapshot, balancer_error = await self._snapshot(url)
-        members = await self.members(namespace, name)
+        model_deployments = await self.kube.list(API_VERSION, "ModelDeployment", namespace)
+        members = _members(model_deployments, name)
+        if snapshot is not None:
+            await self._remove_orphan_groups(obj, url, snapshot, members)
         previous = _conditions(obj)
         status = plan.pool_status(
             spec,
@@ -357,12 +358,31 @@ class Reconciler:
         self.balancers.use_token(url, token)
         return None
 
-    async def members(self, namespace: str, pool: str) -> list[str]:
-        """Names of the ModelDeployments that name ``pool``."""
-        items = await self.kube.list(API_VERSION, "ModelDeployment", namespace)
-        return sorted(
-            i["metadata"]["name"] for i in items if ((i.get("spec") or {}).get("poolRef") or {}).get("name") == pool
-        )
+    async def _remove_orphan_groups(
+        self, pool_obj: Obj, url: str, snapshot: BalancerSnapshot, members: Sequence[str]
+    ) -> None:
+        """Level-based clean-up: drop the model groups that a ModelDeployment of this namespace set
+        on this pool's balancer, when no ModelDeployment of that name names this pool any more
+        (deleted, or moved to another pool, while the operator was down or the balancer unreachable).
+        Groups set by anyone else (no owner, another namespace, by hand) are left alone."""
+        namespace = pool_obj["metadata"]["namespace"]
+        for group, owner in sorted(snapshot.group_owners.items()):
+            md = plan.owned_by_model_deployment(owner, namespace)
+            if md is None or md in members:
+                continue
+            try:
+                removed = await self.balancers.delete_desired_state(url, group)
+            except (BalancerUnreachable, BalancerRejected) as err:
+                log.info("orphan model group not removed group=%s owner=%s err=%s", group, owner, err)
+                continue
+            if removed:
+                log.info("orphan model group removed group=%s owner=%s url=%s", group, owner, url)
+                await self.kube.event(
+                    pool_obj,
+                    "Normal",
+                    "ModelGroupRemoved",
+                    f"Model group {group!r} removed from the balancer: ModelDeployment {md!r} no longer uses this pool",
+                )
 
     # --- ModelDeployment ---------------------------------------------------------------
 
@@ -411,7 +431,7 @@ class Reconciler:
 
         url = self.balancer_url(spec.pool_ref.name, namespace, pool_spec)
         await self._management_token(url, namespace, spec.pool_ref.name, pool_spec)
-        snapshot, balancer_error = await self._snapshot(url)
+        snapshot, balancer_error = await self._snapshot(url, name)
         deployment_ref = ObjRef("apps/v1", "Deployment", namespace, plan.agent_name(name))
         builtin: int | None = None
         low_demand_since: str | None = None
@@ -525,10 +545,9 @@ class Reconciler:
             except ValidationError:
                 pass
         meta = obj["metadata"]
+        owner = plan.owner_header(meta["namespace"], meta["name"])
         try:
-            await self.balancers.put_desired_state(
-                url, group, want, plan.owner_header(meta["namespace"], meta["name"]), max_unavailable
-            )
+            await self.balancers.put_desired_state(url, group, want, owner, max_unavailable)
             rollout = await self.balancers.rollout(url, group)
         except BalancerRejected as err:
             await self.kube.event(obj, "Warning", "DesiredStateRejected", str(err))
@@ -547,12 +566,11 @@ class Reconciler:
         rollouts = {k: v for k, v in snapshot.group_rollouts.items() if k != group}
         if rollout is not None:
             rollouts[group] = rollout
-        updated = BalancerSnapshot(
-            agents=snapshot.agents,
-            buffered_total=snapshot.buffered_total,
-            buffered_by_group=snapshot.buffered_by_group,
+        updated = dataclasses.replace(
+            snapshot,
             group_states=states,
             group_rollouts=rollouts,
+            group_owners={**snapshot.group_owners, group: owner},
         )
         return None, updated, None
 

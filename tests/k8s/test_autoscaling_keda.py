@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from paddler_operator.plan import quantity_value
+from paddler_operator.objects import quantity_value
 from tests.harness import Balancer, Processes
 from tests.kubectl import wait_until
 

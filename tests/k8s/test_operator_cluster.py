@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.harness import Processes
 from tests.kubectl import wait_until
@@ -445,6 +446,69 @@ def test_desired_state_arrives_at_a_real_balancer(operators: Operators, k8s_name
     # Deleting the ModelDeployment removes its model group from the balancer.
     cluster.kubectl_run("-n", ns, "delete", "md/m")
     wait_until(lambda: "m" not in balancer_groups(balancer.management_url), timeout=TIMEOUT, what="group removed")
+
+
+def listed_models(inference_url: str) -> set[str]:
+    with urllib.request.urlopen(f"{inference_url}/v1/models", timeout=5) as resp:
+        return {m["id"] for m in json.load(resp)["data"]}
+
+
+def test_model_group_of_a_model_deployment_deleted_while_the_operator_was_down_is_removed(
+    operators: Operators, k8s_namespace: str, paddler: Processes
+) -> None:
+    cluster, ns = operators.cluster, k8s_namespace
+    balancer = paddler.balancer()
+    first = operators.start(ns, balancer_url=balancer.management_url)
+    cluster.apply(POOL + "---" + MODEL, namespace=ns)
+    wait_until(lambda: "m" in balancer_groups(balancer.management_url), timeout=TIMEOUT, what="group m")
+    assert "m" in listed_models(balancer.inference_url)
+
+    first.stop()
+    cluster.kubectl_run("-n", ns, "delete", "md/m", "--wait=true", timeout=90)
+    assert "m" in balancer_groups(balancer.management_url)  # nobody told the balancer
+
+    second = operators.start(ns, balancer_url=balancer.management_url)
+    wait_until(lambda: "m" not in listed_models(balancer.inference_url), timeout=TIMEOUT, what="group m removed")
+    assert "orphan model group removed group=m" in second.output()
+    reasons = [e["reason"] for e in get(cluster, ns, "events")["items"]]
+    assert "ModelGroupRemoved" in reasons
+
+
+EXEC_PLUGIN = """
+import json, pathlib, sys
+pathlib.Path(sys.argv[1]).open("a").write("run\\n")
+json.dump({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+           "status": {"token": sys.argv[2]}}, sys.stdout)
+"""
+
+
+def test_operator_logged_in_by_a_kubeconfig_exec_plugin_reconciles(
+    operators: Operators, k8s_namespace: str, tmp_path: Path
+) -> None:
+    """A kubeconfig whose user is an ``exec`` credential plugin (as EKS, GKE, AKS and OIDC
+    logins are): the operator's requests and kopf's watches both use its token."""
+    cluster, ns = operators.cluster, k8s_namespace
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    token = admin["users"][0]["user"]["token"]
+    plugin, runs = tmp_path / "credential-plugin.py", tmp_path / "runs"
+    plugin.write_text(EXEC_PLUGIN)
+    user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": sys.executable,
+            "args": [str(plugin), str(runs), token],
+            "interactiveMode": "Never",
+        }
+    }
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({**admin, "users": [{"name": admin["users"][0]["name"], "user": user}]}))
+
+    operators.start(ns, kubeconfig=kubeconfig)
+    cluster.apply(POOL + "---" + MODEL, namespace=ns)
+    for what in [*OWNED, "deployment/m-agent"]:
+        wait_object(cluster, ns, what)
+    wait_condition(cluster, ns, "md/m", "Ready", ("False", "BalancerUnreachable"))  # status written too
+    assert len(runs.read_text().splitlines()) >= 2  # our client and kopf's login each ran it
 
 
 def test_keda_mode_without_keda_is_degraded_not_crashed(operators: Operators, k8s_namespace: str) -> None:

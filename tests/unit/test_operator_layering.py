@@ -51,3 +51,14 @@ def test_reconcile_reaches_the_world_only_through_its_clients() -> None:
     assert "aiohttp" not in names and "kopf" not in names
     assert "paddler_operator.kube.KubeApi" in names
     assert "paddler_operator.balancer_client.BalancerClient" in names
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_only_kube_uses_the_kubernetes_client(module: str) -> None:
+    uses = any(name.split(".")[0] in ("kubernetes", "kubernetes_asyncio") for name in imports(module))
+    assert uses == (module == "kube"), module
+
+
+@pytest.mark.parametrize("client", ["kube", "balancer_client"])
+def test_clients_do_not_import_the_planner(client: str) -> None:
+    assert not {n for n in imports(client) if n.startswith(("paddler_operator.plan", "paddler_operator.reconcile"))}

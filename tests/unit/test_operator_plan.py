@@ -7,13 +7,15 @@ from typing import Any
 import pytest
 
 from paddler_operator import plan
+from paddler_operator.balancer_views import AgentView, BalancerSnapshot
 from paddler_operator.crd_models import (
     AutoscalingSpec,
     Condition,
     LlmPoolSpec,
     ModelDeploymentSpec,
 )
-from paddler_operator.plan import AgentView, BalancerSnapshot, Load, Owner
+from paddler_operator.objects import differences, status_patch
+from paddler_operator.plan import Load, Owner
 
 POOL = Owner(kind="LlmPool", namespace="ns", name="p", uid="pool-uid", generation=3)
 MD = Owner(kind="ModelDeployment", namespace="ns", name="m", uid="md-uid", generation=2)
@@ -437,9 +439,10 @@ def test_desired_state_carries_the_multimodal_projection_and_none_without_it() -
     assert state["multimodal_projection"] == {"Url": {"url": "https://x.invalid/mmproj.gguf"}}
     assert state["inference_parameters"]["image_resize_to_fit"] == 512
     text_only = ModelDeploymentSpec.model_validate({"poolRef": {"name": "p"}, "model": {"localPath": "/m.gguf"}})
-    assert plan.plan_model_deployment(MD, text_only, pool_spec()).desired_state.to_json_dict()[
-        "multimodal_projection"
-    ] == "None"
+    assert (
+        plan.plan_model_deployment(MD, text_only, pool_spec()).desired_state.to_json_dict()["multimodal_projection"]
+        == "None"
+    )
 
 
 @pytest.mark.parametrize(
@@ -475,14 +478,7 @@ def test_balancer_url(template: str, url: str) -> None:
     ],
 )
 def test_differences(desired: Any, actual: Any, diff: list[str]) -> None:
-    assert plan.differences(desired, actual) == diff
-
-
-def test_patch_for_carries_spec_and_owned_metadata() -> None:
-    d = plan.plan_pool(POOL, pool_spec())[1]
-    patch = plan.patch_for(d)
-    assert set(patch) == {"metadata", "spec"}
-    assert set(patch["metadata"]) == {"labels", "ownerReferences"}
+    assert differences(desired, actual) == diff
 
 
 # --- Builtin scaler -------------------------------------------------------------------
@@ -697,7 +693,7 @@ def test_merge_conditions_keeps_transition_time_while_status_holds() -> None:
     ],
 )
 def test_status_patch_only_when_changed(previous: Any, new: Any, write: bool) -> None:
-    assert (plan.status_patch(previous, new) is not None) is write
+    assert (status_patch(previous, new) is not None) is write
 
 
 def test_agent_view_from_balancer_json() -> None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import copy
 import itertools
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import pytest
 
-from paddler_operator.balancer_client import BalancerClient, BalancerClientSettings, parse_buffered_by_group
+from paddler_operator.balancer_client import BalancerClient, BalancerClientSettings
 from paddler_operator.kube import KubeError
-from paddler_operator.plan import Obj, ObjRef
+from paddler_operator.objects import Obj, ObjRef, differences
 from paddler_operator.reconcile import Reconciler, Workers
 from paddler_operator.settings import OperatorSettings
 from tests.harness import Processes
@@ -45,6 +47,7 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.calls: list[tuple[str, str]] = []
         self._uids = itertools.count(1)
+        self._versions = itertools.count(1)
         self.hpa_scale_to_zero = True
         """The HPAScaleToZero feature gate: without it an HPA with minReplicas 0 is invalid (422)."""
 
@@ -54,6 +57,7 @@ class FakeKube:
         meta.setdefault("namespace", NS)
         meta["uid"] = f"uid-{next(self._uids)}"
         meta["generation"] = 1
+        meta["resourceVersion"] = str(next(self._versions))
         if obj["kind"] == "Deployment":  # a server-side default, as the real API server adds
             for c in obj["spec"]["template"]["spec"]["containers"]:
                 c.setdefault("terminationMessagePath", "/dev/termination-log")
@@ -78,6 +82,33 @@ class FakeKube:
             raise KubeError(409, "AlreadyExists", f"{ref} already exists")
         return self.add(obj)
 
+    async def apply(self, obj: Obj) -> Obj:
+        """Server-side apply, roughly: absent -> created; else what ``obj`` says is merged in (lists
+        whole) and the object is written only when that changed it. A second controller is refused."""
+        ref = ObjRef.of(obj)
+        current = self.objects.get(ref)
+        if current is None:
+            self.calls.append(("create", str(ref)))
+            return copy.deepcopy(self.add(obj))
+        controllers = {
+            r.get("uid")
+            for r in (current["metadata"].get("ownerReferences") or []) + (obj["metadata"].get("ownerReferences") or [])
+            if r.get("controller")
+        }
+        if len(controllers) > 1:
+            raise KubeError(422, "Invalid", "Only one reference can have Controller set to true")
+        wanted = {k: v for k, v in obj.items() if k != "metadata"}
+        wanted["metadata"] = {k: v for k, v in obj["metadata"].items() if k not in ("name", "namespace")}
+        if not differences(wanted, current):  # it already carries what is applied (defaults kept)
+            return copy.deepcopy(current)
+        patched = merge_patch(current, wanted)
+        self.calls.append(("apply", str(ref)))
+        if patched.get("spec") != current.get("spec"):
+            patched["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        patched["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.objects[ref] = patched
+        return copy.deepcopy(patched)
+
     async def dry_run_create(self, obj: Obj) -> None:
         self.calls.append(("dry-run", str(ObjRef.of(obj))))
         if obj["kind"] == "HorizontalPodAutoscaler" and obj["spec"]["minReplicas"] < 1 and not self.hpa_scale_to_zero:
@@ -89,6 +120,7 @@ class FakeKube:
         patched = merge_patch(current, dict(patch))
         if patched.get("spec") != current.get("spec"):
             patched["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        patched["metadata"]["resourceVersion"] = str(next(self._versions))
         self.objects[ref] = patched
         return copy.deepcopy(patched)
 
@@ -180,7 +212,7 @@ async def test_drift_is_put_back_and_spec_changes_applied(balancers: BalancerCli
     deployment["metadata"]["ownerReferences"] = []
     kube.calls.clear()
     await r.reconcile_pool(NS, "p")
-    assert kube.writes() == [("patch", "Deployment/ns/p-balancer")]
+    assert kube.writes() == [("apply", "Deployment/ns/p-balancer")]
     fixed = kube.objects[deployment_ref("p-balancer")]
     assert "balancer" in fixed["spec"]["template"]["spec"]["containers"][0]["args"]
     assert fixed["metadata"]["ownerReferences"][0]["kind"] == "LlmPool"
@@ -210,7 +242,7 @@ async def test_object_controlled_by_someone_else_is_left_alone(balancers: Balanc
     )
     r = reconciler(kube, balancers)
     await r.reconcile_pool(NS, "p")
-    assert ("patch", "ConfigMap/ns/p-balancer") not in kube.calls
+    assert ("apply", "ConfigMap/ns/p-balancer") not in kube.calls
     assert kube.condition("LlmPool", "p", "Degraded") == ("True", "ApplyFailed")
 
 
@@ -334,20 +366,32 @@ async def test_owner_header_reaches_the_balancer(paddler: Processes, balancers: 
     kube.add(pool())
     kube.add(model_deployment())
     await reconciler(kube, balancers, balancer.management_url).reconcile_model_deployment(NS, "m")
+    snap = await balancers.snapshot(balancer.management_url)
+    assert snap.group_owners["m"] == "ModelDeployment/ns/m"
+
+
+async def test_snapshot_reads_a_groups_buffered_requests_from_json(
+    paddler: Processes, balancers: BalancerClient
+) -> None:
+    balancer = paddler.balancer("--buffered-request-timeout", "20s")
+    await balancers.put_desired_state(balancer.management_url, "m", {"model": {"LocalToAgent": "/m.gguf"}}, "me")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     session = balancers._http()
-    async with session.get(f"{balancer.management_url}/api/v1/model_groups") as resp:
-        groups = {g["name"]: g for g in (await resp.json())["model_groups"]}
-    assert groups["m"]["owner"] == "ModelDeployment/ns/m"
-
-
-def test_parse_buffered_by_group() -> None:
-    text = (
-        "# HELP paddler_requests_buffered x\n"
-        'paddler_requests_buffered{model_group="m"} 3.0\n'
-        'paddler_requests_buffered{model_group="other"} 0.0\n'
-        "paddler_buffered_requests 3.0\n"
+    pending = asyncio.create_task(
+        session.post(f"{balancer.inference_url}/v1/chat/completions", json=chat, timeout=aiohttp.ClientTimeout(30))
     )
-    assert parse_buffered_by_group(text) == {"m": 3, "other": 0}
+    try:
+
+        async def buffered_in_m() -> bool:
+            return (await balancers.snapshot(balancer.management_url, "m")).buffered_by_group == {"m": 1}
+
+        await async_wait_until(buffered_in_m, timeout=10, what="one request of group m buffered")
+        snap = await balancers.snapshot(balancer.management_url, "other")
+        assert (snap.buffered_by_group, snap.buffered_total, snap.group_owners["m"]) == ({"other": 0}, 1, "me")
+    finally:
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
 
 
 async def test_status_keys_no_longer_set_are_removed_once(balancers: BalancerClient) -> None:
@@ -406,7 +450,7 @@ async def test_pool_change_moves_the_model_group(paddler: Processes, balancers: 
     assert ("Normal", "PoolChanged") in [(e[0], e[1]) for e in kube.events]
 
 
-async def test_create_race_is_not_an_error(balancers: BalancerClient) -> None:
+async def test_object_created_meanwhile_is_applied_not_an_error(balancers: BalancerClient) -> None:
     kube = FakeKube()
     kube.add(pool())
     r = reconciler(kube, balancers)
@@ -423,7 +467,6 @@ async def test_create_race_is_not_an_error(balancers: BalancerClient) -> None:
     kube.get = stale_get  # type: ignore[method-assign]
     await r.reconcile_pool(NS, "p")
     assert kube.condition("LlmPool", "p", "Degraded") == ("False", "AsExpected")
-    assert ("create", "Deployment/ns/p-balancer") in kube.calls  # tried, got 409, compared instead
 
 
 async def test_builtin_idle_timer_survives_an_operator_restart(paddler: Processes, balancers: BalancerClient) -> None:
@@ -464,9 +507,32 @@ async def test_desired_state_put_carries_max_unavailable_and_status_shows_the_ro
     assert rollout is not None and rollout["max_unavailable"] == "50%"
     assert rollout["phase"] == "Complete"  # no agent yet: nothing to switch
 
-    kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["spec"]["rollout"] = {
-        "maxUnavailable": 2
-    }
+    kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["spec"]["rollout"] = {"maxUnavailable": 2}
     await r.reconcile_model_deployment(NS, "m")
     rollout = await balancers.rollout(balancer.management_url, "m")
     assert rollout is not None and rollout["max_unavailable"] == "2"
+
+
+async def test_pool_reconcile_removes_groups_of_model_deployments_that_no_longer_exist(
+    paddler: Processes, balancers: BalancerClient
+) -> None:
+    balancer = paddler.balancer()
+    url = balancer.management_url
+    state = {"model": {"LocalToAgent": "/m.gguf"}}
+    for group, owner in [
+        ("gone", "ModelDeployment/ns/gone"),  # deleted while the operator was down
+        ("m", "ModelDeployment/ns/m"),  # exists and names this pool
+        ("moved", "ModelDeployment/ns/moved"),  # exists but names another pool now
+        ("elsewhere", "ModelDeployment/other-ns/gone"),  # not this namespace's to judge
+        ("by-hand", "alice"),
+    ]:
+        await balancers.put_desired_state(url, group, state, owner)
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(model_deployment("m"))
+    kube.add(model_deployment("moved", pool_name="q"))
+    await reconciler(kube, balancers, url).reconcile_pool(NS, "p")
+    groups = (await balancers.snapshot(url)).group_owners
+    assert {"gone", "moved"}.isdisjoint(groups)
+    assert {"m", "elsewhere", "by-hand"} <= set(groups)
+    assert [e[1] for e in kube.events].count("ModelGroupRemoved") == 2
