@@ -23,10 +23,10 @@ from paddler_balancer.http_util import json_error, read_json, validation_message
 from paddler_balancer.service import Balancer
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState, MaxUnavailable
 from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy
+from paddler_core.owner import OWNER_HEADER
 
 log = logging.getLogger(__name__)
 
-OWNER_HEADER = "X-Paddler-Owner"
 SSE_KEEPALIVE_S = 15.0
 SSE_WAKERS: web.AppKey[set[asyncio.Event]] = web.AppKey("sse_wakers", set)
 SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down", asyncio.Event)
