@@ -127,7 +127,7 @@ def _usage(final: Any) -> dict[str, int]:
 
 async def _engine_run(w: Workload) -> dict[str, Any]:
     from paddler_agent.engine import StatusBoard
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
     from paddler_core.desired_state import BalancerDesiredState, InferenceParameters, ModelSource
 
     host = _Host()
@@ -294,7 +294,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 def sampling_microbench(model: str, threads: int, reps: int = 2000) -> dict[str, float]:
     """Microseconds per token: llama.cpp's sampler chain vs our numpy path, on one row."""
-    from paddler_agent.llama_engine import FastSampler, LoadConfig, Runtime, Sampler
+    from paddler_agent.llama.native import LoadConfig, Runtime
+    from paddler_agent.llama.sampling import FastSampler, Sampler
     from paddler_core.desired_state import InferenceParameters
 
     greedy = InferenceParameters(temperature=0.0, penalty_repeat=1.0, penalty_presence=0.0)

@@ -136,7 +136,7 @@ class AgentRuntime:
                 host_header=s.llama_server_host_header,
                 api_key=s.llama_server_api_key,
             )
-        from paddler_agent.llama_engine import LlamaEngine
+        from paddler_agent.llama.engine import LlamaEngine
 
         cache = Path(s.model_cache_dir) if s.model_cache_dir else None
         return LlamaEngine(self, self.board, s.slots, model_cache_dir=cache, model_access=s.model_access)

@@ -147,7 +147,7 @@ EngineFactory = Callable[..., Awaitable[EngineUnderTest]]
 
 @pytest.fixture
 async def make_engine(model_path: Path, tmp_path: Path) -> AsyncIterator[EngineFactory]:
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
 
     made: list[EngineUnderTest] = []
 

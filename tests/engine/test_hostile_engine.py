@@ -68,7 +68,7 @@ async def test_negative_seed_neither_fails_the_request_nor_stops_the_loop(make_e
 async def test_a_decode_loop_that_dies_is_an_issue_and_not_applied(
     make_engine: EngineFactory, model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from paddler_agent.llama_engine import DecodeWorker
+    from paddler_agent.llama.decode_worker import DecodeWorker
 
     e = await make_engine(slots=1, context_size=512)
     original = DecodeWorker._step

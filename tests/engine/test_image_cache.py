@@ -22,7 +22,7 @@ from tests.engine.projector import IMAGE_TOKENS, write_test_projector
 
 pytestmark = pytest.mark.engine
 
-ENGINE_LOG = "paddler_agent.llama_engine"
+ENGINE_LOG = "paddler_agent.llama.decode_worker"
 Factory = Callable[..., Awaitable[tuple[Any, FakeHost]]]
 
 
@@ -52,7 +52,7 @@ def about_picture(request_id: str, max_tokens: int) -> GenerateMessage:
 
 @pytest.fixture
 async def engines(model_path: Path, tmp_path: Path) -> AsyncIterator[Factory]:
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
 
     projector = write_test_projector(tmp_path / "mmproj-test.gguf")
     made: list[Any] = []

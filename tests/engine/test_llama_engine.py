@@ -44,7 +44,7 @@ def test_decodes_a_multi_token_batch(model_path: Path) -> None:
     """Decoding 2+ tokens at once crashes a default (AMX) build on these CPUs; run it
     in a child process so a segfault fails this test instead of the whole session."""
     code = f"""
-from paddler_agent.llama_engine import LoadConfig, Runtime
+from paddler_agent.llama.native import LoadConfig, Runtime
 from paddler_core.desired_state import InferenceParameters
 config = LoadConfig.build({str(model_path)!r}, 2, InferenceParameters(context_size=256), 2)
 rt = Runtime.load(config)   # warm-up decodes a multi-token batch
@@ -384,7 +384,8 @@ async def test_model_none_unloads(make_engine: EngineFactory) -> None:
 def test_numpy_sampling_matches_the_llama_cpp_sampler_chain(model_path: Path) -> None:
     """The numpy fast path (no grammar) picks what llama.cpp's chain picks: greedy with
     Paddler's default penalties, token by token over a generation."""
-    from paddler_agent.llama_engine import FastSampler, LoadConfig, Runtime, Sampler
+    from paddler_agent.llama.native import LoadConfig, Runtime
+    from paddler_agent.llama.sampling import FastSampler, Sampler
     from paddler_core.desired_state import InferenceParameters
 
     params = InferenceParameters(context_size=256, temperature=0.0, penalty_last_n=32)
@@ -457,7 +458,8 @@ async def test_reasoning_and_tool_calls_are_classified(make_engine: EngineFactor
 def test_lazy_grammar_sampling_matches_the_llama_cpp_chain(model_path: Path) -> None:
     """The grammar is checked on the picked token first and applied to the whole row
     only when it rejects it; greedy picks equal the chain's (grammar first)."""
-    from paddler_agent.llama_engine import GrammarSampler, LoadConfig, Runtime, Sampler
+    from paddler_agent.llama.native import LoadConfig, Runtime
+    from paddler_agent.llama.sampling import GrammarSampler, Sampler
     from paddler_core.desired_state import InferenceParameters
 
     params = InferenceParameters(context_size=256, temperature=0.0)
@@ -511,7 +513,7 @@ async def test_requests_are_answered_when_the_first_model_cannot_load(
     tmp_path: Path, make_engine: EngineFactory
 ) -> None:
     from paddler_agent.engine import StatusBoard
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
 
     host = FakeHost()
     board = StatusBoard()
