@@ -56,7 +56,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
@@ -71,10 +70,10 @@ from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
 from paddler_core.desired_state import (
     BalancerDesiredState,
-    EmbeddingNormalizationMethod,
     InferenceParameters,
     ModelSource,
 )
+from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
@@ -421,16 +420,6 @@ class StreamTranslator:
         return out
 
 
-def normalize(vector: list[float], method: EmbeddingNormalizationMethod) -> list[float]:
-    if method.kind == "L2":
-        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-        return [v / norm for v in vector]
-    if method.kind == "RmsNorm":
-        rms = math.sqrt(sum(v * v for v in vector) / max(1, len(vector)) + (method.epsilon or 0.0))
-        return [v / rms for v in vector] if rms else vector
-    return vector
-
-
 def embedding_vectors(body: Any, count: int) -> list[list[float]]:
     """The pooled vector of each document of a ``POST /embedding`` answer, in order."""
     items = body if isinstance(body, list) else [body]
@@ -613,7 +602,7 @@ class LlamaServerEngine(Engine):
                 payload = {
                     "Embedding": {
                         "Embedding": {
-                            "embedding": normalize(vector, method),
+                            "embedding": normalize_embedding(vector, method),
                             "normalization_method": method.model_dump(),
                             "pooling_type": self._defaults.pooling_type.value,
                             "source_document_id": doc.id,

@@ -22,14 +22,14 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
-from paddler_core.desired_state import BalancerDesiredState, EmbeddingNormalizationMethod, ModelSource
+from paddler_core.desired_state import BalancerDesiredState, ModelSource
+from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import done_payload, token_payload, usage_dict
 from paddler_core.protocol import AgentIssue, EmbedMessage, GenerateMessage, StateApplicationStatus
 
@@ -181,7 +181,7 @@ class SimulatedEngine(Engine):
         params = GenerateEmbeddingBatchParams.model_validate(message.params)
         method = params.normalization_method
         for doc in params.input_batch:
-            vector = normalize(_embedding_of(doc.content), method)
+            vector = normalize_embedding(_embedding_of(doc.content), method)
             self.host.emit(
                 message.request_id,
                 {
@@ -288,17 +288,6 @@ def _timings(seq: _Sequence) -> dict[str, Any]:
 def _embedding_of(text: str) -> list[float]:
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=EMBEDDING_DIMENSION).digest()
     return [(b - 127.5) / 127.5 for b in digest]
-
-
-def normalize(vector: list[float], method: EmbeddingNormalizationMethod) -> list[float]:
-    if method.kind == "L2":
-        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-        return [v / norm for v in vector]
-    if method.kind == "RmsNorm":
-        eps = method.epsilon or 0.0
-        rms = math.sqrt(sum(v * v for v in vector) / len(vector) + eps)
-        return [v / rms for v in vector]
-    return vector
 
 
 def _grammar_script(grammar: Any) -> list[str] | None:

@@ -39,10 +39,11 @@ from paddler_agent.llama.multimodal import (
     Projector,
     is_placeholder,
 )
-from paddler_agent.llama.native import EMBEDDING_MAX_SEQS, EmbedContext, LoadConfig, Runtime, normalize_embedding
+from paddler_agent.llama.native import EMBEDDING_MAX_SEQS, EmbedContext, LoadConfig, Runtime
 from paddler_agent.llama.sampling import FastSampler, GrammarSampler, Sampler, grammar_text, refuse_images
 from paddler_agent.llama.text_stream import TextStream
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
+from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
@@ -1003,13 +1004,13 @@ class DecodeWorker:
         vectors = emb.embed([tokens for _, tokens in group])
         normalization = job.normalization.model_dump(mode="json")
         for (doc_id, _), vector in zip(group, vectors, strict=True):
-            values = normalize_embedding(vector, job.normalization)
+            values = normalize_embedding(vector.tolist(), job.normalization)
             self._emit(
                 job.request_id,
                 {
                     "Embedding": {
                         "Embedding": {
-                            "embedding": values.tolist(),
+                            "embedding": values,
                             "normalization_method": normalization,
                             "pooling_type": job.pooling_label,
                             "source_document_id": doc_id,

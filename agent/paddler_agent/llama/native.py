@@ -23,7 +23,6 @@ from paddler_agent.llama.multimodal import (
     ProjectorLoadError,
 )
 from paddler_core.desired_state import (
-    EmbeddingNormalizationMethod,
     InferenceParameters,
     KvCacheDtype,
     PoolingType,
@@ -68,17 +67,6 @@ _POOLING: dict[PoolingType, int] = {
 }
 
 FloatArray = npt.NDArray[np.float32]
-
-
-def normalize_embedding(vector: FloatArray, method: EmbeddingNormalizationMethod) -> FloatArray:
-    if method.kind == "L2":
-        norm = float(np.linalg.norm(vector))
-        return vector / norm if norm > 0 else vector
-    if method.kind == "RmsNorm":
-        eps = method.epsilon if method.epsilon is not None else 1e-6
-        rms = float(np.sqrt(np.mean(np.square(vector, dtype=np.float64)) + eps))
-        return (vector / rms).astype(np.float32)
-    return vector
 
 
 # ---- llama.cpp logging ----------------------------------------------------------------------
