@@ -91,7 +91,7 @@ class _Host:
         self.done: dict[str, asyncio.Event] = {}
         self.final: dict[str, Any] = {}
 
-    def emit(self, request_id: str, payload: Any, final: bool) -> None:
+    def emit(self, request_id: str, payload: Any, final: bool, error_kind: Any = None) -> None:
         if request_id not in self.first:
             self.first[request_id] = time.perf_counter()
         if final:
@@ -107,15 +107,15 @@ class _Host:
 
 
 async def _engine_request(engine: Any, host: _Host, rid: str, prompt: str, tokens: int) -> Any:
-    from paddler_core.protocol import GenerateMessage
+    from paddler_core.protocol import parse_generate_message
 
     engine.generate(
-        GenerateMessage(
+        parse_generate_message(dict(
             request_id=rid,
             variant="ContinueFromRawPrompt",
             params={"raw_prompt": prompt, "max_tokens": tokens},
             overrides={"temperature": 0.0},
-        )
+        ))
     )
     return await host.wait(rid)
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from paddler_core.desired_state import ChatTemplate
-from paddler_core.protocol import GenerateMessage, StateApplicationStatus
+from paddler_core.protocol import GenerateMessage, StateApplicationStatus, parse_generate_message
 from tests.engine.conftest import EngineFactory, raw, state_for, wait_for
 from tests.harness import Balancer, PaddlerProcess, Processes, wait_until
 
@@ -23,12 +23,12 @@ pytestmark = pytest.mark.engine
 
 
 def conversation(request_id: str, text: str, max_tokens: int = 8) -> GenerateMessage:
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id=request_id,
         variant="ContinueFromConversationHistory",
         params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens},
         overrides={"temperature": 0.0},
-    )
+    ))
 
 
 # ---- 1. a lone surrogate that reaches the agent ------------------------------------------------

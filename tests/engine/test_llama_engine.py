@@ -17,8 +17,9 @@ import pytest
 from conftest import GREEDY, EngineFactory, FakeHost, raw, state_for, wait_for
 
 from paddler_core.desired_state import BalancerDesiredState, ChatTemplate, ModelSource
+from paddler_core.inference import ErrorKind
 from paddler_core.prefix import request_prefix_keys
-from paddler_core.protocol import EmbedMessage, GenerateMessage, StateApplicationStatus
+from paddler_core.protocol import EmbedMessage, GenerateMessage, StateApplicationStatus, parse_generate_message
 
 pytestmark = pytest.mark.engine
 
@@ -32,12 +33,12 @@ LONG_TEXT = (
 
 
 def conversation(request_id: str, text: str, max_tokens: int = 24, **params: Any) -> GenerateMessage:
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id=request_id,
         variant="ContinueFromConversationHistory",
         params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens, **params},
         overrides=GREEDY,
-    )
+    ))
 
 
 def test_decodes_a_multi_token_batch(model_path: Path) -> None:
@@ -223,11 +224,13 @@ async def test_stop_strings_max_tokens_and_full_context(make_engine: EngineFacto
     e.engine.generate(raw("three", PROMPT, 3, **GREEDY))
     assert (await e.host.wait("three")).usage["content_tokens"] == 3
     e.engine.generate(raw("huge", LONG_TEXT * 6, 8, **GREEDY))
-    error = (await e.host.wait("huge")).final["GeneratedToken"]["SamplerError"]
-    assert error.startswith("context full: the prompt")
+    huge = await e.host.wait("huge")
+    assert huge.final["GeneratedToken"]["SamplerError"].startswith("context full: the prompt")
+    assert huge.error_kind is ErrorKind.PROMPT_EXCEEDS_CONTEXT
     e.engine.generate(raw("fill", PROMPT, 500, **GREEDY))
     fill = await e.host.wait("fill")
     assert fill.final["GeneratedToken"]["SamplerError"].startswith("context full")
+    assert fill.error_kind is ErrorKind.CONTEXT_FULL
     assert fill.text
 
 

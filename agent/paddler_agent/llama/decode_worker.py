@@ -14,7 +14,6 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from pydantic import ValidationError
 
 from paddler_agent.chat_template import ChatTemplateError, render_chat
 from paddler_agent.images import DecodedImage
@@ -47,15 +46,13 @@ from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
-    GenerateEmbeddingBatchParams,
+    ErrorKind,
     Tool,
     done_payload,
     generated_error_payload,
-    parse_generation_request,
     token_payload,
     usage_dict,
 )
-from paddler_core.prefix import request_prefix_keys
 from paddler_core.protocol import (
     EmbedMessage,
     GenerateMessage,
@@ -363,7 +360,7 @@ class DecodeWorker:
 
     def _reject_request(self, request_id: str, error: RequestError) -> None:
         logger.info("request rejected request_id=%s kind=%s message=%s", request_id, error.kind, error.message)
-        self._emit(request_id, generated_error_payload(error.kind, error.message), True)
+        self._emit(request_id, generated_error_payload(error.kind, error.message), True, error.error_kind)
 
     def _admit_waiting(self) -> None:
         """Resume preempted sequences, then start waiting requests, oldest first, while
@@ -399,10 +396,7 @@ class DecodeWorker:
             self._waiting.popleft()
 
     def _prepare(self, message: GenerateMessage) -> Job:
-        try:
-            params = parse_generation_request(message.variant, message.params)
-        except (ValidationError, ValueError) as e:
-            raise RequestError("SamplerError", f"invalid request: {e}") from e
+        params = message.params
         overrides = message.overrides
         sampling = overrides.apply(self.settings.defaults) if overrides else self.settings.defaults
         tools: list[Tool] | None = None
@@ -426,7 +420,7 @@ class DecodeWorker:
             seed=overrides.seed if overrides else None,
             stops=list(overrides.stop or []) if overrides else [],
             grammar=grammar,
-            prefix_keys=request_prefix_keys(message.variant, message.params),
+            prefix_keys=message.prefix_keys,
             tools=tools,
             starts_in_reasoning=tools is not None and prompt_opens_reasoning(text),
             parse_tool_calls=parse_calls,
@@ -464,6 +458,7 @@ class DecodeWorker:
                 "SamplerError",
                 f"context full: the prompt has {len(tokens)} tokens and the agent's KV cache "
                 f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
+                ErrorKind.PROMPT_EXCEEDS_CONTEXT,
             )
         return tokens
 
@@ -497,6 +492,7 @@ class DecodeWorker:
                 "SamplerError",
                 f"context full: the prompt has {len(tokens)} tokens (images included) and the agent's KV cache "
                 f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
+                ErrorKind.PROMPT_EXCEEDS_CONTEXT,
             )
         n_ubatch = int(llama_cpp.llama_n_ubatch(self.gen.handle))
         for image in media.images.values():
@@ -822,7 +818,7 @@ class DecodeWorker:
             token = seq.sampler.sample(self.gen.handle, index)
         except RequestError as e:
             self._flush_text(seq)
-            self._emit(seq.job.request_id, generated_error_payload(e.kind, e.message), True)
+            self._emit(seq.job.request_id, generated_error_payload(e.kind, e.message), True, e.error_kind)
             self._release(self._slots[seq.slot])
             return
         if self.model.is_eog(token):
@@ -911,7 +907,7 @@ class DecodeWorker:
             f"after {seq.generated} generated tokens"
         )
         logger.info("request context full request_id=%s slot=%d", rid, seq.slot)
-        self._emit(rid, generated_error_payload("SamplerError", message), True)
+        self._emit(rid, generated_error_payload("SamplerError", message), True, ErrorKind.CONTEXT_FULL)
         self._release(self._slots[seq.slot])
 
     def _release(self, slot: Slot) -> None:
@@ -941,8 +937,8 @@ class DecodeWorker:
             job.free_media()
         self._waiting.clear()
 
-    def _emit(self, request_id: str, payload: Payload, final: bool) -> None:
-        self._out.append((request_id, payload, final))
+    def _emit(self, request_id: str, payload: Payload, final: bool, error_kind: ErrorKind | None = None) -> None:
+        self._out.append((request_id, payload, final, error_kind))
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -958,7 +954,7 @@ class DecodeWorker:
             job = item if isinstance(item, EmbedJob) else self._prepare_embed(item, emb)
             self._embeds[0] = job
             self._run_embed_batch(job, emb)
-        except (RequestError, RuntimeError, ValidationError) as e:
+        except (RequestError, RuntimeError) as e:
             text = e.message if isinstance(e, RequestError) else str(e)
             logger.info("embedding failed request_id=%s error=%s", item.request_id, text)
             self._emit(item.request_id, {"Embedding": {"Error": text}}, True)
@@ -967,7 +963,7 @@ class DecodeWorker:
     def _prepare_embed(self, message: EmbedMessage, emb: EmbedContext) -> EmbedJob:
         """Tokenize the batch. A document over ``n_batch`` tokens is reported on its own
         (Paddler 4.1's ``DocumentExceedsBatchSize``) and the others are embedded."""
-        params = GenerateEmbeddingBatchParams.model_validate(message.params)
+        params = message.params
         limit = min(emb.capacity, self.runtime.config.n_batch)
         documents: list[tuple[str, list[int]]] = []
         for doc in params.input_batch:

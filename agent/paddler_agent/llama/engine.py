@@ -12,8 +12,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from paddler_agent.chat_template import ChatTemplateError, TemplateRenderer, compile_chat_template
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_agent.images import DecodedImage, ImageError, decode_images, image_urls, with_image_markers
@@ -28,13 +26,12 @@ from paddler_core.desired_state import (
     ModelSource,
 )
 from paddler_core.inference import (
-    ContinueFromConversationHistoryParams,
     generated_error_payload,
-    parse_generation_request,
 )
 from paddler_core.protocol import (
     AgentIssue,
     EmbedMessage,
+    GenerateConversation,
     GenerateMessage,
     StateApplicationStatus,
 )
@@ -131,11 +128,7 @@ class LlamaEngine(Engine):
         elif self._worker is not None and self._serving:
             self._inflight.add(rid)
             self._drained.clear()
-            if (
-                rendered is None
-                and isinstance(message, GenerateMessage)
-                and message.variant == "ContinueFromConversationHistory"
-            ):
+            if rendered is None and isinstance(message, GenerateConversation):
                 task = asyncio.get_running_loop().create_task(self._render_then_submit(message), name=f"render-{rid}")
                 self._rendering[rid] = task
                 task.add_done_callback(lambda _t: self._rendering.pop(rid, None))
@@ -147,19 +140,16 @@ class LlamaEngine(Engine):
         else:
             self._reject_unserved(message)
 
-    async def _render_then_submit(self, message: GenerateMessage) -> None:
+    async def _render_then_submit(self, message: GenerateConversation) -> None:
         """Render a conversation's prompt in the renderer process (time, memory and size
         limited), then queue it for the decode thread; a template failure fails this
         request only."""
         rid = message.request_id
         runtime = self._runtime
-        try:
-            params = parse_generation_request(message.variant, message.params)
-        except (ValidationError, ValueError):
-            params = None  # the decode thread reports it, as for any invalid request
+        params = message.params
         text: str | None = None
         images: list[DecodedImage] | None = None
-        if isinstance(params, ContinueFromConversationHistoryParams) and runtime is not None:
+        if runtime is not None:
             model = runtime.model
             try:
                 template = template_for(params, self._settings, model)
@@ -181,11 +171,11 @@ class LlamaEngine(Engine):
             except (RequestError, ChatTemplateError) as e:
                 kind, text_ = (e.kind, e.message) if isinstance(e, RequestError) else ("ChatTemplateError", str(e))
                 logger.info("request rejected request_id=%s kind=%s message=%s", rid, kind, text_)
-                self._deliver([(rid, generated_error_payload(kind, text_), True)], None)
+                self._deliver([(rid, generated_error_payload(kind, text_), True, None)], None)
                 return
         if rid not in self._inflight:
             return  # stopped while rendering
-        if text is None:  # invalid parameters: the decode thread answers them like any request
+        if text is None:  # no runtime to render with: the decode thread renders it, or it waits
             if self._worker is not None and self._serving:
                 self._worker.submit(message)
                 return
@@ -242,12 +232,12 @@ class LlamaEngine(Engine):
                 self._drained.set()
 
     def _deliver(self, out: list[Emit], delta: StatusDelta | None) -> None:
-        for rid, payload, final in out:
+        for rid, payload, final, error_kind in out:
             if rid not in self._inflight:
                 continue
             if final:
                 self._inflight.discard(rid)
-            self.host.emit(rid, payload, final)
+            self.host.emit(rid, payload, final, error_kind)
         if delta is not None and delta.loop_stopped is not None:
             self._loop_stopped(delta.loop_stopped)
         if delta is not None:

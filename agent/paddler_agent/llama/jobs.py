@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.multimodal import (
@@ -22,11 +21,14 @@ from paddler_core.desired_state import (
 )
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
+    ErrorKind,
+    ResponsePayload,
     Tool,
 )
 
-Payload = dict[str, Any] | str
-Emit = tuple[str, Payload, bool]
+Payload = ResponsePayload
+Emit = tuple[str, ResponsePayload, bool, ErrorKind | None]
+"""(request id, payload, final, what a terminal error means to the balancer)."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from paddler_core.desired_state import (
     KvCacheDtype,
     PoolingType,
 )
+from paddler_core.inference import ErrorKind
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,9 @@ class NativeModel:
             data = text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise RequestError(
-                "SamplerError", f"invalid request: the text holds a lone UTF-16 surrogate at character {e.start}"
+                "SamplerError",
+                f"invalid request: the text holds a lone UTF-16 surrogate at character {e.start}",
+                ErrorKind.INVALID_REQUEST,
             ) from None
         capacity = len(data) + 8
         while True:
