@@ -12,10 +12,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
-from paddler_agent.chat_template import ChatTemplateError, render_chat
 from paddler_agent.images import DecodedImage
 from paddler_agent.kv_cache import KvLedger
 from paddler_agent.llama.errors import RequestError
@@ -29,25 +27,20 @@ from paddler_agent.llama.jobs import (
     Settings,
     Slot,
     StatusDelta,
-    template_for,
 )
 from paddler_agent.llama.multimodal import (
     ImageChunk,
-    MediaPrompt,
     MultimodalError,
-    Projector,
     is_placeholder,
 )
 from paddler_agent.llama.native import EMBEDDING_MAX_SEQS, EmbedContext, LoadConfig, Runtime
-from paddler_agent.llama.sampling import FastSampler, GrammarSampler, Sampler, grammar_text, refuse_images
+from paddler_agent.llama.prompts import JobPreparer
+from paddler_agent.llama.sampling import FastSampler, GrammarSampler, Sampler
 from paddler_agent.llama.text_stream import TextStream
-from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
+from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls
 from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
-    ContinueFromConversationHistoryParams,
-    ContinueFromRawPromptParams,
     ErrorKind,
-    Tool,
     done_payload,
     generated_error_payload,
     token_payload,
@@ -121,24 +114,24 @@ class NativeThread:
             runtime = Runtime.load(self.config)
             worker = DecodeWorker(runtime, self.settings, self._loop, self._deliver)
         except BaseException as e:
-            self._resolve(None, e)
+            self._resolve(e)
             return
         self.worker = worker
-        self._resolve(runtime, None)
+        self._resolve(runtime)
         try:
             worker.run()
         finally:
             runtime.free()
             logger.info("model freed path=%s", self.config.path)
 
-    def _resolve(self, runtime: Runtime | None, error: BaseException | None) -> None:
+    def _resolve(self, outcome: Runtime | BaseException) -> None:
         def settle() -> None:
             if self._ready.done():
                 return
-            if error is not None:
-                self._ready.set_exception(error)
+            if isinstance(outcome, BaseException):
+                self._ready.set_exception(outcome)
             else:
-                self._ready.set_result(runtime)  # type: ignore[arg-type]
+                self._ready.set_result(outcome)
 
         try:
             self._loop.call_soon_threadsafe(settle)
@@ -153,7 +146,7 @@ class DecodeWorker:
         self.runtime = runtime
         self.model = runtime.model
         self.gen = runtime.gen
-        self.settings = settings
+        self._preparer = JobPreparer(runtime, settings)
         self._loop = loop
         self._deliver = deliver
         self._slots = [Slot(i) for i in range(runtime.config.slots)]
@@ -176,11 +169,18 @@ class DecodeWorker:
         self._hashes_reported: list[str] = []
         self._rendered: dict[str, tuple[str, list[DecodedImage] | None]] = {}
         self._kv_reported = 0
-        self._next_placeholder = -1
-        """The next placeholder token of an image chunk (counts down, never reused)."""
         self.steps = 0
 
     # -- called from the event loop -----------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._preparer.settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """A settings change (group defaults, template) applies to the requests prepared next."""
+        self._preparer.settings = settings
 
     def submit(
         self,
@@ -346,7 +346,8 @@ class DecodeWorker:
         """Prepare a request when it arrives, so one that can never run (a prompt longer
         than the whole KV cache, a broken template) is answered before it waits."""
         try:
-            job = self._prepare(message)
+            rendered, images = self._rendered.pop(message.request_id, (None, None))
+            job = self._preparer.prepare(message, rendered, images)
         except RequestError as e:
             self._reject_request(message.request_id, e)
             return
@@ -394,114 +395,6 @@ class DecodeWorker:
             if not started:
                 return
             self._waiting.popleft()
-
-    def _prepare(self, message: GenerateMessage) -> Job:
-        params = message.params
-        overrides = message.overrides
-        sampling = overrides.apply(self.settings.defaults) if overrides else self.settings.defaults
-        tools: list[Tool] | None = None
-        rendered, images = self._rendered.pop(message.request_id, (None, None))
-        parse_calls = True
-        if isinstance(params, ContinueFromRawPromptParams):
-            text = params.raw_prompt
-        else:
-            if not images:
-                refuse_images(params)
-            text = rendered if rendered is not None else self._render(params)
-            tools = list(params.tools)
-            parse_calls = params.parse_tool_calls
-        grammar = grammar_text(params.grammar)
-        media = self._tokenize_media(text, images) if images else None
-        return Job(
-            request_id=message.request_id,
-            prompt=media.tokens if media is not None else self._tokenize_prompt(text),
-            max_tokens=params.max_tokens,
-            params=sampling,
-            seed=overrides.seed if overrides else None,
-            stops=list(overrides.stop or []) if overrides else [],
-            grammar=grammar,
-            prefix_keys=message.prefix_keys,
-            tools=tools,
-            starts_in_reasoning=tools is not None and prompt_opens_reasoning(text),
-            parse_tool_calls=parse_calls,
-            media=media,
-            image_tokens=sum(i.n_pos for i in media.images.values()) if media is not None else 0,
-        )
-
-    def _render(self, params: ContinueFromConversationHistoryParams) -> str:
-        """In-thread rendering: only for a request the engine did not render first."""
-        template = template_for(params, self.settings, self.model)
-        try:
-            return render_chat(
-                template,
-                params.conversation_history,
-                add_generation_prompt=params.add_generation_prompt,
-                enable_thinking=params.enable_thinking,
-                tools=params.tools,
-                bos_token=self.model.token_text(self.model.bos),
-                eos_token=self.model.token_text(self.model.eos),
-            )
-        except ChatTemplateError as e:
-            raise RequestError("ChatTemplateError", str(e)) from e
-
-    def _tokenize_prompt(self, text: str) -> list[int]:
-        """Tokens of a prompt; special-token text (``<|im_start|>``...) becomes the token."""
-        bos_text = self.model.token_text(self.model.bos)
-        add_special = not (bos_text and text.startswith(bos_text))
-        tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
-        if not tokens:
-            if self.model.bos < 0:
-                raise RequestError("SamplerError", "the prompt is empty")
-            tokens = [self.model.bos]
-        if len(tokens) >= self.gen.n_ctx_seq:
-            raise RequestError(
-                "SamplerError",
-                f"context full: the prompt has {len(tokens)} tokens and the agent's KV cache "
-                f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
-                ErrorKind.PROMPT_EXCEEDS_CONTEXT,
-            )
-        return tokens
-
-    def _tokenize_media(self, text: str, images: list[DecodedImage]) -> MediaPrompt:
-        """Tokens and image chunks of a prompt with images; raises RequestError."""
-        projector = self.runtime.projector
-        if projector is None:
-            raise RequestError("MultimodalNotSupported", "this model has no multimodal projector")
-        bos_text = self.model.token_text(self.model.bos)
-        add_special = not (bos_text and text.startswith(bos_text))
-        try:
-            media = projector.tokenize(text, images, add_special=add_special, next_placeholder=self._next_placeholder)
-        except MultimodalError as e:
-            raise RequestError(e.kind, e.message) from None
-        self._next_placeholder -= sum(image.n_pos for image in media.images.values())
-        try:
-            self._check_media(media, projector)
-        except RequestError:
-            media.free()
-            raise
-        return media
-
-    def _check_media(self, media: MediaPrompt, projector: Projector) -> None:
-        tokens = media.tokens
-        if not tokens or is_placeholder(tokens[-1]):
-            raise RequestError(
-                "MultimodalTokenizationFailed", "the prompt ends with an image; text must follow it (a question)"
-            )
-        if len(tokens) >= self.gen.n_ctx_seq:
-            raise RequestError(
-                "SamplerError",
-                f"context full: the prompt has {len(tokens)} tokens (images included) and the agent's KV cache "
-                f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
-                ErrorKind.PROMPT_EXCEEDS_CONTEXT,
-            )
-        n_ubatch = int(llama_cpp.llama_n_ubatch(self.gen.handle))
-        for image in media.images.values():
-            if projector.non_causal and image.n_tokens > n_ubatch:
-                raise RequestError(
-                    "MediaExceedsMicroBatch",
-                    f"an image takes {image.n_tokens} tokens; this model decodes an image in one micro-batch "
-                    f"of at most {n_ubatch} (raise n_batch or lower image_resize_to_fit)",
-                )
 
     def _start(self, job: Job, free: list[Slot]) -> bool:
         """Start ``job`` in one of the ``free`` slots; False when the KV cache has no room
