@@ -91,7 +91,7 @@ class _Host:
         self.done: dict[str, asyncio.Event] = {}
         self.final: dict[str, Any] = {}
 
-    def emit(self, request_id: str, payload: Any, final: bool) -> None:
+    def emit(self, request_id: str, payload: Any, final: bool, error_kind: Any = None) -> None:
         if request_id not in self.first:
             self.first[request_id] = time.perf_counter()
         if final:
@@ -107,15 +107,15 @@ class _Host:
 
 
 async def _engine_request(engine: Any, host: _Host, rid: str, prompt: str, tokens: int) -> Any:
-    from paddler_core.protocol import GenerateMessage
+    from paddler_core.protocol import parse_generate_message
 
     engine.generate(
-        GenerateMessage(
+        parse_generate_message(dict(
             request_id=rid,
             variant="ContinueFromRawPrompt",
             params={"raw_prompt": prompt, "max_tokens": tokens},
             overrides={"temperature": 0.0},
-        )
+        ))
     )
     return await host.wait(rid)
 
@@ -127,7 +127,7 @@ def _usage(final: Any) -> dict[str, int]:
 
 async def _engine_run(w: Workload) -> dict[str, Any]:
     from paddler_agent.engine import StatusBoard
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
     from paddler_core.desired_state import BalancerDesiredState, InferenceParameters, ModelSource
 
     host = _Host()
@@ -294,7 +294,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 def sampling_microbench(model: str, threads: int, reps: int = 2000) -> dict[str, float]:
     """Microseconds per token: llama.cpp's sampler chain vs our numpy path, on one row."""
-    from paddler_agent.llama_engine import FastSampler, LoadConfig, Runtime, Sampler
+    from paddler_agent.llama.native import LoadConfig, Runtime
+    from paddler_agent.llama.sampling import FastSampler, Sampler
     from paddler_core.desired_state import InferenceParameters
 
     greedy = InferenceParameters(temperature=0.0, penalty_repeat=1.0, penalty_presence=0.0)

@@ -1,10 +1,14 @@
 """The engine interface: what runs an agent's slots.
 
-Two engines implement it: ``simulated`` (deterministic tokens, no model) and
-``llama`` (llama.cpp through llama-cpp-python; the only module that imports
-``llama_cpp``). The agent runtime (``runtime.py``) owns the balancer connection
-and calls the engine; the engine reports back through :class:`EngineHost` and by
-writing its fields on the shared :class:`StatusBoard`.
+Three engines implement it: ``simulated`` (deterministic tokens, no model),
+``llama`` (llama.cpp through llama-cpp-python; the only subpackage that imports
+``llama_cpp``) and ``llama_server`` (a llama-server process over HTTP). The agent
+runtime (``runtime.py``) owns the balancer connection and calls the engine; the
+engine reports back through :class:`EngineHost` and by writing its fields on the
+shared :class:`StatusBoard`.
+
+Requests reach an engine validated: the runtime parses each ``generate`` /
+``embed`` message once, where it enters the agent, and answers an invalid one itself.
 
 Threading rule: every method here is called on the event loop thread, and an
 engine calls ``host.emit`` / ``host.status_changed`` on the event loop thread
@@ -16,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from paddler_core.desired_state import BalancerDesiredState
+from paddler_core.inference import ErrorKind, ResponsePayload
 from paddler_core.protocol import (
     AgentIssue,
     AgentStatus,
@@ -29,8 +34,11 @@ from paddler_core.protocol import (
 
 
 class EngineHost(Protocol):
-    def emit(self, request_id: str, payload: dict[str, Any] | str, final: bool) -> None:
-        """Send one client-facing response payload; ``final`` ends the request."""
+    def emit(
+        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
+    ) -> None:
+        """Send one client-facing response payload; ``final`` ends the request. A terminal
+        error says what it means to the balancer in ``error_kind`` (not shown to clients)."""
 
     def status_changed(self) -> None:
         """Push a fresh status snapshot to the balancer soon (coalesced)."""

@@ -56,7 +56,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
@@ -64,28 +63,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import ValidationError
 
 from paddler_agent.chat_template import ChatTemplateError, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
 from paddler_core.desired_state import (
     BalancerDesiredState,
-    EmbeddingNormalizationMethod,
     InferenceParameters,
     ModelSource,
 )
+from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
+    EmbeddingPayload,
+    ErrorKind,
     GbnfGrammar,
-    GenerateEmbeddingBatchParams,
     GenerationParams,
     JsonSchemaGrammar,
+    ResponsePayload,
     Tool,
     done_payload,
     generated_error_payload,
-    parse_generation_request,
     token_payload,
     usage_dict,
 )
@@ -106,17 +105,19 @@ ISSUE_NOT_READY = "LlamaServerNotReady"
 ISSUE_MODEL = "ModelNotApplicableToLlamaServer"
 _SERVER_ISSUES = {ISSUE_UNREACHABLE, ISSUE_NOT_READY}
 
-Payload = dict[str, Any] | str
+Payload = ResponsePayload
 FINAL_FIELDS = ("content", "stop", "stop_type", "tokens_predicted", "tokens_evaluated", "tokens_cached")
 
 
 class LlamaServerError(Exception):
     """The server answered a request with an error; ``kind`` is the payload variant."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, error_kind: ErrorKind | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.error_kind = error_kind
+        """What the error means to the balancer, when it needs to know (not shown to clients)."""
 
 
 # ---- what the server says about itself (pure) ------------------------------------------------
@@ -252,10 +253,7 @@ def prepare_completion(
     chat_template_override: str | None,
 ) -> PreparedRequest:
     """The ``/completion`` body for a balancer request; raises LlamaServerError."""
-    try:
-        params = parse_generation_request(message.variant, message.params)
-    except (ValidationError, ValueError) as e:
-        raise LlamaServerError("SamplerError", f"invalid request: {e}") from e
+    params = message.params
     overrides = message.overrides
     sampling = overrides.apply(defaults) if overrides else defaults
     tools: list[Tool] | None = None
@@ -332,11 +330,11 @@ def error_of_response(status: int, text: str) -> LlamaServerError:
 def error_of_server(status: int, kind: str, message: str) -> LlamaServerError:
     if kind == "exceed_context_size_error":
         text = f"context full: the prompt does not fit the server's context: {message}"
-        return LlamaServerError("SamplerError", text)
+        return LlamaServerError("SamplerError", text, ErrorKind.PROMPT_EXCEEDS_CONTEXT)
     if "grammar" in message.lower() or "json_schema" in message.lower():
         return LlamaServerError("GrammarSyntaxError", message)
     if status == 400 or kind == "invalid_request_error":
-        return LlamaServerError("SamplerError", f"invalid request: {message}")
+        return LlamaServerError("SamplerError", f"invalid request: {message}", ErrorKind.INVALID_REQUEST)
     return LlamaServerError("SamplerError", f"llama-server answered HTTP {status}: {message}")
 
 
@@ -350,6 +348,8 @@ class StreamTranslator:
     predicted: int = 0
     """``tokens_predicted`` of the last chunk: the server's own count."""
     final: dict[str, Any] | None = None
+    error_kind: ErrorKind | None = None
+    """Set by :meth:`finish` when the terminal payload is an error the balancer must read."""
 
     def __post_init__(self) -> None:
         if self.prepared.tools is not None:
@@ -410,6 +410,7 @@ class StreamTranslator:
             final.get("stop_type") == "limit" and self.predicted < self.prepared.max_tokens and bool(final)
         )
         if stopped_by_context:
+            self.error_kind = ErrorKind.CONTEXT_FULL
             out.append(
                 generated_error_payload(
                     "SamplerError",
@@ -419,16 +420,6 @@ class StreamTranslator:
         else:
             out.append(done_payload(usage))
         return out
-
-
-def normalize(vector: list[float], method: EmbeddingNormalizationMethod) -> list[float]:
-    if method.kind == "L2":
-        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-        return [v / norm for v in vector]
-    if method.kind == "RmsNorm":
-        rms = math.sqrt(sum(v * v for v in vector) / max(1, len(vector)) + (method.epsilon or 0.0))
-        return [v / rms for v in vector] if rms else vector
-    return vector
 
 
 def embedding_vectors(body: Any, count: int) -> list[list[float]]:
@@ -552,9 +543,9 @@ class LlamaServerEngine(Engine):
             task.cancel()  # closes the HTTP stream: llama-server frees the slot
             self._busy_changed()
 
-    def _emit(self, request_id: str, payload: Payload, final: bool) -> None:
+    def _emit(self, request_id: str, payload: Payload, final: bool, error_kind: ErrorKind | None = None) -> None:
         if request_id in self._tasks:
-            self.host.emit(request_id, payload, final)
+            self.host.emit(request_id, payload, final, error_kind)
 
     async def _generate(self, message: GenerateMessage) -> None:
         rid = message.request_id
@@ -579,10 +570,10 @@ class LlamaServerEngine(Engine):
             *body, last = translator.finish()
             for payload in body:
                 self._emit(rid, payload, False)
-            self._emit(rid, last, True)
+            self._emit(rid, last, True, translator.error_kind)
         except LlamaServerError as e:
             log.info("request failed request_id=%s kind=%s error=%s", rid, e.kind, e.message)
-            self._emit(rid, generated_error_payload(e.kind, e.message), True)
+            self._emit(rid, generated_error_payload(e.kind, e.message), True, e.error_kind)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("llama-server stream broke request_id=%s error=%r", rid, e)
             self._wake.set()
@@ -593,10 +584,7 @@ class LlamaServerEngine(Engine):
         rid = message.request_id
         try:
             self._serving_props()
-            try:
-                params = GenerateEmbeddingBatchParams.model_validate(message.params)
-            except ValidationError as e:
-                raise LlamaServerError("Embedding", f"invalid request: {e}") from e
+            params = message.params
             documents = params.input_batch
             body = {"content": [d.content for d in documents], "embd_normalize": -1}
             async with self._session.post(f"{self.url}/embedding", json=body) as response:
@@ -610,10 +598,10 @@ class LlamaServerEngine(Engine):
             vectors = embedding_vectors(decoded, len(documents))
             method = params.normalization_method
             for doc, vector in zip(documents, vectors, strict=True):
-                payload = {
+                payload: EmbeddingPayload = {
                     "Embedding": {
                         "Embedding": {
-                            "embedding": normalize(vector, method),
+                            "embedding": normalize_embedding(vector, method),
                             "normalization_method": method.model_dump(),
                             "pooling_type": self._defaults.pooling_type.value,
                             "source_document_id": doc.id,

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 from paddler_agent.engine import Engine, StatusBoard
 from paddler_agent.model_source import MODEL_SOURCE_NOT_ALLOWED, ModelAccess, ModelSourceError
 from paddler_core.desired_state import BalancerDesiredState, state_revision
+from paddler_core.inference import ErrorKind, ResponsePayload, generated_error_payload
 from paddler_core.model_access import ModelUrlPolicy
-from paddler_core.prefix import request_prefix_keys
 from paddler_core.protocol import (
     AGENT_SOCKET_PATH,
     MAX_FRAME_BYTES,
@@ -35,14 +35,17 @@ from paddler_core.protocol import (
     STATUS_INTERVAL_S,
     AgentIssue,
     EmbedMessage,
-    GenerateMessage,
+    GenerateConversation,
+    GenerateRawPrompt,
     RegisterMessage,
     ReplyMessage,
+    ResponseMessage,
     SetDesiredStateMessage,
     StateApplicationStatus,
     StatusMessage,
     batch_frames,
     encode_message,
+    parse_generate_message,
 )
 
 AGENT_SECRET_HEADER = "X-Paddler-Agent-Secret"
@@ -99,7 +102,7 @@ class AgentRuntime:
         """Claims ``agent_id`` at the balancer: nobody else can register under it."""
         self.board = StatusBoard()
         self.engine = self._make_engine()
-        self._outbox: list[dict[str, Any]] = []
+        self._outbox: list[ResponseMessage | dict[str, Any]] = []
         self._outbox_ready = asyncio.Event()
         self._status_version = 0
         self._status_dirty = False
@@ -136,19 +139,24 @@ class AgentRuntime:
                 host_header=s.llama_server_host_header,
                 api_key=s.llama_server_api_key,
             )
-        from paddler_agent.llama_engine import LlamaEngine
+        from paddler_agent.llama.engine import LlamaEngine
 
         cache = Path(s.model_cache_dir) if s.model_cache_dir else None
         return LlamaEngine(self, self.board, s.slots, model_cache_dir=cache, model_access=s.model_access)
 
     # ---- EngineHost --------------------------------------------------------------------
 
-    def emit(self, request_id: str, payload: dict[str, Any] | str, final: bool) -> None:
+    def emit(
+        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
+    ) -> None:
         if request_id not in self._active:
             return  # stopped or unknown: say nothing more about it
         if final:
             self._request_ended(request_id)
-        self._outbox.append({"type": "response", "request_id": request_id, "response": payload, "final": final})
+        message: ResponseMessage = {"type": "response", "request_id": request_id, "response": payload, "final": final}
+        if error_kind is not None:
+            message["error_kind"] = error_kind
+        self._outbox.append(message)
         self._outbox_ready.set()
 
     def status_changed(self) -> None:
@@ -285,7 +293,7 @@ class AgentRuntime:
             log.exception("message from balancer failed type=%s", message.get("type"))
             self._fail_request(message, f"the agent could not handle this request: {type(err).__name__}: {err}")
 
-    def _fail_request(self, message: dict[str, Any], text: str) -> None:
+    def _fail_request(self, message: dict[str, Any], text: str, error_kind: ErrorKind | None = None) -> None:
         request_id = message.get("request_id")
         if message.get("type") not in ("generate", "embed") or not isinstance(request_id, str):
             return
@@ -293,13 +301,13 @@ class AgentRuntime:
         if message["type"] == "embed":
             self.emit(request_id, {"Embedding": {"Error": text}}, True)
         else:
-            self.emit(request_id, {"GeneratedToken": {"SamplerError": text}}, True)
+            self.emit(request_id, generated_error_payload("SamplerError", text), True, error_kind)
 
     def _handle_unguarded(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         try:
             if kind == "generate":
-                generate = GenerateMessage.model_validate(message)
+                generate = parse_generate_message(message)
                 self._active.add(generate.request_id)
                 self._remember_prefix(generate)
                 self.engine.generate(generate)
@@ -328,7 +336,7 @@ class AgentRuntime:
                 log.warning("unknown message from balancer type=%s", kind)
         except ValidationError as err:
             log.error("invalid message from balancer type=%s error=%s", kind, err)
-            self._fail_request(message, f"invalid request: {err}")
+            self._fail_request(message, f"invalid request: {err}", ErrorKind.INVALID_REQUEST)
 
     def _refuse_invalid_state(self, err: ValidationError) -> None:
         """A desired state out of bounds (an older balancer let it through): an issue."""
@@ -350,13 +358,13 @@ class AgentRuntime:
         self._outbox.append(ReplyMessage(request_id=request_id, body=body).model_dump())
         self._outbox_ready.set()
 
-    def _remember_prefix(self, generate: GenerateMessage) -> None:
+    def _remember_prefix(self, generate: GenerateRawPrompt | GenerateConversation) -> None:
         """Publish the prefix keys of the last ``slots`` requests: what the slots'
         KV caches hold, so the balancer can route repeats here (for engines that do
         not publish what their slots really hold)."""
         if self.engine.publishes_prefix_hashes:
             return
-        keys = request_prefix_keys(generate.variant, generate.params)
+        keys = generate.prefix_keys
         if not keys:
             return
         self._recent_prefixes[generate.request_id] = keys

@@ -22,15 +22,22 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
-from paddler_core.desired_state import BalancerDesiredState, EmbeddingNormalizationMethod, ModelSource
-from paddler_core.inference import done_payload, token_payload, usage_dict
+from paddler_core.desired_state import BalancerDesiredState, ModelSource
+from paddler_core.embeddings import normalize_embedding
+from paddler_core.inference import (
+    ContinueFromRawPromptParams,
+    DoneBody,
+    GrammarConstraint,
+    JsonSchemaGrammar,
+    token_payload,
+    usage_dict,
+)
 from paddler_core.protocol import AgentIssue, EmbedMessage, GenerateMessage, StateApplicationStatus
 
 log = logging.getLogger(__name__)
@@ -140,10 +147,13 @@ class SimulatedEngine(Engine):
 
     def generate(self, message: GenerateMessage) -> None:
         params = message.params
-        prompt = str(params.get("raw_prompt") or params.get("conversation_history"))
+        if isinstance(params, ContinueFromRawPromptParams):
+            prompt = params.raw_prompt
+        else:
+            prompt = str([m.model_dump(mode="json", exclude_defaults=True) for m in params.conversation_history])
         seed = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "big")
-        script = _grammar_script(params.get("grammar"))
-        limit = max(1, min(int(params.get("max_tokens", self.max_tokens)), self.max_tokens))
+        script = _grammar_script(params.grammar)
+        limit = max(1, min(params.max_tokens, self.max_tokens))
         seq = _Sequence(
             request_id=message.request_id,
             offset=seed % len(VOCABULARY),
@@ -176,12 +186,10 @@ class SimulatedEngine(Engine):
             self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
 
     def embed(self, message: EmbedMessage) -> None:
-        from paddler_core.inference import GenerateEmbeddingBatchParams
-
-        params = GenerateEmbeddingBatchParams.model_validate(message.params)
+        params = message.params
         method = params.normalization_method
         for doc in params.input_batch:
-            vector = normalize(_embedding_of(doc.content), method)
+            vector = normalize_embedding(_embedding_of(doc.content), method)
             self.host.emit(
                 message.request_id,
                 {
@@ -244,9 +252,9 @@ class SimulatedEngine(Engine):
         for seq in finished:
             del self.active[seq.request_id]
             self.counters.completed += 1
-            done = done_payload(usage_dict(prompt_tokens=seq.prompt_tokens, content_tokens=seq.produced))
-            done["GeneratedToken"]["Done"]["timings"] = _timings(seq)
-            self.host.emit(seq.request_id, done, True)
+            usage = usage_dict(prompt_tokens=seq.prompt_tokens, content_tokens=seq.produced)
+            done: DoneBody = {"usage": usage, "timings": _timings(seq)}
+            self.host.emit(seq.request_id, {"GeneratedToken": {"Done": done}}, True)
         if finished:
             self._slots_changed()
             self._admit_waiting()
@@ -290,24 +298,13 @@ def _embedding_of(text: str) -> list[float]:
     return [(b - 127.5) / 127.5 for b in digest]
 
 
-def normalize(vector: list[float], method: EmbeddingNormalizationMethod) -> list[float]:
-    if method.kind == "L2":
-        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-        return [v / norm for v in vector]
-    if method.kind == "RmsNorm":
-        eps = method.epsilon or 0.0
-        rms = math.sqrt(sum(v * v for v in vector) / len(vector) + eps)
-        return [v / rms for v in vector]
-    return vector
-
-
-def _grammar_script(grammar: Any) -> list[str] | None:
+def _grammar_script(grammar: GrammarConstraint | None) -> list[str] | None:
     """A JSON-schema grammar's output as tokens of up to 4 characters: the schema's
     simplest valid value, so forced tool calls and structured output parse."""
-    if not isinstance(grammar, dict) or grammar.get("type") != "json_schema":
+    if not isinstance(grammar, JsonSchemaGrammar):
         return None
     try:
-        schema = json.loads(str(grammar.get("schema", "")))
+        schema = json.loads(grammar.schema_value)
     except json.JSONDecodeError:
         return None
     text = json.dumps(schema_example(schema))

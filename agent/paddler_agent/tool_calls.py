@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
-from paddler_core.inference import Tool
+from paddler_core.inference import GeneratedTokenPayload, Tool
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class ToolCallOutcome:
         return self.kind == "ToolCallParsed"
 
     @property
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> GeneratedTokenPayload:
         if self.kind == "ToolCallParsed":
             body: Any = [c.to_payload() for c in self.calls]
         elif self.kind == "ToolCallValidationFailed":

@@ -31,6 +31,7 @@ from paddler_core.protocol import (
     RejectedMessage,
     batch_frames,
     encode_message,
+    received_payload,
 )
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _dispatch_message(balancer: Balancer, agent: AgentController, message: Any) 
         stream = agent.streams.get(str(message.get("request_id")))
         if stream is None:
             return
-        payload = message.get("response")
+        payload = received_payload(message)
         problem = response_payload_problem(payload)
         if problem is not None:
             log.warning(

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -169,7 +169,7 @@ async def inference_socket(request: web.Request) -> web.StreamResponse:
 
     sink = WebSocketSink(ws)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Mapping[str, Any]) -> None:
         await sink.write([json.dumps(message)])
 
     def start(request_id: str, make_runner: Callable[[], Runner]) -> None:
@@ -213,7 +213,7 @@ TOKEN_GENERATION_DISABLED = {"Notification": "TokenGenerationDisabled"}
 
 
 async def _announce_generation_mode(
-    balancer: Balancer, group: str, changed: asyncio.Event, send: Callable[[dict[str, Any]], Any]
+    balancer: Balancer, group: str, changed: asyncio.Event, send: Callable[[Mapping[str, Any]], Any]
 ) -> None:
     """Paddler 4.1's notifications: ``TokenGenerationDisabled`` when the socket opens on
     a group whose desired state enables embeddings, then one notification each time
@@ -252,7 +252,7 @@ async def _handle_socket_message(
     balancer: Balancer,
     group: str,
     data: str,
-    send: Callable[[dict[str, Any]], Any],
+    send: Callable[[Mapping[str, Any]], Any],
     start: Callable[[str, Callable[[], Runner]], None],
     tasks: dict[str, asyncio.Task[None]],
 ) -> None:

@@ -35,6 +35,7 @@ from paddler_core.desired_state import SamplingOverrides
 from paddler_core.inference import (
     TIMEOUT,
     TOO_MANY_BUFFERED_REQUESTS,
+    Envelope,
     GenerateEmbeddingBatchParams,
     error_envelope,
     response_envelope,
@@ -266,7 +267,7 @@ class NdjsonEncoder:
         return [_line(error_envelope(self.request_id, failure.status, failure.message))]
 
 
-def _line(message: dict[str, Any]) -> bytes:
+def _line(message: Envelope) -> bytes:
     return (json.dumps(message) + "\n").encode()
 
 
@@ -289,7 +290,7 @@ class WebSocketEncoder:
         return json.dumps(failure_payload(self.request_id, failure))
 
 
-def failure_payload(request_id: str, failure: InferenceFailure) -> dict[str, Any]:
+def failure_payload(request_id: str, failure: InferenceFailure) -> Envelope:
     """Paddler's WebSocket shapes: named responses for buffer outcomes, else an Error."""
     if failure.kind == "buffer_full":
         return response_envelope(request_id, TOO_MANY_BUFFERED_REQUESTS)

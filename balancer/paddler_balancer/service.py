@@ -28,11 +28,11 @@ from paddler_balancer.streams import InferenceFailure, ResponseStream, StreamFai
 from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, SamplingOverrides
 from paddler_core.protocol import (
     MAX_MESSAGE_BYTES,
-    EmbedMessage,
-    GenerateMessage,
     QueryMessage,
     StopMessage,
+    embed_message,
     encode_message,
+    generate_message,
     utf8_size,
 )
 
@@ -193,12 +193,7 @@ class Balancer:
         prefix_hashes: tuple[str, ...] = (),
         request_id: str | None = None,
     ) -> AsyncIterator[Generation]:
-        message = GenerateMessage(
-            request_id=request_id or uuid.uuid4().hex,
-            variant=variant,
-            params=params,
-            overrides=overrides,
-        ).model_dump(mode="json", exclude_none=True)
+        message = generate_message(request_id or uuid.uuid4().hex, variant, params, overrides)
         async with self._in_flight(model_group, message, prefix_hashes) as generation:
             yield generation
 
@@ -206,7 +201,7 @@ class Balancer:
     async def embedding(
         self, *, model_group: str, params: dict[str, Any], request_id: str
     ) -> AsyncIterator[Generation]:
-        message = EmbedMessage(request_id=request_id, params=params).model_dump(mode="json")
+        message = embed_message(request_id, params)
         async with self._in_flight(model_group, message, ()) as generation:
             yield generation
 

@@ -274,6 +274,12 @@ class EmbeddingNormalizationMethod(BaseModel):
                 return {"kind": "RmsNorm", "epsilon": inner["epsilon"]}
         raise ValueError('normalization_method must be "None", "L2" or {"RmsNorm": {"epsilon": x}}')
 
+    @model_validator(mode="after")
+    def _rms_norm_has_epsilon(self) -> EmbeddingNormalizationMethod:
+        if self.kind == "RmsNorm" and self.epsilon is None:
+            raise ValueError('RmsNorm needs an epsilon: {"RmsNorm": {"epsilon": x}}')
+        return self
+
     @model_serializer
     def _to_serde(self) -> str | dict[str, Any]:
         if self.kind == "RmsNorm":

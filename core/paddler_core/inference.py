@@ -20,7 +20,7 @@ import base64
 import binascii
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -221,7 +221,7 @@ def parse_generation_request(variant: str, body: Any) -> GenerationParams:
     )
 
 
-# ---- response payloads (hot path: plain dicts) -------------------------------------------
+# ---- response payloads (hot path: plain dicts, typed by TypedDicts) ------------------------
 
 TOKEN_KINDS = ("ContentToken", "ReasoningToken", "ToolCallToken", "UndeterminableToken")
 
@@ -229,7 +229,86 @@ TIMEOUT: str = "Timeout"
 TOO_MANY_BUFFERED_REQUESTS: str = "TooManyBufferedRequests"
 
 
-def token_payload(text: str, kind: str = "ContentToken") -> dict[str, Any]:
+class ErrorKind(StrEnum):
+    """What a failed generation means to the balancer, told by the agent beside the
+    payload (``error_kind`` of its ``response`` message; never forwarded to clients,
+    whose payload stays Paddler's ``{"GeneratedToken": {"SamplerError": "..."}}``)."""
+
+    PROMPT_EXCEEDS_CONTEXT = "prompt_exceeds_context"
+    """The prompt does not fit the context: a request problem (OpenAI: 400
+    ``context_length_exceeded``)."""
+    CONTEXT_FULL = "context_full"
+    """Generation used up the context (OpenAI: ``finish_reason: "length"``)."""
+    INVALID_REQUEST = "invalid_request"
+    """The agent refused the request's parameters (OpenAI: 400 ``invalid_request``)."""
+
+
+class Usage(TypedDict):
+    """Paddler's token usage of one generation."""
+
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    input_image_tokens: int
+    input_audio_tokens: int
+    content_tokens: int
+    reasoning_tokens: int
+    tool_call_tokens: int
+    undeterminable_tokens: int
+
+
+class DoneBody(TypedDict):
+    usage: Usage
+    timings: NotRequired[dict[str, Any]]
+    """The simulated engine's per-request timings (tests read them; not Paddler's)."""
+
+
+class GeneratedTokenPayload(TypedDict):
+    """``{"GeneratedToken": {KIND: value}}``: one token (KIND in TOKEN_KINDS, a string),
+    ``Done`` (a :class:`DoneBody`), parsed tool calls, or a terminal error (a string)."""
+
+    GeneratedToken: dict[str, str | DoneBody | list[dict[str, Any]] | dict[str, Any]]
+
+
+class EmbeddingPayload(TypedDict):
+    """``{"Embedding": "Done"}``, ``{"Embedding": {"Embedding": {...}}}`` or an error."""
+
+    Embedding: str | dict[str, Any]
+
+
+ResponsePayload = GeneratedTokenPayload | EmbeddingPayload | str
+"""What a client receives for one step of a request (``"Timeout"`` and
+``"TooManyBufferedRequests"`` are the string ones)."""
+
+
+class ResponseBody(TypedDict):
+    request_id: str
+    response: ResponsePayload
+    generated_by: NotRequired[str]
+
+
+class ResponseEnvelope(TypedDict):
+    Response: ResponseBody
+
+
+class ErrorDetail(TypedDict):
+    code: int
+    description: str
+
+
+class ErrorBody(TypedDict):
+    request_id: str
+    error: ErrorDetail
+
+
+class ErrorEnvelope(TypedDict):
+    Error: ErrorBody
+
+
+Envelope = ResponseEnvelope | ErrorEnvelope
+"""One NDJSON line / inference WebSocket frame."""
+
+
+def token_payload(text: str, kind: str = "ContentToken") -> GeneratedTokenPayload:
     return {"GeneratedToken": {kind: text}}
 
 
@@ -242,7 +321,7 @@ def usage_dict(
     tool_call_tokens: int = 0,
     undeterminable_tokens: int = 0,
     input_image_tokens: int = 0,
-) -> dict[str, int]:
+) -> Usage:
     """Paddler's usage; ``prompt_tokens`` counts the images' tokens too, and
     ``input_image_tokens`` says how many of them are."""
     return {
@@ -257,23 +336,23 @@ def usage_dict(
     }
 
 
-def done_payload(usage: dict[str, int]) -> dict[str, Any]:
+def done_payload(usage: Usage) -> GeneratedTokenPayload:
     return {"GeneratedToken": {"Done": {"usage": usage}}}
 
 
-def generated_error_payload(kind: str, message: str) -> dict[str, Any]:
+def generated_error_payload(kind: str, message: str) -> GeneratedTokenPayload:
     """A terminal generation error, e.g. ``ChatTemplateError`` or ``SamplerError``."""
     return {"GeneratedToken": {kind: message}}
 
 
-def response_envelope(request_id: str, payload: Any, generated_by: str | None = None) -> dict[str, Any]:
-    envelope: dict[str, Any] = {"request_id": request_id, "response": payload}
+def response_envelope(request_id: str, payload: ResponsePayload, generated_by: str | None = None) -> ResponseEnvelope:
+    body: ResponseBody = {"request_id": request_id, "response": payload}
     if generated_by is not None:
-        envelope["generated_by"] = generated_by
-    return {"Response": envelope}
+        body["generated_by"] = generated_by
+    return {"Response": body}
 
 
-def error_envelope(request_id: str, code: int, description: str) -> dict[str, Any]:
+def error_envelope(request_id: str, code: int, description: str) -> ErrorEnvelope:
     return {"Error": {"request_id": request_id, "error": {"code": code, "description": description}}}
 
 
@@ -311,16 +390,3 @@ def response_payload_problem(payload: Any) -> str | None:
             return "Embedding.Embedding must hold a source_document_id and a list of numbers"
         return None
     return f"unknown payload kind {key[:40]!r}"
-
-
-def payload_is_terminal(payload: Any) -> bool:
-    """Mirror of paddler-client's ``is_terminal``: tokens and embeddings are not."""
-    if isinstance(payload, str):
-        return True
-    gen = payload.get("GeneratedToken")
-    if gen is not None:
-        return not any(k in gen for k in TOKEN_KINDS)
-    emb = payload.get("Embedding")
-    if emb is not None:
-        return not (isinstance(emb, dict) and ("Embedding" in emb or "DocumentExceedsBatchSize" in emb))
-    return True

@@ -12,7 +12,8 @@ agent -> balancer
     ``status``    full status snapshot, on every change and at least every second;
                   ``version`` grows monotonically so a stale snapshot is dropped.
     ``response``  one client-facing response payload for ``request_id``;
-                  ``final`` marks the last one of that request.
+                  ``final`` marks the last one of that request; ``error_kind``
+                  (balancer only, not forwarded) what a terminal error means.
     ``reply``     answer to a ``query``.
 
 balancer -> agent
@@ -26,12 +27,21 @@ balancer -> agent
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, model_serializer, model_validator
 
 from paddler_core.desired_state import BalancerDesiredState, SamplingOverrides
+from paddler_core.inference import (
+    ContinueFromConversationHistoryParams,
+    ContinueFromRawPromptParams,
+    ErrorKind,
+    GenerateEmbeddingBatchParams,
+    ResponsePayload,
+)
+from paddler_core.prefix import request_prefix_keys
 from paddler_core.untrusted_json import surrogate_position
 
 PROTOCOL_VERSION = 1
@@ -51,7 +61,7 @@ MAX_AGENT_SLOTS = 1024
 """Most slots an agent may claim; a registration beyond it is rejected."""
 
 
-def encode_message(message: dict[str, Any]) -> str:
+def encode_message(message: Mapping[str, Any]) -> str:
     """One message as JSON text for a frame: UTF-8 kept as is (``ensure_ascii`` would
     triple the size of non-ASCII prompts), but escaped where a string holds a lone
     surrogate, which UTF-8 cannot carry."""
@@ -173,9 +183,47 @@ class ReplyMessage(BaseModel):
     body: Any = None
 
 
-def response_message(request_id: str, payload: Any, final: bool) -> dict[str, Any]:
-    """Hot path: a streamed response, built as a plain dict."""
-    return {"type": "response", "request_id": request_id, "response": payload, "final": final}
+class ResponseMessage(TypedDict):
+    """``response``: one client-facing payload of ``request_id`` (Paddler's shape, forwarded
+    as is); ``final`` marks the last one. ``error_kind`` tells the balancer what a terminal
+    error means (:class:`~paddler_core.inference.ErrorKind`); the balancer reads it and does
+    not forward it."""
+
+    type: Literal["response"]
+    request_id: str
+    response: ResponsePayload
+    final: bool
+    error_kind: NotRequired[ErrorKind]
+
+
+class KindedErrorPayload(dict[str, Any]):
+    """A terminal error payload as the balancer received it, carrying the ``error_kind``
+    its agent sent beside it. The dict is the client's payload, forwarded as is (JSON
+    encoders see a plain dict); the kind stays on the balancer's side."""
+
+    __slots__ = ("error_kind",)
+
+    def __init__(self, payload: dict[str, Any], error_kind: ErrorKind) -> None:
+        super().__init__(payload)
+        self.error_kind = error_kind
+
+
+def received_payload(message: dict[str, Any]) -> Any:
+    """The payload of an agent's ``response`` message, with its ``error_kind`` attached
+    when the agent sent a known one (an unknown kind is ignored: the payload still stands)."""
+    payload = message.get("response")
+    kind = message.get("error_kind")
+    if kind is None or not isinstance(payload, dict):
+        return payload
+    try:
+        return KindedErrorPayload(payload, ErrorKind(kind))
+    except ValueError:
+        return payload
+
+
+def error_kind_of(payload: Any) -> ErrorKind | None:
+    """The agent's ``error_kind`` of a received payload, if it sent one."""
+    return payload.error_kind if isinstance(payload, KindedErrorPayload) else None
 
 
 # ---- balancer -> agent ----------------------------------------------------------------------
@@ -200,21 +248,70 @@ class SetDesiredStateMessage(BaseModel):
     in ``applied_state_revision`` (a rolling swap waits for it)."""
 
 
-class GenerateMessage(BaseModel):
+class _Generate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["generate"] = "generate"
     request_id: str
-    variant: Literal["ContinueFromRawPrompt", "ContinueFromConversationHistory"]
-    params: dict[str, Any]
-    """The validated client params, as JSON (see ``paddler_core.inference``)."""
     overrides: SamplingOverrides | None = None
+    _prefix_keys: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def prefix_keys(self) -> tuple[str, ...]:
+        """The request's prefix keys (:func:`~paddler_core.prefix.request_prefix_keys`),
+        computed from the JSON params as they arrived: the same keys the balancer routed by."""
+        return self._prefix_keys
+
+
+class GenerateRawPrompt(_Generate):
+    variant: Literal["ContinueFromRawPrompt"] = "ContinueFromRawPrompt"
+    params: ContinueFromRawPromptParams
+
+
+class GenerateConversation(_Generate):
+    variant: Literal["ContinueFromConversationHistory"] = "ContinueFromConversationHistory"
+    params: ContinueFromConversationHistoryParams
+
+
+GenerateMessage = Annotated[GenerateRawPrompt | GenerateConversation, Field(discriminator="variant")]
+"""A generation request: Paddler's request variant and its params (one of the param
+models of :mod:`paddler_core.inference`, chosen by ``variant``) plus the OpenAI sampling
+overrides."""
 
 
 class EmbedMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["embed"] = "embed"
     request_id: str
-    params: dict[str, Any]
+    params: GenerateEmbeddingBatchParams
+
+
+_GENERATE_MESSAGE: TypeAdapter[GenerateRawPrompt | GenerateConversation] = TypeAdapter(GenerateMessage)
+
+
+def parse_generate_message(message: Any) -> GenerateRawPrompt | GenerateConversation:
+    """Validate a ``generate`` message (a dict from the wire); raises ValidationError.
+    The agent does this once, where a message enters it; its engines get the models."""
+    parsed = _GENERATE_MESSAGE.validate_python(message)
+    parsed._prefix_keys = request_prefix_keys(parsed.variant, message["params"])
+    return parsed
+
+
+def generate_message(
+    request_id: str, variant: str, params: dict[str, Any], overrides: SamplingOverrides | None = None
+) -> dict[str, Any]:
+    """A ``generate`` message as the balancer sends it: plain JSON built without a second
+    validation pass (the agent validates it where it arrives)."""
+    message: dict[str, Any] = {"type": "generate", "request_id": request_id, "variant": variant, "params": params}
+    if overrides is not None:
+        message["overrides"] = overrides.model_dump(mode="json", exclude_none=True)
+    return message
+
+
+def embed_message(request_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    """An ``embed`` message as the balancer sends it (validated where it arrives)."""
+    return {"type": "embed", "request_id": request_id, "params": params}
 
 
 class StopMessage(BaseModel):
@@ -226,15 +323,3 @@ class QueryMessage(BaseModel):
     type: Literal["query"] = "query"
     request_id: str
     what: Literal["model_metadata", "chat_template_override"]
-
-
-BalancerToAgent = Annotated[
-    RegisteredMessage
-    | RejectedMessage
-    | SetDesiredStateMessage
-    | GenerateMessage
-    | EmbedMessage
-    | StopMessage
-    | QueryMessage,
-    Field(discriminator="type"),
-]

@@ -18,7 +18,8 @@ import pytest
 
 from paddler_agent.engine import StatusBoard
 from paddler_core.desired_state import BalancerDesiredState, InferenceParameters, ModelSource
-from paddler_core.protocol import GenerateMessage, StateApplicationStatus
+from paddler_core.inference import ErrorKind, ResponsePayload
+from paddler_core.protocol import GenerateMessage, StateApplicationStatus, parse_generate_message
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +47,8 @@ class Request:
     payloads: list[Any] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     after_final: int = 0
+    error_kind: ErrorKind | None = None
+    """The ``error_kind`` of the last payload (what a terminal error means to the balancer)."""
 
     @property
     def text(self) -> str:
@@ -84,12 +87,15 @@ class FakeHost:
     def request(self, request_id: str) -> Request:
         return self.requests.setdefault(request_id, Request())
 
-    def emit(self, request_id: str, payload: dict[str, Any] | str, final: bool) -> None:
+    def emit(
+        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
+    ) -> None:
         assert asyncio.get_running_loop() is self.loop
         req = self.request(request_id)
         if req.done.is_set():
             req.after_final += 1
         req.payloads.append(payload)
+        req.error_kind = error_kind
         self.events.append((request_id, final))
         if final:
             req.done.set()
@@ -116,12 +122,12 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None
 
 
 def raw(request_id: str, prompt: str, max_tokens: int = 16, **overrides: Any) -> GenerateMessage:
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id=request_id,
         variant="ContinueFromRawPrompt",
         params={"raw_prompt": prompt, "max_tokens": max_tokens, **overrides.pop("params", {})},
         overrides=overrides or {"temperature": 0.0},
-    )
+    ))
 
 
 GREEDY = {"temperature": 0.0, "penalty_repeat": 1.0, "penalty_presence": 0.0}
@@ -147,7 +153,7 @@ EngineFactory = Callable[..., Awaitable[EngineUnderTest]]
 
 @pytest.fixture
 async def make_engine(model_path: Path, tmp_path: Path) -> AsyncIterator[EngineFactory]:
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
 
     made: list[EngineUnderTest] = []
 

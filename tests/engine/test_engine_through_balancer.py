@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from paddler_client import ClientInference, ClientManagement
@@ -278,6 +279,24 @@ async def test_a_model_swap_under_continuous_load_fails_no_request(
         await asyncio.gather(*workers)
 
     assert outcomes and all(o == "ok" for o in outcomes), outcomes
+
+
+async def test_a_prompt_longer_than_the_whole_kv_cache_reaches_a_native_client_in_paddlers_shape_only(
+    stack: tuple[Balancer, Path],
+) -> None:
+    """The agent tells the balancer what the error means (error_kind) beside the payload;
+    the native NDJSON line is Paddler's, with nothing of it."""
+    note = "The balancer routes every request to an agent that can take it at once. "
+    body = {"conversation_history": [{"role": "user", "content": note * 150}], "max_tokens": 4}
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(f"{stack[0].inference_url}/api/v1/continue_from_conversation_history", json=body)
+
+    assert response.status_code == 200
+    (line,) = [json.loads(text) for text in response.text.splitlines() if text.strip()]
+    assert set(line) == {"Response"} and set(line["Response"]) == {"request_id", "response", "generated_by"}
+    (error,) = line["Response"]["response"]["GeneratedToken"].items()
+    assert error[0] == "SamplerError" and error[1].startswith("context full: the prompt")
+    assert "error_kind" not in response.text and "prompt_exceeds_context" not in response.text
 
 
 async def test_a_prompt_longer_than_the_whole_kv_cache_is_a_400_with_context_length_exceeded(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from paddler_core.desired_state import ChatTemplate
-from paddler_core.protocol import GenerateMessage, StateApplicationStatus
+from paddler_core.protocol import GenerateMessage, StateApplicationStatus, parse_generate_message
 from tests.engine.conftest import EngineFactory, raw, state_for, wait_for
 from tests.harness import Balancer, PaddlerProcess, Processes, wait_until
 
@@ -23,12 +23,12 @@ pytestmark = pytest.mark.engine
 
 
 def conversation(request_id: str, text: str, max_tokens: int = 8) -> GenerateMessage:
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id=request_id,
         variant="ContinueFromConversationHistory",
         params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens},
         overrides={"temperature": 0.0},
-    )
+    ))
 
 
 # ---- 1. a lone surrogate that reaches the agent ------------------------------------------------
@@ -68,7 +68,7 @@ async def test_negative_seed_neither_fails_the_request_nor_stops_the_loop(make_e
 async def test_a_decode_loop_that_dies_is_an_issue_and_not_applied(
     make_engine: EngineFactory, model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from paddler_agent.llama_engine import DecodeWorker
+    from paddler_agent.llama.decode_worker import DecodeWorker
 
     e = await make_engine(slots=1, context_size=512)
     original = DecodeWorker._step

@@ -17,12 +17,12 @@ from PIL import Image
 
 from paddler_agent.engine import StatusBoard
 from paddler_core.desired_state import ModelSource
-from paddler_core.protocol import GenerateMessage, StateApplicationStatus
+from paddler_core.protocol import GenerateMessage, StateApplicationStatus, parse_generate_message
 from tests.engine.projector import IMAGE_TOKENS, write_test_projector
 
 pytestmark = pytest.mark.engine
 
-ENGINE_LOG = "paddler_agent.llama_engine"
+ENGINE_LOG = "paddler_agent.llama.decode_worker"
 Factory = Callable[..., Awaitable[tuple[Any, FakeHost]]]
 
 
@@ -37,7 +37,7 @@ def about_picture(request_id: str, max_tokens: int) -> GenerateMessage:
         {"type": "text", "text": "Write a long story about this picture."},
         {"type": "image_url", "image_url": {"url": picture()}},
     ]
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id=request_id,
         variant="ContinueFromConversationHistory",
         params={
@@ -47,12 +47,12 @@ def about_picture(request_id: str, max_tokens: int) -> GenerateMessage:
             "enable_thinking": False,
         },
         overrides=GREEDY,
-    )
+    ))
 
 
 @pytest.fixture
 async def engines(model_path: Path, tmp_path: Path) -> AsyncIterator[Factory]:
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
 
     projector = write_test_projector(tmp_path / "mmproj-test.gguf")
     made: list[Any] = []

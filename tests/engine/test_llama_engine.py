@@ -17,8 +17,9 @@ import pytest
 from conftest import GREEDY, EngineFactory, FakeHost, raw, state_for, wait_for
 
 from paddler_core.desired_state import BalancerDesiredState, ChatTemplate, ModelSource
+from paddler_core.inference import ErrorKind
 from paddler_core.prefix import request_prefix_keys
-from paddler_core.protocol import EmbedMessage, GenerateMessage, StateApplicationStatus
+from paddler_core.protocol import EmbedMessage, GenerateMessage, StateApplicationStatus, parse_generate_message
 
 pytestmark = pytest.mark.engine
 
@@ -32,19 +33,19 @@ LONG_TEXT = (
 
 
 def conversation(request_id: str, text: str, max_tokens: int = 24, **params: Any) -> GenerateMessage:
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id=request_id,
         variant="ContinueFromConversationHistory",
         params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens, **params},
         overrides=GREEDY,
-    )
+    ))
 
 
 def test_decodes_a_multi_token_batch(model_path: Path) -> None:
     """Decoding 2+ tokens at once crashes a default (AMX) build on these CPUs; run it
     in a child process so a segfault fails this test instead of the whole session."""
     code = f"""
-from paddler_agent.llama_engine import LoadConfig, Runtime
+from paddler_agent.llama.native import LoadConfig, Runtime
 from paddler_core.desired_state import InferenceParameters
 config = LoadConfig.build({str(model_path)!r}, 2, InferenceParameters(context_size=256), 2)
 rt = Runtime.load(config)   # warm-up decodes a multi-token batch
@@ -223,11 +224,13 @@ async def test_stop_strings_max_tokens_and_full_context(make_engine: EngineFacto
     e.engine.generate(raw("three", PROMPT, 3, **GREEDY))
     assert (await e.host.wait("three")).usage["content_tokens"] == 3
     e.engine.generate(raw("huge", LONG_TEXT * 6, 8, **GREEDY))
-    error = (await e.host.wait("huge")).final["GeneratedToken"]["SamplerError"]
-    assert error.startswith("context full: the prompt")
+    huge = await e.host.wait("huge")
+    assert huge.final["GeneratedToken"]["SamplerError"].startswith("context full: the prompt")
+    assert huge.error_kind is ErrorKind.PROMPT_EXCEEDS_CONTEXT
     e.engine.generate(raw("fill", PROMPT, 500, **GREEDY))
     fill = await e.host.wait("fill")
     assert fill.final["GeneratedToken"]["SamplerError"].startswith("context full")
+    assert fill.error_kind is ErrorKind.CONTEXT_FULL
     assert fill.text
 
 
@@ -384,7 +387,8 @@ async def test_model_none_unloads(make_engine: EngineFactory) -> None:
 def test_numpy_sampling_matches_the_llama_cpp_sampler_chain(model_path: Path) -> None:
     """The numpy fast path (no grammar) picks what llama.cpp's chain picks: greedy with
     Paddler's default penalties, token by token over a generation."""
-    from paddler_agent.llama_engine import FastSampler, LoadConfig, Runtime, Sampler
+    from paddler_agent.llama.native import LoadConfig, Runtime
+    from paddler_agent.llama.sampling import FastSampler, Sampler
     from paddler_core.desired_state import InferenceParameters
 
     params = InferenceParameters(context_size=256, temperature=0.0, penalty_last_n=32)
@@ -457,7 +461,8 @@ async def test_reasoning_and_tool_calls_are_classified(make_engine: EngineFactor
 def test_lazy_grammar_sampling_matches_the_llama_cpp_chain(model_path: Path) -> None:
     """The grammar is checked on the picked token first and applied to the whole row
     only when it rejects it; greedy picks equal the chain's (grammar first)."""
-    from paddler_agent.llama_engine import GrammarSampler, LoadConfig, Runtime, Sampler
+    from paddler_agent.llama.native import LoadConfig, Runtime
+    from paddler_agent.llama.sampling import GrammarSampler, Sampler
     from paddler_core.desired_state import InferenceParameters
 
     params = InferenceParameters(context_size=256, temperature=0.0)
@@ -511,7 +516,7 @@ async def test_requests_are_answered_when_the_first_model_cannot_load(
     tmp_path: Path, make_engine: EngineFactory
 ) -> None:
     from paddler_agent.engine import StatusBoard
-    from paddler_agent.llama_engine import LlamaEngine
+    from paddler_agent.llama.engine import LlamaEngine
 
     host = FakeHost()
     board = StatusBoard()

@@ -16,7 +16,7 @@ FILLER = (
     "The balancer keeps a registry of agents, their free slots and the model each one "
     "serves, and it routes every request to an agent that can take it at once. "
 )
-ENGINE_LOG = "paddler_agent.llama_engine"
+ENGINE_LOG = "paddler_agent.llama.decode_worker"
 
 
 def story(topic: str) -> str:

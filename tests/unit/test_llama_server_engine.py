@@ -16,7 +16,8 @@ from aiohttp import web
 
 from paddler_agent.engine import StatusBoard
 from paddler_agent.llama_server import ISSUE_NOT_READY, ISSUE_UNREACHABLE, LlamaServerEngine
-from paddler_core.protocol import GenerateMessage
+from paddler_core.inference import ErrorKind, ResponsePayload
+from paddler_core.protocol import GenerateMessage, parse_generate_message
 
 
 @dataclass
@@ -80,9 +81,13 @@ class Host:
     def __init__(self) -> None:
         self.payloads: dict[str, list[Any]] = {}
         self.done: dict[str, asyncio.Event] = {}
+        self.error_kinds: dict[str, ErrorKind | None] = {}
 
-    def emit(self, request_id: str, payload: dict[str, Any] | str, final: bool) -> None:
+    def emit(
+        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
+    ) -> None:
         self.payloads.setdefault(request_id, []).append(payload)
+        self.error_kinds[request_id] = error_kind
         if final:
             self.done.setdefault(request_id, asyncio.Event()).set()
 
@@ -130,11 +135,11 @@ async def until(condition: Any, what: str) -> None:
 
 
 def raw(request_id: str, max_tokens: int = 3) -> GenerateMessage:
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id=request_id,
         variant="ContinueFromRawPrompt",
         params={"raw_prompt": "hi", "max_tokens": max_tokens},
-    )
+    ))
 
 
 async def test_slots_come_from_props_and_leave_while_the_server_is_not_ready(rig: Rig) -> None:
@@ -167,6 +172,7 @@ async def test_stream_becomes_tokens_and_done_and_a_context_stop_becomes_an_erro
     rig.engine.generate(raw("r2", max_tokens=10))  # the stand-in stops at 3 with stop_type "limit"
     payloads = await rig.host.wait("r2")
     assert payloads[-1]["GeneratedToken"]["SamplerError"].startswith("context full")
+    assert rig.host.error_kinds["r2"] is ErrorKind.CONTEXT_FULL
 
 
 async def test_stop_closes_the_stream_to_the_server(rig: Rig) -> None:

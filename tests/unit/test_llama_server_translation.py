@@ -21,7 +21,8 @@ from paddler_agent.llama_server import (
     sampling_fields,
 )
 from paddler_core.desired_state import InferenceParameters, ModelSource, SamplingOverrides
-from paddler_core.protocol import GenerateMessage
+from paddler_core.inference import ErrorKind
+from paddler_core.protocol import GenerateMessage, parse_generate_message
 
 SERVED = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEMPLATE = (
@@ -80,12 +81,12 @@ def test_busy_slots_counts_processing_slots() -> None:
 
 
 def generate(variant: str, params: dict[str, Any], **overrides: Any) -> GenerateMessage:
-    return GenerateMessage(
+    return parse_generate_message(dict(
         request_id="r1",
         variant=variant,  # type: ignore[arg-type]
         params=params,
         overrides=SamplingOverrides(**overrides) if overrides else None,
-    )
+    ))
 
 
 def test_raw_prompt_becomes_a_streaming_completion_with_group_and_request_sampling() -> None:
@@ -149,7 +150,6 @@ def test_json_schema_grammar_is_sent_as_an_object_and_gbnf_root_renamed() -> Non
 @pytest.mark.parametrize(
     ("params", "kind"),
     [
-        ({"raw_prompt": "x"}, "SamplerError"),
         (
             {"raw_prompt": "x", "max_tokens": 4, "grammar": {"type": "json_schema", "schema": "{not json"}},
             "GrammarSyntaxError",
@@ -173,39 +173,44 @@ def test_conversation_without_any_template_is_a_chat_template_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "kind", "starts"),
+    ("status", "body", "kind", "starts", "error_kind"),
     [
         (
             400,
             {"error": {"code": 400, "type": "exceed_context_size_error", "message": "too long"}},
             "SamplerError",
             "context full: the prompt",
+            ErrorKind.PROMPT_EXCEEDS_CONTEXT,
         ),
         (
             400,
             {"error": {"code": 400, "type": "invalid_request_error", "message": "bad"}},
             "SamplerError",
             "invalid request",
+            ErrorKind.INVALID_REQUEST,
         ),
         (
             500,
             {"error": {"code": 500, "type": "server_error", "message": "failed to parse grammar"}},
             "GrammarSyntaxError",
             "failed",
+            None,
         ),
         (
             503,
             {"error": {"code": 503, "type": "unavailable_error", "message": "Loading model"}},
             "SamplerError",
             "llama-server answered HTTP 503",
+            None,
         ),
     ],
 )
 def test_server_errors_map_to_payload_kinds_the_balancer_understands(
-    status: int, body: dict[str, Any], kind: str, starts: str
+    status: int, body: dict[str, Any], kind: str, starts: str, error_kind: ErrorKind | None
 ) -> None:
     error = error_of_response(status, json.dumps(body))
     assert error.kind == kind and error.message.startswith(starts)
+    assert error.error_kind is error_kind
 
 
 def chunks(*contents: str, evaluated: int = 9, cached: int = 2, stop_type: str = "eos") -> list[dict[str, Any]]:
@@ -251,8 +256,11 @@ def test_conversation_stream_is_classified_into_reasoning_content_and_tool_calls
 
 
 def test_stream_that_stops_on_the_context_limit_ends_with_context_full() -> None:
-    out = translate(PreparedRequest(body={}, tools=None, max_tokens=100), chunks("a", "b", stop_type="limit"))
+    translator = StreamTranslator(PreparedRequest(body={}, tools=None, max_tokens=100))
+    out: list[Any] = [p for chunk in chunks("a", "b", stop_type="limit") for p in translator.feed(chunk)]
+    out += translator.finish()
     assert out[-1]["GeneratedToken"]["SamplerError"].startswith("context full")
+    assert translator.error_kind is ErrorKind.CONTEXT_FULL
 
 
 def test_error_chunk_mid_stream_raises_a_payload_error() -> None:

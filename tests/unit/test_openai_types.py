@@ -47,6 +47,8 @@ from paddler_balancer.openai.output import (
 )
 from paddler_balancer.openai.request_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from paddler_core.desired_state import BalancerDesiredState, SamplingOverrides
+from paddler_core.inference import ErrorKind
+from paddler_core.protocol import received_payload
 
 USER = [{"role": "user", "content": "hi"}]
 WEATHER = {
@@ -423,20 +425,23 @@ def test_classify_tool_calls() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "message", "status", "code"),
+    ("kind", "message", "error_kind", "status", "code"),
     [
-        ("ChatTemplateError", "x", 400, "chat_template_error"),
-        ("GrammarSyntaxError", "x", 400, "grammar_syntax_error"),
-        ("SamplerError", "context full: the prompt has 9000 tokens", 400, "context_length_exceeded"),
-        ("SamplerError", "invalid request: x", 400, "invalid_request"),
-        ("SamplerError", "llama_decode failed with code 1", 502, "sampler_error"),
-        ("GrammarRejectedModelOutput", "x", 502, "grammar_rejected_model_output"),
-        ("ToolCallParseFailed", "x", 502, "tool_call_parse_failed"),
-        ("UnknownPayload", "x", 502, "unknown_payload"),
+        ("ChatTemplateError", "x", None, 400, "chat_template_error"),
+        ("GrammarSyntaxError", "x", None, 400, "grammar_syntax_error"),
+        ("SamplerError", "the prompt has 9000", ErrorKind.PROMPT_EXCEEDS_CONTEXT, 400, "context_length_exceeded"),
+        ("SamplerError", "x", ErrorKind.INVALID_REQUEST, 400, "invalid_request"),
+        ("SamplerError", "context full: the prompt has 9000 tokens", None, 502, "sampler_error"),
+        ("SamplerError", "llama_decode failed with code 1", None, 502, "sampler_error"),
+        ("GrammarRejectedModelOutput", "x", None, 502, "grammar_rejected_model_output"),
+        ("ToolCallParseFailed", "x", None, 502, "tool_call_parse_failed"),
+        ("UnknownPayload", "x", None, 502, "unknown_payload"),
     ],
 )
-def test_agent_error(kind: str, message: str, status: int, code: str) -> None:
-    error = agent_error(AgentError(kind, message))
+def test_agent_error_status_follows_the_agents_error_kind_not_the_text(
+    kind: str, message: str, error_kind: ErrorKind | None, status: int, code: str
+) -> None:
+    error = agent_error(AgentError(kind, message, error_kind))
     assert (error.status, error.code) == (status, code)
     assert message in error.message
 
@@ -444,13 +449,29 @@ def test_agent_error(kind: str, message: str, status: int, code: str) -> None:
 @pytest.mark.parametrize(
     ("error", "tokens", "length"),
     [
-        (AgentError("SamplerError", "context full: the slot's context"), 5, True),
-        (AgentError("SamplerError", "context full: the slot's context"), 0, False),
+        (AgentError("SamplerError", "used up", ErrorKind.CONTEXT_FULL), 5, True),
+        (AgentError("SamplerError", "used up", ErrorKind.CONTEXT_FULL), 0, False),
+        (AgentError("SamplerError", "context full: the slot's context"), 5, False),
         (AgentError("SamplerError", "other"), 5, False),
     ],
 )
 def test_is_length_stop(error: AgentError, tokens: int, length: bool) -> None:
     assert is_length_stop(error, tokens) is length
+
+
+def test_classify_carries_the_error_kind_the_agent_sent_beside_the_payload() -> None:
+    message = {
+        "type": "response",
+        "request_id": "r",
+        "response": {"GeneratedToken": {"SamplerError": "context full"}},
+        "final": True,
+        "error_kind": "context_full",
+    }
+    payload = received_payload(message)
+    assert json.dumps(payload) == '{"GeneratedToken": {"SamplerError": "context full"}}'
+    assert classify(payload) == AgentError("SamplerError", "context full", ErrorKind.CONTEXT_FULL)
+    unknown = received_payload({**message, "error_kind": "from_a_newer_agent"})
+    assert classify(unknown) == AgentError("SamplerError", "context full", None)
 
 
 @pytest.mark.parametrize(

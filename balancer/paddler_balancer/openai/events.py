@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from paddler_balancer.openai.errors import OpenAIError
+from paddler_core.inference import ErrorKind
+from paddler_core.protocol import error_kind_of
 
 # ---- agent payloads -------------------------------------------------------------------------
 
@@ -33,6 +35,8 @@ class Done:
 class AgentError:
     kind: str
     message: str
+    error_kind: ErrorKind | None = None
+    """What the agent said the error means (its ``error_kind``), if anything."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def classify(payload: Any) -> Event:
         return Token(str(value.get("text", "")), "content")
     if key in ("ToolCallParseFailed", "ToolCallValidationFailed"):
         return ToolCallFailed(key, value if isinstance(value, str) else json.dumps(value))
-    return AgentError(key, value if isinstance(value, str) else json.dumps(value))
+    return AgentError(key, value if isinstance(value, str) else json.dumps(value), error_kind_of(payload))
 
 
 _AGENT_ERROR_STATUS: dict[str, int] = {
@@ -118,16 +122,15 @@ def agent_error(error: AgentError) -> OpenAIError:
     status = _AGENT_ERROR_STATUS.get(error.kind, 502)
     code = _snake(error.kind)
     message = error.message
-    prompt_too_long = message.startswith("context full: the prompt")
-    if error.kind == "SamplerError" and (prompt_too_long or message.startswith("invalid request")):
+    if error.error_kind in (ErrorKind.PROMPT_EXCEEDS_CONTEXT, ErrorKind.INVALID_REQUEST):
         status = 400
-        code = "context_length_exceeded" if prompt_too_long else "invalid_request"
+        code = "context_length_exceeded" if error.error_kind is ErrorKind.PROMPT_EXCEEDS_CONTEXT else "invalid_request"
     return OpenAIError(status, f"{error.kind}: {message}", code=code)
 
 
 def is_length_stop(error: AgentError, tokens: int) -> bool:
     """The agent ran out of context after generating: OpenAI reports finish_reason "length"."""
-    return error.kind == "SamplerError" and error.message.startswith("context full") and tokens > 0
+    return error.error_kind is ErrorKind.CONTEXT_FULL and tokens > 0
 
 
 def embedding_failure(payload: Any) -> OpenAIError | None:

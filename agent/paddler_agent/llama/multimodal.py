@@ -1,8 +1,8 @@
 """The multimodal projector (``multimodal_projection``) on llama.cpp's libmtmd, through
 llama-cpp-python's ``mtmd_cpp`` bindings.
 
-Besides :mod:`paddler_agent.llama_engine`, this is the only module that imports
-``llama_cpp`` (the layering test names both). Everything here runs on the model's
+Part of :mod:`paddler_agent.llama`, the only subpackage that imports ``llama_cpp``
+(the layering test checks it). Everything here runs on the model's
 native thread (load, tokenize, encode), like the rest of llama.cpp.
 
 A prompt with images is tokenized by libmtmd into chunks: text tokens and image
