@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 -include mk/*.mk
 
-.PHONY: run test install venv lint typecheck pytest clean
+.PHONY: run test install venv lint typecheck pytest hooks clean
 
 run: install
 	$(VENV)/bin/paddler quickstart
@@ -33,6 +33,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -40,6 +41,10 @@ typecheck: venv
 
 pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same checks before each commit (and the unit tier before each push): .pre-commit-config.yaml.
+hooks: venv
+	$(VENV)/bin/pre-commit install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
