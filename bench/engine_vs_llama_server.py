@@ -110,12 +110,14 @@ async def _engine_request(engine: Any, host: _Host, rid: str, prompt: str, token
     from paddler_core.protocol import parse_generate_message
 
     engine.generate(
-        parse_generate_message(dict(
-            request_id=rid,
-            variant="ContinueFromRawPrompt",
-            params={"raw_prompt": prompt, "max_tokens": tokens},
-            overrides={"temperature": 0.0},
-        ))
+        parse_generate_message(
+            dict(
+                request_id=rid,
+                variant="ContinueFromRawPrompt",
+                params={"raw_prompt": prompt, "max_tokens": tokens},
+                overrides={"temperature": 0.0},
+            )
+        )
     )
     return await host.wait(rid)
 

@@ -199,79 +199,87 @@ class Pool:
         return deployment["spec"].get("replicas") == 0 and not pods and not self.agents()
 
 
+async def watch_buffered(result: Round, pool: Pool, session: aiohttp.ClientSession) -> None:
+    """``buffered``: the balancer's buffer holds the round's request."""
+    async for body in sse(session, pool.management_url + "/api/v1/buffered_requests/stream"):
+        if body["buffered_requests_current"] >= 1 and result.sent:
+            result.mark("buffered")
+            return
+
+
+async def watch_agents(result: Round, pool: Pool, session: aiohttp.ClientSession) -> None:
+    """``connected`` and ``loaded``: the group's agent on the balancer, then with slots."""
+    async for body in sse(session, pool.management_url + "/api/v1/agents/stream"):
+        mine = [a for a in body["agents"] if a["model_group"] == GROUP]
+        if mine:
+            result.mark("connected")
+        if any(a["slots_total"] > 0 for a in mine):
+            result.mark("loaded")
+            return
+
+
+async def watch_replicas(result: Round, ns: str, watching: asyncio.Event) -> None:
+    """``replicas``: the agent Deployment asks for a pod; ``watching`` is set once the watch is live."""
+    deployment = f"deployment/{GROUP}-agent"
+    async for line in watch_lines("-n", ns, "get", deployment, "-w", "-o", 'jsonpath={.spec.replicas}{"\\n"}'):
+        watching.set()
+        if line.isdigit() and int(line) >= 1:
+            result.mark("replicas")
+            return
+
+
+async def watch_pods(result: Round, ns: str) -> None:
+    """``scheduled``, ``running`` and ``ready`` of the agent pod."""
+    template = (
+        "jsonpath=name={.metadata.name} node={.spec.nodeName} phase={.status.phase} "
+        'ready={.status.conditions[?(@.type=="Ready")].status}{"\\n"}'
+    )
+    async for line in watch_lines("-n", ns, "get", "pods", "-l", f"{MD_LABEL}={GROUP}", "-w", "-o", template):
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if fields.get("node"):
+            result.mark("scheduled")
+        if fields.get("phase") == "Running":
+            result.mark("running")
+        if fields.get("ready") == "True":
+            result.mark("ready")
+            return
+
+
+async def ask(result: Round, pool: Pool) -> None:
+    """The round's one streamed chat request: ``first_token`` and ``done``."""
+    async with AsyncOpenAI(
+        base_url=pool.inference_url + "/v1", api_key="unused", max_retries=0, timeout=ROUND_TIMEOUT_S
+    ) as openai:
+        result.sent = time.time()
+        stream = await openai.chat.completions.create(
+            model=GROUP,
+            messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                result.mark("first_token")
+                result.text += chunk.choices[0].delta.content
+        result.mark("done")
+
+
 async def one_round(pool: Pool, mode: str) -> Round:
     result = Round(mode)
-    ns = pool.namespace
-    seen_at_start = asyncio.Event()
-
-    async def buffered(session: aiohttp.ClientSession) -> None:
-        async for body in sse(session, pool.management_url + "/api/v1/buffered_requests/stream"):
-            if body["buffered_requests_current"] >= 1 and result.sent:
-                result.mark("buffered")
-                return
-
-    async def agents(session: aiohttp.ClientSession) -> None:
-        async for body in sse(session, pool.management_url + "/api/v1/agents/stream"):
-            mine = [a for a in body["agents"] if a["model_group"] == GROUP]
-            if mine:
-                result.mark("connected")
-            if any(a["slots_total"] > 0 for a in mine):
-                result.mark("loaded")
-                return
-
-    async def replicas() -> None:
-        deployment = f"deployment/{GROUP}-agent"
-        async for line in watch_lines("-n", ns, "get", deployment, "-w", "-o", 'jsonpath={.spec.replicas}{"\\n"}'):
-            seen_at_start.set()
-            if line.isdigit() and int(line) >= 1:
-                result.mark("replicas")
-                return
-
-    async def pods() -> None:
-        template = (
-            "jsonpath=name={.metadata.name} node={.spec.nodeName} phase={.status.phase} "
-            'ready={.status.conditions[?(@.type=="Ready")].status}{"\\n"}'
-        )
-        async for line in watch_lines("-n", ns, "get", "pods", "-l", f"{MD_LABEL}={GROUP}", "-w", "-o", template):
-            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-            if fields.get("node"):
-                result.mark("scheduled")
-            if fields.get("phase") == "Running":
-                result.mark("running")
-            if fields.get("ready") == "True":
-                result.mark("ready")
-                return
-
-    async def client() -> None:
-        async with AsyncOpenAI(
-            base_url=pool.inference_url + "/v1", api_key="unused", max_retries=0, timeout=ROUND_TIMEOUT_S
-        ) as openai:
-            result.sent = time.time()
-            stream = await openai.chat.completions.create(
-                model=GROUP,
-                messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-                max_tokens=32,
-                temperature=0,
-                stream=True,
-            )
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    result.mark("first_token")
-                    result.text += chunk.choices[0].delta.content
-            result.mark("done")
-
+    watching = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with aiohttp.ClientSession(timeout=timeout) as session, asyncio.timeout(ROUND_TIMEOUT_S):
         watchers = [
-            asyncio.create_task(replicas()),
-            asyncio.create_task(pods()),
-            asyncio.create_task(agents(session)),
+            asyncio.create_task(watch_replicas(result, pool.namespace, watching)),
+            asyncio.create_task(watch_pods(result, pool.namespace)),
+            asyncio.create_task(watch_agents(result, pool, session)),
         ]
-        await asyncio.wait_for(seen_at_start.wait(), timeout=30)  # the Deployment watch is live
-        watchers.append(asyncio.create_task(buffered(session)))
+        await asyncio.wait_for(watching.wait(), timeout=30)  # the Deployment watch is live
+        watchers.append(asyncio.create_task(watch_buffered(result, pool, session)))
         await asyncio.sleep(0.5)  # the event streams are open (their first event is the current state)
         try:
-            await client()
+            await ask(result, pool)
             await asyncio.wait_for(asyncio.gather(*watchers), timeout=30)
         finally:
             for task in watchers:

@@ -348,7 +348,8 @@ class TemplateRenderer:
         )
         async with self._lock:
             process = await self._started()
-            assert process.stdin is not None and process.stdout is not None
+            assert process.stdin is not None
+            assert process.stdout is not None
             try:
                 async with asyncio.timeout(self.timeout):
                     process.stdin.write(job)

@@ -34,9 +34,7 @@ from paddler_core.protocol import (
 
 
 class EngineHost(Protocol):
-    def emit(
-        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
-    ) -> None:
+    def emit(self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None) -> None:
         """Send one client-facing response payload; ``final`` ends the request. A terminal
         error says what it means to the balancer in ``error_kind`` (not shown to clients)."""
 

@@ -220,9 +220,7 @@ async def resolve_model(
         return await _resolve_url(source.url, cache_dir, progress, retries, retry_delay_s, access)
     if source.kind == "HuggingFace" and source.huggingface is not None:
         ref = source.huggingface
-        return await _resolve_huggingface(
-            ref.repo_id, ref.filename, ref.revision, hf_cache_dir(cache_dir), progress
-        )
+        return await _resolve_huggingface(ref.repo_id, ref.filename, ref.revision, hf_cache_dir(cache_dir), progress)
     raise ModelSourceError(MODEL_SOURCE_IS_NONE, "No model is configured for this agent.")
 
 
@@ -247,7 +245,8 @@ def check_local_gguf(path: Path) -> Path:
             head = f.read(len(GGUF_MAGIC))
     except OSError as e:
         raise ModelSourceError(
-            MODEL_FILE_CANNOT_BE_READ, f"Model file {shown} cannot be read: {e.strerror or e}.",
+            MODEL_FILE_CANNOT_BE_READ,
+            f"Model file {shown} cannot be read: {e.strerror or e}.",
             path=shown,
         ) from e
     if head != GGUF_MAGIC:
@@ -439,15 +438,15 @@ def _finish_download(part: Path, target: Path, ref: UrlModelReference) -> None:
             head = f.read(len(GGUF_MAGIC))
     except OSError as e:
         raise ModelSourceError(
-            MODEL_CANNOT_BE_LOADED, f"Downloaded model from {ref.url} cannot be read: {e}.",
+            MODEL_CANNOT_BE_LOADED,
+            f"Downloaded model from {ref.url} cannot be read: {e}.",
             url=ref.url,
         ) from e
     if head != GGUF_MAGIC:
         part.unlink(missing_ok=True)
         raise ModelSourceError(
             MODEL_IS_NOT_GGUF,
-            f"The file at {ref.url} is not a GGUF model (it does not start with the GGUF "
-            "signature).",
+            f"The file at {ref.url} is not a GGUF model (it does not start with the GGUF signature).",
             url=ref.url,
         )
     if ref.sha256 is not None:
@@ -467,8 +466,7 @@ def _finish_download(part: Path, target: Path, ref: UrlModelReference) -> None:
 def _checksum_error(ref: UrlModelReference, actual: str) -> ModelSourceError:
     return ModelSourceError(
         MODEL_CHECKSUM_MISMATCH,
-        f"The model from {ref.url} has sha256 {actual}, but {ref.sha256} was expected; "
-        "the file was discarded.",
+        f"The model from {ref.url} has sha256 {actual}, but {ref.sha256} was expected; the file was discarded.",
         url=ref.url,
     )
 
@@ -492,7 +490,7 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
     """``bytes START-END/TOTAL`` -> (START, TOTAL or None)."""
     if not value or not value.startswith("bytes "):
         return None
-    spec, _, total = value[len("bytes "):].partition("/")
+    spec, _, total = value[len("bytes ") :].partition("/")
     start, _, _end = spec.partition("-")
     try:
         return int(start), (None if total in ("", "*") else int(total))
@@ -542,9 +540,7 @@ async def _download(url: str, target: Path, progress: ProgressCallback, access: 
                 cr = _parse_content_range(resp.headers.get("Content-Range"))
                 if cr is None or cr[0] != have:
                     await asyncio.to_thread(part.unlink, missing_ok=True)
-                    raise _Transient(
-                        _download_error(url, f"Server sent an unexpected byte range for {url}.")
-                    )
+                    raise _Transient(_download_error(url, f"Server sent an unexpected byte range for {url}."))
                 start, total = cr
                 if total is None and resp.content_length is not None:
                     total = start + resp.content_length
@@ -560,9 +556,7 @@ async def _download(url: str, target: Path, progress: ProgressCallback, access: 
             _download_error(url, f"Downloading {url} failed: {_describe(e)}.", DOWNLOAD_SERVER_IS_UNREACHABLE)
         ) from e
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise _Transient(
-            _download_error(url, f"Downloading {url} failed: {_describe(e)}.")
-        ) from e
+        raise _Transient(_download_error(url, f"Downloading {url} failed: {_describe(e)}.")) from e
     except OSError as e:
         raise _download_error(
             url, f"Cannot write the model to {part.parent}: {e}.", CACHE_DIRECTORY_IS_NOT_WRITABLE
@@ -689,9 +683,7 @@ class _HubCancelled(Exception):
     """Raised inside the hub's download thread to stop it."""
 
 
-def _hub_progress_class(
-    filename: str, publish: Callable[[int, int | None], None], cancelled: threading.Event
-) -> type:
+def _hub_progress_class(filename: str, publish: Callable[[int, int | None], None], cancelled: threading.Event) -> type:
     """A tqdm stand-in for ``hf_hub_download(tqdm_class=...)`` that reports bytes.
 
     It is duck-typed (not a tqdm subclass) so the hub calls it with plain keyword
@@ -807,7 +799,8 @@ async def _resolve_huggingface(
     except ModelSourceError as e:
         if e.variant == MODEL_IS_NOT_GGUF:
             raise ModelSourceError(
-                MODEL_IS_NOT_GGUF, f"{where} on Hugging Face is not a GGUF model file.",
+                MODEL_IS_NOT_GGUF,
+                f"{where} on Hugging Face is not a GGUF model file.",
                 path=str(path),
             ) from e
         raise
@@ -842,13 +835,10 @@ def _map_hub_error(error: Exception, where: str) -> ModelSourceError:
     if isinstance(error, hf.LocalEntryNotFoundError):
         return ModelSourceError(
             MODEL_DOWNLOAD_FAILED,
-            f"{where} is not in the local Hugging Face cache and the hub cannot be reached "
-            "(or HF_HUB_OFFLINE is set).",
+            f"{where} is not in the local Hugging Face cache and the hub cannot be reached (or HF_HUB_OFFLINE is set).",
         )
     if isinstance(error, hf.HFValidationError):
-        return ModelSourceError(
-            HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Invalid Hugging Face reference {where}: {error}"
-        )
+        return ModelSourceError(HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Invalid Hugging Face reference {where}: {error}")
     if isinstance(error, hf.HfHubHTTPError):
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status in (401, 403):
@@ -856,9 +846,7 @@ def _map_hub_error(error: Exception, where: str) -> ModelSourceError:
                 HUGGINGFACE_PERMISSIONS,
                 f"Hugging Face refused access to {where} (HTTP {status}); check HF_TOKEN.",
             )
-        return ModelSourceError(
-            MODEL_DOWNLOAD_FAILED, f"Downloading {where} from Hugging Face failed: {error}"
-        )
+        return ModelSourceError(MODEL_DOWNLOAD_FAILED, f"Downloading {where} from Hugging Face failed: {error}")
     return ModelSourceError(
         MODEL_DOWNLOAD_FAILED,
         f"Downloading {where} from Hugging Face failed: {_describe(error)}",

@@ -146,9 +146,7 @@ class AgentRuntime:
 
     # ---- EngineHost --------------------------------------------------------------------
 
-    def emit(
-        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
-    ) -> None:
+    def emit(self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None) -> None:
         if request_id not in self._active:
             return  # stopped or unknown: say nothing more about it
         if final:

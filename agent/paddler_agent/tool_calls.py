@@ -217,7 +217,7 @@ class OutputClassifier:
             return False
         for tag in self._open_tags():
             if stripped.startswith(tag):
-                self._buf = stripped[len(tag):]
+                self._buf = stripped[len(tag) :]
                 self._enter_tag(out, tag)
                 return True
             if tag.startswith(stripped) and not final:
@@ -252,11 +252,11 @@ class OutputClassifier:
         if found is not None:
             i, tag = found
             self._emit(out, kind, self._buf[:i])
-            self._buf = self._buf[i + len(tag):]
+            self._buf = self._buf[i + len(tag) :]
             return tag
         hold = 0 if final else _partial_tag_suffix(self._buf, tags)
         self._emit(out, kind, self._buf[: len(self._buf) - hold])
-        self._buf = self._buf[len(self._buf) - hold:]
+        self._buf = self._buf[len(self._buf) - hold :]
         return None
 
     def _step_content(self, out: list[Piece], final: bool) -> bool:
@@ -312,11 +312,7 @@ class ParsedCall:
     arguments_valid_json: bool = True
 
     def to_payload(self) -> dict[str, Any]:
-        arguments = (
-            {"ValidJson": self.arguments}
-            if self.arguments_valid_json
-            else {"InvalidJson": self.arguments}
-        )
+        arguments = {"ValidJson": self.arguments} if self.arguments_valid_json else {"InvalidJson": self.arguments}
         return {"id": self.id, "name": self.name, "arguments": arguments}
 
 
@@ -465,8 +461,7 @@ _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
-    or (isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
 }
 
 

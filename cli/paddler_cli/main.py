@@ -199,8 +199,7 @@ def _add_agent(sub: Any) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="LocalToAgent paths and file:// URLs must lie under one of these folders; repeatable "
-        "(default: any path)",
+        help="LocalToAgent paths and file:// URLs must lie under one of these folders; repeatable (default: any path)",
     )
     p.add_argument(
         "--simulated-load-time",

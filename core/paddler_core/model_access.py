@@ -114,8 +114,10 @@ def _numeric_ipv4_alias(name: str) -> bool:
         values = [int(label, 0) for label in labels]
     except ValueError:
         return False
-    return len(labels) < 4 or any(label.startswith("0") and len(label) > 1 for label in labels) or any(
-        v > 255 for v in values
+    return (
+        len(labels) < 4
+        or any(label.startswith("0") and len(label) > 1 for label in labels)
+        or any(v > 255 for v in values)
     )
 
 

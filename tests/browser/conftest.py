@@ -35,11 +35,10 @@ _EXPECTED_CONSOLE = ("Failed to load resource", "net::ERR_")
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_tasks() -> Iterator[None]:
+def no_leaked_tasks() -> None:
     """Overrides the root check for leaked asyncio tasks: these tests are synchronous and
     own no asyncio tasks, and Playwright's sync API keeps its own event loop running in
     this thread, where the root fixture (async) cannot run."""
-    yield
 
 
 @pytest.fixture(scope="module")

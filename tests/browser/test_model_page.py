@@ -171,9 +171,10 @@ def test_each_model_group_is_edited_on_its_own(paddler: Processes, page: Page) -
     page.get_by_role("button", name="Save desired state").click()
     expect(page.locator("#save-status")).to_contain_text("Saved")
     wait_for(
-        lambda: {a["name"]: a["model_path"] for a in agents(balancer)} == {
-            "chat": None, "embedder": "/models/embedder.gguf"
-        },
+        lambda: (
+            {a["name"]: a["model_path"] for a in agents(balancer)}
+            == {"chat": None, "embedder": "/models/embedder.gguf"}
+        ),
         what="only the embeddings group changed",
     )
     assert state(balancer, "embeddings")["inference_parameters"]["enable_embeddings"] is True

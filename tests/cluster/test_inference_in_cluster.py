@@ -386,7 +386,8 @@ with urllib.request.urlopen(request, timeout=120) as r:
         direct = cluster.kubectl_run(
             "-n", ns, "exec", "-i", name, "-c", "llama-server", "--", "python3", "-", input=direct_script, timeout=150
         ).stdout
-        assert answer["completion"] and answer["completion"] == direct
+        assert answer["completion"]
+        assert answer["completion"] == direct
         assert "Paris" in answer["chat"], answer
     finally:
         cluster.kubectl_run("-n", ns, "delete", "md", group, "--wait=false", check=False)

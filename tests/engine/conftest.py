@@ -87,9 +87,7 @@ class FakeHost:
     def request(self, request_id: str) -> Request:
         return self.requests.setdefault(request_id, Request())
 
-    def emit(
-        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
-    ) -> None:
+    def emit(self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None) -> None:
         assert asyncio.get_running_loop() is self.loop
         req = self.request(request_id)
         if req.done.is_set():
@@ -122,12 +120,14 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None
 
 
 def raw(request_id: str, prompt: str, max_tokens: int = 16, **overrides: Any) -> GenerateMessage:
-    return parse_generate_message(dict(
-        request_id=request_id,
-        variant="ContinueFromRawPrompt",
-        params={"raw_prompt": prompt, "max_tokens": max_tokens, **overrides.pop("params", {})},
-        overrides=overrides or {"temperature": 0.0},
-    ))
+    return parse_generate_message(
+        dict(
+            request_id=request_id,
+            variant="ContinueFromRawPrompt",
+            params={"raw_prompt": prompt, "max_tokens": max_tokens, **overrides.pop("params", {})},
+            overrides=overrides or {"temperature": 0.0},
+        )
+    )
 
 
 GREEDY = {"temperature": 0.0, "penalty_repeat": 1.0, "penalty_presence": 0.0}

@@ -167,7 +167,8 @@ async def test_agent_asked_for_too_many_slots_registers_and_reports_slot_cannot_
     balancer = paddler.balancer()
     agent = paddler.agent(balancer, slots=65, name="greedy", engine="llama")
     params = await _wait_issue(balancer, "SlotCannotStart", timeout=30)
-    assert params["slot_index"] == 64 and "64" in params["error"]
+    assert params["slot_index"] == 64
+    assert "64" in params["error"]
     await _put(balancer, {"model": {"LocalToAgent": str(model_path)}})
 
     async def refused() -> bool:

@@ -126,7 +126,8 @@ async def test_greedy_output_equals_llama_cpp_python(
     reference = await asyncio.to_thread(reference_chat_completion, stack[1], question, 32)
 
     assert ours == reference
-    assert usage.content_tokens > 0 and usage.prompt_tokens > 0
+    assert usage.content_tokens > 0
+    assert usage.prompt_tokens > 0
 
 
 def reference_chat_completion(path: Path, question: str, max_tokens: int) -> str:
@@ -202,7 +203,8 @@ async def test_a_json_schema_request_returns_valid_json(clients: tuple[ClientInf
     text, _ = await complete(inference, chat("Name a city and its country as JSON.", max_tokens=60, grammar=grammar))
 
     value = json.loads(text)
-    assert set(value) == {"city", "country"} and all(isinstance(v, str) for v in value.values())
+    assert set(value) == {"city", "country"}
+    assert all(isinstance(v, str) for v in value.values())
 
 
 async def test_embeddings_have_the_model_dimension_and_unit_norm(
@@ -278,7 +280,8 @@ async def test_a_model_swap_under_continuous_load_fails_no_request(
         swapping = False
         await asyncio.gather(*workers)
 
-    assert outcomes and all(o == "ok" for o in outcomes), outcomes
+    assert outcomes, outcomes
+    assert all(o == "ok" for o in outcomes), outcomes
 
 
 async def test_a_prompt_longer_than_the_whole_kv_cache_reaches_a_native_client_in_paddlers_shape_only(
@@ -293,10 +296,13 @@ async def test_a_prompt_longer_than_the_whole_kv_cache_reaches_a_native_client_i
 
     assert response.status_code == 200
     (line,) = [json.loads(text) for text in response.text.splitlines() if text.strip()]
-    assert set(line) == {"Response"} and set(line["Response"]) == {"request_id", "response", "generated_by"}
+    assert set(line) == {"Response"}
+    assert set(line["Response"]) == {"request_id", "response", "generated_by"}
     (error,) = line["Response"]["response"]["GeneratedToken"].items()
-    assert error[0] == "SamplerError" and error[1].startswith("context full: the prompt")
-    assert "error_kind" not in response.text and "prompt_exceeds_context" not in response.text
+    assert error[0] == "SamplerError"
+    assert error[1].startswith("context full: the prompt")
+    assert "error_kind" not in response.text
+    assert "prompt_exceeds_context" not in response.text
 
 
 async def test_a_prompt_longer_than_the_whole_kv_cache_is_a_400_with_context_length_exceeded(
@@ -315,7 +321,8 @@ async def test_a_prompt_longer_than_the_whole_kv_cache_is_a_400_with_context_len
 
     assert caught.value.status_code == 400
     assert caught.value.code == "context_length_exceeded"
-    assert "KV cache" in caught.value.message and "2048" in caught.value.message
+    assert "KV cache" in caught.value.message
+    assert "2048" in caught.value.message
     text, _ = await complete(clients[0], chat("Say hi.", max_tokens=4))
     assert text
 
@@ -335,4 +342,5 @@ async def test_status_and_metrics_report_the_agents_kv_cache_use(
     labels = r'\{agent_id="[^"]+",agent_name="llama",model_group="default"\}'
     assert re.search(r"paddler_agent_kv_cache_tokens_total" + labels + r" 2048\.0", metrics), metrics
     used = re.search(r"paddler_agent_kv_cache_tokens_used" + labels + r" (\d+)\.0", metrics)
-    assert used is not None and 0 < int(used.group(1)) <= 2048, metrics
+    assert used is not None, metrics
+    assert 0 < int(used.group(1)) <= 2048, metrics

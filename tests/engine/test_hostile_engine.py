@@ -23,12 +23,14 @@ pytestmark = pytest.mark.engine
 
 
 def conversation(request_id: str, text: str, max_tokens: int = 8) -> GenerateMessage:
-    return parse_generate_message(dict(
-        request_id=request_id,
-        variant="ContinueFromConversationHistory",
-        params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens},
-        overrides={"temperature": 0.0},
-    ))
+    return parse_generate_message(
+        dict(
+            request_id=request_id,
+            variant="ContinueFromConversationHistory",
+            params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens},
+            overrides={"temperature": 0.0},
+        )
+    )
 
 
 # ---- 1. a lone surrogate that reaches the agent ------------------------------------------------
@@ -94,7 +96,8 @@ async def test_a_decode_loop_that_dies_is_an_issue_and_not_applied(
     assert issues == ["DecodeLoopStopped"]
     assert slots_while_stuck == 0
     assert "decode loop stopped" in meanwhile.final["GeneratedToken"]["SamplerError"]
-    assert e.board.state_application_status == StateApplicationStatus.APPLIED and e.board.issues == []
+    assert e.board.state_application_status == StateApplicationStatus.APPLIED
+    assert e.board.issues == []
     assert reloaded.usage["content_tokens"] == 4
 
 
@@ -170,7 +173,8 @@ async def test_hostile_chat_template_fails_its_request_while_raw_prompts_are_ser
 
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "chat_template_error"
-    assert raw_status == 200 and raw_seconds < 30.0  # not held behind the render (busy shared CPUs)
+    assert raw_status == 200
+    assert raw_seconds < 30.0
     assert (await raw_completion(balancer))[0] == 200
 
 
@@ -207,11 +211,13 @@ async def test_sigterm_stops_an_agent_while_a_template_render_runs(model_path: P
 
     assert exit_code == 0
     assert stopped_in < 10
-    assert renderers and not any(alive(pid) for pid in renderers)
+    assert renderers
+    assert not any(alive(pid) for pid in renderers)
     # The agent drains on SIGTERM: the request in flight is answered (its render ends at the
     # render time limit, not with the agent), then the agent leaves.
     assert response.status_code == 200
-    assert "ChatTemplateError" in response.text and "did not finish rendering" in response.text
+    assert "ChatTemplateError" in response.text
+    assert "did not finish rendering" in response.text
 
 
 async def _in_flight(balancer: Balancer, count: int) -> bool:

@@ -37,17 +37,19 @@ def about_picture(request_id: str, max_tokens: int) -> GenerateMessage:
         {"type": "text", "text": "Write a long story about this picture."},
         {"type": "image_url", "image_url": {"url": picture()}},
     ]
-    return parse_generate_message(dict(
-        request_id=request_id,
-        variant="ContinueFromConversationHistory",
-        params={
-            "conversation_history": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens,
-            "add_generation_prompt": True,
-            "enable_thinking": False,
-        },
-        overrides=GREEDY,
-    ))
+    return parse_generate_message(
+        dict(
+            request_id=request_id,
+            variant="ContinueFromConversationHistory",
+            params={
+                "conversation_history": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens,
+                "add_generation_prompt": True,
+                "enable_thinking": False,
+            },
+            overrides=GREEDY,
+        )
+    )
 
 
 @pytest.fixture
@@ -96,4 +98,5 @@ async def test_a_preempted_request_with_an_image_re_encodes_it_and_answers_as_it
     assert older.usage["content_tokens"] == 130
     assert younger.usage["input_image_tokens"] == IMAGE_TOKENS == expected.usage["input_image_tokens"]
     assert younger.text == expected.text
-    assert host.board is not None and host.board.slots_processing == 0
+    assert host.board is not None
+    assert host.board.slots_processing == 0

@@ -136,7 +136,8 @@ async def test_image_reaches_the_model_and_different_images_give_different_answe
     red, red_prompt = await _chat(pool, RED)
     blue, blue_prompt = await _chat(pool, BLUE)
     _, text_prompt = await _chat(pool, None)
-    assert red and blue
+    assert red
+    assert blue
     assert red != blue, "the image did not change the greedy answer: it never reached the model"
     assert red_prompt == blue_prompt >= text_prompt + IMAGE_TOKENS
     assert red == (await _chat(pool, RED))[0], "same image, same greedy answer"
@@ -161,7 +162,8 @@ async def test_responses_api_input_image_gets_the_same_answer_as_chat_completion
             temperature=0,
         )
     assert response.output_text == chat
-    assert response.usage is not None and response.usage.input_tokens >= IMAGE_TOKENS
+    assert response.usage is not None
+    assert response.usage.input_tokens >= IMAGE_TOKENS
     await _slots_free(pool)
 
 

@@ -33,12 +33,14 @@ LONG_TEXT = (
 
 
 def conversation(request_id: str, text: str, max_tokens: int = 24, **params: Any) -> GenerateMessage:
-    return parse_generate_message(dict(
-        request_id=request_id,
-        variant="ContinueFromConversationHistory",
-        params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens, **params},
-        overrides=GREEDY,
-    ))
+    return parse_generate_message(
+        dict(
+            request_id=request_id,
+            variant="ContinueFromConversationHistory",
+            params={"conversation_history": [{"role": "user", "content": text}], "max_tokens": max_tokens, **params},
+            overrides=GREEDY,
+        )
+    )
 
 
 def test_decodes_a_multi_token_batch(model_path: Path) -> None:
@@ -187,7 +189,8 @@ async def test_a_repeated_prompt_reuses_the_cached_prefix(make_engine: EngineFac
     longer = (await e.host.wait("longer")).usage
     assert longer["cached_prompt_tokens"] >= first["prompt_tokens"] - 1
     keys = request_prefix_keys("ContinueFromRawPrompt", {"raw_prompt": prompt})
-    assert keys and set(keys) <= set(e.board.prefix_hashes)
+    assert keys
+    assert set(keys) <= set(e.board.prefix_hashes)
 
 
 async def test_json_schema_grammar_output_parses(make_engine: EngineFactory) -> None:
@@ -274,7 +277,8 @@ async def test_conversation_is_rendered_with_the_chat_template(model_path: Path,
     # (the portable build answers "The capital of France is Paris." and stops).
     assert chat.usage["content_tokens"] == completion_tokens
     metadata = e.engine.model_metadata()
-    assert metadata is not None and metadata["general.architecture"] == "llama"
+    assert metadata is not None
+    assert metadata["general.architecture"] == "llama"
 
 
 async def test_a_broken_chat_template_override_is_a_request_error(
@@ -311,7 +315,8 @@ async def test_embeddings_have_the_model_width_and_unit_norm(make_engine: Engine
     for v in vectors:
         assert len(v["embedding"]) == width
         assert math.isclose(math.sqrt(sum(x * x for x in v["embedding"])), 1.0, rel_tol=1e-4)
-        assert v["pooling_type"] == "Mean" and v["normalization_method"] == "L2"
+        assert v["pooling_type"] == "Mean"
+        assert v["normalization_method"] == "L2"
     assert vectors[0]["embedding"] != vectors[1]["embedding"]
 
 
@@ -454,7 +459,8 @@ async def test_reasoning_and_tool_calls_are_classified(make_engine: EngineFactor
     assert parsed[0]["name"] == "get_weather"
     assert parsed[0]["arguments"] == {"ValidJson": {"city": "Paris"}}
     usage = req.usage
-    assert usage["reasoning_tokens"] > 0 and usage["tool_call_tokens"] > 0
+    assert usage["reasoning_tokens"] > 0
+    assert usage["tool_call_tokens"] > 0
     assert usage["content_tokens"] == 0
 
 
@@ -488,7 +494,8 @@ def test_lazy_grammar_sampling_matches_the_llama_cpp_chain(model_path: Path) -> 
             text += model.piece(expected)
             step = [expected]
         values = json.loads(text)
-        assert len(values) == 6 and all(isinstance(v, int) for v in values)
+        assert len(values) == 6
+        assert all(isinstance(v, int) for v in values)
         chain.free()
         lazy.free()
     finally:

@@ -102,7 +102,8 @@ async def test_oversized_embedding_document_is_reported_on_its_own_while_the_res
     oversized = [p["Embedding"]["DocumentExceedsBatchSize"] for p in payloads if "DocumentExceedsBatchSize" in str(p)]
     assert len(oversized) == 1
     assert oversized[0]["source_document_id"] == "long"
-    assert oversized[0]["n_batch"] == N_BATCH and oversized[0]["document_tokens"] > N_BATCH
+    assert oversized[0]["n_batch"] == N_BATCH
+    assert oversized[0]["document_tokens"] > N_BATCH
     embedded = {
         p["Embedding"]["Embedding"]["source_document_id"]
         for p in payloads
@@ -113,4 +114,5 @@ async def test_oversized_embedding_document_is_reported_on_its_own_while_the_res
     async with openai_client(pool) as client:
         with pytest.raises(openai.BadRequestError) as err:
             await client.embeddings.create(model="default", input=["fine", long_text])
-    assert err.value.code == "context_length_exceeded" and err.value.param == "input.1"
+    assert err.value.code == "context_length_exceeded"
+    assert err.value.param == "input.1"

@@ -111,7 +111,8 @@ async def test_real_agent_that_cannot_load_the_model_stops_the_rollout(
         await load.wait_for_answers(6, timeout=60)
 
     assert [o for o in load.outcomes if not o.ok] == []
-    assert failed["applied"] == 0 and "broken.gguf" in failed["message"]
+    assert failed["applied"] == 0
+    assert "broken.gguf" in failed["message"]
     old_text = load.outcomes[0].text
     assert all(o.text == old_text for o in load.outcomes[after_failure:])
     found = await agents(balancer)

@@ -138,6 +138,8 @@ async def test_a_prompt_longer_than_the_whole_cache_is_refused_without_waiting_f
     huge = await e.host.wait("huge")
 
     error = huge.final["GeneratedToken"]["SamplerError"]
-    assert error.startswith("context full: the prompt") and "KV cache" in error and "256" in error
+    assert error.startswith("context full: the prompt")
+    assert "KV cache" in error
+    assert "256" in error
     assert not busy.done.is_set(), "the refusal waited for the busy slot"
     e.engine.stop("busy")

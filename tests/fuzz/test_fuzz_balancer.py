@@ -215,7 +215,8 @@ def test_management_endpoints_answer_any_body_without_a_500(stack: Balancer, dat
     _check(response, f"PUT {path} {body[:200]!r}")
     assert served.status_code == 200
     served.json()  # what is stored is always JSON (no Infinity, no NaN)
-    assert "Infinity" not in served.text and "NaN" not in served.text
+    assert "Infinity" not in served.text
+    assert "NaN" not in served.text
 
 
 # ---- the inference WebSocket --------------------------------------------------------------------------

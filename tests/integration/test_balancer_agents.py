@@ -122,7 +122,8 @@ async def test_returns_503_when_the_buffer_is_full(paddler: Processes, clients_f
     messages = [m async for m in ws_stream]
     assert [m.kind for m in messages] == [InferenceMessageKind.TOO_MANY_BUFFERED_REQUESTS]
 
-    assert len(await busy) == 10 and len(await buffered) == 2
+    assert len(await busy) == 10
+    assert len(await buffered) == 2
 
 
 async def test_returns_504_when_no_agent_frees_a_slot(paddler: Processes, clients_for) -> None:  # type: ignore[no-untyped-def]
@@ -342,7 +343,8 @@ async def test_agents_stream_reports_a_joining_agent(paddler: Processes, clients
     await wait_until(lambda: asyncio.sleep(0, bool(seen)), what="first snapshot")
     paddler.agent(balancer, slots=1, name="joiner")
     await asyncio.wait_for(watcher, 15)
-    assert seen[0] == 0 and seen[-1] == 1
+    assert seen[0] == 0
+    assert seen[-1] == 1
 
 
 async def test_raw_prompt_over_the_websocket(paddler: Processes, clients_for) -> None:  # type: ignore[no-untyped-def]
@@ -359,7 +361,8 @@ async def test_raw_prompt_over_the_websocket(paddler: Processes, clients_for) ->
 
     for messages in results:
         assert [m.is_token for m in messages] == [True] * 4 + [False]
-        assert messages[-1].summary is not None and messages[-1].summary.usage.content_tokens == 4
+        assert messages[-1].summary is not None
+        assert messages[-1].summary.usage.content_tokens == 4
 
 
 async def _in_flight(management: ClientManagement, expected: int) -> bool:

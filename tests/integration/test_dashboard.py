@@ -49,7 +49,8 @@ async def test_dashboard_shows_agents_slots_and_buffered_requests_live(paddler: 
     async with app.run_test(size=SIZE) as pilot, httpx.AsyncClient(timeout=30) as http:
         await until(pilot, lambda: len(table_rows(app)) == 2, "two agents")
         assert [row[0] for row in table_rows(app)] == ["alpha", "bravo"]
-        assert "0/2" in table_rows(app)[0][2] and "0/4" in table_rows(app)[1][2]
+        assert "0/2" in table_rows(app)[0][2]
+        assert "0/4" in table_rows(app)[1][2]
         assert "live" in text_of(app, "#banner")
 
         # 8 slow requests on 6 slots: every slot busy, 2 buffered; the screen follows.

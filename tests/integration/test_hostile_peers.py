@@ -94,7 +94,8 @@ async def test_agent_claiming_a_billion_slots_is_rejected_at_registration(paddle
         listed = await agents(balancer)
 
     assert reply["type"] == "rejected"
-    assert "slots_total" in reply["reason"] and "less than or equal to 1024" in reply["reason"]
+    assert "slots_total" in reply["reason"]
+    assert "less than or equal to 1024" in reply["reason"]
     assert listed == []
 
 

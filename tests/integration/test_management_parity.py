@@ -30,7 +30,8 @@ async def _get(balancer: Balancer, path: str) -> Any:
 async def test_balancer_applicable_state_is_what_agents_apply(paddler: Processes) -> None:
     balancer = paddler.balancer()
     fresh = await _get(balancer, "/api/v1/balancer_applicable_state")
-    assert fresh["model"] == "None" and fresh["chat_template_override"] is None
+    assert fresh["model"] == "None"
+    assert fresh["chat_template_override"] is None
     assert "use_chat_template_override" not in fresh
 
     state = {"model": {"LocalToAgent": "/m.gguf"}, "chat_template_override": TEMPLATE}
@@ -65,4 +66,5 @@ async def test_desired_and_applicable_state_streams_send_each_change(paddler: Pr
         await _put(balancer, {"model": {"LocalToAgent": "/new.gguf"}})
         assert (await anext(desired_events))["model"] == {"LocalToAgent": "/new.gguf"}
         changed = await anext(applicable_events)
-        assert changed["model"] == {"LocalToAgent": "/new.gguf"} and "use_chat_template_override" not in changed
+        assert changed["model"] == {"LocalToAgent": "/new.gguf"}
+        assert "use_chat_template_override" not in changed

@@ -79,7 +79,8 @@ async def test_ndjson_request_goes_to_the_group_in_the_header(three_groups: Bala
             )
         ]
     assert {groups[m.generated_by] for m in messages if m.generated_by} == {"alpha"}
-    assert embeddings and {groups[m.generated_by] for m in embeddings if m.generated_by} == {"alpha"}
+    assert embeddings
+    assert {groups[m.generated_by] for m in embeddings if m.generated_by} == {"alpha"}
 
 
 async def test_websocket_requests_go_to_the_group_in_the_query(three_groups: Balancer) -> None:
@@ -107,7 +108,8 @@ async def test_unknown_group_is_404_listing_the_served_groups(three_groups: Bala
     assert response.status_code == 404
     error = response.json()["error"]
     assert error["kind"] == "model_group_not_found"
-    assert "'gamma'" in error["message"] and "alpha, beta, default" in error["message"]
+    assert "'gamma'" in error["message"]
+    assert "alpha, beta, default" in error["message"]
     socket_url = three_groups.inference_url.replace("http://", "ws://") + "/api/v1/inference_socket"
     with pytest.raises(websockets.InvalidStatus) as refused:
         async with websockets.connect(socket_url, additional_headers={"X-Paddler-Model-Group": "gamma"}):

@@ -202,7 +202,8 @@ async def test_tool_schema_requiring_a_field_not_in_properties_is_rejected(paddl
         request = {"Request": {"id": "t", "request": {"ContinueFromConversationHistory": body}}}
         await ws.send(json.dumps(request))
         error = json.loads(await ws.recv())["Error"]
-    assert error["request_id"] == "t" and error["error"]["code"] == 400
+    assert error["request_id"] == "t"
+    assert error["error"]["code"] == 400
     assert "Required field 'country' not found in properties" in error["error"]["description"]
 
 

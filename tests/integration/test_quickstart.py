@@ -45,13 +45,15 @@ def test_quickstart_serves_requests_and_stops_on_ctrl_c() -> None:
         lines = httpx.post(
             f"http://127.0.0.1:{inference}/api/v1/continue_from_conversation_history", json=body, timeout=30
         ).text.splitlines()
-        assert len(lines) == 4 and '"Done"' in lines[-1]
+        assert len(lines) == 4
+        assert '"Done"' in lines[-1]
         assert httpx.get(f"http://127.0.0.1:{panel}/").status_code == 200
 
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
         output = process.stdout.read() if process.stdout else ""
-        assert "SIMULATED engine" in output and "curl" in output
+        assert "SIMULATED engine" in output
+        assert "curl" in output
     finally:
         if process.poll() is None:
             process.kill()

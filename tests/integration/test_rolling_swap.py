@@ -65,8 +65,10 @@ async def test_swap_under_load_fails_no_request_and_keeps_all_but_one_agent_serv
 
     failed = [o for o in load.outcomes if not o.ok]
     assert failed == []
-    assert monitor.samples > 50 and monitor.fewest == AGENTS - 1
-    assert progressing["phase"] == "Progressing" and progressing["total"] == AGENTS
+    assert monitor.samples > 50
+    assert monitor.fewest == AGENTS - 1
+    assert progressing["phase"] == "Progressing"
+    assert progressing["total"] == AGENTS
     assert progressing["applied"] < AGENTS
     assert (done["applied"], done["total"], done["max_unavailable"]) == (AGENTS, AGENTS, "1")
     assert load.outcomes[before_put - 1].text.startswith("old.gguf:")  # the last answer before the PUT
@@ -95,7 +97,8 @@ async def test_model_that_fails_to_load_stops_the_rollout_and_the_old_model_keep
         await load.wait_for_answers(15)
 
     assert [o for o in load.outcomes if not o.ok] == []
-    assert failed_rollout["applied"] == 0 and failed_rollout["total"] == AGENTS
+    assert failed_rollout["applied"] == 0
+    assert failed_rollout["total"] == AGENTS
     assert "is not a GGUF file" in failed_rollout["message"]
     assert all(o.text.startswith("old.gguf:") for o in load.outcomes[after_failure:])
     found = await agents(balancer)

@@ -60,7 +60,8 @@ def render(cluster: K8sCluster, *values: str, namespace: str = "paddler-system")
 def test_helm_lint_is_clean(k8s_cluster: K8sCluster, values: str) -> None:
     proc = run_helm(k8s_cluster, "lint", "--strict", str(CHART), *VALUE_SETS[values])
     assert "0 chart(s) failed" in proc.stdout
-    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout
+    assert "[WARNING]" not in proc.stdout
+    assert "[ERROR]" not in proc.stdout
 
 
 @pytest.mark.parametrize("values", sorted(VALUE_SETS))
@@ -169,6 +170,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(
         wait_object(cluster, ns, "service/p-management")
         wait_until(lambda: op.count("reconciled object=") >= 2, timeout=30, what="passes")
         output = op.output()
-        assert "Forbidden" not in output and " 403 " not in output, output[-3000:]
+        assert "Forbidden" not in output, output[-3000:]
+        assert " 403 " not in output, output[-3000:]
     finally:
         operators.close()

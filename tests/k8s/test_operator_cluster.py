@@ -184,7 +184,8 @@ OWNED = ["deployment/p-balancer", "service/p-inference", "service/p-management",
 
 def test_crds_install_with_short_names_and_defaults(crds: K8sCluster, k8s_namespace: str) -> None:
     resources = crds.kubectl_run("api-resources", "--api-group=paddler.dev", "-o", "wide").stdout
-    assert "lp" in resources and "md" in resources
+    assert "lp" in resources
+    assert "md" in resources
     explained = crds.kubectl_run("explain", "lp.spec.agent.slotsPerAgent").stdout
     assert "Concurrent sequences per agent pod" in explained
     crds.apply(POOL, namespace=k8s_namespace)  # spec: {} is a valid pool
@@ -275,7 +276,8 @@ def test_pool_and_model_deployment_produce_owned_objects(operators: Operators, k
     wait_object(cluster, ns, "pods", lambda o: len(o["items"]) >= 2)
     events = get(cluster, ns, "events")["items"]
     reasons = {(e["involvedObject"]["kind"], e["reason"]) for e in events}
-    assert ("LlmPool", "Created") in reasons and ("ModelDeployment", "BalancerUnreachable") in reasons
+    assert ("LlmPool", "Created") in reasons
+    assert ("ModelDeployment", "BalancerUnreachable") in reasons
 
 
 def test_model_deployment_waits_for_its_pool(operators: Operators, k8s_namespace: str) -> None:
@@ -425,7 +427,8 @@ def test_desired_state_arrives_at_a_real_balancer(operators: Operators, k8s_name
     assert (md["status"]["readyAgents"], md["status"]["slots"], md["status"]["agentsSummary"]) == (1, "4/4", "1/1")
     wait_object(cluster, ns, "lp/p", lambda p: p["status"]["readyAgents"] == 1)
     printed = cluster.kubectl_run("-n", ns, "get", "lp,md").stdout
-    assert "AgentsReady" not in printed and "4/4" in printed
+    assert "AgentsReady" not in printed
+    assert "4/4" in printed
 
     # A model swap through the custom resource reaches the balancer.
     cluster.kubectl_run(

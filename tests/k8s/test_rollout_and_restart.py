@@ -111,7 +111,8 @@ def test_model_that_fails_to_load_is_degraded_and_the_old_model_keeps_serving(
     assert [a["model_path"] for a in found] == [old, old]
     assert all(a["slots_total"] == 2 and not a["draining"] for a in found)
     warnings = [e for e in get(cluster, ns, "events")["items"] if e["reason"] == "RolloutFailed"]
-    assert warnings and {e["type"] for e in warnings} == {"Warning"}
+    assert warnings
+    assert {e["type"] for e in warnings} == {"Warning"}
 
 
 def test_operator_restart_keeps_builtin_replicas_and_its_scale_down_timer(

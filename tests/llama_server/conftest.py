@@ -108,7 +108,8 @@ class LlamaServer:
                         return
             except (urllib.error.URLError, OSError):
                 pass
-            assert self.popen is not None and self.popen.poll() is None, "llama-server exited:\n" + self.output()
+            assert self.popen is not None
+            assert self.popen.poll() is None, "llama-server exited:\n" + self.output()
             assert time.monotonic() < deadline, "llama-server not healthy in time:\n" + self.output()
             time.sleep(0.1)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -62,9 +61,9 @@ async def server_gauges(http: httpx.AsyncClient, server_url: str) -> dict[str, f
 
 
 @pytest.fixture
-async def stack(shared_stack: Stack) -> AsyncIterator[Stack]:
+async def stack(shared_stack: Stack) -> Stack:
     await wait_serving(shared_stack)
-    yield shared_stack
+    return shared_stack
 
 
 def chat(text: str, max_tokens: int = 24) -> ContinueFromConversationHistoryParams:
@@ -91,7 +90,9 @@ async def test_paddler_client_gets_an_answer_from_llama_server(stack: Stack) -> 
     finally:
         await inference.close()
     assert "Paris" in text
-    assert usage is not None and usage.prompt_tokens > 10 and 0 < usage.content_tokens <= 24
+    assert usage is not None
+    assert usage.prompt_tokens > 10
+    assert 0 < usage.content_tokens <= 24
 
 
 async def test_openai_sdk_streams_a_chat_completion_from_llama_server(stack: Stack) -> None:
@@ -112,7 +113,9 @@ async def test_openai_sdk_streams_a_chat_completion_from_llama_server(stack: Sta
             if chunk.usage is not None:
                 usage = chunk.usage
     assert "Paris" in "".join(parts)
-    assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 10
+    assert usage is not None
+    assert usage.completion_tokens > 0
+    assert usage.prompt_tokens > 10
 
 
 async def test_greedy_answer_equals_the_servers_own_completion(stack: Stack) -> None:
@@ -145,7 +148,8 @@ async def test_greedy_answer_equals_the_servers_own_completion(stack: Stack) -> 
             )
     finally:
         await inference.close()
-    assert ours and ours == direct.json()["content"]
+    assert ours
+    assert ours == direct.json()["content"]
 
 
 async def test_eight_concurrent_requests_never_run_more_than_four_at_once_on_the_server(stack: Stack) -> None:
@@ -178,7 +182,8 @@ async def test_eight_concurrent_requests_never_run_more_than_four_at_once_on_the
         finally:
             done.set()
             await watcher
-    assert len(texts) == 8 and all(texts)
+    assert len(texts) == 8
+    assert all(texts)
     assert peak["processing"] == PARALLEL, peak
     assert peak["deferred"] == 0, peak
     assert peak["buffered"] >= 1, peak
@@ -299,7 +304,9 @@ async def test_embeddings_from_a_server_started_with_embeddings(
     async with AsyncOpenAI(base_url=stack.balancer.inference_url + "/v1", api_key="unused", max_retries=0) as client:
         response = await client.embeddings.create(model="default", input=["a cat", "a dog", "a spaceship"])
     vectors = [item.embedding for item in response.data]
-    assert len(vectors) == 3 and len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 100
+    assert len(vectors) == 3
+    assert len({len(v) for v in vectors}) == 1
+    assert len(vectors[0]) > 100
     assert all(abs(sum(x * x for x in v) - 1.0) < 1e-3 for v in vectors)  # the OpenAI API's L2 norm
 
 
@@ -345,7 +352,8 @@ async def test_host_header_is_rewritten_for_a_server_behind_a_proxy(
         ) as client:
             response = await client.completions.create(model="default", prompt="Hello", max_tokens=4, temperature=0)
         assert response.choices[0].text
-        assert hosts and set(hosts) == {"llm.internal"}
+        assert hosts
+        assert set(hosts) == {"llm.internal"}
     finally:
         await runner.cleanup()
         await session.close()

@@ -117,7 +117,8 @@ async def test_usage_counts_the_generated_tokens(engine_pool: Balancer) -> None:
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == plain.choices[0].message.content  # greedy: same text
     usage = chunks[-1].usage
-    assert usage is not None and usage.completion_tokens == plain.usage.completion_tokens
+    assert usage is not None
+    assert usage.completion_tokens == plain.usage.completion_tokens
     pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert 0 < len(pieces) <= usage.completion_tokens  # one chunk per token, held-back text merges
 
@@ -157,7 +158,9 @@ async def test_json_schema_response_parses_and_validates(engine_pool: Balancer) 
         )
     person = json.loads(reply.choices[0].message.content or "")
     assert set(person) == {"name", "age"}
-    assert isinstance(person["name"], str) and isinstance(person["age"], int) and 0 <= person["age"] <= 150
+    assert isinstance(person["name"], str)
+    assert isinstance(person["age"], int)
+    assert 0 <= person["age"] <= 150
     if loose.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(loose.choices[0].message.content or ""), dict)
     else:
@@ -210,7 +213,8 @@ async def test_sdk_structured_output_parse(engine_pool: Balancer) -> None:
             temperature=0,
         )
     person = completion.choices[0].message.parsed
-    assert isinstance(person, Person) and person.name
+    assert isinstance(person, Person)
+    assert person.name
 
 
 async def test_forced_tool_call_is_parsed_into_tool_calls(engine_pool: Balancer) -> None:
@@ -245,14 +249,17 @@ async def test_forced_tool_call_is_parsed_into_tool_calls(engine_pool: Balancer)
         )
     assert reply.choices[0].finish_reason == "tool_calls"
     assert reply.choices[0].message.content is None
-    assert call.type == "function" and call.id
+    assert call.type == "function"
+    assert call.id
     assert call.function.name == "get_weather"
     arguments = json.loads(call.function.arguments)
-    assert isinstance(arguments["city"], str) and arguments["city"]
+    assert isinstance(arguments["city"], str)
+    assert arguments["city"]
 
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     streamed_calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert len(streamed_calls) == 1 and streamed_calls[0].function is not None
+    assert len(streamed_calls) == 1
+    assert streamed_calls[0].function is not None
     assert streamed_calls[0].function.name == "get_weather"
     assert json.loads(streamed_calls[0].function.arguments or "")["city"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]

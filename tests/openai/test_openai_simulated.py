@@ -134,12 +134,14 @@ async def test_completions_plain_and_streaming(shared_pool: Balancer) -> None:
         )
         chunks = [c async for c in stream]
     assert plain.object == "text_completion"
-    assert plain.usage is not None and plain.usage.completion_tokens == 16  # OpenAI's default max_tokens
+    assert plain.usage is not None
+    assert plain.usage.completion_tokens == 16
     assert plain.choices[0].finish_reason == "length"
     assert listed.choices[0].text == plain.choices[0].text[: len(listed.choices[0].text)]
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert "".join(texts) == listed.choices[0].text
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(texts) == 5
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(texts) == 5
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -261,7 +263,8 @@ async def test_invalid_requests_are_400_naming_the_field_and_not_retried(shared_
         assert param in error["message"]
 
     bad_embed = await _post(balancer, "/v1/embeddings", json.dumps({"input": [1, 2, 3]}))
-    assert bad_embed.status_code == 400 and _error(bad_embed)["param"].startswith("input")
+    assert bad_embed.status_code == 400
+    assert _error(bad_embed)["param"].startswith("input")
     bad_prompt = await _post(balancer, "/v1/completions", json.dumps({"prompt": ["a", "b"]}))
     assert bad_prompt.status_code == 400
 
@@ -269,7 +272,8 @@ async def test_invalid_requests_are_400_naming_the_field_and_not_retried(shared_
     async with openai_client(balancer, max_retries=2) as client:
         with pytest.raises(openai.BadRequestError) as err:
             await client.chat.completions.create(model="default", messages=USER, n=2)
-    assert err.value.status_code == 400 and err.value.param == "n"
+    assert err.value.status_code == 400
+    assert err.value.param == "n"
     await wait_logged(balancer, "chat.completions", 400, before + 1)
     await asyncio.sleep(0.3)  # a retry would have arrived by now
     assert logged_requests(balancer, "chat.completions", 400) == before + 1
@@ -280,7 +284,8 @@ async def test_any_model_name_is_served_while_one_group_serves(shared_pool: Bala
         chat = await client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=2)
         embedded = await client.embeddings.create(model="text-embedding-3-small", input="x")
         retrieved = await client.models.retrieve("gpt-4o")
-    assert chat.model == "gpt-4o" and chat.choices[0].message.content  # the name the client sent is echoed
+    assert chat.model == "gpt-4o"
+    assert chat.choices[0].message.content
     assert len(embedded.data) == 1
     assert retrieved.id == "default"
     assert await requests_total(shared_pool, "200", "default") > 0
@@ -301,7 +306,8 @@ async def test_unknown_model_is_404_listing_the_groups_and_not_retried(paddler: 
             await client.models.retrieve("gpt-4o")
     assert err.value.code == "model_not_found"
     assert err.value.param == "model"
-    assert "gpt-4o" in err.value.message and "alpha, beta" in err.value.message
+    assert "gpt-4o" in err.value.message
+    assert "alpha, beta" in err.value.message
     await asyncio.sleep(0.3)
     assert logged_requests(balancer, "chat.completions", 404) == chat_before + 1
     assert logged_requests(balancer, "embeddings", 404) == embed_before + 1
@@ -312,7 +318,8 @@ async def test_api_key_required_on_openai_and_native_routes(paddler: Processes) 
     async with openai_client(balancer, api_key="sk-wrong", max_retries=2) as client:
         with pytest.raises(openai.AuthenticationError) as err:
             await client.chat.completions.create(model="default", messages=USER, max_tokens=2)
-    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    assert err.value.status_code == 401
+    assert err.value.code == "invalid_api_key"
     async with openai_client(balancer) as client:
         ok = await client.chat.completions.create(model="default", messages=USER, max_tokens=2)
         assert ok.choices[0].message.content
@@ -323,7 +330,8 @@ async def test_api_key_required_on_openai_and_native_routes(paddler: Processes) 
     async with httpx.AsyncClient() as http:
         assert (await http.get(balancer.inference_url + "/health")).status_code == 200
         missing = await http.get(balancer.inference_url + "/v1/models")
-    assert missing.status_code == 401 and _error(missing)["type"] == "authentication_error"
+    assert missing.status_code == 401
+    assert _error(missing)["type"] == "authentication_error"
 
 
 async def test_buffer_full_is_503_and_retried_by_the_sdk(paddler: Processes) -> None:
@@ -348,7 +356,8 @@ async def test_buffer_timeout_is_504_and_retried_by_the_sdk(paddler: Processes) 
             await client.chat.completions.create(model="default", messages=USER, max_tokens=2)
         with pytest.raises(openai.InternalServerError) as embed_err:
             await client.embeddings.create(model="default", input="x")
-    assert err.value.status_code == 504 and err.value.code == "buffer_timeout"
+    assert err.value.status_code == 504
+    assert err.value.code == "buffer_timeout"
     assert embed_err.value.status_code == 504
     assert await requests_total(balancer, "504") == 6
     assert logged_requests(balancer, "chat.completions", 504) == 3
@@ -363,7 +372,8 @@ async def test_item_timeout_is_504(paddler: Processes) -> None:
             await client.chat.completions.create(model="default", messages=USER, max_tokens=3)
         with pytest.raises(openai.InternalServerError) as stream_err:
             await client.chat.completions.create(model="default", messages=USER, max_tokens=3, stream=True)
-    assert err.value.status_code == 504 and err.value.code == "item_timeout"
+    assert err.value.status_code == 504
+    assert err.value.code == "item_timeout"
     assert stream_err.value.status_code == 504  # nothing streamed yet: an HTTP status
 
 
@@ -377,7 +387,8 @@ async def test_agent_killed_before_first_token_is_502(paddler: Processes) -> Non
         agent.kill()
         with pytest.raises(openai.InternalServerError) as err:
             await request
-    assert err.value.status_code == 502 and err.value.code == "agent_lost"
+    assert err.value.status_code == 502
+    assert err.value.code == "agent_lost"
 
 
 async def test_agent_killed_mid_stream_sends_error_chunk_then_done(paddler: Processes) -> None:
@@ -388,14 +399,19 @@ async def test_agent_killed_mid_stream_sends_error_chunk_then_done(paddler: Proc
     async with openai_client(balancer) as client:
         stream = await client.chat.completions.create(model="default", messages=USER, max_tokens=50, stream=True)
         received = []
-        with pytest.raises(openai.APIError) as err:
+
+        async def read_until_the_agent_dies() -> None:
             async for chunk in stream:
                 received.append(chunk)
                 if len(received) == 3:
                     agent.kill()
+
+        with pytest.raises(openai.APIError) as err:
+            await read_until_the_agent_dies()
     assert len(received) >= 3
     assert "disconnected" in err.value.message
-    assert isinstance(err.value.body, dict) and err.value.body["code"] == "agent_lost"
+    assert isinstance(err.value.body, dict)
+    assert err.value.body["code"] == "agent_lost"
 
     # On the wire: an error chunk, then [DONE].
     paddler.agent(balancer, slots=1, name="slow2", extra=("--simulated-tokens-per-second", "5"))
@@ -414,7 +430,8 @@ async def test_agent_killed_mid_stream_sends_error_chunk_then_done(paddler: Proc
                 paddler.started[-1].kill()
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2].removeprefix("data: "))["error"]
-    assert error["code"] == "agent_lost" and error["type"] == "server_error"
+    assert error["code"] == "agent_lost"
+    assert error["type"] == "server_error"
 
 
 async def test_client_disconnect_frees_the_slot(paddler: Processes) -> None:
@@ -444,7 +461,8 @@ async def test_compat_openai_addr_serves_the_openai_api_alone(paddler: Processes
     async with openai_client(balancer, base_url=compat) as client:
         assert [m.id for m in (await client.models.list()).data] == ["default"]
         reply = await client.chat.completions.create(model="default", messages=USER, max_tokens=3)
-        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens == 3
     async with httpx.AsyncClient() as http:
         native = await http.post(compat + "/api/v1/continue_from_raw_prompt", json={"raw_prompt": "x", "max_tokens": 1})
     assert native.status_code == 404

@@ -89,10 +89,13 @@ async def test_forced_function_call_then_its_output_gets_an_answer(engine_pool: 
             temperature=0,
         )
         (call,) = response.output
-        assert call.type == "function_call" and call.name == "get_weather"
+        assert call.type == "function_call"
+        assert call.name == "get_weather"
         arguments = json.loads(call.arguments)
-        assert isinstance(arguments["city"], str) and arguments["city"]
-        assert response.usage is not None and response.usage.output_tokens > 0
+        assert isinstance(arguments["city"], str)
+        assert arguments["city"]
+        assert response.usage is not None
+        assert response.usage.output_tokens > 0
         answer = await client.responses.create(
             model="default",
             input=[
@@ -110,7 +113,8 @@ async def test_forced_function_call_then_its_output_gets_an_answer(engine_pool: 
         )
     assert answer.output[0].type == "message"
     assert answer.output_text.strip()
-    assert answer.usage is not None and question_alone.usage is not None
+    assert answer.usage is not None
+    assert question_alone.usage is not None
     # the call and its output are in the prompt
     assert answer.usage.input_tokens > question_alone.usage.input_tokens + 10
 
@@ -135,7 +139,8 @@ async def test_stream_of_a_named_function_call_sends_argument_deltas(engine_pool
     (call,) = final.output
     assert call.type == "function_call"
     assert json.loads(call.arguments)["city"]
-    assert final.usage is not None and final.usage.output_tokens > 0
+    assert final.usage is not None
+    assert final.usage.output_tokens > 0
 
 
 async def test_json_schema_stream_is_parsed_and_counts_usage(engine_pool: Balancer) -> None:
@@ -202,8 +207,10 @@ async def test_busy_slot_gives_503_when_the_buffer_is_full_and_504_when_the_wait
         with pytest.raises(openai.InternalServerError) as expired:
             await waiting
         assert await anext(aiter(busy))  # the busy stream is still running
-    assert full.value.status_code == 503 and full.value.code == "buffer_full"
-    assert expired.value.status_code == 504 and expired.value.code == "buffer_timeout"
+    assert full.value.status_code == 503
+    assert full.value.code == "buffer_full"
+    assert expired.value.status_code == 504
+    assert expired.value.code == "buffer_timeout"
     await wait_until(lambda: _idle(engine_pool), timeout=10, what="slot freed after the stream closed")
 
 
@@ -218,4 +225,5 @@ async def test_client_disconnect_frees_the_slot(engine_pool: Balancer) -> None:
             await wait_busy(engine_pool)
         await wait_until(lambda: _idle(engine_pool), timeout=5, what="slot freed after disconnect")
         again = await client.responses.create(model="default", input="Say hi.", max_output_tokens=3, temperature=0)
-    assert again.usage is not None and 0 < again.usage.output_tokens <= 3
+    assert again.usage is not None
+    assert 0 < again.usage.output_tokens <= 3

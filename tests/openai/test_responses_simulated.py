@@ -57,7 +57,8 @@ async def test_create_with_string_input_returns_a_message_and_usage(shared_pool:
     assert response.object == "response"
     assert response.id.startswith("resp_")
     assert response.status == "incomplete"  # the simulated agent writes until the limit
-    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
     assert [item.type for item in response.output] == ["message"]
     assert response.output_text
     assert response.usage is not None
@@ -90,8 +91,10 @@ async def test_stream_sends_the_event_sequence_and_usage(shared_pool: Balancer) 
     last = events[-1]
     assert last.type == "response.incomplete"
     assert last.response.output_text == streamed
-    assert last.response.usage is not None and last.response.usage.output_tokens == 5
-    assert events[0].type == "response.created" and events[0].response.id == last.response.id
+    assert last.response.usage is not None
+    assert last.response.usage.output_tokens == 5
+    assert events[0].type == "response.created"
+    assert events[0].response.id == last.response.id
 
 
 class City(BaseModel):
@@ -111,7 +114,8 @@ async def test_json_schema_text_format_is_parsed_by_the_sdk(shared_pool: Balance
     assert final.status == "completed"
     assert final.output_parsed == parsed.output_parsed
     assert "".join(deltas) == final.output_text
-    assert final.usage is not None and final.usage.output_tokens == len(deltas)
+    assert final.usage is not None
+    assert final.usage.output_tokens == len(deltas)
 
 
 async def test_forced_function_call_and_its_output_round_trip(shared_pool: Balancer) -> None:
@@ -167,15 +171,18 @@ async def test_stream_of_a_named_function_call_sends_argument_deltas(shared_pool
     delta = next(e for e in events if e.type == "response.function_call_arguments.delta")
     assert json.loads(delta.delta) == {"city": "x"}
     (call,) = final.output
-    assert call.type == "function_call" and call.name == "get_weather"
-    assert final.usage is not None and final.usage.output_tokens > 0
+    assert call.type == "function_call"
+    assert call.name == "get_weather"
+    assert final.usage is not None
+    assert final.usage.output_tokens > 0
 
 
 async def test_compat_openai_addr_serves_responses(shared_pool: Balancer) -> None:
     compat = shared_pool.process.urls["compat_openai"]
     async with openai_client(shared_pool, base_url=compat) as client:
         response = await client.responses.create(model="default", input="Say hello", max_output_tokens=3)
-    assert response.usage is not None and response.usage.output_tokens == 3
+    assert response.usage is not None
+    assert response.usage.output_tokens == 3
 
 
 async def _post(balancer: Balancer, body: dict[str, Any]) -> httpx.Response:
@@ -214,7 +221,8 @@ async def test_buffer_full_is_503(paddler: Processes) -> None:
         with pytest.raises(openai.InternalServerError) as err:
             await client.responses.create(model="default", input="x", max_output_tokens=2)
         await busy.close()
-    assert err.value.status_code == 503 and err.value.code == "buffer_full"
+    assert err.value.status_code == 503
+    assert err.value.code == "buffer_full"
     assert logged_requests(balancer, "responses", 503) == 2  # first try + the SDK's retry
     assert await requests_total(balancer, "503") == 2
 
@@ -227,7 +235,8 @@ async def test_buffer_timeout_is_504_for_create_and_stream(paddler: Processes) -
         with pytest.raises(openai.InternalServerError) as stream_err:
             async with client.responses.stream(model="default", input="x") as stream:
                 await stream.get_final_response()
-    assert err.value.status_code == 504 and err.value.code == "buffer_timeout"
+    assert err.value.status_code == 504
+    assert err.value.code == "buffer_timeout"
     assert stream_err.value.status_code == 504  # nothing streamed yet: an HTTP status
 
 
@@ -254,7 +263,8 @@ async def test_client_disconnect_frees_the_slot(paddler: Processes) -> None:
             await wait_busy(balancer)
         await wait_until(lambda: _idle(balancer), timeout=5, what="slot freed after disconnect")
         again = await client.responses.create(model="default", input="x", max_output_tokens=2)
-    assert again.usage is not None and again.usage.output_tokens == 2
+    assert again.usage is not None
+    assert again.usage.output_tokens == 2
 
 
 async def test_client_disconnect_releases_the_buffered_request(paddler: Processes) -> None:
@@ -288,7 +298,9 @@ async def test_agent_lost_mid_stream_sends_error_then_response_failed(paddler: P
             if event.type == "response.output_text.delta":
                 agent.kill()
     error, failed = events[-2:]
-    assert error.type == "error" and error.code == "agent_lost"
+    assert error.type == "error"
+    assert error.code == "agent_lost"
     assert failed.type == "response.failed"
     assert failed.response.status == "failed"
-    assert failed.response.error is not None and failed.response.error.code == "server_error"
+    assert failed.response.error is not None
+    assert failed.response.error.code == "server_error"

@@ -46,10 +46,7 @@ def render(
     )
 
 
-SMOL_SYSTEM = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
-    "trained by Hugging Face<|im_end|>\n"
-)
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
 @pytest.mark.parametrize(
@@ -155,9 +152,7 @@ def test_tools_template_renders_tools_and_tool_calls() -> None:
                 ],
             }
         ),
-        ConversationMessage.model_validate(
-            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}
-        ),
+        ConversationMessage.model_validate({"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}),
     ]
     got = render(template("qwen_tools.jinja"), conversation, tools=[WEATHER])
     tool_json = json.dumps(WEATHER.model_dump(mode="json", exclude_none=True))
@@ -208,8 +203,7 @@ def test_tools_and_thinking_switches(
         ("{{ '<b>' | tojson }}", '"<b>"'),
         ("{{ strftime_now('%Y') | length }}", "4"),
         ("{{ bos_token }}|{{ eos_token }}", "<s>|</s>"),
-        ("{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{{ m.content }}"
-         "{% endfor %}", "b"),
+        ("{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{{ m.content }}{% endfor %}", "b"),
         ("{% generation %}{{ messages[0].content }}{% endgeneration %}", "a"),
         ("{{ messages[0].content.strip().upper() }}", "A"),
         ("{% if foo is defined %}x{% else %}y{% endif %}", "y"),
@@ -297,16 +291,20 @@ def test_compiled_templates_are_cached() -> None:
     ("raw", "expected"),
     [
         (
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+            },
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+            },
         ),
         (
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"name": "f", "arguments": "not json"}]},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"name": "f", "arguments": "not json"}]},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "not json"}]},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "not json"}]},
         ),
         (
             {"role": "tool", "content": "42", "tool_call_id": "call_1", "name": "f"},

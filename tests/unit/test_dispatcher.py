@@ -51,7 +51,8 @@ async def test_buffered_requests_are_served_first_in_first_out() -> None:
     assert dispatcher.buffered == 3
     holder.release()
     await asyncio.gather(*tasks)
-    assert order == [0, 1, 2] and a.in_flight == 0
+    assert order == [0, 1, 2]
+    assert a.in_flight == 0
 
 
 @pytest.mark.parametrize(("max_buffered", "status"), [(0, 503), (1, 503)])
@@ -73,7 +74,8 @@ async def test_wait_past_the_timeout_answers_504_and_leaves_the_buffer() -> None
     await dispatcher.acquire(REQ)
     with pytest.raises(InferenceFailure) as raised:
         await dispatcher.acquire(REQ)
-    assert raised.value.status == 504 and dispatcher.buffered == 0
+    assert raised.value.status == 504
+    assert dispatcher.buffered == 0
 
 
 async def test_cancelled_waiter_leaves_the_buffer_and_leaks_no_slot() -> None:
@@ -87,7 +89,8 @@ async def test_cancelled_waiter_leaves_the_buffer_and_leaks_no_slot() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     await asyncio.sleep(0)
-    assert dispatcher.buffered == 0 and a.in_flight == 0
+    assert dispatcher.buffered == 0
+    assert a.in_flight == 0
 
 
 async def test_waiters_of_another_group_are_not_blocked() -> None:

@@ -20,7 +20,8 @@ def test_truncating_a_slot_frees_its_tail() -> None:
 
     ledger.truncate(0, 25)
 
-    assert ledger.used == 25 and ledger.held(0) == 25
+    assert ledger.used == 25
+    assert ledger.held(0) == 25
 
 
 def test_a_shared_prefix_costs_no_cells_until_both_slots_drop_it() -> None:
@@ -28,7 +29,8 @@ def test_a_shared_prefix_costs_no_cells_until_both_slots_drop_it() -> None:
     ledger.extend(0, 40)
 
     ledger.share(0, 1, 30)
-    assert ledger.used == 40 and ledger.held(1) == 30
+    assert ledger.used == 40
+    assert ledger.held(1) == 30
     assert ledger.freed_by_truncate(0, 0) == 10  # only the unshared tail
     assert ledger.freed_by_truncate(1, 0) == 0
 
@@ -45,7 +47,8 @@ def test_sharing_replaces_what_the_destination_held() -> None:
 
     ledger.share(0, 1, 20)
 
-    assert ledger.used == 20 and ledger.held(1) == 20
+    assert ledger.used == 20
+    assert ledger.held(1) == 20
 
 
 def test_new_cells_after_a_shared_prefix_belong_to_one_slot() -> None:

@@ -83,9 +83,7 @@ class Host:
         self.done: dict[str, asyncio.Event] = {}
         self.error_kinds: dict[str, ErrorKind | None] = {}
 
-    def emit(
-        self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None
-    ) -> None:
+    def emit(self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None) -> None:
         self.payloads.setdefault(request_id, []).append(payload)
         self.error_kinds[request_id] = error_kind
         if final:
@@ -135,16 +133,19 @@ async def until(condition: Any, what: str) -> None:
 
 
 def raw(request_id: str, max_tokens: int = 3) -> GenerateMessage:
-    return parse_generate_message(dict(
-        request_id=request_id,
-        variant="ContinueFromRawPrompt",
-        params={"raw_prompt": "hi", "max_tokens": max_tokens},
-    ))
+    return parse_generate_message(
+        dict(
+            request_id=request_id,
+            variant="ContinueFromRawPrompt",
+            params={"raw_prompt": "hi", "max_tokens": max_tokens},
+        )
+    )
 
 
 async def test_slots_come_from_props_and_leave_while_the_server_is_not_ready(rig: Rig) -> None:
     await until(lambda: rig.board.slots_total == 3, "slots from /props")
-    assert rig.board.model_path == "/m/model.gguf" and rig.board.issues == []
+    assert rig.board.model_path == "/m/model.gguf"
+    assert rig.board.issues == []
     rig.stand_in.healthy = False
     await until(lambda: rig.board.slots_total == 0, "slots gone")
     assert [i.variant for i in rig.board.issues] == [ISSUE_NOT_READY]
@@ -167,7 +168,8 @@ async def test_stream_becomes_tokens_and_done_and_a_context_stop_becomes_an_erro
     payloads = await rig.host.wait("r1")
     assert payloads[:3] == [{"GeneratedToken": {"ContentToken": f"t{n}"}} for n in (1, 2, 3)]
     assert payloads[3]["GeneratedToken"]["Done"]["usage"]["content_tokens"] == 3
-    assert rig.stand_in.bodies[0]["n_predict"] == 3 and rig.stand_in.bodies[0]["stream"] is True
+    assert rig.stand_in.bodies[0]["n_predict"] == 3
+    assert rig.stand_in.bodies[0]["stream"] is True
 
     rig.engine.generate(raw("r2", max_tokens=10))  # the stand-in stops at 3 with stop_type "limit"
     payloads = await rig.host.wait("r2")

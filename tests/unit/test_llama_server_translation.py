@@ -81,12 +81,14 @@ def test_busy_slots_counts_processing_slots() -> None:
 
 
 def generate(variant: str, params: dict[str, Any], **overrides: Any) -> GenerateMessage:
-    return parse_generate_message(dict(
-        request_id="r1",
-        variant=variant,  # type: ignore[arg-type]
-        params=params,
-        overrides=SamplingOverrides(**overrides) if overrides else None,
-    ))
+    return parse_generate_message(
+        dict(
+            request_id="r1",
+            variant=variant,  # type: ignore[arg-type]
+            params=params,
+            overrides=SamplingOverrides(**overrides) if overrides else None,
+        )
+    )
 
 
 def test_raw_prompt_becomes_a_streaming_completion_with_group_and_request_sampling() -> None:
@@ -95,7 +97,9 @@ def test_raw_prompt_becomes_a_streaming_completion_with_group_and_request_sampli
     )
     prepared = prepare_completion(message, InferenceParameters(top_k=11), PROPS, None)
     body = prepared.body
-    assert body["prompt"] == "Hi" and body["n_predict"] == 7 and body["stream"] is True
+    assert body["prompt"] == "Hi"
+    assert body["n_predict"] == 7
+    assert body["stream"] is True
     assert (body["temperature"], body["top_k"], body["seed"], body["stop"]) == (0.0, 11, 5, ["\n"])
     assert prepared.tools is None
 
@@ -209,7 +213,8 @@ def test_server_errors_map_to_payload_kinds_the_balancer_understands(
     status: int, body: dict[str, Any], kind: str, starts: str, error_kind: ErrorKind | None
 ) -> None:
     error = error_of_response(status, json.dumps(body))
-    assert error.kind == kind and error.message.startswith(starts)
+    assert error.kind == kind
+    assert error.message.startswith(starts)
     assert error.error_kind is error_kind
 
 
@@ -249,9 +254,11 @@ def test_conversation_stream_is_classified_into_reasoning_content_and_tool_calls
     prepared = PreparedRequest(body={}, tools=[], max_tokens=50)
     out = translate(prepared, chunks("<think>", "hmm", "</think>", "Yes"))
     kinds = [(k, v) for p in out[:-1] for k, v in p["GeneratedToken"].items()]
-    assert ("ReasoningToken", "hmm") in kinds and kinds[-1] == ("ContentToken", "Yes")
+    assert ("ReasoningToken", "hmm") in kinds
+    assert kinds[-1] == ("ContentToken", "Yes")
     usage = out[-1]["GeneratedToken"]["Done"]["usage"]
-    assert usage["reasoning_tokens"] >= 1 and usage["content_tokens"] >= 1
+    assert usage["reasoning_tokens"] >= 1
+    assert usage["content_tokens"] >= 1
     assert usage["reasoning_tokens"] + usage["content_tokens"] == 4
 
 

@@ -53,7 +53,7 @@ def test_check_address_opens_internal_addresses_only_for_named_hosts() -> None:
 
 @pytest.mark.parametrize("text", ["ftp://x", "example.com", "https:/x", "http://host:99999/"])
 def test_bad_allow_entries_are_refused(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="model URL allow entry"):
         AllowEntry.parse(text)
 
 

@@ -107,7 +107,8 @@ async def test_local_file_errors(tmp_path: Path, setup: str, variant: str) -> No
     assert info.value.variant == variant
     assert str(path) in info.value.message
     issue = info.value.to_issue()
-    assert issue.variant == variant and issue.message == info.value.message
+    assert issue.variant == variant
+    assert issue.message == info.value.message
 
 
 async def test_local_gguf_resolves_to_itself(tmp_path: Path) -> None:
@@ -154,9 +155,7 @@ async def test_download_with_progress(aiohttp_server: ServerFactory, tmp_path: P
     assert currents == sorted(currents)
 
 
-async def test_cached_file_is_reused_without_network(
-    aiohttp_server: ServerFactory, tmp_path: Path
-) -> None:
+async def test_cached_file_is_reused_without_network(aiohttp_server: ServerFactory, tmp_path: Path) -> None:
     files = FileServer({"model.gguf": FAKE_GGUF})
     server = await start_file_server(aiohttp_server, files)
     url = str(server.make_url("/files/model.gguf"))
@@ -187,15 +186,14 @@ async def test_resume_after_truncated_attempt(
     assert files.hits == [("model.gguf", None), ("model.gguf", f"bytes={have}-")]
 
 
-async def test_truncation_is_retried_within_one_call(
-    aiohttp_server: ServerFactory, tmp_path: Path
-) -> None:
+async def test_truncation_is_retried_within_one_call(aiohttp_server: ServerFactory, tmp_path: Path) -> None:
     files = FileServer({"model.gguf": FAKE_GGUF}, truncate_first=True)
     server = await start_file_server(aiohttp_server, files)
     url = str(server.make_url("/files/model.gguf"))
     path = await resolve_model(url_source(url), tmp_path, Events(), retry_delay_s=0.01)
     assert path.read_bytes() == FAKE_GGUF
-    assert len(files.hits) == 2 and files.hits[1][1] is not None
+    assert len(files.hits) == 2
+    assert files.hits[1][1] is not None
 
 
 @pytest.mark.parametrize(
@@ -270,9 +268,7 @@ class FakeHub:
             return web.Response(status=404, headers={"X-Error-Code": "RepoNotFound"})
         data = files.get(filename)
         if data is None:
-            return web.Response(
-                status=404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}
-            )
+            return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
         headers = {
             "X-Repo-Commit": COMMIT,
             "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
@@ -300,9 +296,7 @@ class FakeHub:
 
 
 @pytest.fixture
-async def hub(
-    aiohttp_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> FakeHub:
+async def hub(aiohttp_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
     fake = FakeHub({"org/tiny-GGUF": {"tiny.gguf": FAKE_GGUF, "README.md": b"# hi"}})
     app = web.Application()
     app.router.add_get("/{owner}/{name}/resolve/{revision}/{filename:.+}", fake.resolve)
@@ -317,9 +311,7 @@ async def hub(
 
 
 def hf_source(repo_id: str, filename: str) -> ModelSource:
-    return ModelSource.model_validate(
-        {"HuggingFace": {"repo_id": repo_id, "filename": filename, "revision": "main"}}
-    )
+    return ModelSource.model_validate({"HuggingFace": {"repo_id": repo_id, "filename": filename, "revision": "main"}})
 
 
 async def test_huggingface_download(hub: FakeHub, tmp_path: Path) -> None:
@@ -331,9 +323,7 @@ async def test_huggingface_download(hub: FakeHub, tmp_path: Path) -> None:
     assert any(h.startswith("GET") for h in hub.hits)
 
 
-async def test_huggingface_cached_and_offline(
-    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_huggingface_cached_and_offline(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = hf_source("org/tiny-GGUF", "tiny.gguf")
     first = await resolve_model(source, tmp_path, Events())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -353,9 +343,7 @@ async def test_huggingface_cached_and_offline(
         ("org/tiny-GGUF", "README.md", "ModelCannotBeLoaded"),
     ],
 )
-async def test_huggingface_errors(
-    hub: FakeHub, tmp_path: Path, repo_id: str, filename: str, variant: str
-) -> None:
+async def test_huggingface_errors(hub: FakeHub, tmp_path: Path, repo_id: str, filename: str, variant: str) -> None:
     with pytest.raises(ModelSourceError) as info:
         await resolve_model(hf_source(repo_id, filename), tmp_path, Events())
     assert info.value.variant == variant
@@ -376,9 +364,7 @@ async def test_huggingface_cancel_stops_the_download(hub: FakeHub, tmp_path: Pat
         if event.current > 0:
             got_bytes.set()
 
-    task = asyncio.create_task(
-        resolve_model(hf_source("org/slow", "big.gguf"), tmp_path, on_progress)
-    )
+    task = asyncio.create_task(resolve_model(hf_source("org/slow", "big.gguf"), tmp_path, on_progress))
     await asyncio.wait_for(got_bytes.wait(), 30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -387,14 +373,13 @@ async def test_huggingface_cancel_stops_the_download(hub: FakeHub, tmp_path: Pat
     await asyncio.wait_for(hub.slow_stopped.wait(), 30)
 
 
-async def test_concurrent_downloads_of_one_url_share_the_file(
-    aiohttp_server: ServerFactory, tmp_path: Path
-) -> None:
+async def test_concurrent_downloads_of_one_url_share_the_file(aiohttp_server: ServerFactory, tmp_path: Path) -> None:
     files = FileServer({"model.gguf": FAKE_GGUF})
     server = await start_file_server(aiohttp_server, files)
     source = url_source(str(server.make_url("/files/model.gguf")))
     paths = await asyncio.gather(*(resolve_model(source, tmp_path, Events()) for _ in range(3)))
-    assert len(set(paths)) == 1 and paths[0].read_bytes() == FAKE_GGUF
+    assert len(set(paths)) == 1
+    assert paths[0].read_bytes() == FAKE_GGUF
     assert len(files.hits) == 1
 
 

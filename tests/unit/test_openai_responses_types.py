@@ -56,7 +56,8 @@ def test_image_parts_keep_their_data_uri_and_file_ids_are_refused() -> None:
     assert message["content"] == [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     with pytest.raises(OpenAIError) as err:
         _messages({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]})
-    assert err.value.status == 400 and err.value.param == "input.0.content.0"
+    assert err.value.status == 400
+    assert err.value.param == "input.0.content.0"
 
 
 @pytest.mark.parametrize(
@@ -107,7 +108,8 @@ def test_finished_response_validates_against_the_sdk_model() -> None:
     response = Response.model_validate(body)
     assert response.status == "completed"
     assert response.output_text == "Hi there"
-    assert response.usage is not None and (response.usage.input_tokens, response.usage.output_tokens) == (4, 2)
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (4, 2)
     cut = _header().finished(acc, 2, output_items(acc, forced=False))
     assert Response.model_validate(cut).incomplete_details is not None
 
@@ -147,4 +149,5 @@ def test_stream_events_validate_and_a_call_after_text_closes_the_message() -> No
     assert ResponseErrorEvent.model_validate(error).code == "agent_lost"
     failure = ResponseFailedEvent.model_validate(response_failed).response
     assert failure.status == "failed"
-    assert failure.error is not None and failure.error.code == "server_error"
+    assert failure.error is not None
+    assert failure.error.code == "server_error"

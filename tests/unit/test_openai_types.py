@@ -93,7 +93,8 @@ def test_invalid_chat_requests_name_the_field(body: dict[str, Any], param: str) 
         ChatCompletionRequest.model_validate(body)
     error = invalid_request(err.value)
     assert error.status == 400
-    assert error.param is not None and error.param.startswith(param)
+    assert error.param is not None
+    assert error.param.startswith(param)
     assert error.body()["error"]["type"] == "invalid_request_error"
 
 
@@ -104,7 +105,8 @@ def test_invalid_chat_requests_name_the_field(body: dict[str, Any], param: str) 
 def test_parse_body_rejects_non_objects(raw: bytes, code: str) -> None:
     with pytest.raises(OpenAIError) as err:
         parse_body(raw)
-    assert err.value.status == 400 and err.value.code == code
+    assert err.value.status == 400
+    assert err.value.code == code
 
 
 @pytest.mark.parametrize(
@@ -274,7 +276,8 @@ def test_json_schema_grammar_carries_the_schema_as_a_string() -> None:
 def test_chat_params_reject_contradictions(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(OpenAIError) as err:
         chat_params(chat(**fields), 64)
-    assert err.value.status == 400 and err.value.param == param
+    assert err.value.status == 400
+    assert err.value.param == param
 
 
 @pytest.mark.parametrize(
@@ -420,7 +423,8 @@ def test_classify_tool_calls() -> None:
         "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
     }
-    assert second["index"] == 1 and second["id"].startswith("call_")
+    assert second["index"] == 1
+    assert second["id"].startswith("call_")
     assert second["function"]["arguments"] == "{oops"
 
 
@@ -566,7 +570,8 @@ def test_failed_tool_call_falls_back_to_its_raw_text_as_content() -> None:
     assert replacement == Token('{"name": "nope"}', "content")
     acc.add(Done({"content_tokens": 1, "tool_call_tokens": 2}))
     assert acc.text == 'Sure: {"name": "nope"}'
-    assert acc.tool_calls == [] and acc.tool_text == []
+    assert acc.tool_calls == []
+    assert acc.tool_text == []
     assert finish_reason(acc, 100) == "stop"
     body = chat_completion("chatcmpl-3", "m", 1, acc, 100)
     assert body["choices"][0]["message"]["content"] == 'Sure: {"name": "nope"}'
@@ -580,14 +585,17 @@ def test_chat_completion_validates_with_the_sdk() -> None:
     assert parsed.choices[0].message.content == "Hello"
     assert parsed.choices[0].finish_reason == "stop"
     assert body["choices"][0]["message"]["reasoning_content"] == "why"
-    assert parsed.usage is not None and parsed.usage.completion_tokens == 6
-    assert parsed.usage.prompt_tokens_details is not None and parsed.usage.prompt_tokens_details.cached_tokens == 4
+    assert parsed.usage is not None
+    assert parsed.usage.completion_tokens == 6
+    assert parsed.usage.prompt_tokens_details is not None
+    assert parsed.usage.prompt_tokens_details.cached_tokens == 4
 
     tool = accumulated(Token("{...}", "tool_call"), ToolCalls([CALL]), Done({"tool_call_tokens": 1}))
     parsed = ChatCompletion.model_validate(chat_completion("chatcmpl-2", "m", 1, tool, 100))
     message = parsed.choices[0].message
     assert message.content is None
-    assert message.tool_calls is not None and message.tool_calls[0].id == "call_1"
+    assert message.tool_calls is not None
+    assert message.tool_calls[0].id == "call_1"
     assert "index" not in chat_completion("chatcmpl-2", "m", 1, tool, 100)["choices"][0]["message"]["tool_calls"][0]
     assert parsed.choices[0].finish_reason == "tool_calls"
 
@@ -615,7 +623,8 @@ def test_chat_chunks_validate_with_the_sdk(
 def test_text_completion_and_chunks_validate_with_the_sdk() -> None:
     acc = accumulated(Token("Once", "content"), Done({"prompt_tokens": 2, "content_tokens": 1}))
     parsed = Completion.model_validate(text_completion("cmpl-1", "m", 1, acc, 1))
-    assert parsed.choices[0].text == "Once" and parsed.choices[0].finish_reason == "length"
+    assert parsed.choices[0].text == "Once"
+    assert parsed.choices[0].finish_reason == "length"
     # Intermediate chunks carry finish_reason null, as OpenAI streams them (the SDK does
     # not validate stream chunks; its model would demand a reason).
     assert text_chunk("cmpl-1", "m", 1, "x")["choices"] == [

@@ -54,7 +54,8 @@ def test_dockerfiles_build_without_a_registry() -> None:
     for name in ("Dockerfile.balancer", "Dockerfile.agent", "Dockerfile.llama-server"):
         text = (REPO / name).read_text()
         assert "# syntax=" not in text, name
-        assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text, name
+        assert "ARG BASE_IMAGE=" in text, name
+        assert "FROM ${BASE_IMAGE}" in text, name
     model = (REPO / "Dockerfile.agent-model").read_text()
     assert "/models/SmolLM2-135M-Instruct.Q4_1.gguf" in model
 
@@ -65,7 +66,8 @@ def test_llama_server_image_installs_the_staged_binary_and_compiles_only_without
     text = (REPO / "Dockerfile.llama-server").read_text()
     assert "/build-context/llama-server" in text
     assert '[ "$GGML_CUDA" != ON ]' in text
-    assert "GGML_NATIVE=OFF" in text and "scripts/install-llama-server.sh" in text
+    assert "GGML_NATIVE=OFF" in text
+    assert "scripts/install-llama-server.sh" in text
     assert "image-install.sh system-deps llama-server" in text
     assert "USER 10001:10001" in text
     images = (REPO / "scripts" / "images.sh").read_text()

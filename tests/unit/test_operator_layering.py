@@ -48,7 +48,8 @@ def test_plan_is_pure() -> None:
 
 def test_reconcile_reaches_the_world_only_through_its_clients() -> None:
     names = imports("reconcile")
-    assert "aiohttp" not in names and "kopf" not in names
+    assert "aiohttp" not in names
+    assert "kopf" not in names
     assert "paddler_operator.kube.KubeApi" in names
     assert "paddler_operator.balancer_client.BalancerClient" in names
 

@@ -704,7 +704,9 @@ def test_agent_view_from_balancer_json() -> None:
             "state_application_status": "Applied",
         }
     )  # fmt: skip
-    assert view.ready and view.slots_in_flight == 2 and view.issues == ('{"kind": "x"}',)
+    assert view.ready
+    assert view.slots_in_flight == 2
+    assert view.issues == ('{"kind": "x"}',)
 
 
 # --- the management token (issue 10) ------------------------------------------------------

@@ -50,7 +50,8 @@ def test_llama_server_engine_adds_the_server_beside_the_agent_on_pod_loopback() 
     # reach the pod's loopback), by the agent container's Python.
     assert "readinessProbe" not in server
     probe = agent["readinessProbe"]["exec"]["command"]
-    assert probe[:2] == ["python", "-c"] and "http://127.0.0.1:8080/health" in probe[2]
+    assert probe[:2] == ["python", "-c"]
+    assert "http://127.0.0.1:8080/health" in probe[2]
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     assert {m["name"] for m in server["volumeMounts"]} == {"models", "tmp"}
 

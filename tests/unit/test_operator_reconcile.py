@@ -251,7 +251,8 @@ async def test_model_deployment_waits_for_its_pool(balancers: BalancerClient) ->
     kube.add(model_deployment())
     r = reconciler(kube, balancers)
     outcome = await r.reconcile_model_deployment(NS, "m")
-    assert not outcome.ok and not outcome.retry
+    assert not outcome.ok
+    assert not outcome.retry
     assert kube.condition("ModelDeployment", "m") == ("False", "PoolNotFound")
     assert kube.writes() == []
     kube.add(pool())
@@ -401,7 +402,8 @@ async def test_status_keys_no_longer_set_are_removed_once(balancers: BalancerCli
     r = reconciler(kube, balancers)
     await r.reconcile_pool(NS, "p")
     status = kube.objects[ObjRef("paddler.dev/v1alpha1", "LlmPool", NS, "p")]["status"]
-    assert "stale" not in status and status["slots"] == "0/0"
+    assert "stale" not in status
+    assert status["slots"] == "0/0"
     kube.calls.clear()
     await r.reconcile_pool(NS, "p")
     assert kube.calls == []
@@ -504,13 +506,15 @@ async def test_desired_state_put_carries_max_unavailable_and_status_shows_the_ro
     r = reconciler(kube, balancers, balancer.management_url)
     await r.reconcile_model_deployment(NS, "m")
     rollout = await balancers.rollout(balancer.management_url, "m")
-    assert rollout is not None and rollout["max_unavailable"] == "50%"
+    assert rollout is not None
+    assert rollout["max_unavailable"] == "50%"
     assert rollout["phase"] == "Complete"  # no agent yet: nothing to switch
 
     kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["spec"]["rollout"] = {"maxUnavailable": 2}
     await r.reconcile_model_deployment(NS, "m")
     rollout = await balancers.rollout(balancer.management_url, "m")
-    assert rollout is not None and rollout["max_unavailable"] == "2"
+    assert rollout is not None
+    assert rollout["max_unavailable"] == "2"
 
 
 async def test_pool_reconcile_removes_groups_of_model_deployments_that_no_longer_exist(

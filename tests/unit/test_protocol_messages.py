@@ -37,7 +37,8 @@ def test_the_variant_chooses_the_param_model() -> None:
         wire(generate_message("r1", "ContinueFromRawPrompt", {"raw_prompt": "x", "max_tokens": 2}))
     )
     chat = parse_generate_message(wire(generate_message("r2", "ContinueFromConversationHistory", CONVERSATION)))
-    assert isinstance(raw.params, ContinueFromRawPromptParams) and raw.params.max_tokens == 2
+    assert isinstance(raw.params, ContinueFromRawPromptParams)
+    assert raw.params.max_tokens == 2
     assert isinstance(chat.params, ContinueFromConversationHistoryParams)
 
 
@@ -47,7 +48,8 @@ def test_overrides_travel_without_their_unset_fields() -> None:
     )
     assert message["overrides"] == {"temperature": 0.5}
     parsed = parse_generate_message(wire(message))
-    assert parsed.overrides is not None and parsed.overrides.temperature == 0.5
+    assert parsed.overrides is not None
+    assert parsed.overrides.temperature == 0.5
 
 
 @pytest.mark.parametrize(
@@ -91,4 +93,5 @@ def test_a_received_payload_keeps_its_error_kind_on_the_balancers_side_only() ->
     plain = received_payload(
         {"type": "response", "request_id": "r", "response": {"GeneratedToken": {"ContentToken": "a"}}}
     )
-    assert error_kind_of(plain) is None and type(plain) is dict
+    assert error_kind_of(plain) is None
+    assert type(plain) is dict

@@ -87,7 +87,8 @@ def test_serving_agents_switch_one_at_a_time_and_take_requests_again_after() -> 
     group = Agents(3)
     rollout = group.rollouts.start("default", NEW, OLD)
     first = group.switching()
-    assert len(first) == 1 and group.draining() == first
+    assert len(first) == 1
+    assert group.draining() == first
     assert group.sent[first[0]][0]["revision"] == state_revision(NEW)
     assert group.agent(first[0]).free_slots == 0
     assert (rollout.phase, rollout.applied, rollout.total) == (RolloutPhase.PROGRESSING, 0, 3)
@@ -95,7 +96,8 @@ def test_serving_agents_switch_one_at_a_time_and_take_requests_again_after() -> 
     group.report(group.agent(first[0]), NEW)
     assert group.agent(first[0]).free_slots == 2
     second = [a for a in group.switching() if a not in first]
-    assert len(second) == 1 and group.draining() == second
+    assert len(second) == 1
+    assert group.draining() == second
     group.report(group.agent(second[0]), NEW)
     group.report(group.agent(group.draining()[0]), NEW)
     assert (rollout.phase, rollout.applied, rollout.total, group.draining()) == (RolloutPhase.COMPLETE, 3, 3, [])
@@ -114,8 +116,10 @@ def test_a_failed_load_stops_the_rollout_and_newcomers_get_the_old_state() -> No
     (first,) = group.switching()
     group.report(group.agent(first), NEW, ok=False)
     assert rollout.phase == RolloutPhase.FAILED
-    assert "bad file" in rollout.message and "0/3" in rollout.message
-    assert group.switching() == [first] and group.draining() == []  # nobody else switched
+    assert "bad file" in rollout.message
+    assert "0/3" in rollout.message
+    assert group.switching() == [first]
+    assert group.draining() == []
     assert group.rollouts.state_for_new_agent("default", NEW) == OLD
 
 

@@ -85,7 +85,8 @@ def test_candidates_are_capped_but_keep_prefix_holders() -> None:
     many = [agent(f"a{i}") for i in range(1000)]
     holder = many[500]
     chosen = routing.candidates(indexed(many), {holder}, limit=16, rng=random.Random(1))
-    assert len(chosen) == 16 and holder in chosen
+    assert len(chosen) == 16
+    assert holder in chosen
     many_holders = set(many[:100])
     assert len(routing.candidates(indexed(many), many_holders, limit=16, rng=random.Random(1))) == 16
     assert len(routing.candidates(indexed(many[:10]), set(), limit=16, rng=random.Random(1))) == 10
@@ -98,4 +99,5 @@ def test_indexed_set_discard_keeps_the_rest_reachable() -> None:
     s.discard(agents[1])
     s.discard(agents[4])
     assert sorted(a.id for a in s) == ["a0", "a2", "a3"]
-    assert agents[1] not in s and len(s) == 3
+    assert agents[1] not in s
+    assert len(s) == 3

@@ -68,7 +68,8 @@ def test_shared_conversation_prefix_shares_leading_keys() -> None:
     second = {"conversation_history": [{"role": "system", "content": "s"}, {"role": "user", "content": "b"}]}
     k1 = request_prefix_keys("ContinueFromConversationHistory", first)
     k2 = request_prefix_keys("ContinueFromConversationHistory", second)
-    assert k1[0] == k2[0] and k1[1] != k2[1]
+    assert k1[0] == k2[0]
+    assert k1[1] != k2[1]
 
 
 def test_raw_prompt_keys_cover_whole_chunks_only() -> None:

@@ -56,8 +56,12 @@ CLASSIFIER_CASES: list[tuple[str, list[str], dict[str, Any], list[Piece]]] = [
         [(R, "plan"), (C, "Answer")],
     ),
     ("text inside think", ["<think>a <b> c</think>d"], {}, [(R, "a <b> c"), (C, "d")]),
-    ("prompt opened think", ["thinking", "</think>", "\n\nok"], {"start_in_reasoning": True},
-     [(R, "thinking"), (C, "ok")]),
+    (
+        "prompt opened think",
+        ["thinking", "</think>", "\n\nok"],
+        {"start_in_reasoning": True},
+        [(R, "thinking"), (C, "ok")],
+    ),
     ("unterminated think", ["<think>never ends"], {}, [(R, "never ends")]),
     ("reasoning off", ["<think>x</think>"], {"reasoning": False}, [(C, "<think>x</think>")]),
     ("lone angle brackets", ["a < b", " <thin", "g>"], {}, [(C, "a < b <thing>")]),
@@ -97,9 +101,9 @@ CLASSIFIER_CASES: list[tuple[str, list[str], dict[str, Any], list[Piece]]] = [
     ),
     (
         "unfinished tagged call",
-        ["<tool_call>{\"name\": \"f\""],
+        ['<tool_call>{"name": "f"'],
         {"tools": True},
-        [(T, "<tool_call>{\"name\": \"f\"")],
+        [(T, '<tool_call>{"name": "f"')],
     ),
     ("partial tag at the end", ["abc <tool"], {"tools": True}, [(C, "abc <tool")]),
     ("only whitespace", [" ", "\n"], {}, [(C, " \n")]),
@@ -125,7 +129,8 @@ def test_classifier_holds_back_only_a_possible_tag() -> None:
     assert classifier.feed("b>") == [(C, "<b>")]
     assert classifier.feed(" <tool_") == [(C, " ")]
     assert classifier.feed("call>") == [(T, "<tool_call>")]
-    assert classifier.kind == T and classifier.last_kind == T
+    assert classifier.kind == T
+    assert classifier.last_kind == T
     assert classifier.feed(CALL + "</tool_call>") == [(T, CALL + "</tool_call>")]
     assert classifier.finish() == []
     assert classifier.saw_tool_call
@@ -245,9 +250,13 @@ PARSE_CASES: list[tuple[str, str, dict[str, Any]]] = [
     (
         "invalid JSON",
         '<tool_call>{"name": "now", "arguments": {</tool_call>',
-        {"GeneratedToken": {"ToolCallParseFailed": "tool call 1 is not valid JSON: "
-                                                   "Expecting property name enclosed in double "
-                                                   "quotes: line 1 column 31 (char 30)"}},
+        {
+            "GeneratedToken": {
+                "ToolCallParseFailed": "tool call 1 is not valid JSON: "
+                "Expecting property name enclosed in double "
+                "quotes: line 1 column 31 (char 30)"
+            }
+        },
     ),
     ("empty", "  \n", {"GeneratedToken": {"ToolCallParseFailed": "the output has no tool call"}}),
     (
@@ -263,53 +272,68 @@ PARSE_CASES: list[tuple[str, str, dict[str, Any]]] = [
     (
         "schema violations",
         '{"name": "get_weather", "arguments": {"city": 7, "unit": "k", "days": 0, "x": 1}}',
-        {"GeneratedToken": {"ToolCallValidationFailed": [
-            "get_weather: $.city: expected string, got integer",
-            'get_weather: $.unit: "k" is not one of ["c", "f"]',
-            "get_weather: $.days: 0 must be at least 1",
-            "get_weather: $: unexpected property 'x'",
-        ]}},
+        {
+            "GeneratedToken": {
+                "ToolCallValidationFailed": [
+                    "get_weather: $.city: expected string, got integer",
+                    'get_weather: $.unit: "k" is not one of ["c", "f"]',
+                    "get_weather: $.days: 0 must be at least 1",
+                    "get_weather: $: unexpected property 'x'",
+                ]
+            }
+        },
     ),
     (
         "missing required",
         '{"name": "get_weather", "arguments": {}}',
-        {"GeneratedToken": {"ToolCallValidationFailed": [
-            "get_weather: $: missing required property 'city'",
-        ]}},
+        {
+            "GeneratedToken": {
+                "ToolCallValidationFailed": [
+                    "get_weather: $: missing required property 'city'",
+                ]
+            }
+        },
     ),
     (
         "arguments not an object",
         '{"name": "now", "arguments": [1]}',
-        {"GeneratedToken": {"ToolCallValidationFailed": [
-            "now: arguments must be a JSON object, got array",
-        ]}},
+        {
+            "GeneratedToken": {
+                "ToolCallValidationFailed": [
+                    "now: arguments must be a JSON object, got array",
+                ]
+            }
+        },
     ),
     (
         "unknown tool",
         '{"name": "launch", "arguments": {}}',
-        {"GeneratedToken": {"ToolCallValidationFailed": [
-            "launch: no such tool (available: get_weather, now)",
-        ]}},
+        {
+            "GeneratedToken": {
+                "ToolCallValidationFailed": [
+                    "launch: no such tool (available: get_weather, now)",
+                ]
+            }
+        },
     ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"), [c[1:] for c in PARSE_CASES], ids=[c[0] for c in PARSE_CASES]
-)
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in PARSE_CASES], ids=[c[0] for c in PARSE_CASES])
 def test_parse_tool_calls(text: str, expected: dict[str, Any]) -> None:
     outcome = parse_tool_calls(text, TOOLS, make_id=ids())
     assert outcome.payload == expected
     assert outcome.ok == ("ToolCallParsed" in expected["GeneratedToken"])
     # paddler-client reads every outcome.
-    message = parse_inference_client_message(
-        {"Response": {"request_id": "r", "response": outcome.payload}}
+    message = parse_inference_client_message({"Response": {"request_id": "r", "response": outcome.payload}})
+    assert (
+        message.kind.value
+        == {
+            "ToolCallParsed": InferenceMessageKind.TOOL_CALL_PARSED,
+            "ToolCallValidationFailed": InferenceMessageKind.TOOL_CALL_VALIDATION_FAILED,
+            "ToolCallParseFailed": InferenceMessageKind.TOOL_CALL_PARSE_FAILED,
+        }[outcome.kind].value
     )
-    assert message.kind.value == {
-        "ToolCallParsed": InferenceMessageKind.TOOL_CALL_PARSED,
-        "ToolCallValidationFailed": InferenceMessageKind.TOOL_CALL_VALIDATION_FAILED,
-        "ToolCallParseFailed": InferenceMessageKind.TOOL_CALL_PARSE_FAILED,
-    }[outcome.kind].value
     if outcome.ok:
         assert message.parsed_tool_calls is not None
         for call, sent in zip(message.parsed_tool_calls, outcome.calls, strict=True):
@@ -320,7 +344,9 @@ def test_parse_tool_calls(text: str, expected: dict[str, Any]) -> None:
 def test_call_ids_are_unique_and_openai_like() -> None:
     outcome = parse_tool_calls('[{"name": "now"}, {"name": "now"}]', TOOLS)
     first, second = (c.id for c in outcome.calls)
-    assert first != second and first.startswith("call_") and len(first) == 29
+    assert first != second
+    assert first.startswith("call_")
+    assert len(first) == 29
 
 
 def test_classifier_output_feeds_the_parser() -> None:
@@ -346,19 +372,27 @@ def test_classifier_output_feeds_the_parser() -> None:
         ({"type": "boolean"}, 0, ["$: expected boolean, got integer"]),
         ({"type": "null"}, None, []),
         ({"type": ["string", "null"]}, None, []),
-        ({"type": "array", "items": {"type": "string"}}, ["a", 1],
-         ["$[1]: expected string, got integer"]),
+        ({"type": "array", "items": {"type": "string"}}, ["a", 1], ["$[1]: expected string, got integer"]),
         ({"type": "array", "maxItems": 1}, [1, 2], ["$: has 2 items, at most 1 allowed"]),
         ({"type": "string", "minLength": 2}, "a", ["$: has 1 characters, at least 2 required"]),
         ({"enum": [1, "a"]}, 1.0, []),
         ({"enum": [1]}, True, ["$: true is not one of [1]"]),
         ({"const": "x"}, "y", ['$: must be "x"']),
-        ({"anyOf": [{"type": "string"}, {"type": "null"}]}, 3,
-         ["$: matches none of the allowed shapes ($: expected string, got integer)"]),
-        ({"type": "object", "additionalProperties": {"type": "integer"}}, {"a": 1, "b": "x"},
-         ["$.b: expected integer, got string"]),
-        ({"type": "object", "properties": {"o": {"type": "object", "required": ["k"]}}},
-         {"o": {}}, ["$.o: missing required property 'k'"]),
+        (
+            {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            3,
+            ["$: matches none of the allowed shapes ($: expected string, got integer)"],
+        ),
+        (
+            {"type": "object", "additionalProperties": {"type": "integer"}},
+            {"a": 1, "b": "x"},
+            ["$.b: expected integer, got string"],
+        ),
+        (
+            {"type": "object", "properties": {"o": {"type": "object", "required": ["k"]}}},
+            {"o": {}},
+            ["$.o: missing required property 'k'"],
+        ),
         ({"$ref": "#/defs/x", "format": "date"}, "anything", []),
         (True, 1, []),
         (False, 1, ["$: no value is allowed here"]),
@@ -395,5 +429,5 @@ def test_tool_call_grammar_for_one_tool_has_no_alternatives() -> None:
     schema = tool_call_schema([WEATHER])
     assert schema["properties"]["name"] == {"const": "get_weather"}
     assert schema["properties"]["arguments"] == WEATHER.function.parameters
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one tool"):
         tool_call_schema([])

@@ -43,7 +43,8 @@ def test_accepts_real_unicode_and_pairs_of_surrogates() -> None:
 def test_messages_keep_utf8_and_escape_lone_surrogates() -> None:
     assert encode_message({"p": "é"}) == '{"p": "é"}'
     escaped = encode_message({"p": "a\ud800"})
-    assert escaped.isascii() and json.loads(escaped) == {"p": "a\ud800"}
+    assert escaped.isascii()
+    assert json.loads(escaped) == {"p": "a\ud800"}
 
 
 def test_frames_stay_under_the_batch_size_and_keep_every_message() -> None:

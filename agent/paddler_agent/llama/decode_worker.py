@@ -23,9 +23,9 @@ from paddler_agent.llama.jobs import (
     Emit,
     Job,
     Payload,
-    Sequence_,
     Settings,
     Slot,
+    SlotSequence,
     StatusDelta,
 )
 from paddler_agent.llama.multimodal import (
@@ -153,7 +153,7 @@ class DecodeWorker:
         self._ledger = KvLedger(self.gen.n_ctx_seq, runtime.config.slots)
         self._waiting: deque[Job] = deque()
         self._arrivals = itertools.count()
-        self._step_log: list[tuple[Sequence_, list[int], bool]] = []
+        self._step_log: list[tuple[SlotSequence, list[int], bool]] = []
         """What this step's batch added per sequence (tokens, from next_token), to undo
         it when llama.cpp finds no room for the batch."""
         self._empty_steps = 0
@@ -415,7 +415,7 @@ class DecodeWorker:
         classifier = None
         if job.tools is not None:
             classifier = OutputClassifier(tools=bool(job.tools), start_in_reasoning=job.starts_in_reasoning)
-        slot.seq = Sequence_(
+        slot.seq = SlotSequence(
             job=job,
             slot=slot.index,
             sampler=sampler,
@@ -463,13 +463,13 @@ class DecodeWorker:
 
     # -- the shared KV cache ------------------------------------------------------------------
 
-    def _running(self) -> list[Sequence_]:
+    def _running(self) -> list[SlotSequence]:
         """Sequences that hold KV cells (not preempted), oldest first."""
         running = [s.seq for s in self._slots if s.seq is not None and not s.seq.parked]
         running.sort(key=lambda q: q.job.order)
         return running
 
-    def _parked(self) -> list[Sequence_]:
+    def _parked(self) -> list[SlotSequence]:
         return [s.seq for s in self._slots if s.seq is not None and s.seq.parked]
 
     def _truncate(self, slot: Slot, keep: int) -> None:
@@ -533,7 +533,7 @@ class DecodeWorker:
             else:
                 self._park(running[-1])
 
-    def _park(self, seq: Sequence_) -> None:
+    def _park(self, seq: SlotSequence) -> None:
         """Preempt ``seq``: free its cells; it keeps its slot, sampler and output state and
         re-evaluates its prompt and generated tokens when it resumes."""
         slot = self._slots[seq.slot]
@@ -551,7 +551,7 @@ class DecodeWorker:
             seq.generated,
         )
 
-    def _resume(self, seq: Sequence_) -> bool:
+    def _resume(self, seq: SlotSequence) -> bool:
         """Resume a preempted sequence when the cache has room for all it held."""
         slot = self._slots[seq.slot]
         history = seq.pending
@@ -577,10 +577,10 @@ class DecodeWorker:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def _fill_batch(self) -> list[tuple[Sequence_, int | None]]:
+    def _fill_batch(self) -> list[tuple[SlotSequence, int | None]]:
         batch = self.gen.batch
         batch.clear()
-        entries: list[tuple[Sequence_, int | None]] = []
+        entries: list[tuple[SlotSequence, int | None]] = []
         log = self._step_log
         log.clear()
         running = self._running()
@@ -620,7 +620,7 @@ class DecodeWorker:
             log.append((seq, chunk, False))
         return entries
 
-    def _eval_image(self, seq: Sequence_) -> bool:
+    def _eval_image(self, seq: SlotSequence) -> bool:
         """Evaluate the image chunk at the head of ``seq.pending`` (outside the step's
         batch: its text before it is already decoded); False when it did not run (no
         room in the KV cache yet, or it failed and the request ended)."""
@@ -681,7 +681,7 @@ class DecodeWorker:
                 seq.pending[0:0] = tokens
         self._step_log.clear()
 
-    def _decode_failed(self, rc: int, entries: list[tuple[Sequence_, int | None]]) -> None:
+    def _decode_failed(self, rc: int, entries: list[tuple[SlotSequence, int | None]]) -> None:
         if rc == 1:
             # No room in the KV cache for the batch (the ledger should prevent it; a cache
             # type it does not model, e.g. sliding-window, may not): nothing was
@@ -706,7 +706,7 @@ class DecodeWorker:
                 self._release(slot)
                 self._forget_cache(slot)
 
-    def _on_logits(self, seq: Sequence_, index: int) -> None:
+    def _on_logits(self, seq: SlotSequence, index: int) -> None:
         try:
             token = seq.sampler.sample(self.gen.handle, index)
         except RequestError as e:
@@ -726,7 +726,7 @@ class DecodeWorker:
         else:
             seq.next_token = token
 
-    def _emit_text(self, seq: Sequence_, text: str, *, count: bool) -> None:
+    def _emit_text(self, seq: SlotSequence, text: str, *, count: bool) -> None:
         """Emit generated text, classified for conversations, and count the token.
 
         A token counts as the kind of the first piece it emits. One that emits nothing
@@ -748,11 +748,11 @@ class DecodeWorker:
             self._count(seq, pieces[0][0])
 
     @staticmethod
-    def _count(seq: Sequence_, kind: str) -> None:
+    def _count(seq: SlotSequence, kind: str) -> None:
         seq.counts[kind] = seq.counts.get(kind, 0) + seq.uncounted
         seq.uncounted = 0
 
-    def _flush_text(self, seq: Sequence_) -> None:
+    def _flush_text(self, seq: SlotSequence) -> None:
         """Emit what the stop-string matcher and the classifier held back, and the
         parsed tool calls."""
         self._emit_text(seq, seq.text.flush(), count=False)
@@ -768,7 +768,7 @@ class DecodeWorker:
             outcome = parse_tool_calls(classifier.tool_call_text, seq.job.tools or [])
             self._emit(seq.job.request_id, outcome.payload, False)
 
-    def _finish(self, seq: Sequence_) -> None:
+    def _finish(self, seq: SlotSequence) -> None:
         self._flush_text(seq)
         rid = seq.job.request_id
         usage = usage_dict(
@@ -792,7 +792,7 @@ class DecodeWorker:
         )
         self._release(self._slots[seq.slot])
 
-    def _context_full(self, seq: Sequence_) -> None:
+    def _context_full(self, seq: SlotSequence) -> None:
         self._flush_text(seq)
         rid = seq.job.request_id
         message = (

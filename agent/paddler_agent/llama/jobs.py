@@ -69,7 +69,7 @@ class Job:
 
 
 @dataclass
-class Sequence_:
+class SlotSequence:
     """A job running in a slot."""
 
     job: Job
@@ -97,7 +97,7 @@ class Slot:
     index: int
     tokens: list[int] = field(default_factory=list)
     """Tokens the slot's KV cache holds, in order."""
-    seq: Sequence_ | None = None
+    seq: SlotSequence | None = None
     last_used: float = 0.0
     prefix_keys: tuple[str, ...] = ()
     """Prefix keys of the request whose KV cache the slot holds."""
