@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from paddler_core.inference import ConversationMessage, ImageUrlContentPart, TextContentPart
+from paddler_core.inference import ConversationMessage, GenerationError, ImageUrlContentPart, TextContentPart
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Largest picture (width x height) decoded, whatever ``image_resize_to_fit`` says: its
@@ -28,14 +28,14 @@ RGB pixels take 192 MiB. A larger one is refused before decoding."""
 # decode_image checks the declared size itself, with a clearer message (Pillow's own
 # check would refuse first, naming only a pixel count).
 Image.MAX_IMAGE_PIXELS = None
-IMAGE_DECODING_FAILED = "ImageDecodingFailed"
+IMAGE_DECODING_FAILED = GenerationError.IMAGE_DECODING_FAILED
 """Paddler's GeneratedToken error variant for an image that cannot be used."""
 
 
 class ImageError(Exception):
     """An image part that cannot be used; ``kind`` is the Paddler error variant."""
 
-    def __init__(self, message: str, kind: str = IMAGE_DECODING_FAILED) -> None:
+    def __init__(self, message: str, kind: GenerationError = IMAGE_DECODING_FAILED) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -79,6 +79,7 @@ from paddler_core.inference import (
     EmbeddingPayload,
     ErrorKind,
     GbnfGrammar,
+    GenerationError,
     GenerationParams,
     JsonSchemaGrammar,
     ResponsePayload,
@@ -112,12 +113,20 @@ FINAL_FIELDS = ("content", "stop", "stop_type", "tokens_predicted", "tokens_eval
 class LlamaServerError(Exception):
     """The server answered a request with an error; ``kind`` is the payload variant."""
 
-    def __init__(self, kind: str, message: str, error_kind: ErrorKind | None = None) -> None:
+    def __init__(self, kind: GenerationError, message: str, error_kind: ErrorKind | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.error_kind = error_kind
         """What the error means to the balancer, when it needs to know (not shown to clients)."""
+
+
+class EmbeddingError(Exception):
+    """The server could not embed a batch; the message goes into ``{"Embedding": {"Error": ...}}``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 # ---- what the server says about itself (pure) ------------------------------------------------
@@ -231,7 +240,7 @@ def grammar_fields(params: GenerationParams) -> dict[str, Any]:
         try:
             schema = json.loads(grammar.schema_value)
         except json.JSONDecodeError as e:
-            raise LlamaServerError("GrammarSyntaxError", f"invalid JSON schema: {e}") from e
+            raise LlamaServerError(GenerationError.GRAMMAR_SYNTAX_ERROR, f"invalid JSON schema: {e}") from e
         return {"json_schema": schema}
     return {}
 
@@ -287,13 +296,14 @@ def prepare_completion(
 def render_conversation(params: ContinueFromConversationHistoryParams, props: ServerProps, override: str | None) -> str:
     if params.grammar is not None and params.enable_thinking:
         raise LlamaServerError(
-            "GrammarIncompatibleWithThinking",
+            GenerationError.GRAMMAR_INCOMPATIBLE_WITH_THINKING,
             "a grammar cannot be combined with enable_thinking; disable thinking to use it",
         )
     template = override or props.chat_template
     if not template:
         raise LlamaServerError(
-            "ChatTemplateError", "the server's model has no chat template and no chat template override is set"
+            GenerationError.CHAT_TEMPLATE_ERROR,
+            "the server's model has no chat template and no chat template override is set",
         )
     try:
         text = render_chat(
@@ -306,7 +316,7 @@ def render_conversation(params: ContinueFromConversationHistoryParams, props: Se
             eos_token=props.eos_token,
         )
     except ChatTemplateError as e:
-        raise LlamaServerError("ChatTemplateError", str(e)) from e
+        raise LlamaServerError(GenerationError.CHAT_TEMPLATE_ERROR, str(e)) from e
     # llama-server tokenizes the prompt with the model's own BOS rule; a template
     # that writes the BOS text too would double it.
     if props.bos_token and text.startswith(props.bos_token):
@@ -330,12 +340,12 @@ def error_of_response(status: int, text: str) -> LlamaServerError:
 def error_of_server(status: int, kind: str, message: str) -> LlamaServerError:
     if kind == "exceed_context_size_error":
         text = f"context full: the prompt does not fit the server's context: {message}"
-        return LlamaServerError("SamplerError", text, ErrorKind.PROMPT_EXCEEDS_CONTEXT)
+        return LlamaServerError(GenerationError.SAMPLER_ERROR, text, ErrorKind.PROMPT_EXCEEDS_CONTEXT)
     if "grammar" in message.lower() or "json_schema" in message.lower():
-        return LlamaServerError("GrammarSyntaxError", message)
+        return LlamaServerError(GenerationError.GRAMMAR_SYNTAX_ERROR, message)
     if status == 400 or kind == "invalid_request_error":
-        return LlamaServerError("SamplerError", f"invalid request: {message}", ErrorKind.INVALID_REQUEST)
-    return LlamaServerError("SamplerError", f"llama-server answered HTTP {status}: {message}")
+        return LlamaServerError(GenerationError.SAMPLER_ERROR, f"invalid request: {message}", ErrorKind.INVALID_REQUEST)
+    return LlamaServerError(GenerationError.SAMPLER_ERROR, f"llama-server answered HTTP {status}: {message}")
 
 
 @dataclass
@@ -364,7 +374,7 @@ class StreamTranslator:
             if isinstance(error, dict):
                 code = int(error.get("code", 500))
                 raise error_of_server(code, str(error.get("type", "")), str(error.get("message")))
-            raise LlamaServerError("SamplerError", f"llama-server: {error}")
+            raise LlamaServerError(GenerationError.SAMPLER_ERROR, f"llama-server: {error}")
         text = str(chunk.get("content") or "")
         predicted = chunk.get("tokens_predicted")
         new_tokens = 0
@@ -413,7 +423,7 @@ class StreamTranslator:
             self.error_kind = ErrorKind.CONTEXT_FULL
             out.append(
                 generated_error_payload(
-                    "SamplerError",
+                    GenerationError.SAMPLER_ERROR,
                     f"context full: the server's slot context was used up after {self.predicted} generated tokens",
                 )
             )
@@ -426,20 +436,19 @@ def embedding_vectors(body: Any, count: int) -> list[list[float]]:
     """The pooled vector of each document of a ``POST /embedding`` answer, in order."""
     items = body if isinstance(body, list) else [body]
     if len(items) != count:
-        raise LlamaServerError("Embedding", f"llama-server returned {len(items)} embeddings for {count} documents")
+        raise EmbeddingError(f"llama-server returned {len(items)} embeddings for {count} documents")
     ordered = sorted(items, key=lambda item: int(item.get("index", 0)) if isinstance(item, dict) else 0)
     vectors: list[list[float]] = []
     for item in ordered:
         value = item.get("embedding") if isinstance(item, dict) else None
         if isinstance(value, list) and value and isinstance(value[0], list):
             if len(value) != 1:
-                raise LlamaServerError(
-                    "Embedding",
+                raise EmbeddingError(
                     "llama-server returned one vector per token (pooling none); start it with --pooling mean or last",
                 )
             value = value[0]
         if not isinstance(value, list):
-            raise LlamaServerError("Embedding", "llama-server returned no embedding vector")
+            raise EmbeddingError("llama-server returned no embedding vector")
         vectors.append([float(v) for v in value])
     return vectors
 
@@ -455,7 +464,9 @@ def sse_data(line: bytes) -> dict[str, Any] | None:
     try:
         decoded = json.loads(data)
     except json.JSONDecodeError as e:
-        raise LlamaServerError("SamplerError", f"llama-server sent a line that is not JSON: {data[:200]}") from e
+        raise LlamaServerError(
+            GenerationError.SAMPLER_ERROR, f"llama-server sent a line that is not JSON: {data[:200]}"
+        ) from e
     return decoded if isinstance(decoded, dict) else None
 
 
@@ -566,7 +577,9 @@ class LlamaServerEngine(Engine):
                     response.close()  # drop the connection: llama-server stops and frees the slot
                     raise
             if translator.final is None:
-                raise LlamaServerError("SamplerError", "llama-server ended the stream before the last token")
+                raise LlamaServerError(
+                    GenerationError.SAMPLER_ERROR, "llama-server ended the stream before the last token"
+                )
             *body, last = translator.finish()
             for payload in body:
                 self._emit(rid, payload, False)
@@ -578,7 +591,7 @@ class LlamaServerEngine(Engine):
             log.warning("llama-server stream broke request_id=%s error=%r", rid, e)
             self._wake.set()
             text = f"llama-server at {self.url} failed during the request: {_describe(e)}"
-            self._emit(rid, generated_error_payload("SamplerError", text), True)
+            self._emit(rid, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True)
 
     async def _embed(self, message: EmbedMessage) -> None:
         rid = message.request_id
@@ -590,11 +603,11 @@ class LlamaServerEngine(Engine):
             async with self._session.post(f"{self.url}/embedding", json=body) as response:
                 text = await response.text()
                 if response.status != 200:
-                    raise LlamaServerError("Embedding", error_of_response(response.status, text).message)
+                    raise EmbeddingError(error_of_response(response.status, text).message)
             try:
                 decoded = json.loads(text)
             except json.JSONDecodeError as e:
-                raise LlamaServerError("Embedding", f"llama-server answered something that is not JSON: {e}") from e
+                raise EmbeddingError(f"llama-server answered something that is not JSON: {e}") from e
             vectors = embedding_vectors(decoded, len(documents))
             method = params.normalization_method
             for doc, vector in zip(documents, vectors, strict=True):
@@ -610,7 +623,7 @@ class LlamaServerEngine(Engine):
                 }
                 self._emit(rid, payload, False)
             self._emit(rid, {"Embedding": "Done"}, True)
-        except LlamaServerError as e:
+        except (EmbeddingError, LlamaServerError) as e:
             self._emit(rid, {"Embedding": {"Error": e.message}}, True)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             self._wake.set()
@@ -619,7 +632,9 @@ class LlamaServerEngine(Engine):
     def _serving_props(self) -> ServerProps:
         props = self.props
         if props is None or self.board.slots_total == 0:
-            raise LlamaServerError("SamplerError", f"llama-server at {self.url} is not serving; see the agent's issues")
+            raise LlamaServerError(
+                GenerationError.SAMPLER_ERROR, f"llama-server at {self.url} is not serving; see the agent's issues"
+            )
         return props
 
     def model_metadata(self) -> dict[str, str] | None:

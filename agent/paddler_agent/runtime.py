@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from paddler_agent.engine import Engine, StatusBoard
 from paddler_agent.model_source import MODEL_SOURCE_NOT_ALLOWED, ModelAccess, ModelSourceError
 from paddler_core.desired_state import BalancerDesiredState, state_revision
-from paddler_core.inference import ErrorKind, ResponsePayload, generated_error_payload
+from paddler_core.inference import ErrorKind, GenerationError, ResponsePayload, generated_error_payload
 from paddler_core.model_access import ModelUrlPolicy
 from paddler_core.protocol import (
     AGENT_SOCKET_PATH,
@@ -299,7 +299,7 @@ class AgentRuntime:
         if message["type"] == "embed":
             self.emit(request_id, {"Embedding": {"Error": text}}, True)
         else:
-            self.emit(request_id, generated_error_payload("SamplerError", text), True, error_kind)
+            self.emit(request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True, error_kind)
 
     def _handle_unguarded(self, message: dict[str, Any]) -> None:
         kind = message.get("type")

@@ -229,6 +229,26 @@ TIMEOUT: str = "Timeout"
 TOO_MANY_BUFFERED_REQUESTS: str = "TooManyBufferedRequests"
 
 
+class GenerationError(StrEnum):
+    """Paddler's terminal generation errors: the variant in ``{"GeneratedToken": {VARIANT:
+    message}}``. The values are Paddler's names, so the wire is unchanged; the agent raises
+    and emits these, the balancer maps them to HTTP statuses (openai/events.py)."""
+
+    SAMPLER_ERROR = "SamplerError"
+    CHAT_TEMPLATE_ERROR = "ChatTemplateError"
+    GRAMMAR_SYNTAX_ERROR = "GrammarSyntaxError"
+    GRAMMAR_INITIALIZATION_FAILED = "GrammarInitializationFailed"
+    GRAMMAR_REJECTED_MODEL_OUTPUT = "GrammarRejectedModelOutput"
+    GRAMMAR_INCOMPATIBLE_WITH_THINKING = "GrammarIncompatibleWithThinking"
+    TOOL_CALL_VALIDATOR_BUILD_FAILED = "ToolCallValidatorBuildFailed"
+    IMAGE_DECODING_FAILED = "ImageDecodingFailed"
+    IMAGE_EXCEEDS_BATCH_SIZE = "ImageExceedsBatchSize"
+    MEDIA_EXCEEDS_MICRO_BATCH = "MediaExceedsMicroBatch"
+    MULTIMODAL_NOT_SUPPORTED = "MultimodalNotSupported"
+    MULTIMODAL_INGESTION_FAILED = "MultimodalIngestionFailed"
+    MULTIMODAL_TOKENIZATION_FAILED = "MultimodalTokenizationFailed"
+
+
 class ErrorKind(StrEnum):
     """What a failed generation means to the balancer, told by the agent beside the
     payload (``error_kind`` of its ``response`` message; never forwarded to clients,
@@ -340,7 +360,7 @@ def done_payload(usage: Usage) -> GeneratedTokenPayload:
     return {"GeneratedToken": {"Done": {"usage": usage}}}
 
 
-def generated_error_payload(kind: str, message: str) -> GeneratedTokenPayload:
+def generated_error_payload(kind: GenerationError, message: str) -> GeneratedTokenPayload:
     """A terminal generation error, e.g. ``ChatTemplateError`` or ``SamplerError``."""
     return {"GeneratedToken": {kind: message}}
 

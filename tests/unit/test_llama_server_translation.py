@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from paddler_agent.llama_server import (
+    EmbeddingError,
     LlamaServerError,
     PreparedRequest,
     ServerProps,
@@ -279,9 +280,9 @@ def test_error_chunk_mid_stream_raises_a_payload_error() -> None:
 def test_embeddings_are_read_in_document_order_and_pooling_none_is_refused() -> None:
     body = [{"index": 1, "embedding": [[0.0, 1.0]]}, {"index": 0, "embedding": [[1.0, 0.0]]}]
     assert embedding_vectors(body, 2) == [[1.0, 0.0], [0.0, 1.0]]
-    with pytest.raises(LlamaServerError, match="pooling"):
+    with pytest.raises(EmbeddingError, match="pooling"):
         embedding_vectors([{"index": 0, "embedding": [[1.0], [2.0]]}], 1)
-    with pytest.raises(LlamaServerError, match="2 documents"):
+    with pytest.raises(EmbeddingError, match="2 documents"):
         embedding_vectors([{"index": 0, "embedding": [1.0]}], 2)
 
 

@@ -41,6 +41,7 @@ from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls
 from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
     ErrorKind,
+    GenerationError,
     done_payload,
     generated_error_payload,
     token_payload,
@@ -354,7 +355,7 @@ class DecodeWorker:
         except Exception as e:  # one request's failure must not stop the loop
             logger.exception("request failed to start request_id=%s", message.request_id)
             text = f"the request failed to start: {type(e).__name__}: {e}"
-            self._emit(message.request_id, generated_error_payload("SamplerError", text), True)
+            self._emit(message.request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True)
             return
         job.order = next(self._arrivals)
         self._waiting.append(job)
@@ -390,7 +391,7 @@ class DecodeWorker:
                     if slot.seq is not None and slot.seq.job.request_id == job.request_id:
                         self._release(slot)
                 text = f"the request failed to start: {type(e).__name__}: {e}"
-                self._emit(job.request_id, generated_error_payload("SamplerError", text), True)
+                self._emit(job.request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True)
                 continue
             if not started:
                 return
@@ -630,7 +631,7 @@ class DecodeWorker:
         if image is None or media is None:  # a bug: placeholders of no chunk
             self._emit(
                 seq.job.request_id,
-                generated_error_payload("MultimodalIngestionFailed", "an image of the prompt was lost"),
+                generated_error_payload(GenerationError.MULTIMODAL_INGESTION_FAILED, "an image of the prompt was lost"),
                 True,
             )
             self._release(slot)
@@ -648,7 +649,9 @@ class DecodeWorker:
         started = time.monotonic()
         try:
             if projector is None:
-                raise MultimodalError("MultimodalNotSupported", "the multimodal projector is not loaded")
+                raise MultimodalError(
+                    GenerationError.MULTIMODAL_NOT_SUPPORTED, "the multimodal projector is not loaded"
+                )
             end = projector.eval_image(self.gen.handle, image, seq.n_past, seq.slot, self.gen.n_batch)
         except MultimodalError as e:
             logger.warning("image evaluation failed request_id=%s error=%s", seq.job.request_id, e.message)
@@ -700,7 +703,7 @@ class DecodeWorker:
             if slot.seq is seq:
                 self._emit(
                     seq.job.request_id,
-                    generated_error_payload("SamplerError", f"llama_decode failed with code {rc}"),
+                    generated_error_payload(GenerationError.SAMPLER_ERROR, f"llama_decode failed with code {rc}"),
                     True,
                 )
                 self._release(slot)
@@ -800,7 +803,7 @@ class DecodeWorker:
             f"after {seq.generated} generated tokens"
         )
         logger.info("request context full request_id=%s slot=%d", rid, seq.slot)
-        self._emit(rid, generated_error_payload("SamplerError", message), True, ErrorKind.CONTEXT_FULL)
+        self._emit(rid, generated_error_payload(GenerationError.SAMPLER_ERROR, message), True, ErrorKind.CONTEXT_FULL)
         self._release(self._slots[seq.slot])
 
     def _release(self, slot: Slot) -> None:
@@ -823,10 +826,12 @@ class DecodeWorker:
     def _fail_all(self, message: str) -> None:
         for slot in self._slots:
             if slot.seq is not None:
-                self._emit(slot.seq.job.request_id, generated_error_payload("SamplerError", message), True)
+                self._emit(
+                    slot.seq.job.request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, message), True
+                )
                 self._release(slot)
         for job in self._waiting:
-            self._emit(job.request_id, generated_error_payload("SamplerError", message), True)
+            self._emit(job.request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, message), True)
             job.free_media()
         self._waiting.clear()
 
@@ -840,9 +845,8 @@ class DecodeWorker:
         emb = self.runtime.emb
         try:
             if emb is None:
-                raise RequestError(
-                    "Embedding",
-                    "embeddings are not enabled for this model; set enable_embeddings in the inference parameters",
+                raise RuntimeError(
+                    "embeddings are not enabled for this model; set enable_embeddings in the inference parameters"
                 )
             job = item if isinstance(item, EmbedJob) else self._prepare_embed(item, emb)
             self._embeds[0] = job

@@ -26,6 +26,7 @@ from paddler_core.desired_state import (
     ModelSource,
 )
 from paddler_core.inference import (
+    GenerationError,
     generated_error_payload,
 )
 from paddler_core.protocol import (
@@ -169,7 +170,11 @@ class LlamaEngine(Engine):
                     eos_token=model.token_text(model.eos),
                 )
             except (RequestError, ChatTemplateError) as e:
-                kind, text_ = (e.kind, e.message) if isinstance(e, RequestError) else ("ChatTemplateError", str(e))
+                kind, text_ = (
+                    (e.kind, e.message)
+                    if isinstance(e, RequestError)
+                    else (GenerationError.CHAT_TEMPLATE_ERROR, str(e))
+                )
                 logger.info("request rejected request_id=%s kind=%s message=%s", rid, kind, text_)
                 self._deliver([(rid, generated_error_payload(kind, text_), True, None)], None)
                 return
@@ -199,7 +204,7 @@ class LlamaEngine(Engine):
             else:
                 reason = "it has no multimodal projector (set multimodal_projection in the desired state)"
             raise RequestError(
-                "MultimodalNotSupported",
+                GenerationError.MULTIMODAL_NOT_SUPPORTED,
                 f"the request has {len(urls)} image(s), but this model takes no images: {reason}",
             )
         try:
@@ -214,7 +219,7 @@ class LlamaEngine(Engine):
         if isinstance(message, EmbedMessage):
             self.host.emit(message.request_id, {"Embedding": {"Error": text}}, True)
         else:
-            self.host.emit(message.request_id, generated_error_payload("SamplerError", text), True)
+            self.host.emit(message.request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True)
 
     def stop(self, request_id: str) -> None:
         before = len(self._held)

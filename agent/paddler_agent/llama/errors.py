@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from paddler_core.inference import ErrorKind
+from paddler_core.inference import ErrorKind, GenerationError
 
 
 class RequestError(Exception):
     """A request that cannot run; ``kind`` is the Paddler GeneratedToken error variant."""
 
-    def __init__(self, kind: str, message: str, error_kind: ErrorKind | None = None) -> None:
+    def __init__(self, kind: GenerationError, message: str, error_kind: ErrorKind | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -22,6 +22,7 @@ from paddler_core.desired_state import (
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     ErrorKind,
+    GenerationError,
     ResponsePayload,
     Tool,
 )
@@ -116,12 +117,14 @@ def template_for(params: ContinueFromConversationHistoryParams, settings: Settin
     """The chat template to render ``params`` with; raises RequestError."""
     if params.grammar is not None and params.enable_thinking:
         raise RequestError(
-            "GrammarIncompatibleWithThinking",
+            GenerationError.GRAMMAR_INCOMPATIBLE_WITH_THINKING,
             "a grammar cannot be combined with enable_thinking; disable thinking to use it",
         )
     template = settings.chat_template_override or model.chat_template()
     if not template:
-        raise RequestError("ChatTemplateError", "the model has no chat template and no chat template override is set")
+        raise RequestError(
+            GenerationError.CHAT_TEMPLATE_ERROR, "the model has no chat template and no chat template override is set"
+        )
     return template
 
 

@@ -29,6 +29,7 @@ import llama_cpp
 from llama_cpp import mtmd_cpp
 
 from paddler_agent.images import DecodedImage
+from paddler_core.inference import GenerationError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ProjectorLoadError(Exception):
 class MultimodalError(Exception):
     """A request's images cannot be used; ``kind`` is Paddler's error variant."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: GenerationError, message: str) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -188,7 +189,7 @@ class Projector:
                 data = text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise MultimodalError(
-                    "MultimodalTokenizationFailed",
+                    GenerationError.MULTIMODAL_TOKENIZATION_FAILED,
                     f"invalid request: the text holds a lone UTF-16 surrogate at character {e.start}",
                 ) from None
             source = mtmd_cpp.mtmd_input_text(data, add_special, True)
@@ -196,12 +197,13 @@ class Projector:
             rc = int(mtmd_cpp.mtmd_tokenize(self.handle, chunks, ctypes.byref(source), array, len(bitmaps)))
             if rc == 1:
                 raise MultimodalError(
-                    "MultimodalTokenizationFailed",
+                    GenerationError.MULTIMODAL_TOKENIZATION_FAILED,
                     f"the prompt has a different number of image places than its {len(bitmaps)} images",
                 )
             if rc != 0:
                 raise MultimodalError(
-                    "MultimodalTokenizationFailed", f"the projector could not preprocess the images (code {rc})"
+                    GenerationError.MULTIMODAL_TOKENIZATION_FAILED,
+                    f"the projector could not preprocess the images (code {rc})",
                 )
             prompt = MediaPrompt(tokens=[], _chunks=chunks)
             chunks = None
@@ -218,7 +220,9 @@ class Projector:
         pixels = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
         bitmap = mtmd_cpp.mtmd_bitmap_init(image.width, image.height, pixels)
         if not bitmap:
-            raise MultimodalError("ImageDecodingFailed", f"libmtmd refused a {image.width}x{image.height} image")
+            raise MultimodalError(
+                GenerationError.IMAGE_DECODING_FAILED, f"libmtmd refused a {image.width}x{image.height} image"
+            )
         return bitmap
 
     def _fill(self, prompt: MediaPrompt, next_placeholder: int) -> None:
@@ -234,7 +238,9 @@ class Projector:
                     prompt.tokens.extend(ptr[k] for k in range(n.value))
                 continue
             if kind != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                raise MultimodalError("MultimodalTokenizationFailed", "the prompt holds media other than images")
+                raise MultimodalError(
+                    GenerationError.MULTIMODAL_TOKENIZATION_FAILED, "the prompt holds media other than images"
+                )
             n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
             n_pos = int(_lib.mtmd_input_chunk_get_n_pos(chunk))
             prompt.images[placeholder] = ImageChunk(chunk, n_tokens, n_pos)
@@ -251,5 +257,7 @@ class Projector:
             )
         )
         if rc != 0:
-            raise MultimodalError("MultimodalIngestionFailed", f"the projector could not evaluate an image (code {rc})")
+            raise MultimodalError(
+                GenerationError.MULTIMODAL_INGESTION_FAILED, f"the projector could not evaluate an image (code {rc})"
+            )
         return int(new_n_past.value)

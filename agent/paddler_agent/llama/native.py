@@ -27,7 +27,7 @@ from paddler_core.desired_state import (
     KvCacheDtype,
     PoolingType,
 )
-from paddler_core.inference import ErrorKind
+from paddler_core.inference import ErrorKind, GenerationError
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class NativeModel:
             data = text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise RequestError(
-                "SamplerError",
+                GenerationError.SAMPLER_ERROR,
                 f"invalid request: the text holds a lone UTF-16 surrogate at character {e.start}",
                 ErrorKind.INVALID_REQUEST,
             ) from None

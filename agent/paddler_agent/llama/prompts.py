@@ -28,6 +28,7 @@ from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
     ErrorKind,
+    GenerationError,
     Tool,
 )
 from paddler_core.protocol import (
@@ -94,7 +95,7 @@ class JobPreparer:
                 eos_token=self.model.token_text(self.model.eos),
             )
         except ChatTemplateError as e:
-            raise RequestError("ChatTemplateError", str(e)) from e
+            raise RequestError(GenerationError.CHAT_TEMPLATE_ERROR, str(e)) from e
 
     def _tokenize_prompt(self, text: str) -> list[int]:
         """Tokens of a prompt; special-token text (``<|im_start|>``...) becomes the token."""
@@ -103,11 +104,11 @@ class JobPreparer:
         tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
         if not tokens:
             if self.model.bos < 0:
-                raise RequestError("SamplerError", "the prompt is empty")
+                raise RequestError(GenerationError.SAMPLER_ERROR, "the prompt is empty")
             tokens = [self.model.bos]
         if len(tokens) >= self.gen.n_ctx_seq:
             raise RequestError(
-                "SamplerError",
+                GenerationError.SAMPLER_ERROR,
                 f"context full: the prompt has {len(tokens)} tokens and the agent's KV cache "
                 f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
                 ErrorKind.PROMPT_EXCEEDS_CONTEXT,
@@ -118,7 +119,7 @@ class JobPreparer:
         """Tokens and image chunks of a prompt with images; raises RequestError."""
         projector = self.runtime.projector
         if projector is None:
-            raise RequestError("MultimodalNotSupported", "this model has no multimodal projector")
+            raise RequestError(GenerationError.MULTIMODAL_NOT_SUPPORTED, "this model has no multimodal projector")
         bos_text = self.model.token_text(self.model.bos)
         add_special = not (bos_text and text.startswith(bos_text))
         try:
@@ -137,11 +138,12 @@ class JobPreparer:
         tokens = media.tokens
         if not tokens or is_placeholder(tokens[-1]):
             raise RequestError(
-                "MultimodalTokenizationFailed", "the prompt ends with an image; text must follow it (a question)"
+                GenerationError.MULTIMODAL_TOKENIZATION_FAILED,
+                "the prompt ends with an image; text must follow it (a question)",
             )
         if len(tokens) >= self.gen.n_ctx_seq:
             raise RequestError(
-                "SamplerError",
+                GenerationError.SAMPLER_ERROR,
                 f"context full: the prompt has {len(tokens)} tokens (images included) and the agent's KV cache "
                 f"(context_size, shared by its slots) holds {self.gen.n_ctx_seq}",
                 ErrorKind.PROMPT_EXCEEDS_CONTEXT,
@@ -150,7 +152,7 @@ class JobPreparer:
         for image in media.images.values():
             if projector.non_causal and image.n_tokens > n_ubatch:
                 raise RequestError(
-                    "MediaExceedsMicroBatch",
+                    GenerationError.MEDIA_EXCEEDS_MICRO_BATCH,
                     f"an image takes {image.n_tokens} tokens; this model decodes an image in one micro-batch "
                     f"of at most {n_ubatch} (raise n_batch or lower image_resize_to_fit)",
                 )

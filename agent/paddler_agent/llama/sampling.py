@@ -22,6 +22,7 @@ from paddler_core.desired_state import (
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     GbnfGrammar,
+    GenerationError,
     GrammarConstraint,
     ImageUrlContentPart,
 )
@@ -36,7 +37,7 @@ def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None
     try:
         return json_schema_to_gbnf(constraint.schema_value), "root"
     except Exception as e:
-        raise RequestError("GrammarSyntaxError", f"invalid JSON schema: {e}") from e
+        raise RequestError(GenerationError.GRAMMAR_SYNTAX_ERROR, f"invalid JSON schema: {e}") from e
 
 
 def refuse_images(params: ContinueFromConversationHistoryParams) -> None:
@@ -46,7 +47,7 @@ def refuse_images(params: ContinueFromConversationHistoryParams) -> None:
     for index, message in enumerate(params.conversation_history):
         if isinstance(message.content, list) and any(isinstance(p, ImageUrlContentPart) for p in message.content):
             raise RequestError(
-                "MultimodalNotSupported",
+                GenerationError.MULTIMODAL_NOT_SUPPORTED,
                 f"conversation_history.{index} has an image, but this model has no multimodal projector",
             )
 
@@ -58,10 +59,16 @@ def grammar_failure(grammar: tuple[str, str], errors: list[str]) -> RequestError
     text, root = grammar
     detail = "; ".join(errors)
     if not re.search(rf"^\s*{re.escape(root)}\s*::=", text, re.MULTILINE):
-        return RequestError("GrammarInitializationFailed", f"the grammar has no rule named {root!r} (its root)")
+        return RequestError(
+            GenerationError.GRAMMAR_INITIALIZATION_FAILED, f"the grammar has no rule named {root!r} (its root)"
+        )
     if "left recursion" in detail:
-        return RequestError("GrammarInitializationFailed", f"the grammar cannot be initialised: {detail}")
-    return RequestError("GrammarSyntaxError", f"invalid grammar: {detail or 'llama.cpp could not parse it'}")
+        return RequestError(
+            GenerationError.GRAMMAR_INITIALIZATION_FAILED, f"the grammar cannot be initialised: {detail}"
+        )
+    return RequestError(
+        GenerationError.GRAMMAR_SYNTAX_ERROR, f"invalid grammar: {detail or 'llama.cpp could not parse it'}"
+    )
 
 
 def _penalties_neutral(params: InferenceParameters) -> bool:
@@ -283,7 +290,7 @@ class GrammarSampler(FastSampler):
             self._apply_grammar(everything)
             row[:] = everything["logit"]
             if not np.isfinite(row.max()):
-                raise RequestError("GrammarRejectedModelOutput", "the grammar allows no next token")
+                raise RequestError(GenerationError.GRAMMAR_REJECTED_MODEL_OUTPUT, "the grammar allows no next token")
             token = super()._pick(row)
         llama_cpp.llama_sampler_accept(self.grammar, token)
         return token

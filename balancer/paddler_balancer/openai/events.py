@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from paddler_balancer.openai.errors import OpenAIError
-from paddler_core.inference import ErrorKind
+from paddler_core.inference import ErrorKind, GenerationError
 from paddler_core.protocol import error_kind_of
 
 # ---- agent payloads -------------------------------------------------------------------------
@@ -99,16 +99,16 @@ def classify(payload: Any) -> Event:
 
 
 _AGENT_ERROR_STATUS: dict[str, int] = {
-    "ChatTemplateError": 400,
-    "GrammarSyntaxError": 400,
-    "GrammarInitializationFailed": 400,
-    "GrammarIncompatibleWithThinking": 400,
-    "ToolCallValidatorBuildFailed": 400,
-    "ImageDecodingFailed": 400,
-    "MultimodalNotSupported": 400,
-    "ImageExceedsBatchSize": 400,
-    "MediaExceedsMicroBatch": 400,
-    "MultimodalTokenizationFailed": 400,
+    GenerationError.CHAT_TEMPLATE_ERROR: 400,
+    GenerationError.GRAMMAR_SYNTAX_ERROR: 400,
+    GenerationError.GRAMMAR_INITIALIZATION_FAILED: 400,
+    GenerationError.GRAMMAR_INCOMPATIBLE_WITH_THINKING: 400,
+    GenerationError.TOOL_CALL_VALIDATOR_BUILD_FAILED: 400,
+    GenerationError.IMAGE_DECODING_FAILED: 400,
+    GenerationError.MULTIMODAL_NOT_SUPPORTED: 400,
+    GenerationError.IMAGE_EXCEEDS_BATCH_SIZE: 400,
+    GenerationError.MEDIA_EXCEEDS_MICRO_BATCH: 400,
+    GenerationError.MULTIMODAL_TOKENIZATION_FAILED: 400,
 }
 
 
