@@ -22,7 +22,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from paddler_core.desired_state import EmbeddingNormalizationMethod
 
@@ -72,16 +72,27 @@ def image_url_problem(url: str) -> str | None:
     return None
 
 
-class ImageUrl(_Params):
-    url: str
+IMAGES_CHECKED = {"images_checked": True}
+"""Validation context of a model built from parts whose image URLs were already checked
+(the OpenAI layer maps its validated request to native params): the base64 of an image,
+up to the body limit, is then not decoded a second time."""
 
-    @field_validator("url")
-    @classmethod
-    def _usable(cls, url: str) -> str:
-        problem = image_url_problem(url)
-        if problem is not None:
-            raise ValueError(problem)
+
+def _usable_image_url(url: str, info: ValidationInfo) -> str:
+    if isinstance(info.context, dict) and info.context.get("images_checked"):
         return url
+    problem = image_url_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
+    return url
+
+
+DataImageUrl = Annotated[str, AfterValidator(_usable_image_url)]
+"""An image URL this project can use: an inline ``data:image/...;base64,`` URI."""
+
+
+class ImageUrl(_Params):
+    url: DataImageUrl
 
 
 class ImageUrlContentPart(_Params):

@@ -20,6 +20,7 @@ from paddler_balancer.openai.request_models import (
 )
 from paddler_core.desired_state import SamplingOverrides
 from paddler_core.inference import (
+    IMAGES_CHECKED,
     ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
     ConversationMessage,
@@ -97,7 +98,7 @@ def conversation(messages: list[ChatMessage]) -> list[ConversationMessage]:
                 }
                 for c in m.tool_calls
             ]
-        out.append(ConversationMessage.model_validate(entry))
+        out.append(ConversationMessage.model_validate(entry, context=IMAGES_CHECKED))  # by the OpenAI models
     return out
 
 

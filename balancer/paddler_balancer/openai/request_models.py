@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from paddler_core.inference import (
-    image_url_problem,
+    DataImageUrl,
 )
 
 # ---- requests -------------------------------------------------------------------------------
@@ -26,15 +26,7 @@ class TextPart(OpenAIModel):
 
 
 class ImageUrlSpec(OpenAIModel):
-    url: str
-
-    @field_validator("url")
-    @classmethod
-    def _usable(cls, url: str) -> str:
-        problem = image_url_problem(url)
-        if problem is not None:
-            raise ValueError(problem)
-        return url
+    url: DataImageUrl
 
 
 class ImagePart(OpenAIModel):

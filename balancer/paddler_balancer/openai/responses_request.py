@@ -39,7 +39,7 @@ from paddler_balancer.openai.request_models import (
     ToolCall,
     ToolDefinition,
 )
-from paddler_core.inference import image_url_problem
+from paddler_core.inference import DataImageUrl
 
 # ---- requests -------------------------------------------------------------------------------
 
@@ -63,17 +63,9 @@ class Refusal(OpenAIModel):
 
 class InputImage(OpenAIModel):
     type: Literal["input_image"]
-    image_url: str | None = None
+    image_url: DataImageUrl | None = None
     file_id: str | None = None
     detail: Literal["low", "high", "auto"] | None = None
-
-    @field_validator("image_url")
-    @classmethod
-    def _usable(cls, url: str | None) -> str | None:
-        problem = None if url is None else image_url_problem(url)
-        if problem is not None:
-            raise ValueError(problem)
-        return url
 
 
 InputPart = Annotated[InputText | OutputText | Refusal | InputImage, Field(discriminator="type")]
@@ -204,7 +196,8 @@ def _parts(content: str | list[InputPart], where: str) -> str | list[ContentPart
         elif isinstance(part, Refusal):
             parts.append(TextPart(type="text", text=part.refusal))
         elif part.image_url:
-            parts.append(ImagePart(type="image_url", image_url=ImageUrlSpec(url=part.image_url)))
+            # Checked when the request was validated (InputImage.image_url): not decoded again.
+            parts.append(ImagePart(type="image_url", image_url=ImageUrlSpec.model_construct(url=part.image_url)))
         else:
             raise OpenAIError(
                 400,
