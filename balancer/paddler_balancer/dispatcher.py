@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -79,8 +79,9 @@ class Dispatcher:
     def buffered(self) -> int:
         return len(self._waiters)
 
-    def waiting_requests(self) -> list[routing.RouteRequest]:
-        return [w.request for w in self._waiters]
+    def buffered_by_group(self) -> Counter[str]:
+        """Buffered requests per model group (a group with none is absent: 0)."""
+        return Counter(w.request.model_group for w in self._waiters)
 
     def watch(self) -> asyncio.Event:
         """An event set whenever the buffered count may have changed."""

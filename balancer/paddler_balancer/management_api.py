@@ -111,8 +111,7 @@ async def buffered_requests(request: web.Request) -> web.Response:
     group = request.query.get("model_group")
     if group is None:
         return web.json_response(_buffered_body(balancer))
-    count = sum(1 for waiting in balancer.dispatcher.waiting_requests() if waiting.model_group == group)
-    return web.json_response({"buffered_requests_current": count})
+    return web.json_response({"buffered_requests_current": balancer.dispatcher.buffered_by_group()[group]})
 
 
 async def agents_stream(request: web.Request) -> web.StreamResponse:

@@ -103,14 +103,12 @@ class Balancer:
 
     def gauges(self) -> list[GroupGauges]:
         groups = set(self.store.names()) | {a.model_group for a in self.pool.agents.values()}
-        buffered: dict[str, int] = {}
-        for request in self.dispatcher.waiting_requests():
-            buffered[request.model_group] = buffered.get(request.model_group, 0) + 1
+        buffered = self.dispatcher.buffered_by_group()
         rows = []
         for group in sorted(groups):
             agents = self.pool.in_group(group)
             slots_total, in_flight = totals(agents)
-            rows.append(GroupGauges(group, len(agents), slots_total, in_flight, buffered.get(group, 0)))
+            rows.append(GroupGauges(group, len(agents), slots_total, in_flight, buffered[group]))
         return rows
 
     def agent_gauges(self) -> list[AgentGauges]:
