@@ -66,6 +66,7 @@ import aiohttp
 
 from paddler_agent.chat_template import ChatTemplateError, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
+from paddler_agent.llama.errors import RequestError
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
 from paddler_core.desired_state import (
     BalancerDesiredState,
@@ -110,15 +111,9 @@ Payload = ResponsePayload
 FINAL_FIELDS = ("content", "stop", "stop_type", "tokens_predicted", "tokens_evaluated", "tokens_cached")
 
 
-class LlamaServerError(Exception):
-    """The server answered a request with an error; ``kind`` is the payload variant."""
-
-    def __init__(self, kind: GenerationError, message: str, error_kind: ErrorKind | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.error_kind = error_kind
-        """What the error means to the balancer, when it needs to know (not shown to clients)."""
+LlamaServerError = RequestError
+"""The server answered a request with an error: the engine's own request error (``kind`` is
+the payload variant, ``error_kind`` what it means to the balancer)."""
 
 
 class EmbeddingError(Exception):

@@ -29,6 +29,7 @@ import llama_cpp
 from llama_cpp import mtmd_cpp
 
 from paddler_agent.images import DecodedImage
+from paddler_agent.llama.errors import RequestError, prompt_bytes
 from paddler_core.inference import GenerationError
 
 logger = logging.getLogger(__name__)
@@ -88,15 +89,6 @@ def check_gguf_complete(path: str) -> None:
 class ProjectorLoadError(Exception):
     """libmtmd refused the projector file (not a projector GGUF, truncated, or made for
     a language model of another embedding size)."""
-
-
-class MultimodalError(Exception):
-    """A request's images cannot be used; ``kind`` is Paddler's error variant."""
-
-    def __init__(self, kind: GenerationError, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass
@@ -181,27 +173,21 @@ class Projector:
     ) -> MediaPrompt:
         """Tokens and image chunks of ``text`` whose markers stand for ``images``;
         placeholders count down from ``next_placeholder`` (negative). Raises
-        MultimodalError."""
+        RequestError."""
         bitmaps = [self._bitmap(image) for image in images]
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         try:
-            try:
-                data = text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise MultimodalError(
-                    GenerationError.MULTIMODAL_TOKENIZATION_FAILED,
-                    f"invalid request: the text holds a lone UTF-16 surrogate at character {e.start}",
-                ) from None
+            data = prompt_bytes(text)
             source = mtmd_cpp.mtmd_input_text(data, add_special, True)
             array = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             rc = int(mtmd_cpp.mtmd_tokenize(self.handle, chunks, ctypes.byref(source), array, len(bitmaps)))
             if rc == 1:
-                raise MultimodalError(
+                raise RequestError(
                     GenerationError.MULTIMODAL_TOKENIZATION_FAILED,
                     f"the prompt has a different number of image places than its {len(bitmaps)} images",
                 )
             if rc != 0:
-                raise MultimodalError(
+                raise RequestError(
                     GenerationError.MULTIMODAL_TOKENIZATION_FAILED,
                     f"the projector could not preprocess the images (code {rc})",
                 )
@@ -220,7 +206,7 @@ class Projector:
         pixels = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
         bitmap = mtmd_cpp.mtmd_bitmap_init(image.width, image.height, pixels)
         if not bitmap:
-            raise MultimodalError(
+            raise RequestError(
                 GenerationError.IMAGE_DECODING_FAILED, f"libmtmd refused a {image.width}x{image.height} image"
             )
         return bitmap
@@ -238,7 +224,7 @@ class Projector:
                     prompt.tokens.extend(ptr[k] for k in range(n.value))
                 continue
             if kind != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                raise MultimodalError(
+                raise RequestError(
                     GenerationError.MULTIMODAL_TOKENIZATION_FAILED, "the prompt holds media other than images"
                 )
             n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
@@ -249,7 +235,7 @@ class Projector:
 
     def eval_image(self, ctx: Any, image: ImageChunk, n_past: int, seq: int, n_batch: int) -> int:
         """Encode ``image`` and decode its embeddings into sequence ``seq`` from position
-        ``n_past``; the position after it. Raises MultimodalError."""
+        ``n_past``; the position after it. Raises RequestError."""
         new_n_past = llama_cpp.llama_pos(n_past)
         rc = int(
             mtmd_cpp.mtmd_helper_eval_chunk_single(
@@ -257,7 +243,7 @@ class Projector:
             )
         )
         if rc != 0:
-            raise MultimodalError(
+            raise RequestError(
                 GenerationError.MULTIMODAL_INGESTION_FAILED, f"the projector could not evaluate an image (code {rc})"
             )
         return int(new_n_past.value)

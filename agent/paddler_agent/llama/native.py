@@ -17,7 +17,7 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
-from paddler_agent.llama.errors import RequestError
+from paddler_agent.llama.errors import prompt_bytes
 from paddler_agent.llama.multimodal import (
     Projector,
     ProjectorLoadError,
@@ -27,7 +27,6 @@ from paddler_core.desired_state import (
     KvCacheDtype,
     PoolingType,
 )
-from paddler_core.inference import ErrorKind, GenerationError
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +218,7 @@ class NativeModel:
         return self._to_piece(token, special=True).decode("utf-8", errors="replace")
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(
-                GenerationError.SAMPLER_ERROR,
-                f"invalid request: the text holds a lone UTF-16 surrogate at character {e.start}",
-                ErrorKind.INVALID_REQUEST,
-            ) from None
+        data = prompt_bytes(text)
         capacity = len(data) + 8
         while True:
             buf = (llama_cpp.llama_token * capacity)()
