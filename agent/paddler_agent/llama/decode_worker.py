@@ -30,7 +30,6 @@ from paddler_agent.llama.jobs import (
 )
 from paddler_agent.llama.multimodal import (
     ImageChunk,
-    MultimodalError,
     is_placeholder,
 )
 from paddler_agent.llama.native import EMBEDDING_MAX_SEQS, EmbedContext, LoadConfig, Runtime
@@ -405,12 +404,12 @@ class DecodeWorker:
         if not self._room_for(job.prompt, slot, donor, reuse):
             return False
         sampler: Sampler | FastSampler
-        if FastSampler.suits(job.params) and job.grammar is not None:
-            sampler = GrammarSampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
-        elif FastSampler.suits(job.params):
-            sampler = FastSampler(self.model.n_vocab, job.params, job.seed, self.gen.n_ctx_seq)
-        else:
+        if not FastSampler.suits(job.params):
             sampler = Sampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
+        elif job.grammar is not None:
+            sampler = GrammarSampler(self.model, job.params, job.seed, job.grammar, self.gen.n_ctx_seq)
+        else:
+            sampler = FastSampler(self.model.n_vocab, job.params, job.seed, self.gen.n_ctx_seq)
         sampler.accept_prompt(job.prompt if job.media is None else [t for t in job.prompt if not is_placeholder(t)])
         self._apply_prefix(slot, donor, reuse)
         classifier = None
@@ -649,11 +648,9 @@ class DecodeWorker:
         started = time.monotonic()
         try:
             if projector is None:
-                raise MultimodalError(
-                    GenerationError.MULTIMODAL_NOT_SUPPORTED, "the multimodal projector is not loaded"
-                )
+                raise RequestError(GenerationError.MULTIMODAL_NOT_SUPPORTED, "the multimodal projector is not loaded")
             end = projector.eval_image(self.gen.handle, image, seq.n_past, seq.slot, self.gen.n_batch)
-        except MultimodalError as e:
+        except RequestError as e:
             logger.warning("image evaluation failed request_id=%s error=%s", seq.job.request_id, e.message)
             self._emit(seq.job.request_id, generated_error_payload(e.kind, e.message), True)
             self._release(slot)

@@ -180,18 +180,10 @@ class LlamaEngine(Engine):
                 return
         if rid not in self._inflight:
             return  # stopped while rendering
-        if text is None:  # no runtime to render with: the decode thread renders it, or it waits
-            if self._worker is not None and self._serving:
-                self._worker.submit(message)
-                return
-            self._inflight.discard(rid)
-            if not self._inflight:
-                self._drained.set()
-            self._submit(message)
-            return
         self._inflight.discard(rid)
         if not self._inflight:
             self._drained.set()
+        # No runtime to render with (the model went away): _submit holds or refuses it.
         self._submit(message, text, images)
 
     async def _decode_images(self, runtime: Runtime, urls: list[str]) -> list[DecodedImage]:

@@ -7,25 +7,21 @@ from __future__ import annotations
 
 import llama_cpp
 
-from paddler_agent.chat_template import ChatTemplateError, render_chat
 from paddler_agent.images import DecodedImage
 from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.jobs import (
     Job,
     Settings,
-    template_for,
 )
 from paddler_agent.llama.multimodal import (
     MediaPrompt,
-    MultimodalError,
     Projector,
     is_placeholder,
 )
 from paddler_agent.llama.native import Runtime
-from paddler_agent.llama.sampling import grammar_text, refuse_images
+from paddler_agent.llama.sampling import grammar_text
 from paddler_agent.tool_calls import prompt_opens_reasoning
 from paddler_core.inference import (
-    ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
     ErrorKind,
     GenerationError,
@@ -58,9 +54,10 @@ class JobPreparer:
         if isinstance(params, ContinueFromRawPromptParams):
             text = params.raw_prompt
         else:
-            if not images:
-                refuse_images(params)
-            text = rendered if rendered is not None else self._render(params)
+            # The engine rendered it (and decoded its images, or refused them) before
+            # queueing: a conversation never reaches the decode thread unrendered.
+            assert rendered is not None, "conversations are rendered before they are queued"
+            text = rendered
             tools = list(params.tools)
             parse_calls = params.parse_tool_calls
         grammar = grammar_text(params.grammar)
@@ -80,22 +77,6 @@ class JobPreparer:
             media=media,
             image_tokens=sum(i.n_pos for i in media.images.values()) if media is not None else 0,
         )
-
-    def _render(self, params: ContinueFromConversationHistoryParams) -> str:
-        """In-thread rendering: only for a request the engine did not render first."""
-        template = template_for(params, self.settings, self.model)
-        try:
-            return render_chat(
-                template,
-                params.conversation_history,
-                add_generation_prompt=params.add_generation_prompt,
-                enable_thinking=params.enable_thinking,
-                tools=params.tools,
-                bos_token=self.model.token_text(self.model.bos),
-                eos_token=self.model.token_text(self.model.eos),
-            )
-        except ChatTemplateError as e:
-            raise RequestError(GenerationError.CHAT_TEMPLATE_ERROR, str(e)) from e
 
     def _tokenize_prompt(self, text: str) -> list[int]:
         """Tokens of a prompt; special-token text (``<|im_start|>``...) becomes the token."""
@@ -122,10 +103,7 @@ class JobPreparer:
             raise RequestError(GenerationError.MULTIMODAL_NOT_SUPPORTED, "this model has no multimodal projector")
         bos_text = self.model.token_text(self.model.bos)
         add_special = not (bos_text and text.startswith(bos_text))
-        try:
-            media = projector.tokenize(text, images, add_special=add_special, next_placeholder=self._next_placeholder)
-        except MultimodalError as e:
-            raise RequestError(e.kind, e.message) from None
+        media = projector.tokenize(text, images, add_special=add_special, next_placeholder=self._next_placeholder)
         self._next_placeholder -= sum(image.n_pos for image in media.images.values())
         try:
             self._check_media(media, projector)

@@ -20,11 +20,9 @@ from paddler_core.desired_state import (
     InferenceParameters,
 )
 from paddler_core.inference import (
-    ContinueFromConversationHistoryParams,
     GbnfGrammar,
     GenerationError,
     GrammarConstraint,
-    ImageUrlContentPart,
 )
 
 
@@ -38,18 +36,6 @@ def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None
         return json_schema_to_gbnf(constraint.schema_value), "root"
     except Exception as e:
         raise RequestError(GenerationError.GRAMMAR_SYNTAX_ERROR, f"invalid JSON schema: {e}") from e
-
-
-def refuse_images(params: ContinueFromConversationHistoryParams) -> None:
-    """A request whose images the engine did not decode for a projector: an image part
-    is refused (Paddler's ``MultimodalNotSupported``) rather than dropped, which would
-    let the model invent what the image shows."""
-    for index, message in enumerate(params.conversation_history):
-        if isinstance(message.content, list) and any(isinstance(p, ImageUrlContentPart) for p in message.content):
-            raise RequestError(
-                GenerationError.MULTIMODAL_NOT_SUPPORTED,
-                f"conversation_history.{index} has an image, but this model has no multimodal projector",
-            )
 
 
 def grammar_failure(grammar: tuple[str, str], errors: list[str]) -> RequestError:
@@ -69,6 +55,22 @@ def grammar_failure(grammar: tuple[str, str], errors: list[str]) -> RequestError
     return RequestError(
         GenerationError.GRAMMAR_SYNTAX_ERROR, f"invalid grammar: {detail or 'llama.cpp could not parse it'}"
     )
+
+
+def init_grammar(model: NativeModel, grammar: tuple[str, str]) -> Any:
+    """llama.cpp's grammar sampler for ``(gbnf, root)``; Paddler's error when it cannot start."""
+    with capture_native_errors() as errors:
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8")
+        )
+    if not sampler:
+        raise grammar_failure(grammar, list(errors))
+    return sampler
+
+
+def penalty_window(params: InferenceParameters, n_ctx_seq: int) -> int:
+    """How many recent tokens the repetition penalties look at (-1: the whole context)."""
+    return n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
 
 
 def _penalties_neutral(params: InferenceParameters) -> bool:
@@ -109,18 +111,14 @@ class Sampler:
         n_ctx_seq: int,
     ) -> None:
         if grammar is not None:
-            with capture_native_errors() as errors:
-                g = llama_cpp.llama_sampler_init_grammar(
-                    model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8")
-                )
-            if not g:
-                raise grammar_failure(grammar, list(errors))
-            self._add(g)
+            self._add(init_grammar(model, grammar))
         if not _penalties_neutral(params):
-            last_n = n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
             self.penalties = self._add(
                 llama_cpp.llama_sampler_init_penalties(
-                    last_n, params.penalty_repeat, params.penalty_frequency, params.penalty_presence
+                    penalty_window(params, n_ctx_seq),
+                    params.penalty_repeat,
+                    params.penalty_frequency,
+                    params.penalty_presence,
                 )
             )
         if params.temperature <= 0.0:
@@ -171,8 +169,7 @@ class FastSampler:
         self.params = params
         self.rng = np.random.default_rng(None if seed is None else seed & 0xFFFFFFFFFFFFFFFF)
         self.penalize = not _penalties_neutral(params)
-        last_n = n_ctx_seq if params.penalty_last_n < 0 else params.penalty_last_n
-        self.window: deque[int] = deque(maxlen=max(last_n, 1))
+        self.window: deque[int] = deque(maxlen=max(penalty_window(params, n_ctx_seq), 1))
         self.counts: dict[int, int] = {}
 
     @classmethod
@@ -262,12 +259,7 @@ class GrammarSampler(FastSampler):
         n_ctx_seq: int,
     ) -> None:
         super().__init__(model.n_vocab, params, seed, n_ctx_seq)
-        with capture_native_errors() as errors:
-            self.grammar = llama_cpp.llama_sampler_init_grammar(
-                model.vocab, grammar[0].encode("utf-8"), grammar[1].encode("utf-8")
-            )
-        if not self.grammar:
-            raise grammar_failure(grammar, list(errors))
+        self.grammar = init_grammar(model, grammar)
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
         self._all = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
         self._all["id"] = np.arange(model.n_vocab, dtype=np.int32)
