@@ -709,9 +709,10 @@ def buffered_query(group: str, namespace: str) -> str:
     return f'sum(paddler_requests_buffered{{model_group="{group}",namespace="{namespace}"}})'
 
 
-def keda_trigger(owner: Owner, a: AutoscalingSpec, balancer_base_url: str, with_token: bool) -> Obj:
+def keda_trigger(owner: Owner, a: AutoscalingSpec, balancer_base_url: str, authentication: str | None) -> Obj:
     """The ScaledObject's trigger on the group's buffered requests (``autoscaling.keda.trigger``):
-    active (0 -> 1) as soon as one request is buffered, one agent per ``targetBufferedRequests``."""
+    active (0 -> 1) as soon as one request is buffered, one agent per ``targetBufferedRequests``.
+    ``authentication``: the TriggerAuthentication holding the balancer's management token, if any."""
     target = str(a.target_buffered_requests)
     if a.keda.trigger == KedaTrigger.PROMETHEUS:
         return {
@@ -734,17 +735,16 @@ def keda_trigger(owner: Owner, a: AutoscalingSpec, balancer_base_url: str, with_
             "activationTargetValue": "0",
         },
     }
-    if with_token:
+    if authentication is not None:
         trigger["metadata"]["authMode"] = "bearer"
+        trigger["authenticationRef"] = {"name": authentication}
     return trigger
 
 
 def _scaled_object(
     owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, balancer_base_url: str, with_token: bool
 ) -> Obj:
-    trigger = keda_trigger(owner, a, balancer_base_url, with_token)
-    if trigger["type"] == "metrics-api" and with_token:
-        trigger["authenticationRef"] = {"name": name}
+    trigger = keda_trigger(owner, a, balancer_base_url, name if with_token else None)
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
