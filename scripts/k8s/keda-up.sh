@@ -27,6 +27,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/lib.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 STATE="${PADDLER_K8S_DIR:-$REPO/.k8s}"
 K8S_BIN="$(bash "$HERE/build.sh" --bin-dir)"
@@ -51,15 +52,7 @@ mkdir -p "$KSTATE"
 exec 7>"$KSTATE/.lock"
 flock -n 7 || { log "another keda-up.sh/keda-down.sh is running; waiting for it"; flock 7; }
 
-alive() {
-  local f="$STATE/pids/$1.pid" pid exe
-  [[ -f "$f" ]] || return 1
-  pid="$(cat "$f")"
-  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 1
-  exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
-  [[ -z "$exe" || "$(basename "${exe% (deleted)}")" == "$1" ]]
-}
+alive() { pidfile_alive "$STATE/pids" "$1"; }
 available() {
   [[ "$(kctl get apiservice "$APISERVICE" \
     -o jsonpath='{.spec.service.namespace}/{.status.conditions[?(@.type=="Available")].status}' 2>/dev/null)" == "$NS/True" ]]

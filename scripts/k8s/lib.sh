@@ -5,6 +5,8 @@
 #                        caches under CACHE/go that every Go build here shares.
 #   pid_is NAME PID      true while PID is alive, not a zombie, and runs a binary NAME
 #                        (a pid file never kills a recycled pid).
+#   pidfile_alive DIR NAME
+#                        pid_is for the pid in DIR/NAME.pid; false when there is none.
 #   stop_pidfiles DIR TIMEOUT NAME...
 #                        SIGTERM each NAME whose DIR/NAME.pid is ours, wait up to TIMEOUT
 #                        seconds for all of them, SIGKILL what is left, remove the pid
@@ -27,6 +29,12 @@ go_env() {
   export CGO_ENABLED=0
   export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
   mkdir -p "$GOPATH" "$GOCACHE"
+}
+
+# pidfile_alive DIR NAME: pid_is for the pid in DIR/NAME.pid (false when there is none).
+pidfile_alive() {
+  [[ -f "$1/$2.pid" ]] || return 1
+  pid_is "$2" "$(cat "$1/$2.pid")"
 }
 
 pid_is() {

@@ -22,6 +22,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/lib.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 export K8S_VERSION
@@ -45,15 +46,7 @@ fi
 log() { printf '[k8s-up %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
 # Is the process of pid file NAME running, and is it still NAME (pids recycle)?
-alive() {
-  local f="$STATE/pids/$1.pid" pid exe
-  [[ -f "$f" ]] || return 1
-  pid="$(cat "$f")"
-  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-  [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 1
-  exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
-  [[ -z "$exe" || "$(basename "${exe% (deleted)}")" == "$1" ]]
-}
+alive() { pidfile_alive "$STATE/pids" "$1"; }
 kctl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" --request-timeout=10s "$@"; }
 api_ready() { [[ "$(kctl get --raw /readyz 2>/dev/null)" == ok ]]; }
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +31,7 @@ from tests.kubectl import wait_until
 
 from .conftest import COLD_BUILD_TIMEOUT_S, SCRIPTS, K8sCluster
 from .metrics_pipeline import Prometheus, prometheus, prometheus_targets  # noqa: F401 - fixtures
+from .test_autoscaling_hpa import Requests
 from .test_operator_cluster import (  # noqa: F401 - crds and operators are fixtures
     MODEL,
     POOL,
@@ -110,42 +110,6 @@ def external_metric(cluster: K8sCluster, ns: str, metric: str) -> Decimal:
     value = quantity_value(json.loads(raw)["items"][0]["value"])
     assert value is not None, raw
     return value
-
-
-class Requests:
-    """Chat requests sent in threads; their HTTP statuses collected."""
-
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
-        self.statuses: list[int] = []
-        self.threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def send(self, max_tokens: int = 5) -> None:
-        def call() -> None:
-            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
-            request = urllib.request.Request(
-                f"{self.balancer.inference_url}/v1/chat/completions",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=120) as resp:
-                    status = resp.status
-            except urllib.error.HTTPError as err:
-                status = err.code
-            with self._lock:
-                self.statuses.append(status)
-
-        thread = threading.Thread(target=call)
-        thread.start()
-        self.threads.append(thread)
-
-    def join(self) -> list[int]:
-        for thread in self.threads:
-            thread.join(timeout=120)
-        with self._lock:
-            return sorted(self.statuses)
 
 
 def wake_from_zero_and_answer(
