@@ -220,6 +220,46 @@ def state_revision(state: BalancerDesiredState) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+class StateOffer(StrEnum):
+    """What an agent does with a ``set_desired_state`` (see :func:`judge_state_offer`)."""
+
+    APPLY = "Apply"
+    """Newer and different: apply it (download, load or swap)."""
+    ADOPT_VERSION = "AdoptVersion"
+    """Newer but the same content: take its version, reload nothing."""
+    IGNORE_OLDER = "IgnoreOlder"
+    """Not newer than what the agent holds (a replica restarted empty or with a stale
+    state file): ignore it, keep serving."""
+
+
+def next_state_version(stored: int | None, now_ms: int) -> int:
+    """The version a balancer stamps on a state that differs from its stored one:
+    milliseconds since the epoch, and always above the stored version. Versions only
+    grow, so a replica with an older state can never make agents go back to it; and a
+    state written later, on whichever replica, wins."""
+    return max((stored or 0) + 1, now_ms)
+
+
+def judge_state_offer(
+    held: BalancerDesiredState | None,
+    held_version: int | None,
+    offered: BalancerDesiredState,
+    offered_version: int | None,
+) -> StateOffer:
+    """Pure: the agent's decision on a desired state offered by one balancer replica.
+
+    ``offered_version`` None is a balancer that stamps no versions (older releases): the
+    content alone decides, as before versions existed. An agent that holds nothing takes
+    any state."""
+    if held is None:
+        return StateOffer.APPLY
+    if offered_version is not None and held_version is not None and offered_version <= held_version:
+        return StateOffer.IGNORE_OLDER
+    if offered == held:
+        return StateOffer.ADOPT_VERSION
+    return StateOffer.APPLY
+
+
 _MAX_UNAVAILABLE = re.compile(r"^\s*(\d+)\s*(%)?\s*$")
 
 

@@ -15,13 +15,25 @@ agent -> balancer
                   ``final`` marks the last one of that request; ``error_kind``
                   (balancer only, not forwarded) what a terminal error means.
     ``reply``     answer to a ``query``.
+    ``refused``   a ``generate``/``embed`` the agent will not run (no free slot: another
+                  balancer replica took it first; or stopping). Sent at once, before any
+                  ``response``; the balancer routes the request elsewhere or buffers it.
+                  The client never sees it.
 
 balancer -> agent
-    ``set_desired_state``  the model group's desired state (and its ``revision``).
+    ``set_desired_state``  the model group's desired state, its ``revision`` (content
+                           hash) and ``version`` (only grows; the agent applies only a
+                           newer one: :func:`~paddler_core.desired_state.judge_state_offer`).
     ``generate``           a generation request (Paddler request variant + overrides).
     ``embed``              an embedding batch.
     ``stop``               stop responding to ``request_id`` (cancel; frees the slot).
-    ``query``              ``model_metadata`` or ``chat_template_override``.
+    ``query``              ``model_metadata``, ``chat_template_override`` or
+                           ``desired_state`` (``{"state": ..., "version": ...}``).
+
+An agent may be connected to several balancer replicas at once (one socket each). It
+pushes its status to every replica; each request is answered on the socket it came in
+on; and the agent is the arbiter of its slots: whatever the replicas believe, it never
+runs more requests than it has slots, and refuses the rest (``refused``).
 """
 
 from __future__ import annotations
@@ -159,6 +171,11 @@ class AgentStatus(BaseModel):
     kv_cache_tokens_used: Annotated[int, Field(ge=0)] = 0
     """Cells in use: running requests plus cached prefixes of idle slots (evicted on
     demand). Refreshed with the periodic status."""
+    desired_state_revision: str | None = None
+    """``revision`` of the desired state the agent holds (applying it or applied); the
+    same on every replica it reports to, so each can tell who is switching."""
+    desired_state_version: int | None = None
+    """``version`` of that state (None: none held, or sent without a version)."""
 
 
 # ---- agent -> balancer ----------------------------------------------------------------------
@@ -175,6 +192,22 @@ class RegisterMessage(BaseModel):
 class StatusMessage(BaseModel):
     type: Literal["status"] = "status"
     status: AgentStatus
+
+
+class RefusalReason(StrEnum):
+    NO_FREE_SLOT = "NoFreeSlot"
+    """Every slot is busy (another replica claimed the last one first) or none serves
+    right now (loading, swapping)."""
+    STOPPING = "Stopping"
+    """The agent is draining before it exits."""
+
+
+class RefusedMessage(BaseModel):
+    """``refused``: the agent will not run ``request_id``; nothing else is sent for it."""
+
+    type: Literal["refused"] = "refused"
+    request_id: str
+    reason: RefusalReason
 
 
 class ReplyMessage(BaseModel):
@@ -246,6 +279,11 @@ class SetDesiredStateMessage(BaseModel):
     revision: str | None = None
     """The state's :func:`~paddler_core.desired_state.state_revision`; the agent echoes it
     in ``applied_state_revision`` (a rolling swap waits for it)."""
+    version: int | None = None
+    """Only grows (:func:`~paddler_core.desired_state.next_state_version`): the agent
+    applies a state only when it is newer than the one it holds, so a replica restarted
+    with no state or an older one cannot make agents unload or swap back. None: a
+    balancer that stamps no versions (content decides)."""
 
 
 class _Generate(BaseModel):
@@ -322,4 +360,4 @@ class StopMessage(BaseModel):
 class QueryMessage(BaseModel):
     type: Literal["query"] = "query"
     request_id: str
-    what: Literal["model_metadata", "chat_template_override"]
+    what: Literal["model_metadata", "chat_template_override", "desired_state"]
