@@ -33,6 +33,8 @@ AGENT_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}"
 MODEL_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}-smollm2"
 LLAMA_SERVER_MODEL_IMAGE = f"ghcr.io/paddler-k8s/llama-server:{VERSION}-smollm2"
 CLIENT_IMAGE = f"paddler-local/test-client:{VERSION}"
+RELEASE = "paddler"
+RELEASE_NS = "paddler-system"
 MODEL_PATH = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Cold: base image (~2 min), images (~3 min), node images; warm: seconds.
@@ -135,3 +137,37 @@ def cluster() -> Iterator[Cluster]:
             down = _make("cluster-down")
             if down.returncode != 0:
                 raise AssertionError(f"make cluster-down failed:\n{down.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def release(cluster: Cluster) -> Iterator[str]:
+    """`helm install` of charts/paddler with its defaults: the operator in-cluster, one
+    release for the whole tier (each module makes its own pool in its own namespace)."""
+    proc = subprocess.run(
+        [
+            str(cluster.helm),
+            "install",
+            RELEASE,
+            str(REPO / "charts" / "paddler"),
+            "--namespace",
+            RELEASE_NS,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "5m",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env=cluster.env,
+    )
+    assert proc.returncode == 0, f"helm install failed:\n{proc.stderr}"
+    try:
+        yield RELEASE
+    finally:
+        subprocess.run(
+            [str(cluster.helm), "uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", "--timeout", "2m"],
+            capture_output=True,
+            timeout=180,
+            env=cluster.env,
+        )

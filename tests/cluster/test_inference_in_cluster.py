@@ -12,11 +12,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -24,6 +22,7 @@ from paddler_client.inference_message import parse_inference_client_message
 
 from tests.kubectl import wait_until
 
+from .clients import ClientRun
 from .conftest import (
     BALANCER_IMAGE,
     CLIENT_IMAGE,
@@ -31,15 +30,14 @@ from .conftest import (
     MODEL_IMAGE,
     MODEL_PATH,
     NODE_NAME,
-    REPO,
+    RELEASE,
+    RELEASE_NS,
     STATE,
     Cluster,
 )
 
 pytestmark = pytest.mark.cluster
 
-RELEASE = "paddler"
-RELEASE_NS = "paddler-system"
 POOL = "p"
 # Named `default`: the native API (/api/v1/...) serves the default model group; the
 # OpenAI `model` field names the same group.
@@ -128,39 +126,6 @@ def ready_condition(obj: dict[str, Any]) -> str | None:
         if c["type"] == "Ready":
             return str(c["status"])
     return None
-
-
-@pytest.fixture(scope="module")
-def release(cluster: Cluster) -> Iterator[str]:
-    """`helm install` of charts/paddler with its defaults: the operator in-cluster."""
-    proc = subprocess.run(
-        [
-            str(cluster.helm),
-            "install",
-            RELEASE,
-            str(REPO / "charts" / "paddler"),
-            "--namespace",
-            RELEASE_NS,
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "5m",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=360,
-        env=cluster.env,
-    )
-    assert proc.returncode == 0, f"helm install failed:\n{proc.stderr}"
-    try:
-        yield RELEASE
-    finally:
-        subprocess.run(
-            [str(cluster.helm), "uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", "--timeout", "2m"],
-            capture_output=True,
-            timeout=180,
-            env=cluster.env,
-        )
 
 
 @pytest.fixture(scope="module")
@@ -398,63 +363,6 @@ with urllib.request.urlopen(request, timeout=120) as r:
         )
 
 
-@dataclass
-class ClientRun:
-    """A Python script running in the client pod; one JSON line per answer."""
-
-    popen: subprocess.Popen[str]
-    results: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    pump: threading.Thread | None = None
-
-    @classmethod
-    def start(cls, pool: Pool, script: str) -> ClientRun:
-        popen = subprocess.Popen(
-            [str(pool.cluster.kubectl), "--kubeconfig", str(pool.cluster.kubeconfig), "-n", pool.namespace,
-             "exec", "-i", "client", "--", "python", "-u", "-"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        run = cls(popen)
-        assert popen.stdin is not None
-        popen.stdin.write(script)
-        popen.stdin.close()
-        run.pump = threading.Thread(target=run._read, daemon=True)
-        run.pump.start()
-        return run
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            if line.startswith("{"):
-                with self.lock:
-                    self.results.append(json.loads(line))
-
-    def stderr(self) -> str:
-        """What the client wrote to stderr (once it has exited)."""
-        if self.popen.poll() is None or self.popen.stderr is None:
-            return ""
-        return self.popen.stderr.read()[-3000:]
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.results)
-
-    def finish(self, timeout: float) -> list[dict[str, Any]]:
-        try:
-            self.popen.wait(timeout=timeout)
-            if self.pump is not None:
-                self.pump.join(timeout=10)
-        finally:
-            self.stop()
-        with self.lock:
-            return list(self.results)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(timeout=10)
-
-
 def chat_requests_script(pool: Pool, count: int, max_tokens: int) -> str:
     """`count` chat requests at once (one thread each), one JSON line per answer."""
     return f"""
@@ -527,7 +435,7 @@ except Exception as err:
     (old,) = pool.agent_pods()
     old_name = old["metadata"]["name"]
     cluster = pool.cluster
-    in_flight = ClientRun.start(pool, long_script)
+    in_flight = ClientRun.start(pool.cluster, pool.namespace, long_script)
     waiters: ClientRun | None = None
     cordoned = False
     try:
@@ -556,7 +464,7 @@ while time.monotonic() < deadline:
             timeout=60,
             what="no agent with a free slot",
         )
-        waiters = ClientRun.start(pool, chat_requests_script(pool, waiting, max_tokens=48))
+        waiters = ClientRun.start(pool.cluster, pool.namespace, chat_requests_script(pool, waiting, max_tokens=48))
 
         def all_waiting() -> int | None:
             buffered = int(balancer()["buffered"])

@@ -1,0 +1,70 @@
+"""Clients that run in the tier's client pod: a Python script fed to ``kubectl exec``,
+one JSON line per answer, read as they come."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .conftest import Cluster
+
+
+@dataclass
+class ClientRun:
+    """A Python script running in the client pod; one JSON line per answer."""
+
+    popen: subprocess.Popen[str]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pump: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, cluster: Cluster, namespace: str, script: str) -> ClientRun:
+        popen = subprocess.Popen(
+            [str(cluster.kubectl), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
+             "exec", "-i", "client", "--", "python", "-u", "-"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        run = cls(popen)
+        assert popen.stdin is not None
+        popen.stdin.write(script)
+        popen.stdin.close()
+        run.pump = threading.Thread(target=run._read, daemon=True)
+        run.pump.start()
+        return run
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            if line.startswith("{"):
+                with self.lock:
+                    self.results.append(json.loads(line))
+
+    def stderr(self) -> str:
+        """What the client wrote to stderr (once it has exited)."""
+        if self.popen.poll() is None or self.popen.stderr is None:
+            return ""
+        return self.popen.stderr.read()[-3000:]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        try:
+            self.popen.wait(timeout=timeout)
+            if self.pump is not None:
+                self.pump.join(timeout=10)
+        finally:
+            self.stop()
+        with self.lock:
+            return list(self.results)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
