@@ -324,3 +324,28 @@ def test_adapter_rule_keeps_same_named_groups_of_two_namespaces_apart(
     assert metrics_adapter.external(busy_ns, "paddler_requests_buffered", SELECTOR) == [1.0]
     paddler.agent(busy, slots=1, name="agent-0", extra=("--model-group", "m"))
     assert requests.join(timeout=60) == [200]
+
+
+def test_adapter_sums_one_groups_buffered_requests_over_its_balancer_replicas(
+    k8s_cluster: K8sCluster,
+    paddler: Processes,
+    prometheus_targets: Prometheus,  # noqa: F811
+    metrics_adapter: MetricsAdapter,  # noqa: F811
+) -> None:
+    """A pool with two balancer replicas: each counts only the requests buffered on itself,
+    and the HPA's external metric (the chart's adapter rule, `sum by (model_group)`) reads
+    the pool's total. Two requests, one buffered on each replica, read 2."""
+    ns = f"t-replicas-{uuid.uuid4().hex[:8]}"
+    replicas = [paddler.balancer("--buffered-request-timeout", "60s") for _ in range(2)]
+    for index, balancer in enumerate(replicas):
+        put_group(balancer, "m")
+        prometheus_targets.scrape(f"{ns}-{index}", balancer.management_addr, namespace=ns)
+    wait_for_external(metrics_adapter, ns, "paddler_requests_buffered", SELECTOR, at_least=0)
+    requests = [Requests(balancer) for balancer in replicas]
+    for each in requests:
+        each.send()  # no agent: buffered on that replica
+    wait_for_external(metrics_adapter, ns, "paddler_requests_buffered", SELECTOR, at_least=2)
+    assert metrics_adapter.external(ns, "paddler_requests_buffered", SELECTOR) == [2.0]
+    agent_addrs = ("--management-addr", replicas[1].management_addr)
+    paddler.agent(replicas[0], slots=2, name="agent-0", extra=("--model-group", "m", *agent_addrs))
+    assert [each.join(timeout=60) for each in requests] == [[200], [200]]
