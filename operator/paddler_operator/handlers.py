@@ -4,10 +4,19 @@ Only *event* handlers are used: they need no finalizers and store nothing on the
 objects (no kopf annotations), so the operator is purely level-based and a
 custom resource can be deleted even while the operator is down. Deletion of what
 a resource made is left to Kubernetes' garbage collector (owner references).
+
+With leader election (``--leader-election``, :mod:`paddler_operator.leader`) every
+replica runs the watches, but only the leader has reconcile workers; a standby's event
+handlers do nothing. A replica that becomes leader makes fresh workers and lists every
+LlmPool and ModelDeployment it watches: the events it ignored as a standby are not
+replayed, the objects are read as they are now. One that stops leading stops its workers
+before anything else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +25,8 @@ import kopf
 
 from paddler_operator.balancer_client import BalancerClient, BalancerClientSettings
 from paddler_operator.crd_models import API_VERSION, GROUP, VERSION
-from paddler_operator.kube import KubeApi, KubeConfigError, KubeSettings, login
+from paddler_operator.kube import KubeApi, KubeConfigError, KubeError, KubeSettings, login
+from paddler_operator.leader import LeaderElector
 from paddler_operator.plan import MANAGED_BY
 from paddler_operator.reconcile import Key, Kind, Reconciler, Workers
 from paddler_operator.settings import OperatorSettings
@@ -32,6 +42,10 @@ class _Runtime:
     kube: KubeApi | None = None
     balancers: BalancerClient | None = None
     workers: Workers | None = None
+    """The reconcile workers; None while this replica is a standby."""
+    elector: LeaderElector | None = None
+    seeding: asyncio.Task[None] | None = None
+    """A new leader's listing of what it watches (:func:`_seed`)."""
 
 
 _runtime: _Runtime | None = None
@@ -54,10 +68,67 @@ def run(settings: OperatorSettings) -> None:
     )
 
 
-def _workers() -> Workers:
-    if _runtime is None or _runtime.workers is None:
+def _workers() -> Workers | None:
+    """The reconcile workers; None on a standby, whose events change nothing (a new leader lists)."""
+    if _runtime is None:
         raise kopf.PermanentError("operator not started")
     return _runtime.workers
+
+
+async def _lead() -> None:
+    """This replica became leader: fresh workers (nothing kept from an earlier term), and every
+    watched object listed, so each one is reconciled from what it says now."""
+    runtime = _runtime
+    if runtime is None or runtime.kube is None or runtime.balancers is None:
+        raise RuntimeError("operator not started")
+    workers = Workers(Reconciler(runtime.kube, runtime.balancers, runtime.settings))
+    runtime.workers = workers
+    runtime.seeding = asyncio.create_task(_seed(runtime.kube, runtime.settings, workers), name="leader lists objects")
+
+
+async def _step_down() -> None:
+    """This replica stopped leading (lost the lease, or is stopping): no reconcile from here on."""
+    if _runtime is None:
+        return
+    seeding, _runtime.seeding = _runtime.seeding, None
+    workers, _runtime.workers = _runtime.workers, None
+    if seeding is not None:
+        seeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await seeding
+    if workers is not None:
+        await workers.stop()
+
+
+async def _seed(kube: KubeApi, settings: OperatorSettings, workers: Workers) -> None:
+    """A worker for every LlmPool and ModelDeployment in the watched namespaces (each reconciles at
+    once). Events keep touching ``workers`` meanwhile: what the list misses, they bring."""
+    failures = 0
+    while True:
+        try:
+            found = await _watched_objects(kube, settings)
+            break
+        except KubeError as err:
+            failures += 1
+            log.warning("leader listing failed err=%s", err)
+            await asyncio.sleep(settings.retry_delay(failures))
+    for key, generation in found:
+        workers.touch(key, generation)
+    log.info("leader reconciles objects=%d", len(found))
+
+
+async def _watched_objects(kube: KubeApi, settings: OperatorSettings) -> list[tuple[Key, int | None]]:
+    """(key, generation) of every LlmPool and ModelDeployment this operator watches."""
+    scopes: list[str | None] = [None] if settings.all_namespaces else list(settings.namespaces)
+    found: list[tuple[Key, int | None]] = []
+    kinds: tuple[Kind, ...] = ("LlmPool", "ModelDeployment")
+    for kind in kinds:
+        for namespace in scopes:
+            for obj in await kube.list(API_VERSION, kind, namespace):
+                meta = obj["metadata"]
+                generation = meta.get("generation")
+                found.append(((kind, meta["namespace"], meta["name"]), int(generation) if generation else None))
+    return found
 
 
 @kopf.on.login()
@@ -96,19 +167,31 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     ours = _runtime.settings
     _runtime.kube = KubeApi(KubeSettings(kubeconfig=ours.kubeconfig))
     _runtime.balancers = BalancerClient(BalancerClientSettings(request_timeout=ours.balancer_timeout))
-    _runtime.workers = Workers(Reconciler(_runtime.kube, _runtime.balancers, ours))
+    election = ours.leader_election
+    if election is None:
+        _runtime.workers = Workers(Reconciler(_runtime.kube, _runtime.balancers, ours))
+    else:
+        # Its own client: renewals never queue behind reconcile traffic.
+        lease_kube = KubeApi(KubeSettings(kubeconfig=ours.kubeconfig, request_timeout=election.renew_deadline))
+        _runtime.elector = LeaderElector(lease_kube, election, _lead, _step_down)
     log.info(
-        "paddler operator started namespaces=%s balancer_url_template=%s resync=%.1fs",
+        "paddler operator started namespaces=%s balancer_url_template=%s resync=%.1fs leader_election=%s",
         "*" if ours.all_namespaces else ",".join(ours.namespaces),
         ours.balancer_url_template,
         ours.resync_interval,
+        f"lease={_runtime.elector.lease} identity={election.identity}" if _runtime.elector and election else "off",
     )
+    if _runtime.elector is not None:
+        _runtime.elector.start()
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     if _runtime is None:
         return
+    if _runtime.elector is not None:
+        await _runtime.elector.stop()  # a leader stops its workers, then releases the lease
+        await _runtime.elector.kube.close()
     if _runtime.workers is not None:
         await _runtime.workers.stop()
     if _runtime.balancers is not None:
@@ -128,6 +211,8 @@ async def pool_event(event: kopf.RawEvent, body: kopf.Body, namespace: str | Non
     if namespace is None:
         return
     workers = _workers()
+    if workers is None:
+        return
     key: Key = ("LlmPool", namespace, name)
     if event["type"] == "DELETED":
         await workers.forget(key)
@@ -145,10 +230,14 @@ async def model_deployment_event(
     if namespace is None:
         return
     workers = _workers()
+    if workers is None:
+        return
     key: Key = ("ModelDeployment", namespace, name)
     pool = (body.get("spec", {}).get("poolRef") or {}).get("name")
     if event["type"] == "DELETED":
         await workers.forget(key)
+        if _workers() is not workers:  # stepped down meanwhile: the balancer is no longer ours to call
+            return
         await workers.reconciler.forget_model_deployment(namespace, name, pool)
     elif not workers.touch(key, _generation(body)):
         return
@@ -157,7 +246,8 @@ async def model_deployment_event(
 
 
 def _wake_owner(event: kopf.RawEvent, body: kopf.Body, namespace: str | None) -> None:
-    if event["type"] is None or namespace is None:  # the initial listing: workers resync anyway
+    workers = _workers()
+    if event["type"] is None or namespace is None or workers is None:  # initial listing: workers resync anyway
         return
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if (
@@ -170,7 +260,7 @@ def _wake_owner(event: kopf.RawEvent, body: kopf.Body, namespace: str | None) ->
             )
         ):
             kind: Kind = ref["kind"]
-            _workers().wake((kind, namespace, ref["name"]))
+            workers.wake((kind, namespace, ref["name"]))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)

@@ -48,6 +48,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentications",
     ("paddler.dev/v1alpha1", "LlmPool"): "llmpools",
     ("paddler.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
 }
 FIELD_MANAGER = "paddler-operator"
 REQUEST_TIMEOUT_S = 30.0
@@ -76,10 +77,11 @@ class KubeConfigError(Exception):
     """No usable credentials (no kubeconfig, not in a pod, or the kubeconfig's user cannot log in)."""
 
 
-def collection_path(api_version: str, kind: str, namespace: str) -> str:
+def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
+    """The collection of ``kind`` in ``namespace``; None: in every namespace (list only)."""
     plural = PLURALS[(api_version, kind)]
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{prefix}/{plural}" if namespace is None else f"{prefix}/namespaces/{namespace}/{plural}"
 
 
 def object_path(ref: ObjRef) -> str:
@@ -319,7 +321,10 @@ class KubeApi:
                 return None
             raise
 
-    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str | None = None) -> list[Obj]:
+    async def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+    ) -> list[Obj]:
+        """Objects of ``kind`` in ``namespace`` (None: in every namespace)."""
         query = [("labelSelector", label_selector)] if label_selector else []
         body = await self._run("GET", collection_path(api_version, kind, namespace), query=query)
         items: list[Obj] = body.get("items", [])
@@ -350,6 +355,14 @@ class KubeApi:
             content_type="application/apply-patch+yaml",  # JSON is YAML
         )
         return applied
+
+    async def replace(self, obj: Obj) -> Obj:
+        """PUT the whole object. With ``metadata.resourceVersion`` set, the API server refuses
+        (409 Conflict) if anyone wrote it since that version: compare-and-swap (the Lease)."""
+        replaced: Obj = await self._run(
+            "PUT", object_path(ObjRef.of(obj)), body=obj, query=[("fieldManager", FIELD_MANAGER)]
+        )
+        return replaced
 
     async def dry_run_create(self, obj: Obj) -> None:
         """Ask the API server to validate ``obj`` as a create, storing nothing (``dryRun=All``)."""

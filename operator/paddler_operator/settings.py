@@ -38,6 +38,8 @@ class OperatorSettings:
     API server once (a dry-run HPA with ``minReplicas: 0``). Without it, HPA mode writes the HPA with
     ``minReplicas`` at least 1 and the operator itself takes the agent Deployment 0 -> 1 when a request
     is buffered (docs/scaling.md)."""
+    leader_election: LeaderElectionSettings | None = None
+    """One active replica among several (a coordination.k8s.io Lease); None: off, this process is active."""
 
     def __post_init__(self) -> None:
         if not self.all_namespaces and not self.namespaces:
@@ -64,3 +66,36 @@ class OperatorSettings:
         if failures <= 0:
             return 0.0
         return float(min(self.retry_max_delay, self.retry_min_delay * 2 ** min(failures - 1, 30)))
+
+
+DEFAULT_LEASE_NAME = "paddler-operator"
+
+
+@dataclass(frozen=True)
+class LeaderElectionSettings:
+    """Leader election over a ``coordination.k8s.io/v1`` Lease: one replica reconciles, the others wait.
+
+    Safety rests on ``renew_deadline < lease_duration``: a leader that has not renewed for
+    ``renew_deadline`` stops reconciling, and nobody else may take the lease before
+    ``lease_duration`` has passed since they last saw it change."""
+
+    namespace: str
+    """Namespace of the Lease (the operator's own)."""
+    identity: str
+    """This replica's name in ``holderIdentity`` (the pod name, else host name and process id)."""
+    lease_name: str = DEFAULT_LEASE_NAME
+    lease_duration: float = 10.0
+    """Seconds a lease lives after its last renewal before a standby may take it (whole seconds:
+    ``leaseDurationSeconds``). Bounds the takeover after the leader is lost."""
+    renew_deadline: float = 7.0
+    """Seconds the leader keeps reconciling without a successful renewal; then it stops."""
+    retry_period: float = 2.0
+    """Seconds between renewals by the leader and between attempts by a standby."""
+
+    def __post_init__(self) -> None:
+        if not self.namespace or not self.lease_name or not self.identity:
+            raise ValueError("leader election needs a namespace, a lease name and an identity")
+        if not 0 < self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError("leader election needs 0 < retry_period < renew_deadline < lease_duration")
+        if self.lease_duration != int(self.lease_duration):
+            raise ValueError("leader election lease_duration is whole seconds (leaseDurationSeconds)")
