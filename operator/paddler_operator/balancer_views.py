@@ -1,13 +1,15 @@
-"""What a pool balancer's management API shows, as the operator reads it.
+"""What a pool's balancers' management APIs show, as the operator reads them.
 
-Pure values: :mod:`paddler_operator.balancer_client` builds them from the balancer's
-JSON, :mod:`paddler_operator.plan` turns them into status and scaling decisions.
+Pure values: :mod:`paddler_operator.balancer_client` builds them from each balancer
+replica's JSON, :func:`combine_snapshots` makes one pool-wide view of the replicas, and
+:mod:`paddler_operator.plan` turns it into status and scaling decisions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,100 @@ class BalancerSnapshot:
 
     group_owners: Mapping[str, str | None] = field(default_factory=dict)
     """Model group -> who set its desired state (the ``X-Paddler-Owner`` header), None if nobody said."""
+    replicas: tuple[str, ...] = ()
+    """Management URLs of the balancer replicas that answered (empty: a single balancer read directly)."""
+    unreachable: Mapping[str, str] = field(default_factory=dict)
+    """Replica URL -> why it could not be read: the view is partial while this is not empty."""
 
     def in_group(self, group: str) -> list[AgentView]:
         return [a for a in self.agents if a.model_group == group]
+
+    @property
+    def partial(self) -> str | None:
+        """What was missed ("1 of 2 balancer replicas unreachable: URL: error"), None when every replica answered."""
+        if not self.unreachable:
+            return None
+        total = len(self.replicas) + len(self.unreachable)
+        missed = "; ".join(f"{url}: {err}" for url, err in sorted(self.unreachable.items()))
+        return f"{len(self.unreachable)} of {total} balancer replicas unreachable: {missed}"
+
+
+@dataclass(frozen=True)
+class ReplicaRead:
+    """One balancer replica's answer in a pass: its snapshot, or why there is none."""
+
+    url: str
+    snapshot: BalancerSnapshot | None
+    error: str | None = None
+
+
+_PHASE_RANK = {"Failed": 2, "Progressing": 1}
+"""A pool's rollout is as far as its least advanced replica: Failed over Progressing over Complete."""
+
+
+def combine_rollouts(rollouts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """One model group's rollout over the replicas that report one: the worst phase, and among
+    equals the one with the fewest agents switched. None when no replica reports one."""
+    if not rollouts:
+        return None
+    worst = max(rollouts, key=lambda r: (_PHASE_RANK.get(str(r.get("phase")), 0), -int(r.get("applied") or 0)))
+    return dict(worst)
+
+
+def _merge_agents(snapshots: Sequence[BalancerSnapshot]) -> tuple[AgentView, ...]:
+    """Every agent connects to every replica: one view per agent id (the first replica's, by URL), whose
+    ``slots_in_flight`` is the sum of each replica's own in-flight requests on it."""
+    merged: dict[str, AgentView] = {}
+    for snap in snapshots:
+        for agent in snap.agents:
+            seen = merged.get(agent.id)
+            if seen is None:
+                merged[agent.id] = agent
+            else:
+                merged[agent.id] = dataclasses.replace(
+                    seen, slots_in_flight=seen.slots_in_flight + agent.slots_in_flight
+                )
+    return tuple(merged.values())
+
+
+def _same_state_everywhere(snapshots: Sequence[BalancerSnapshot]) -> dict[str, dict[str, Any]]:
+    """Groups whose desired state every replica holds, identical: any other group is pushed again."""
+    groups: dict[str, dict[str, Any]] = {}
+    for group, state in snapshots[0].group_states.items():
+        text = json.dumps(state, sort_keys=True)
+        if all(json.dumps(s.group_states.get(group), sort_keys=True) == text for s in snapshots[1:]):
+            groups[group] = state
+    return groups
+
+
+def combine_snapshots(reads: Sequence[ReplicaRead]) -> BalancerSnapshot | None:
+    """The pool as one balancer would show it, from each replica's snapshot: buffered requests
+    summed (each replica buffers its own), agents united by id (in-flight requests summed), a
+    group's desired state kept only where every replica holds the same one, owners and rollouts
+    of every group any replica knows. None when no replica answered."""
+    ordered = sorted(reads, key=lambda r: r.url)
+    snaps = [r.snapshot for r in ordered if r.snapshot is not None]
+    if not snaps:
+        return None
+    by_group: dict[str, int] = {}
+    owners: dict[str, str | None] = {}
+    rollouts: dict[str, list[Mapping[str, Any]]] = {}
+    for snap in snaps:
+        for group, count in snap.buffered_by_group.items():
+            by_group[group] = by_group.get(group, 0) + count
+        for group, owner in snap.group_owners.items():
+            if owners.get(group) is None:
+                owners[group] = owner
+        for group, rollout in snap.group_rollouts.items():
+            rollouts.setdefault(group, []).append(rollout)
+    combined_rollouts = {g: r for g, rs in rollouts.items() if (r := combine_rollouts(rs)) is not None}
+    return BalancerSnapshot(
+        agents=_merge_agents(snaps),
+        buffered_total=sum(s.buffered_total for s in snaps),
+        buffered_by_group=by_group,
+        group_states=_same_state_everywhere(snaps),
+        group_rollouts=combined_rollouts,
+        group_owners=owners,
+        replicas=tuple(r.url for r in ordered if r.snapshot is not None),
+        unreachable={r.url: r.error or "no answer" for r in ordered if r.snapshot is None},
+    )

@@ -132,7 +132,7 @@ class ManagementAuthSpec(_Spec):
 
 
 class BalancerSpec(_Spec):
-    """The pool's balancer: one pod that buffers requests and routes them to agent slots."""
+    """The pool's balancer: pods (replicas, all active) that buffer requests and route them to agent slots."""
 
     image: str = Field(default=DEFAULT_BALANCER_IMAGE, description="Balancer image (runs `paddler balancer`).")
     image_pull_policy: ImagePullPolicy = Field(default=ImagePullPolicy.IF_NOT_PRESENT, description="Pull policy.")
@@ -140,13 +140,22 @@ class BalancerSpec(_Spec):
         int,
         Field(
             ge=0,
-            le=1,
             description=(
-                "Balancer pods: 1, or 0 to stop the pool. Agents and buffered requests live in one balancer's "
-                "memory, so a pool has one balancer."
+                "Balancer pods, all active (0 stops the pool). Every agent connects to every replica; 2 or more "
+                "let the pool survive the loss of a balancer pod (a PodDisruptionBudget keeps all but one up)."
             ),
         ),
     ] = 1
+    drain_timeout_seconds: Annotated[
+        int,
+        Field(
+            ge=0,
+            description=(
+                "Longest time (s) a stopping balancer pod finishes its streams and buffered requests "
+                "(--drain-timeout); the pod's termination grace period is this plus the drain delay plus 10 s."
+            ),
+        ),
+    ] = 50
     max_buffered_requests: Annotated[
         int, Field(ge=0, description="Requests held while no slot is free (count); 0 disables buffering.")
     ] = 30
@@ -576,6 +585,12 @@ class LlmPoolStatus(_StatusBase):
     inference_url: str | None = None
     management_url: str | None = None
     model_deployments: int = 0
+    balancer_replicas: int = Field(default=0, description="Balancer pods asked for (spec.balancer.replicas).")
+    balancer_ready_replicas: int = Field(default=0, description="Balancer pods Ready (the Deployment's count).")
+    balancers: str = Field(default="0/0", description="Ready/desired balancer pods, for printer columns.")
+    balancer_replicas_reached: int = Field(
+        default=0, description="Balancer replicas whose management API answered the operator's last pass."
+    )
 
 
 class ModelDeploymentStatus(_StatusBase):

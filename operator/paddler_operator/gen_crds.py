@@ -207,6 +207,7 @@ def build_crds() -> dict[str, dict[str, Any]]:
         description="A Paddler balancer and the defaults of its agent pods.",
         columns=[
             _column("Ready", _READY),
+            _column("Balancers", ".status.balancers", description="Ready/desired balancer pods"),
             _column("Agents", ".status.readyAgents", "integer", "Agents connected with a model loaded"),
             *common_tail[:2],
             _column("Models", ".status.modelDeployments", "integer", "ModelDeployments in this pool"),

@@ -80,7 +80,19 @@ def inference_service_name(pool: str) -> str:
 
 
 def management_service_name(pool: str) -> str:
+    """The management Service with a cluster IP: one ready balancer replica per connection (humans,
+    KEDA, Prometheus)."""
     return f"{pool}-management"
+
+
+def peers_service_name(pool: str) -> str:
+    """The headless management Service: its DNS name resolves to every balancer replica's pod
+    address, starting ones included (agents, the balancers' peers and the operator dial them all)."""
+    return f"{pool}-management-peers"
+
+
+def balancer_pdb_name(pool: str) -> str:
+    return f"{pool}-balancer"
 
 
 def agent_name(md: str) -> str:
@@ -88,13 +100,22 @@ def agent_name(md: str) -> str:
 
 
 def management_addr(pool: str, namespace: str, spec: LlmPoolSpec) -> str:
-    """Where agents dial the balancer (cluster DNS)."""
-    return f"{management_service_name(pool)}.{namespace}.svc:{spec.balancer.service.management_port}"
+    """Where agents (and the balancers' peers) dial every balancer replica: the headless Service's
+    name at the container port (a headless Service maps no ports: its addresses are the pods')."""
+    return f"{peers_service_name(pool)}.{namespace}.svc:{MANAGEMENT_PORT}"
 
 
 def balancer_url(template: str, pool: str, namespace: str, spec: LlmPoolSpec | None) -> str:
-    """The operator's URL for a pool's management API, from a template with
-    ``{pool}``, ``{namespace}``, ``{service}`` and ``{port}`` fields."""
+    """The operator's URL for a pool's balancers, from a template with ``{pool}``, ``{namespace}``,
+    ``{service}`` and ``{port}`` fields: ``{service}`` is the headless Service and ``{port}`` the
+    balancer container's management port, so the URL's host resolves to every replica."""
+    return template.format(pool=pool, namespace=namespace, service=peers_service_name(pool), port=MANAGEMENT_PORT)
+
+
+def metrics_url(template: str, pool: str, namespace: str, spec: LlmPoolSpec | None) -> str:
+    """The same template for a reader that wants one answer for the whole pool (KEDA's metrics-api
+    trigger, with ``scope=pool``): ``{service}`` is the cluster-IP management Service (ready replicas
+    only) at its port."""
     port = spec.balancer.service.management_port if spec is not None else MANAGEMENT_PORT
     return template.format(pool=pool, namespace=namespace, service=management_service_name(pool), port=port)
 
@@ -198,7 +219,20 @@ def config_hash(data: Mapping[str, str]) -> str:
 # --- LlmPool -------------------------------------------------------------------------
 
 
-def balancer_args(spec: LlmPoolSpec) -> list[str]:
+DRAIN_DELAY_SECONDS = 5
+"""Seconds a stopping balancer keeps serving with readiness off (``--drain-delay``), so that
+endpoints and kube-proxy stop sending it new connections before it stops accepting."""
+TERMINATION_SLACK_SECONDS = 10
+"""Seconds of the pod's grace period beyond drain delay + drain timeout, before the SIGKILL."""
+
+
+def balancer_grace_seconds(spec: LlmPoolSpec) -> int:
+    """The balancer pod's ``terminationGracePeriodSeconds``: drain delay + drain timeout + slack."""
+    return DRAIN_DELAY_SECONDS + spec.balancer.drain_timeout_seconds + TERMINATION_SLACK_SECONDS
+
+
+def balancer_args(spec: LlmPoolSpec, pool: str = "", namespace: str = "") -> list[str]:
+    """``paddler balancer``'s flags; with ``pool`` and ``namespace``, its peers (every replica of the pool)."""
     b = spec.balancer
     args = [
         "--log-level",
@@ -214,7 +248,13 @@ def balancer_args(spec: LlmPoolSpec) -> list[str]:
         b.buffered_request_timeout,
         "--inference-item-timeout",
         b.inference_item_timeout,
+        "--drain-delay",
+        str(DRAIN_DELAY_SECONDS),
+        "--drain-timeout",
+        str(b.drain_timeout_seconds),
     ]
+    if pool:
+        args += ["--peer-management-addr", management_addr(pool, namespace, spec)]
     if b.admin_panel.enabled:
         args += ["--web-admin-panel-addr", f"0.0.0.0:{ADMIN_PANEL_PORT}"]
     for origin in b.cors_allowed_origins:
@@ -245,7 +285,12 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
         "metadata": _meta(owner, balancer_name(pool), labels),
         "data": config,
     }
-    env: list[Obj] = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *management_token_env(pool, spec)]
+    env: list[Obj] = [
+        # --replica-name (the balancer's default): says which replica answers, in logs and peer sums.
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *management_token_env(pool, spec),
+    ]
     if b.auth_secret_ref is not None:
         env.append(
             {
@@ -259,17 +304,18 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
     ]
     if b.admin_panel.enabled:
         ports.append({"name": "admin", "containerPort": ADMIN_PANEL_PORT, "protocol": "TCP"})
-    probe = {"httpGet": {"path": "/health", "port": "management"}, "periodSeconds": 5, "timeoutSeconds": 2}
+    timing = {"periodSeconds": 5, "timeoutSeconds": 2}
     container: Obj = {
         "name": "balancer",
         "image": b.image,
         "imagePullPolicy": b.image_pull_policy.value,
         "command": ["paddler"],
-        "args": balancer_args(spec),
+        "args": balancer_args(spec, pool, owner.namespace),
         "env": env,
         "ports": ports,
-        "readinessProbe": probe,
-        "livenessProbe": {**probe, "failureThreshold": 6},
+        # /ready answers 503 while the replica drains: Services stop sending it requests at once.
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "management"}, **timing},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "management"}, **timing, "failureThreshold": 6},
         "resources": b.resources.to_kube(),
         "securityContext": _container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -281,13 +327,22 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
         "spec": {
             "replicas": b.replicas,
             "selector": {"matchLabels": selector},
-            # One balancer at a time: agents and buffered requests live in its memory.
-            "strategy": {"type": "Recreate"},
+            # A new replica is Ready (agents connected to it) before an old one drains away.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config)}},
                 "spec": {
                     "securityContext": _pod_security(),
                     "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": balancer_grace_seconds(spec),
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector},
+                        }
+                    ],
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },
@@ -324,7 +379,40 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
             ],
         },
     }
-    return [config_map, deployment, inference_service, management_service]
+    peers_service: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, peers_service_name(pool), labels),
+        "spec": {
+            "clusterIP": "None",
+            # Agents join a starting replica before it turns Ready (Ready waits for them).
+            "publishNotReadyAddresses": True,
+            "selector": selector,
+            "ports": [{"name": "management", "port": MANAGEMENT_PORT, "targetPort": "management", "protocol": "TCP"}],
+        },
+    }
+    objects = [config_map, deployment, inference_service, management_service, peers_service]
+    if b.replicas >= 2:
+        objects.append(balancer_pdb(owner, labels, selector))
+    return objects
+
+
+def balancer_pdb(owner: Owner, labels: dict[str, str], selector: dict[str, str]) -> Obj:
+    """Voluntary evictions (node drains) take one balancer replica at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, balancer_pdb_name(owner.name), labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+
+
+def pool_absent(owner: Owner, spec: LlmPoolSpec) -> list[ObjRef]:
+    """Objects of a pool that must not exist: the balancer's PodDisruptionBudget below 2 replicas
+    (with one replica it would block every node drain)."""
+    if spec.balancer.replicas >= 2:
+        return []
+    return [ObjRef("policy/v1", "PodDisruptionBudget", owner.namespace, balancer_pdb_name(owner.name))]
 
 
 # --- ModelDeployment -------------------------------------------------------------------
@@ -479,8 +567,8 @@ def plan_model_deployment(
 
     ``builtin_replicas`` is the Builtin scaler's answer (see :func:`builtin_scale`);
     it is used only when ``autoscaling.mode`` is ``Builtin``. ``balancer_url`` is where
-    the operator reaches the pool's management API (its ``--balancer-url-template``);
-    KEDA's metrics-api trigger reads the same URL (default: the management Service).
+    KEDA's metrics-api trigger reads the pool's management API (:func:`metrics_url` of the
+    operator's ``--balancer-url-template``; default: the cluster-IP management Service).
     ``hpa_scale_to_zero``: the cluster's HPA accepts ``minReplicas: 0`` (see
     :func:`hpa_min_replicas`).
     """
@@ -577,7 +665,9 @@ def plan_model_deployment(
     trigger_auth_ref = ObjRef("keda.sh/v1alpha1", "TriggerAuthentication", owner.namespace, name)
     token_ref = management_token_ref(pool_name, pool)
     if mode == AutoscalingMode.KEDA:
-        base = balancer_url or f"http://{management_addr(pool_name, owner.namespace, pool)}"
+        base = balancer_url or (
+            f"http://{management_service_name(pool_name)}.{owner.namespace}.svc:{pool.balancer.service.management_port}"
+        )
         needs_token = token_ref is not None and md.autoscaling.keda.trigger == KedaTrigger.METRICS_API
         objects.append(_scaled_object(owner, name, labels, md.autoscaling, base, needs_token))
         if needs_token and token_ref is not None:
@@ -729,7 +819,8 @@ def keda_trigger(owner: Owner, a: AutoscalingSpec, balancer_base_url: str, authe
         # The balancer's own JSON, this group's count: no Prometheus needed.
         "type": "metrics-api",
         "metadata": {
-            "url": f"{balancer_base_url}/api/v1/buffered_requests?model_group={owner.name}",
+            # scope=pool: the replica that answers sums the group's buffered requests over its peers.
+            "url": f"{balancer_base_url}/api/v1/buffered_requests?model_group={owner.name}&scope=pool",
             "valueLocation": "buffered_requests_current",
             "targetValue": target,
             "activationTargetValue": "0",
@@ -793,6 +884,10 @@ def load_of(agents: Sequence[AgentView], buffered: int) -> Load:
     )
 
 
+REPLICAS_UNREACHABLE = "BalancerReplicasUnreachable"
+"""Degraded reason: some balancer replicas answered, others not (a partial pass)."""
+
+
 def _cond(type_: str, ok: bool, reason: str, message: str = "") -> Condition:
     return Condition(type=type_, status="True" if ok else "False", reason=reason, message=message)
 
@@ -822,8 +917,11 @@ def pool_status(
     management_url: str,
     previous: Sequence[Condition],
     now: str,
+    balancers_ready: int = 0,
 ) -> LlmPoolStatus:
+    """``balancers_ready``: Ready pods of the balancer Deployment (its status)."""
     load = load_of(snapshot.agents if snapshot else (), snapshot.buffered_total if snapshot else 0)
+    partial = snapshot.partial if snapshot is not None else None
     if spec.balancer.replicas == 0:
         ready = _cond("Ready", False, "Stopped", "balancer.replicas is 0")
         progressing = _cond("Progressing", False, "Stopped")
@@ -832,14 +930,18 @@ def pool_status(
         ready = _cond("Ready", False, "BalancerUnreachable", msg)
         progressing = _cond("Progressing", True, "BalancerUnreachable", msg)
     else:
-        msg = f"balancer up: {load.ready} ready agents, {load.slots_free}/{load.slots_total} free slots"
+        msg = (
+            f"balancer up ({balancers_ready}/{spec.balancer.replicas} replicas ready): {load.ready} ready agents, "
+            f"{load.slots_free}/{load.slots_total} free slots"
+        )
         ready = _cond("Ready", True, "BalancerReady", msg)
         progressing = _cond("Progressing", False, "Complete", msg)
-    degraded = (
-        _cond("Degraded", True, "ApplyFailed", "; ".join(apply_errors))
-        if apply_errors
-        else _cond("Degraded", False, "AsExpected")
-    )
+    if apply_errors:
+        degraded = _cond("Degraded", True, "ApplyFailed", "; ".join(apply_errors))
+    elif partial is not None:
+        degraded = _cond("Degraded", True, REPLICAS_UNREACHABLE, f"{partial}; counts are partial, retrying")
+    else:
+        degraded = _cond("Degraded", False, "AsExpected")
     return LlmPoolStatus(
         observed_generation=generation,
         conditions=merge_conditions(previous, [ready, progressing, degraded], now, generation),
@@ -852,6 +954,10 @@ def pool_status(
         inference_url=inference_url,
         management_url=management_url,
         model_deployments=model_deployments,
+        balancer_replicas=spec.balancer.replicas,
+        balancer_ready_replicas=balancers_ready,
+        balancers=f"{balancers_ready}/{spec.balancer.replicas}",
+        balancer_replicas_reached=len(snapshot.replicas) if snapshot is not None else 0,
     )
 
 
@@ -917,8 +1023,11 @@ def model_deployment_status(
             msg += "; desired state not yet on the balancer"
         ready = _cond("Ready", False, "AgentsNotReady", msg)
         progressing = _cond("Progressing", True, "WaitingForAgents", msg)
+    partial = snapshot.partial if snapshot is not None else None
     if problems:
         degraded = _cond("Degraded", True, "ApplyFailed", "; ".join(problems))
+    elif partial is not None:
+        degraded = _cond("Degraded", True, REPLICAS_UNREACHABLE, f"{partial}; counts are partial, retrying")
     elif rollout is not None and rollout.get("phase") == "Failed":
         degraded = _cond("Degraded", True, "RolloutFailed", str(rollout.get("message") or "rollout failed")[:1000])
     elif stuck:

@@ -259,7 +259,12 @@ class Reconciler:
             return None, str(err)
 
     def balancer_url(self, pool: str, namespace: str, spec: LlmPoolSpec | None) -> str:
+        """Where the operator reaches every balancer replica of a pool (the headless Service)."""
         return plan.balancer_url(self.settings.balancer_url_template, pool, namespace, spec)
+
+    def metrics_url(self, pool: str, namespace: str, spec: LlmPoolSpec | None) -> str:
+        """Where KEDA reads the pool's pool-wide counts (the cluster-IP management Service)."""
+        return plan.metrics_url(self.settings.balancer_url_template, pool, namespace, spec)
 
     async def _invalid(self, obj: Obj, kind: Kind, err: ValidationError) -> Outcome:
         message = f"invalid spec: {_validation_message(err)}"
@@ -291,7 +296,8 @@ class Reconciler:
         except ValidationError as err:
             return await self._invalid(obj, "LlmPool", err)
         owner = _owner(obj)
-        errors = await self.apply(obj, plan.plan_pool(owner, spec))
+        errors = await self.apply(obj, plan.plan_pool(owner, spec), plan.pool_absent(owner, spec))
+        balancers_ready = await self._ready_balancers(namespace, name)
         url = self.balancer_url(name, namespace, spec)
         token_error = await self._management_token(url, namespace, name, spec, create_for=obj)
         errors += [token_error] if token_error else []
@@ -316,12 +322,23 @@ class Reconciler:
             management_url=url,
             previous=previous,
             now=_now(),
+            balancers_ready=balancers_ready,
         )
         await self._write_status(
             obj, "LlmPool", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
-        transient = bool(errors) or (spec.balancer.replicas > 0 and snapshot is None)
-        return Outcome(ok=not transient, retry=transient, message=balancer_error or "; ".join(errors))
+        partial = snapshot.partial if snapshot is not None else None
+        transient = bool(errors) or (spec.balancer.replicas > 0 and snapshot is None) or partial is not None
+        return Outcome(ok=not transient, retry=transient, message=balancer_error or partial or "; ".join(errors))
+
+    async def _ready_balancers(self, namespace: str, pool: str) -> int:
+        """Ready pods of the pool's balancer Deployment, from its status (0 when it cannot be read)."""
+        try:
+            deployment = await self.kube.get(ObjRef("apps/v1", "Deployment", namespace, plan.balancer_name(pool)))
+        except KubeError as err:
+            log.info("balancer deployment not read pool=%s/%s err=%s", namespace, pool, err)
+            return 0
+        return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
 
     async def _management_token(
         self, url: str, namespace: str, pool: str, spec: LlmPoolSpec, create_for: Obj | None = None
@@ -457,7 +474,12 @@ class Reconciler:
         if spec.autoscaling.mode == AutoscalingMode.HPA:
             hpa_gate = await self.hpa_scale_to_zero(namespace)
         md_plan = plan.plan_model_deployment(
-            owner, spec, pool_spec, builtin_replicas=builtin, balancer_url=url, hpa_scale_to_zero=hpa_gate
+            owner,
+            spec,
+            pool_spec,
+            builtin_replicas=builtin,
+            balancer_url=self.metrics_url(spec.pool_ref.name, namespace, pool_spec),
+            hpa_scale_to_zero=hpa_gate,
         )
         errors = await self.apply(obj, md_plan.objects, md_plan.absent)
         if current is not None and plan.hpa_wakes(
@@ -508,7 +530,7 @@ class Reconciler:
         await self._write_status(
             obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
-        transient = bool(errors) or snapshot is None or desired_state_error is not None
+        transient = bool(errors) or snapshot is None or desired_state_error is not None or snapshot.partial is not None
         # Builtin scaling and a running rollout are watched closely (status shows its progress).
         # So is an HPA-mode group that only the operator can wake (no HPAScaleToZero).
         poll = (
@@ -547,14 +569,15 @@ class Reconciler:
         meta = obj["metadata"]
         owner = plan.owner_header(meta["namespace"], meta["name"])
         try:
-            await self.balancers.put_desired_state(url, group, want, owner, max_unavailable)
+            missed = await self.balancers.put_desired_state(url, group, want, owner, max_unavailable)
             rollout = await self.balancers.rollout(url, group)
         except BalancerRejected as err:
             await self.kube.event(obj, "Warning", "DesiredStateRejected", str(err))
             return str(err), snapshot, None
         except BalancerUnreachable as err:
             return None, None, str(err)
-        log.info("desired state applied group=%s model=%s url=%s", group, desired.model.describe(), url)
+        log.info("desired state applied group=%s model=%s url=%s replicas_missed=%d", group, desired.model.describe(),
+                 url, len(missed))  # fmt: skip
         await self.kube.event(
             obj,
             "Normal",
@@ -571,6 +594,9 @@ class Reconciler:
             group_states=states,
             group_rollouts=rollouts,
             group_owners={**snapshot.group_owners, group: owner},
+            # A replica that missed the PUT gets it on the next pass (the status says partial meanwhile).
+            replicas=tuple(r for r in snapshot.replicas if r not in missed),
+            unreachable={**snapshot.unreachable, **missed},
         )
         return None, updated, None
 

@@ -142,7 +142,7 @@ def test_printer_columns() -> None:
         return [c["name"] for c in crds[name]["spec"]["versions"][0]["additionalPrinterColumns"]]
 
     pool_cols, md_cols = columns("paddler.dev_llmpools.yaml"), columns("paddler.dev_modeldeployments.yaml")
-    assert pool_cols == ["Ready", "Agents", "Slots", "Buffered", "Models", "Age"]
+    assert pool_cols == ["Ready", "Balancers", "Agents", "Slots", "Buffered", "Models", "Age"]
     assert md_cols == ["Pool", "Ready", "Agents", "Slots", "Buffered", "Model", "Age"]
     assert crds["paddler.dev_llmpools.yaml"]["spec"]["names"]["shortNames"] == ["lp"]
     assert crds["paddler.dev_modeldeployments.yaml"]["spec"]["names"]["shortNames"] == ["md"]

@@ -53,6 +53,7 @@ def test_pool_plan_objects_names_and_owner_references() -> None:
         "Deployment/p-balancer",
         "Service/p-inference",
         "Service/p-management",
+        "Service/p-management-peers",
     ]
     for obj in objects:
         assert obj["metadata"]["namespace"] == "ns"
@@ -82,6 +83,16 @@ def test_pool_plan_objects_names_and_owner_references() -> None:
         ({"balancer": {"bufferedRequestTimeout": "500ms"}}, "--buffered-request-timeout", "500ms"),
         ({"balancer": {"adminPanel": {"enabled": True}}}, "--web-admin-panel-addr", "0.0.0.0:8062"),
         ({"balancer": {"logLevel": "DEBUG"}}, "--log-level", "DEBUG"),
+        ({}, "--drain-delay", "5"),
+        ({}, "--drain-timeout", "50"),
+        ({"balancer": {"drainTimeoutSeconds": 120}}, "--drain-timeout", "120"),
+        ({}, "--peer-management-addr", "p-management-peers.ns.svc:8060"),
+        # The headless Service maps no ports: peers dial the pods' own port, whatever the Service port.
+        (
+            {"balancer": {"service": {"managementPort": 9000}}},
+            "--peer-management-addr",
+            "p-management-peers.ns.svc:8060",
+        ),
     ],
 )
 def test_balancer_args(spec: dict[str, Any], flag: str, value: str | None) -> None:
@@ -130,9 +141,9 @@ def test_balancer_pod_is_non_root_read_only_with_probes() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "management"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "management"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "management"}
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert deployment["spec"]["replicas"] == 1
     assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
 
@@ -174,7 +185,7 @@ def test_model_deployment_plan_defaults() -> None:
     assert c["args"][2:] == [
         "agent",
         "--management-addr",
-        "p-management.ns.svc:8060",
+        "p-management-peers.ns.svc:8060",
         "--slots",
         "4",
         "--model-group",
@@ -352,7 +363,7 @@ def test_keda_reads_the_groups_buffered_requests_from_the_balancer_json() -> Non
     }
     assert trigger["type"] == "metrics-api"
     assert trigger["metadata"] == {
-        "url": "http://p-management.ns.svc:8060/api/v1/buffered_requests?model_group=m",
+        "url": "http://p-management.ns.svc:8060/api/v1/buffered_requests?model_group=m&scope=pool",
         "valueLocation": "buffered_requests_current",
         "targetValue": "1",
         "activationTargetValue": "0",
@@ -364,7 +375,8 @@ def test_keda_metrics_api_trigger_reads_where_the_operator_reaches_the_balancer(
     spec = md_spec(autoscaling={"mode": "KEDA"})
     so = plan.plan_model_deployment(MD, spec, pool_spec(), balancer_url="http://127.0.0.1:4321").objects[1]
     assert (
-        so["spec"]["triggers"][0]["metadata"]["url"] == "http://127.0.0.1:4321/api/v1/buffered_requests?model_group=m"
+        so["spec"]["triggers"][0]["metadata"]["url"]
+        == "http://127.0.0.1:4321/api/v1/buffered_requests?model_group=m&scope=pool"
     )
 
 
@@ -448,7 +460,7 @@ def test_desired_state_carries_the_multimodal_projection_and_none_without_it() -
 @pytest.mark.parametrize(
     ("template", "url"),
     [
-        ("http://{service}.{namespace}.svc:{port}", "http://p-management.ns.svc:8060"),
+        ("http://{service}.{namespace}.svc:{port}", "http://p-management-peers.ns.svc:8060"),
         ("http://127.0.0.1:4321", "http://127.0.0.1:4321"),
         ("http://{pool}.{namespace}:{port}", "http://p.ns:8060"),
     ],

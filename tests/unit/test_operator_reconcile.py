@@ -193,13 +193,14 @@ async def test_pool_objects_are_created_once(balancers: BalancerClient) -> None:
         ("create", "Secret/ns/p-management-token"),
         ("create", "Service/ns/p-inference"),
         ("create", "Service/ns/p-management"),
+        ("create", "Service/ns/p-management-peers"),
     ]
     assert kube.condition("LlmPool", "p") == ("False", "BalancerUnreachable")
     assert kube.condition("LlmPool", "p", "Progressing") == ("True", "BalancerUnreachable")
     kube.calls.clear()
     await r.reconcile_pool(NS, "p")
     assert kube.calls == []  # nothing differs: no write at all, status included
-    assert [e[1] for e in kube.events].count("Created") == 5
+    assert [e[1] for e in kube.events].count("Created") == 6
 
 
 async def test_drift_is_put_back_and_spec_changes_applied(balancers: BalancerClient) -> None:
@@ -310,7 +311,7 @@ async def test_workers_retry_with_backoff_and_stop(balancers: BalancerClient) ->
     assert workers.touch(("LlmPool", NS, "p"), 1)
     assert not workers.touch(("LlmPool", NS, "p"), 1)  # same generation: a status-only event
     await async_wait_until(
-        lambda: _true(sum(1 for c in kube.calls if c[0] == "create") == 5), timeout=5, what="objects created"
+        lambda: _true(sum(1 for c in kube.calls if c[0] == "create") == 6), timeout=5, what="objects created"
     )
     await asyncio.sleep(0.3)
     await workers.stop()
