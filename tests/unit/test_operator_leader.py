@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from paddler_cli.main import build_parser
 from paddler_operator.cli import add_subcommand, leader_identity, settings_from_args
-from paddler_operator.kube import KubeError
+from paddler_operator.kube import KubeApi, KubeError, KubeSettings, collection_path, object_path
 from paddler_operator.leader import (
     Decision,
     LeaderElector,
@@ -327,3 +331,50 @@ async def test_two_standbys_racing_for_a_free_lease_give_one_leader(
     await b.elector.step()
     assert (a.elector.leading, b.elector.leading) == (True, False)
     assert api.holder() == "a"
+
+
+# --- the Lease calls kube.py makes ---------------------------------------------------------
+
+
+def test_lease_and_cluster_wide_paths() -> None:
+    ref = ObjRef("coordination.k8s.io/v1", "Lease", "ops", "paddler-operator")
+    assert object_path(ref) == "/apis/coordination.k8s.io/v1/namespaces/ops/leases/paddler-operator"
+    assert collection_path("paddler.dev/v1alpha1", "LlmPool", None) == "/apis/paddler.dev/v1alpha1/llmpools"
+
+
+async def test_replace_is_a_put_that_a_stale_version_turns_into_a_409(tmp_path: Path) -> None:
+    seen: list[tuple[str, str, Any]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append((request.method, request.path, body["metadata"].get("resourceVersion")))
+        if body["metadata"].get("resourceVersion") != "2":
+            return web.json_response({"kind": "Status", "reason": "Conflict", "message": "modified"}, status=409)
+        return web.json_response({**body, "metadata": {**body["metadata"], "resourceVersion": "3"}})
+
+    app = web.Application()
+    app.router.add_route("PUT", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    config = tmp_path / "config"
+    config.write_text(
+        json.dumps(
+            {
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.port}"}}],
+                "users": [{"name": "u", "user": {"token": "tok"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    api = KubeApi(KubeSettings(kubeconfig=str(config), request_timeout=5))
+    try:
+        written = await api.replace(claimed_lease(SETTINGS, lease_obj({"holderIdentity": OTHER}, version="2"), WALL))
+        assert written["metadata"]["resourceVersion"] == "3"
+        with pytest.raises(KubeError) as err:
+            await api.replace(claimed_lease(SETTINGS, lease_obj({"holderIdentity": OTHER}, version="1"), WALL))
+        assert err.value.status == 409
+    finally:
+        await api.close()
+        await server.close()
+    assert seen[0][:2] == ("PUT", "/apis/coordination.k8s.io/v1/namespaces/ops/leases/paddler-operator")
