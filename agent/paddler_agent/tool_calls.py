@@ -8,7 +8,8 @@
   piece that might be the start of a tag is held back until the next one).
 * :func:`parse_tool_calls` turns the tool-call text into the Paddler payload to
   emit (``ToolCallParsed`` / ``ToolCallValidationFailed`` / ``ToolCallParseFailed``),
-  validating arguments against each tool's JSON-schema ``parameters``.
+  validating arguments against each tool's JSON-schema ``parameters`` with
+  ``jsonschema`` (:mod:`paddler_core.tool_schema`).
 * :func:`tool_call_grammar` is a JSON schema that only admits a valid call, for
   the JSON-schema grammar when a tool call is required.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +33,8 @@ from enum import Enum
 from typing import Any, Literal
 
 from paddler_core.inference import GeneratedTokenPayload, Tool
+from paddler_core.tool_schema import tool_arguments_problems
+from paddler_core.tool_schema import tool_call_schema as core_tool_call_schema
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +437,7 @@ def parse_tool_calls(
             known = ", ".join(sorted(by_name)) or "none"
             errors.append(f"{name}: no such tool (available: {known})")
         elif valid_json:
-            errors.extend(f"{name}: {e}" for e in validate_arguments(arguments, tool))
+            errors.extend(validate_arguments(arguments, tool))
     if errors:
         logger.info("tool call validation failed", extra={"errors": errors})
         return ToolCallOutcome("ToolCallValidationFailed", tuple(calls), tuple(errors))
@@ -443,145 +445,9 @@ def parse_tool_calls(
 
 
 def validate_arguments(arguments: Any, tool: Tool) -> list[str]:
-    """Problems of ``arguments`` against the tool's parameters schema (empty: valid)."""
-    schema = tool.function.parameters
-    if not isinstance(arguments, dict):
-        return [f"arguments must be a JSON object, got {_json_type(arguments)}"]
-    if not schema:
-        return []
-    return validate_json(arguments, schema)
-
-
-# ---- a small JSON-schema validator (the subset tool parameters use) -------------------------
-
-_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
-}
-
-
-def _json_type(value: Any) -> str:
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _TYPE_CHECKS[name](value):
-            return name
-    return type(value).__name__
-
-
-def validate_json(value: Any, schema: Any, path: str = "$") -> list[str]:
-    """Errors of ``value`` against ``schema``: type, enum, const, properties,
-    required, additionalProperties, items, anyOf/oneOf/allOf, and the length and
-    range limits. Other keywords (``$ref``, ``format``, ...) are not checked."""
-    if schema is False:
-        return [f"{path}: no value is allowed here"]
-    if not isinstance(schema, dict):
-        return []
-    errors = _check_type(value, schema, path)
-    if errors:
-        return errors
-    if "enum" in schema and isinstance(schema["enum"], list) and not _in(value, schema["enum"]):
-        errors.append(f"{path}: {json.dumps(value)} is not one of {json.dumps(schema['enum'])}")
-    if "const" in schema and not _in(value, [schema["const"]]):
-        errors.append(f"{path}: must be {json.dumps(schema['const'])}")
-    errors += _check_combinators(value, schema, path)
-    if isinstance(value, dict):
-        errors += _check_object(value, schema, path)
-    elif isinstance(value, list):
-        errors += _check_array(value, schema, path)
-    elif isinstance(value, str):
-        errors += _check_limits(len(value), schema, path, "minLength", "maxLength", "characters")
-    elif _TYPE_CHECKS["number"](value):
-        errors += _check_range(value, schema, path)
-    return errors
-
-
-def _in(value: Any, options: list[Any]) -> bool:
-    """JSON equality: 1 == 1.0, but True != 1."""
-    return any(
-        (type(value) is type(o) and value == o)
-        or (_TYPE_CHECKS["number"](value) and _TYPE_CHECKS["number"](o) and value == o)
-        for o in options
-    )
-
-
-def _check_type(value: Any, schema: dict[str, Any], path: str) -> list[str]:
-    wanted = schema.get("type")
-    if wanted is None:
-        return []
-    names = wanted if isinstance(wanted, list) else [wanted]
-    if any(_TYPE_CHECKS.get(n, lambda _v: True)(value) for n in names if isinstance(n, str)):
-        return []
-    return [f"{path}: expected {' or '.join(map(str, names))}, got {_json_type(value)}"]
-
-
-def _check_combinators(value: Any, schema: dict[str, Any], path: str) -> list[str]:
-    errors: list[str] = []
-    for key in ("anyOf", "oneOf"):
-        options = schema.get(key)
-        if isinstance(options, list) and options:
-            results = [validate_json(value, o, path) for o in options]
-            if all(results):
-                errors.append(f"{path}: matches none of the allowed shapes ({results[0][0]})")
-    for sub in schema.get("allOf") or []:
-        errors += validate_json(value, sub, path)
-    return errors
-
-
-def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str) -> list[str]:
-    errors: list[str] = []
-    properties = schema.get("properties") or {}
-    for key in schema.get("required") or []:
-        if key not in value:
-            errors.append(f"{path}: missing required property {key!r}")
-    extra = schema.get("additionalProperties", True)
-    for key, item in value.items():
-        sub_path = f"{path}.{key}"
-        if key in properties:
-            errors += validate_json(item, properties[key], sub_path)
-        elif extra is False:
-            errors.append(f"{path}: unexpected property {key!r}")
-        elif isinstance(extra, dict):
-            errors += validate_json(item, extra, sub_path)
-    errors += _check_limits(len(value), schema, path, "minProperties", "maxProperties", "properties")
-    return errors
-
-
-def _check_array(value: list[Any], schema: dict[str, Any], path: str) -> list[str]:
-    errors: list[str] = []
-    items = schema.get("items")
-    if isinstance(items, dict):
-        for i, item in enumerate(value):
-            errors += validate_json(item, items, f"{path}[{i}]")
-    errors += _check_limits(len(value), schema, path, "minItems", "maxItems", "items")
-    return errors
-
-
-def _check_limits(size: int, schema: dict[str, Any], path: str, lo: str, hi: str, unit: str) -> list[str]:
-    errors = []
-    if isinstance(schema.get(lo), int) and size < schema[lo]:
-        errors.append(f"{path}: has {size} {unit}, at least {schema[lo]} required")
-    if isinstance(schema.get(hi), int) and size > schema[hi]:
-        errors.append(f"{path}: has {size} {unit}, at most {schema[hi]} allowed")
-    return errors
-
-
-def _check_range(value: float, schema: dict[str, Any], path: str) -> list[str]:
-    errors = []
-    checks: list[tuple[str, Callable[[float, float], bool], str]] = [
-        ("minimum", lambda v, b: v < b, "at least"),
-        ("maximum", lambda v, b: v > b, "at most"),
-        ("exclusiveMinimum", lambda v, b: v <= b, "more than"),
-        ("exclusiveMaximum", lambda v, b: v >= b, "less than"),
-    ]
-    for key, fails, words in checks:
-        bound = schema.get(key)
-        if bound is not None and _TYPE_CHECKS["number"](bound) and fails(value, bound):
-            errors.append(f"{path}: {json.dumps(value)} must be {words} {json.dumps(bound)}")
-    return errors
+    """Problems of ``arguments`` against the tool's parameters schema (empty: valid), by
+    ``jsonschema`` (paddler_core.tool_schema), as ``"<tool>: <JSON path>: <what>"``."""
+    return tool_arguments_problems(tool.function.name, tool.function.parameters, arguments)
 
 
 # ---- grammar -------------------------------------------------------------------------------
@@ -590,23 +456,7 @@ def _check_range(value: float, schema: dict[str, Any], path: str) -> list[str]:
 def tool_call_schema(tools: Sequence[Tool]) -> dict[str, Any]:
     """A JSON schema admitting exactly one valid call ``{"name": ..., "arguments": {...}}``
     of one of ``tools`` (pass a single tool to force that one)."""
-    if not tools:
-        raise ValueError("tool_call_schema needs at least one tool")
-    options = []
-    for tool in tools:
-        parameters = tool.function.parameters or {"type": "object"}
-        options.append(
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": tool.function.name},
-                    "arguments": parameters,
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-        )
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    return core_tool_call_schema([(t.function.name, t.function.parameters) for t in tools])
 
 
 def tool_call_grammar(tools: Sequence[Tool]) -> str:

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, NotRequired, TypedDict
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from paddler_core.desired_state import EmbeddingNormalizationMethod
+from paddler_core.tool_schema import tool_schema_problem
 
 MAX_TOKENS_LIMIT = (1 << 31) - 1
 """Largest ``max_tokens`` accepted (generation also ends when the context is full)."""
@@ -120,47 +121,6 @@ class ConversationMessage(BaseModel):
         return "".join(p.text for p in self.content if isinstance(p, TextContentPart))
 
 
-JSON_SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object", "null"})
-
-
-def schema_problem(schema: Any) -> str | None:
-    """Why ``schema`` is not a JSON schema (a dict or a boolean whose ``type`` names
-    JSON types), or None."""
-    if isinstance(schema, bool):
-        return None
-    if not isinstance(schema, dict):
-        return f"{schema!r} is not of type 'object', 'boolean'"
-    kind = schema.get("type")
-    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
-    for name in kinds:
-        if name not in JSON_SCHEMA_TYPES:
-            return f"{name!r} is not valid under any of the given schemas"
-    return None
-
-
-def parameters_problem(parameters: dict[str, Any]) -> str | None:
-    """Paddler 4.1's check of a tool's ``parameters`` (its ``RawParametersSchema``):
-    every required field is a property, every property and a non-boolean
-    ``additionalProperties`` is a valid schema. The message is Paddler's."""
-    properties = parameters.get("properties")
-    required = parameters.get("required")
-    if isinstance(required, list) and isinstance(properties, dict):
-        for field in required:
-            if field not in properties:
-                return f"Required field '{field}' not found in properties"
-    if isinstance(properties, dict):
-        for key, schema in properties.items():
-            problem = schema_problem(schema)
-            if problem is not None:
-                return f"Invalid schema for property '{key}': {problem}"
-    additional = parameters.get("additionalProperties")
-    if additional is not None and not isinstance(additional, bool):
-        problem = schema_problem(additional)
-        if problem is not None:
-            return f"Invalid additionalProperties schema: {problem}"
-    return None
-
-
 class ToolFunction(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -170,8 +130,9 @@ class ToolFunction(BaseModel):
 
     @field_validator("parameters")
     @classmethod
-    def _valid_schema(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
-        problem = None if parameters is None else parameters_problem(parameters)
+    def _valid_schema(cls, parameters: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        """A JSON Schema document (paddler_core.tool_schema); the error names the tool."""
+        problem = None if parameters is None else tool_schema_problem(str(info.data.get("name", "")), parameters)
         if problem is not None:
             raise ValueError(problem)
         return parameters

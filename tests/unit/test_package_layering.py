@@ -44,6 +44,9 @@ EDGES = {
     "huggingface_hub": "agent/paddler_agent/model_source.py",
     "PIL": "agent/paddler_agent/images.py",
     "jinja2": "agent/paddler_agent/chat_template.py",
+    "jsonschema": "core/paddler_core/tool_schema.py",
+    "referencing": "core/paddler_core/tool_schema.py",
+    "jsonschema_specifications": "core/paddler_core/tool_schema.py",
     "textual": "cli/paddler_cli/dashboard.py",
 }
 """Each outside library and the one module (or subpackage, ending in ``/``) that may import it."""

@@ -31,6 +31,7 @@ from paddler_core.inference import (
     JsonSchemaGrammar,
     Tool,
 )
+from paddler_core.tool_schema import tool_call_schema
 
 # ---- request mapping ------------------------------------------------------------------------
 
@@ -102,16 +103,6 @@ def conversation(messages: list[ChatMessage]) -> list[ConversationMessage]:
     return out
 
 
-def _tool_call_schema(tool: ToolDefinition) -> dict[str, Any]:
-    parameters = tool.function.parameters or {"type": "object"}
-    return {
-        "type": "object",
-        "properties": {"name": {"const": tool.function.name}, "arguments": parameters},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-
-
 def forced_tools(req: ChatCompletionRequest) -> list[ToolDefinition]:
     """The tools the model must choose from (``required`` or a named function); empty
     when the model is free to answer in text."""
@@ -145,8 +136,7 @@ def chat_grammar(req: ChatCompletionRequest, forced: list[ToolDefinition]) -> Gr
                 code="invalid_request",
                 param="response_format",
             )
-        schemas = [_tool_call_schema(t) for t in forced]
-        schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        schema = tool_call_schema([(t.function.name, t.function.parameters) for t in forced])
         return JsonSchemaGrammar(schema_value=json.dumps(schema))
     if fmt is None or fmt.type == "text":
         return None

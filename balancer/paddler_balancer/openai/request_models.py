@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
 from paddler_core.inference import (
     DataImageUrl,
 )
+from paddler_core.tool_schema import tool_schema_problem
 
 # ---- requests -------------------------------------------------------------------------------
 
@@ -56,11 +57,22 @@ class ChatMessage(OpenAIModel):
     tool_call_id: str | None = None
 
 
+def checked_parameters(parameters: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+    """A tool's ``parameters``: a JSON Schema document (paddler_core.tool_schema), so the
+    400 names the field (``tools.0.function.parameters``) and the tool."""
+    problem = None if parameters is None else tool_schema_problem(str(info.data.get("name", "")), parameters)
+    if problem is not None:
+        raise ValueError(problem)
+    return parameters
+
+
 class FunctionDefinition(OpenAIModel):
     name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    _valid_parameters = field_validator("parameters")(checked_parameters)
 
 
 class ToolDefinition(OpenAIModel):

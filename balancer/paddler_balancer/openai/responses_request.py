@@ -38,6 +38,7 @@ from paddler_balancer.openai.request_models import (
     TextPart,
     ToolCall,
     ToolDefinition,
+    checked_parameters,
 )
 from paddler_core.inference import DataImageUrl
 
@@ -124,6 +125,8 @@ class FunctionTool(OpenAIModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    _valid_parameters = field_validator("parameters")(checked_parameters)
 
 
 class FunctionToolChoice(OpenAIModel):
