@@ -541,3 +541,57 @@ async def test_pool_reconcile_removes_groups_of_model_deployments_that_no_longer
     assert {"gone", "moved"}.isdisjoint(groups)
     assert {"m", "elsewhere", "by-hand"} <= set(groups)
     assert [e[1] for e in kube.events].count("ModelGroupRemoved") == 2
+
+
+# --- several balancer replicas ----------------------------------------------------------
+
+
+async def test_balancer_pdb_follows_the_replica_count(balancers: BalancerClient) -> None:
+    kube = FakeKube()
+    kube.add(pool(balancer={"replicas": 2}))
+    r = reconciler(kube, balancers)
+    await r.reconcile_pool(NS, "p")
+    pdb = ObjRef("policy/v1", "PodDisruptionBudget", NS, "p-balancer")
+    assert pdb in kube.objects
+    kube.objects[ObjRef("paddler.dev/v1alpha1", "LlmPool", NS, "p")]["spec"] = {"balancer": {"replicas": 1}}
+    await r.reconcile_pool(NS, "p")
+    assert pdb not in kube.objects
+    assert ("Normal", "Deleted", "Deleted PodDisruptionBudget p-balancer") in kube.events
+
+
+async def test_the_operator_writes_to_and_reads_from_every_balancer_replica(paddler: Processes) -> None:
+    first, second = paddler.balancer(), paddler.balancer()
+    replicas = [first.management_url, second.management_url]
+
+    async def resolve(base_url: str) -> tuple[str, ...]:
+        return tuple(replicas)
+
+    client = BalancerClient(BalancerClientSettings(request_timeout=2.0), resolver=resolve)
+    try:
+        kube = FakeKube()
+        kube.add(pool(balancer={"replicas": 2}))
+        kube.add(model_deployment())
+        r = reconciler(kube, client, "http://{service}.{namespace}.svc:{port}")
+        assert (await r.reconcile_pool(NS, "p")).ok
+        await r.reconcile_model_deployment(NS, "m")
+        for balancer in (first, second):
+            assert "m" in (await balancers_of(balancer.management_url)).group_states
+
+        replicas.append(UNREACHABLE)  # a third replica that does not answer: a partial pass
+        outcome = await r.reconcile_pool(NS, "p")
+        assert outcome.retry
+        assert kube.condition("LlmPool", "p") == ("True", "BalancerReady")
+        assert kube.condition("LlmPool", "p", "Degraded") == ("True", "BalancerReplicasUnreachable")
+        assert ("Warning", "BalancerReplicasUnreachable") in [(e[0], e[1]) for e in kube.events]
+        status = kube.objects[ObjRef("paddler.dev/v1alpha1", "LlmPool", NS, "p")]["status"]
+        assert (status["balancers"], status["balancerReplicasReached"]) == ("0/2", 2)
+    finally:
+        await client.close()
+
+
+async def balancers_of(url: str) -> Any:
+    client = BalancerClient(BalancerClientSettings(request_timeout=2.0))
+    try:
+        return await client.snapshot(url)
+    finally:
+        await client.close()
