@@ -9,14 +9,18 @@
   document.
 * :func:`tool_arguments_problems`: what is wrong with a call's arguments against that
   schema, one message per problem: ``"<tool>: <JSON path>: <what>"``.
+* :func:`tool_call_schema`: the grammar schema of a forced call, with each tool's local
+  ``$ref`` rewritten to where its parameters sit in it.
 
 Bounded work: a schema nests at most :data:`MAX_SCHEMA_DEPTH` levels and holds at most
 :data:`MAX_SCHEMA_VALUES` JSON values (request bodies are bounded the same way); a
 ``$ref`` resolves only inside the schema or to the bundled JSON Schema meta-schemas,
 nothing is ever fetched. ``format`` is asserted only for formats checked without a
 network or an optional library (:data:`CHECKED_FORMATS`); other formats are
-annotations. Verdicts and validators are cached by the schema's JSON text, so a schema
-is compiled once however often a request (and the next one) brings it.
+annotations. Verdicts and validators are cached by the schema's JSON text
+(:data:`CACHED_SCHEMAS` of at most :data:`CACHED_SCHEMA_CHARS`), so the tools an agent
+framework sends with every request are compiled once, on the balancer and on the agent.
+``pattern`` is Python's ``re`` (as in jsonschema), not ECMA-262.
 """
 
 from __future__ import annotations

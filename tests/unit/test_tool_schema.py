@@ -331,3 +331,24 @@ def test_forced_call_schema_keeps_defs_refs_working_where_parameters_now_sit() -
     assert not validator.is_valid(bad)
     assert validator.is_valid({"name": "read", "arguments": {"path": "a", "encoding": "utf-8"}})
     assert json.dumps(PYDANTIC) == json.dumps(Shipment.model_json_schema())  # the tool's own schema is untouched
+
+
+def test_conditionals_tuples_and_dependent_required_are_checked() -> None:
+    at = {"type": "array", "prefixItems": [{"type": "number"}, {"type": "number"}]}
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["card", "cash"]}, "number": {"type": "string"}, "at": at},
+        "if": {"properties": {"kind": {"const": "card"}}},
+        "then": {"required": ["number"]},
+        "dependentRequired": {"at": ["kind"]},
+        "propertyNames": {"pattern": "^[a-z]+$"},
+    }
+    assert tool_schema_problem("pay", schema) is None
+    assert tool_arguments_problems("pay", schema, {"kind": "card", "at": [1, "2"]}) == [
+        "pay: $.at[1]: '2' is not of type 'number'",
+        "pay: $: 'number' is a required property",
+    ]
+    assert tool_arguments_problems("pay", schema, {"at": [1, 2], "number": "4", "Zip": 1}) == [
+        "pay: $: 'kind' is a dependency of 'at'",
+        "pay: $: 'Zip' does not match '^[a-z]+$'",
+    ]
