@@ -1,7 +1,7 @@
 """``/api/v1/agent_socket/{agent_id}``: the WebSocket agents dial into.
 
-Reader: register handshake, then status snapshots, streamed responses and query
-replies. Writer: a queue drained by one task, so ``AgentController.send`` never
+Reader: register handshake, then status snapshots, streamed responses, refusals
+(routed again by the service) and query replies. Writer: a queue drained by one task, so ``AgentController.send`` never
 blocks the caller. When the socket closes the agent is removed at once and its
 requests fail with 502.
 """
@@ -26,6 +26,7 @@ from paddler_core.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     AgentStatus,
+    RefusedMessage,
     RegisteredMessage,
     RegisterMessage,
     RejectedMessage,
@@ -82,6 +83,7 @@ async def _serve_agent(
     replaced = balancer.pool.add(agent)
     if replaced is not None:
         balancer.agent_lost(replaced)
+    balancer.status_received(agent)
     log.info(
         "agent registered agent_id=%s name=%s model_group=%s slots_total=%d",
         agent_id,
@@ -181,7 +183,15 @@ def _dispatch_message(balancer: Balancer, agent: AgentController, message: Any) 
         except (ValidationError, KeyError) as err:
             log.warning("agent sent invalid status agent_id=%s error=%s", agent.id, err)
             return
-        balancer.pool.update_status(agent, status)
+        if balancer.pool.update_status(agent, status):
+            balancer.status_received(agent)
+    elif kind == "refused":
+        try:
+            refused = RefusedMessage.model_validate(message)
+        except ValidationError as err:
+            log.warning("agent sent invalid refusal agent_id=%s error=%s", agent.id, str(err)[:200])
+            return
+        balancer.request_refused(agent, refused.request_id, refused.reason)
     elif kind == "reply":
         balancer.reply_received(str(message.get("request_id")), message.get("body"))
     else:

@@ -1,7 +1,11 @@
 """Connected agents: their reported status and the balancer's own slot accounting.
 
 The agent is the authority on ``slots_total``; the balancer counts the requests it
-has in flight on each agent and never sends more than ``slots_total``.
+has in flight on each agent. With several balancer replicas an agent's slots are
+shared: the agent reports every replica's requests in ``slots_processing``, so a
+replica counts as busy the larger of its own in-flight count and that report, and an
+agent that refused a request (another replica took the slot first) counts as full
+until its next status push.
 """
 
 from __future__ import annotations
@@ -97,13 +101,21 @@ class AgentController:
     """Switching to a new desired state (rolling swap): takes no new requests."""
     state_revision: str | None = None
     """Revision of the last desired state sent to this agent."""
+    refused: bool = False
+    """It refused a request (no free slot): full until its next status push."""
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots taken: this replica's requests, or every replica's as the agent last
+        reported them, whichever is more (the report lags this replica's own claims)."""
+        return max(self.in_flight, self.status.slots_processing)
 
     @property
     def free_slots(self) -> int:
-        if not self.connected or self.unresponsive or self.draining:
+        if not self.connected or self.unresponsive or self.draining or self.refused:
             return 0
         slots = min(1, self.status.slots_total) if self.probation else self.status.slots_total
-        return max(0, slots - self.in_flight)
+        return max(0, slots - self.busy_slots)
 
     def snapshot(self) -> dict[str, Any]:
         """Paddler's AgentControllerSnapshot JSON, plus ``model_group`` and the
@@ -156,11 +168,18 @@ class AgentPool:
             return False
         old = agent.status.prefix_hashes
         agent.status = status
+        agent.refused = False
         if old != status.prefix_hashes:
             self._index_prefixes(agent, old, status.prefix_hashes)
         self.refresh(agent)
         self.changed()
         return True
+
+    def refused(self, agent: AgentController) -> None:
+        """``agent`` refused a request for want of a slot: route nothing more to it until
+        it reports its status again."""
+        agent.refused = True
+        self.refresh(agent)
 
     def remove(self, agent: AgentController) -> None:
         if self.agents.get(agent.id) is agent:

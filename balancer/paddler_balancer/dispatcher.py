@@ -4,6 +4,10 @@
 when an agent has a free slot and nobody of the same group waits before us,
 otherwise after waiting in the FIFO buffer. A lease is released exactly once
 (``Lease.release`` is idempotent and ``async with`` always calls it).
+
+The buffer is ordered by deadline (arrival + buffer timeout): a request that an agent
+refused comes back with its first deadline, so it waits before the requests that
+arrived after it and never longer than the buffer timeout from its arrival.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -51,6 +56,8 @@ class Lease:
 @dataclass(eq=False)
 class _Waiter:
     request: routing.RouteRequest
+    deadline: float
+    """``time.monotonic()`` after which it stops waiting (504)."""
     future: asyncio.Future[Lease] = field(repr=False)
 
 
@@ -100,13 +107,22 @@ class Dispatcher:
         self.pool.refresh(agent)
         return Lease(agent, self)
 
-    async def acquire(self, request: routing.RouteRequest) -> Lease:
+    def deadline(self) -> float:
+        """The buffer deadline of a request arriving now."""
+        return time.monotonic() + self.buffer_timeout
+
+    async def acquire(self, request: routing.RouteRequest, deadline: float | None = None) -> Lease:
         """A lease on a free slot; waits in the buffer if none is free.
 
+        ``deadline`` (``time.monotonic()``): when the wait ends; default now + the buffer
+        timeout. A request routed again after a refusal passes its first one.
+
         Raises InferenceFailure 503 when the buffer is full (or disabled) and 504
-        when the wait runs past the buffer timeout.
+        when the wait runs past the deadline.
         """
-        if not any(w.request.model_group == request.model_group for w in self._waiters):
+        if deadline is None:
+            deadline = self.deadline()
+        if not any(w.request.model_group == request.model_group and w.deadline <= deadline for w in self._waiters):
             lease = self.try_claim(request)
             if lease is not None:
                 return lease
@@ -116,11 +132,11 @@ class Dispatcher:
                 f"too many buffered requests (limit {self.max_buffered}); retry later",
                 "buffer_full",
             )
-        waiter = _Waiter(request, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
+        waiter = _Waiter(request, deadline, asyncio.get_running_loop().create_future())
+        self._enqueue(waiter)
         self._notify()
         try:
-            async with asyncio.timeout(self.buffer_timeout):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 return await asyncio.shield(waiter.future)
         except TimeoutError:
             self._abandon(waiter)
@@ -132,6 +148,17 @@ class Dispatcher:
         except BaseException:  # cancelled: the client went away
             self._abandon(waiter)
             raise
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        """Append, or insert before the first waiter with a later deadline (a request
+        routed again after a refusal keeps its place by arrival)."""
+        if not self._waiters or self._waiters[-1].deadline <= waiter.deadline:
+            self._waiters.append(waiter)
+            return
+        for position, other in enumerate(self._waiters):
+            if other.deadline > waiter.deadline:
+                self._waiters.insert(position, waiter)
+                return
 
     def _abandon(self, waiter: _Waiter) -> None:
         """The caller stopped waiting: leave the buffer, or give back a lease granted

@@ -123,6 +123,12 @@ class Metrics:
             ["model_group", "code"],
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "paddler_agent_refusals",
+            "Requests an agent refused before running them (routed again; clients never see them)",
+            ["model_group", "reason"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

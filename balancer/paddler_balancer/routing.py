@@ -49,7 +49,7 @@ def prefix_affinity_score(agent: AgentController, request: RouteRequest, load_ca
     held = agent.held_prefixes
     if not request.prefix_hashes or not held or agent.status.slots_total == 0:
         return 0.0
-    if agent.in_flight / agent.status.slots_total >= load_cap:
+    if agent.busy_slots / agent.status.slots_total >= load_cap:
         return 0.0
     matched = 0
     for h in request.prefix_hashes:  # cumulative hashes: stop at the first miss

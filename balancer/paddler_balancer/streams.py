@@ -22,6 +22,10 @@ class StreamFailure(Enum):
     AGENT_LOST = "agent_lost"
     INVALID_PAYLOAD = "invalid_payload"
     """The agent sent a response that is not a Paddler payload."""
+    REFUSED = "refused"
+    """The agent refused the request before running it (``refused``: no free slot,
+    stopping). Before any payload the balancer routes it again and the client never
+    sees this; after one (an agent breaking the protocol) it is a 502."""
 
     @property
     def status(self) -> int:
@@ -41,16 +45,18 @@ class InferenceFailure(Exception):
         self.message = message
         self.kind = kind
         """Machine-readable reason: buffer_full, buffer_timeout, item_timeout, agent_lost,
-        invalid_payload, no_agents, invalid_request, unknown_model, request_too_large."""
+        invalid_payload, refused, no_agents, invalid_request, unknown_model, request_too_large."""
 
 
 ITEM_TIMEOUT_MESSAGE = "no token from the agent within the inference item timeout"
 AGENT_LOST_MESSAGE = "the agent serving this request disconnected"
 INVALID_PAYLOAD_MESSAGE = "the agent serving this request sent an invalid response"
+REFUSED_MESSAGE = "the agent serving this request refused it after it had started"
 _FAILURE_MESSAGES = {
     StreamFailure.ITEM_TIMEOUT: ITEM_TIMEOUT_MESSAGE,
     StreamFailure.AGENT_LOST: AGENT_LOST_MESSAGE,
     StreamFailure.INVALID_PAYLOAD: INVALID_PAYLOAD_MESSAGE,
+    StreamFailure.REFUSED: REFUSED_MESSAGE,
 }
 
 
