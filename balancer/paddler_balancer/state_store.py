@@ -1,7 +1,9 @@
 """Desired state per model group, kept in memory or in a JSON file.
 
 ``memory://`` forgets on restart; ``file:///path.json`` survives it. The file is
-written atomically (temp file + rename).
+written atomically (temp file + rename). Each group's state carries its ``version``
+(only grows; :func:`paddler_core.desired_state.next_state_version`); a file written
+before versions existed reads as version 0.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class GroupState:
     state: BalancerDesiredState
     owner: str | None = None
     """Who manages this group, e.g. ``ModelDeployment/ns/name``; None when edited by hand."""
+    version: int = 0
+    """The state's version (0: never set, or stored before versions existed)."""
 
 
 class StateStore:
@@ -39,11 +43,18 @@ class StateStore:
         self._load()
 
     def get(self, group: str) -> BalancerDesiredState:
-        entry = self.groups.get(group)
-        return entry.state if entry is not None else BalancerDesiredState()
+        return self.entry(group).state
 
-    def put(self, group: str, state: BalancerDesiredState, owner: str | None = None) -> None:
-        self.groups[group] = GroupState(state, owner)
+    def entry(self, group: str) -> GroupState:
+        """The group's state, owner and version; a group never set: the default state at version 0."""
+        entry = self.groups.get(group)
+        return entry if entry is not None else GroupState(BalancerDesiredState())
+
+    def version(self, group: str) -> int:
+        return self.entry(group).version
+
+    def put(self, group: str, state: BalancerDesiredState, owner: str | None = None, version: int = 0) -> None:
+        self.groups[group] = GroupState(state, owner, version)
         self._save()
 
     def delete(self, group: str) -> bool:
@@ -61,14 +72,19 @@ class StateStore:
             return
         data = json.loads(self.path.read_text())
         for name, entry in data.get("groups", {}).items():
-            self.groups[name] = GroupState(BalancerDesiredState.model_validate(entry["state"]), entry.get("owner"))
+            self.groups[name] = GroupState(
+                BalancerDesiredState.model_validate(entry["state"]), entry.get("owner"), int(entry.get("version", 0))
+            )
         log.info("state loaded path=%s groups=%d", self.path, len(self.groups))
 
     def _save(self) -> None:
         if self.path is None:
             return
         data = {
-            "groups": {name: {"state": g.state.to_json_dict(), "owner": g.owner} for name, g in self.groups.items()}
+            "groups": {
+                name: {"state": g.state.to_json_dict(), "owner": g.owner, "version": g.version}
+                for name, g in self.groups.items()
+            }
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")

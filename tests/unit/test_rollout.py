@@ -8,6 +8,7 @@ import pytest
 
 from paddler_balancer.agents import AgentController, AgentPool
 from paddler_balancer.rollout import RolloutPhase, Rollouts
+from paddler_balancer.state_store import GroupState
 from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, ModelSource, state_revision
 from paddler_core.protocol import AgentIssue, AgentStatus, StateApplicationStatus
 
@@ -46,7 +47,7 @@ class Agents:
             self.sent[agent_id] = []
             agent = AgentController(agent_id, agent_id, "default", self.sent[agent_id].append)
             agent.status = AgentStatus(slots_total=slots_total, version=1)
-            self.rollouts.send_state(agent, OLD)
+            self.rollouts.send_state(agent, OLD, 1)
             self.report(agent, OLD, slots_total=slots_total)
             self.pool.add(agent)
             self.sent[agent_id].clear()
@@ -85,7 +86,7 @@ class Agents:
 
 def test_serving_agents_switch_one_at_a_time_and_take_requests_again_after() -> None:
     group = Agents(3)
-    rollout = group.rollouts.start("default", NEW, OLD)
+    rollout = group.rollouts.start("default", GroupState(NEW, version=2), GroupState(OLD, version=1))
     first = group.switching()
     assert len(first) == 1
     assert group.draining() == first
@@ -105,14 +106,14 @@ def test_serving_agents_switch_one_at_a_time_and_take_requests_again_after() -> 
 
 def test_agents_that_serve_nothing_switch_at_once() -> None:
     group = Agents(3, slots_total=0)
-    group.rollouts.start("default", NEW, OLD)
+    group.rollouts.start("default", GroupState(NEW, version=2), GroupState(OLD, version=1))
     assert group.switching() == ["a0", "a1", "a2"]
     assert group.draining() == []
 
 
 def test_a_failed_load_stops_the_rollout_and_newcomers_get_the_old_state() -> None:
     group = Agents(3)
-    rollout = group.rollouts.start("default", NEW, OLD)
+    rollout = group.rollouts.start("default", GroupState(NEW, version=2), GroupState(OLD, version=1))
     (first,) = group.switching()
     group.report(group.agent(first), NEW, ok=False)
     assert rollout.phase == RolloutPhase.FAILED
@@ -120,15 +121,15 @@ def test_a_failed_load_stops_the_rollout_and_newcomers_get_the_old_state() -> No
     assert "0/3" in rollout.message
     assert group.switching() == [first]
     assert group.draining() == []
-    assert group.rollouts.state_for_new_agent("default", NEW) == OLD
+    assert group.rollouts.state_for_new_agent("default", GroupState(NEW, version=2)).state == OLD
 
 
 def test_a_newer_state_switches_the_draining_agent_first_within_the_budget() -> None:
     group = Agents(3)
-    group.rollouts.start("default", NEW, OLD)
+    group.rollouts.start("default", GroupState(NEW, version=2), GroupState(OLD, version=1))
     (first,) = group.draining()
     third = BalancerDesiredState(model=ModelSource.local("/m/third.gguf"))
-    group.rollouts.start("default", third, NEW)
+    group.rollouts.start("default", GroupState(third, version=3), GroupState(NEW, version=2))
     assert group.draining() == [first]
     assert group.sent[first][-1]["revision"] == state_revision(third)
     assert sum(bool(m) for m in group.sent.values()) == 1
@@ -136,7 +137,9 @@ def test_a_newer_state_switches_the_draining_agent_first_within_the_budget() -> 
 
 def test_the_same_state_again_only_changes_max_unavailable() -> None:
     group = Agents(4)
-    rollout = group.rollouts.start("default", NEW, OLD)
-    again = group.rollouts.start("default", NEW, OLD, MaxUnavailable.parse("2"))
+    rollout = group.rollouts.start("default", GroupState(NEW, version=2), GroupState(OLD, version=1))
+    again = group.rollouts.start(
+        "default", GroupState(NEW, version=2), GroupState(OLD, version=1), MaxUnavailable.parse("2")
+    )
     assert again is rollout
     assert len(group.draining()) == 2
