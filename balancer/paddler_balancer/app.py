@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -27,12 +28,33 @@ from paddler_balancer.http_util import (
     normalize_origin,
 )
 from paddler_balancer.metrics import statsd_reporter
-from paddler_balancer.service import Balancer
+from paddler_balancer.service import Balancer, Readiness
 from paddler_balancer.settings import BalancerSettings, parse_addr
 
 log = logging.getLogger(__name__)
 
 BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
+REPLICA_HEADER = "X-Paddler-Balancer"
+"""On every management and inference response: the replica that answered."""
+
+
+def _replica_header(name: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[REPLICA_HEADER] = name
+
+    return add
+
+
+def _api_app(balancer: Balancer, *middlewares: Any, cors: CorsPolicy, body_limit: int | None = None) -> web.Application:
+    """``api_app`` that knows its balancer and names the replica on every response."""
+    app = (
+        api_app(*middlewares, cors=cors)
+        if body_limit is None
+        else api_app(*middlewares, cors=cors, body_limit=body_limit)
+    )
+    app[BALANCER_KEY] = balancer
+    app.on_response_prepare.append(_replica_header(balancer.settings.replica_name))
+    return app
 
 
 def _inference_middlewares(balancer: Balancer) -> list[Any]:
@@ -53,8 +75,9 @@ def inference_app(balancer: Balancer, panel_ports: set[int] | None = None) -> we
     from paddler_balancer.openai import responses_api
 
     settings = balancer.settings
-    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, panel_ports))
-    app[BALANCER_KEY] = balancer
+    app = _api_app(
+        balancer, *_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, panel_ports)
+    )
     inference_api.add_routes(app)
     openai_api.add_routes(app)
     responses_api.add_routes(app)
@@ -68,8 +91,7 @@ def compat_openai_app(balancer: Balancer) -> web.Application:
     from paddler_balancer.openai import responses_api
 
     settings = balancer.settings
-    app = api_app(*_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, None))
-    app[BALANCER_KEY] = balancer
+    app = _api_app(balancer, *_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, None))
     app.router.add_get("/health", inference_api.health)
     openai_api.add_routes(app)
     responses_api.add_routes(app)
@@ -82,13 +104,13 @@ def management_app(balancer: Balancer, panel_ports: set[int] | None = None) -> w
     settings = balancer.settings
     token = settings.management_token
     middlewares = [management_door(token).middleware()] if token else []
-    app = api_app(
+    app = _api_app(
+        balancer,
         *middlewares,
         cors=_cors(settings.management_cors_allowed_hosts, panel_ports),
         body_limit=MAX_MANAGEMENT_BODY_BYTES,
     )
     app[CLAIMS_KEY] = AgentClaims()
-    app[BALANCER_KEY] = balancer
     management_api.add_routes(app)
     if balancer.settings.statsd_addr:
         app.cleanup_ctx.append(_statsd_ctx)
@@ -160,34 +182,91 @@ def _log_doors(settings: BalancerSettings) -> None:
 
 
 async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (SIGTERM, SIGINT), then stop gracefully: readiness off
+    (``GET /ready`` answers 503), keep accepting for ``drain_delay`` seconds, stop
+    accepting inference, let in-flight and buffered requests finish for at most
+    ``drain_timeout`` seconds (agents stay connected meanwhile), then close the rest."""
     _log_doors(settings)
     keep_large_buffers_out_of_the_heap()
     balancer = Balancer(settings)
     panel_ports: set[int] = set()
-    runners = [
-        # Its streams (SSE of an open admin panel, agent sockets) never end on their own: without a
-        # short timeout they hold a SIGTERM for 60 s. It stops last, after inference has drained.
-        await _start(
-            management_app(balancer, panel_ports), settings.management_addr, "management", shutdown_timeout=1.0
-        ),
-        await _start(inference_app(balancer, panel_ports), settings.inference_addr, "inference"),
-    ]
-    if settings.compat_openai_addr:
-        runners.append(await _start(compat_openai_app(balancer), settings.compat_openai_addr, "compat_openai"))
-    if settings.web_admin_panel_addr:
-        from paddler_balancer.admin_panel import admin_panel_app
-
-        # The panel's pages call the APIs: hand it the bound addresses (port 0 resolved).
-        bound = dataclasses.replace(
-            settings,
-            management_addr=_bound_addr(runners[0], settings.management_addr),
-            inference_addr=_bound_addr(runners[1], settings.inference_addr),
-        )
-        panel = await _start(admin_panel_app(bound), settings.web_admin_panel_addr, "web_admin_panel")
-        runners.append(panel)
-        panel_ports.add(parse_addr(_bound_addr(panel, settings.web_admin_panel_addr))[1])
+    # Its streams (SSE of an open admin panel, agent sockets) never end on their own: without a
+    # short timeout they hold a SIGTERM for 60 s. It stops last, after inference has drained.
+    management = await _start(
+        management_app(balancer, panel_ports), settings.management_addr, "management", shutdown_timeout=1.0
+    )
+    runners = [management]
     try:
+        inference = [
+            await _start(
+                inference_app(balancer, panel_ports),
+                settings.inference_addr,
+                "inference",
+                shutdown_timeout=settings.drain_timeout,
+            )
+        ]
+        runners += inference
+        if settings.compat_openai_addr:
+            compat = await _start(
+                compat_openai_app(balancer), settings.compat_openai_addr, "compat_openai", settings.drain_timeout
+            )
+            inference.append(compat)
+            runners.append(compat)
+        if settings.web_admin_panel_addr:
+            runners.append(await _start_panel(settings, management, inference[0], panel_ports))
+        balancer.readiness = Readiness.SERVING
+        log.info("ready replica=%s instance_id=%s", settings.replica_name, balancer.instance_id)
         await (stop or asyncio.Event()).wait()
+        await _drain(balancer, inference)
+        runners = [runner for runner in runners if runner not in inference]
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        await balancer.close()
+
+
+async def _start_panel(
+    settings: BalancerSettings, management: web.AppRunner, inference: web.AppRunner, panel_ports: set[int]
+) -> web.AppRunner:
+    from paddler_balancer.admin_panel import admin_panel_app
+
+    assert settings.web_admin_panel_addr is not None
+    # The panel's pages call the APIs: hand it the bound addresses (port 0 resolved).
+    bound = dataclasses.replace(
+        settings,
+        management_addr=_bound_addr(management, settings.management_addr),
+        inference_addr=_bound_addr(inference, settings.inference_addr),
+    )
+    panel = await _start(admin_panel_app(bound), settings.web_admin_panel_addr, "web_admin_panel")
+    panel_ports.add(parse_addr(_bound_addr(panel, settings.web_admin_panel_addr))[1])
+    return panel
+
+
+def _load(balancer: Balancer) -> tuple[int, int]:
+    """(streaming, buffered) inference requests."""
+    buffered = balancer.dispatcher.buffered
+    return max(0, balancer.active_requests - buffered), buffered
+
+
+async def _drain(balancer: Balancer, inference: list[web.AppRunner]) -> None:
+    """Readiness off, then stop accepting inference and wait for its requests (each
+    runner's shutdown timeout is the drain timeout; aiohttp cancels what is left)."""
+    settings = balancer.settings
+    balancer.readiness = Readiness.DRAINING
+    in_flight, buffered = _load(balancer)
+    log.info(
+        "draining phase=readiness_off delay_s=%g in_flight=%d buffered=%d", settings.drain_delay, in_flight, buffered
+    )
+    if settings.drain_delay > 0:
+        await asyncio.sleep(settings.drain_delay)
+    began = time.monotonic()
+    in_flight, buffered = _load(balancer)
+    log.info(
+        "draining phase=stop_accepting in_flight=%d buffered=%d timeout_s=%g",
+        in_flight,
+        buffered,
+        settings.drain_timeout,
+    )
+    await asyncio.gather(*(runner.cleanup() for runner in inference))
+    in_flight, buffered = _load(balancer)
+    log.info("drained after=%.2fs in_flight=%d buffered=%d", time.monotonic() - began, in_flight, buffered)

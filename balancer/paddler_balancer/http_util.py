@@ -239,7 +239,7 @@ def keep_large_buffers_out_of_the_heap() -> None:
 
 API_KEY_QUERY_PARAM = "api_key"
 MANAGEMENT_TOKEN_QUERY_PARAM = "management_token"
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})
 """Probes reach these without a credential."""
 NATIVE_INFERENCE_PREFIX = "/api/v1/"
 MANAGEMENT_STREAMS = frozenset({"/api/v1/agents/stream", "/api/v1/buffered_requests/stream"})

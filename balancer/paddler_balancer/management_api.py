@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import WSCloseCode, web
 from pydantic import ValidationError
 
 from paddler_balancer.agent_socket import OPEN_AGENT_SOCKETS, handle_agent_socket
 from paddler_balancer.app import BALANCER_KEY
 from paddler_balancer.http_util import json_error, read_json, validation_message
-from paddler_balancer.service import Balancer
+from paddler_balancer.peers import PeerOutcome, peer_buffered, peer_session
+from paddler_balancer.service import Balancer, Readiness
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState, MaxUnavailable
 from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy
 from paddler_core.owner import OWNER_HEADER
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 SSE_KEEPALIVE_S = 15.0
 SSE_WAKERS: web.AppKey[set[asyncio.Event]] = web.AppKey("sse_wakers", set)
 SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down", asyncio.Event)
+PEER_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("peer_session", aiohttp.ClientSession)
 _GROUP_NAME = r"{group:[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?}"
 
 
@@ -38,8 +41,12 @@ def add_routes(app: web.Application) -> None:
     app[OPEN_AGENT_SOCKETS] = set()
     app[SHUTTING_DOWN] = asyncio.Event()
     app.on_shutdown.append(_end_streams)
+    if _balancer_of(app).settings.peer_management_addrs:
+        app.cleanup_ctx.append(_peer_session_ctx)
     r = app.router
     r.add_get("/health", health)
+    r.add_get("/ready", ready)
+    r.add_get("/api/v1/balancer", balancer_identity)
     r.add_get("/metrics", metrics)
     r.add_get("/api/v1/agent_socket/{agent_id}", agent_socket)
     r.add_get("/api/v1/agents", agents)
@@ -78,8 +85,40 @@ def _balancer(request: web.Request) -> Balancer:
     return request.app[BALANCER_KEY]
 
 
+def _balancer_of(app: web.Application) -> Balancer:
+    return app[BALANCER_KEY]
+
+
+async def _peer_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = peer_session(_balancer_of(app).settings.management_token)
+    app[PEER_SESSION] = session
+    yield
+    await session.close()
+
+
 async def health(_request: web.Request) -> web.Response:
+    """Liveness: 200 while the process runs, draining included."""
     return web.Response(text="OK")
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 while this replica takes requests; 503 before it does and while it
+    drains (load balancers and Kubernetes endpoints stop sending it requests)."""
+    readiness = _balancer(request).readiness
+    return web.Response(status=200 if readiness is Readiness.SERVING else 503, text=readiness.value)
+
+
+async def balancer_identity(request: web.Request) -> web.Response:
+    """Which replica answers: its name (``--replica-name``), a random per-process id, and
+    whether it takes requests."""
+    balancer = _balancer(request)
+    return web.json_response(
+        {
+            "replica_name": balancer.settings.replica_name,
+            "instance_id": balancer.instance_id,
+            "readiness": balancer.readiness.value,
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -106,12 +145,32 @@ async def agents(request: web.Request) -> web.Response:
 
 async def buffered_requests(request: web.Request) -> web.Response:
     """All buffered requests, or (``?model_group=m``) those of one group: KEDA's
-    metrics-api trigger of a ModelDeployment reads its own group's count."""
+    metrics-api trigger of a ModelDeployment reads its own group's count.
+
+    ``?scope=pool`` adds every peer replica's own count (``--peer-management-addr``; KEDA
+    reaches one replica but scales on the pool's); ``?scope=replica`` is this replica's
+    count with its ``instance_id`` (how a replica recognises itself among its peers).
+    Without ``scope``: Paddler's body, this replica's count."""
     balancer = _balancer(request)
     group = request.query.get("model_group")
-    if group is None:
-        return web.json_response(_buffered_body(balancer))
-    return web.json_response({"buffered_requests_current": balancer.dispatcher.buffered_by_group()[group]})
+    scope = request.query.get("scope")
+    own = balancer.dispatcher.buffered if group is None else balancer.dispatcher.buffered_by_group()[group]
+    if scope is None:
+        return web.json_response({"buffered_requests_current": own})
+    if scope == "replica":
+        return web.json_response({"buffered_requests_current": own, "instance_id": balancer.instance_id})
+    if scope != "pool":
+        return json_error(400, f"invalid scope {scope!r}; use pool or replica", "invalid_scope")
+    peers = balancer.settings.peer_management_addrs
+    counts = await peer_buffered(request.app[PEER_SESSION], peers, group, balancer.instance_id) if peers else []
+    counted = [c for c in counts if c.outcome is PeerOutcome.COUNTED]
+    return web.json_response(
+        {
+            "buffered_requests_current": own + sum(c.count for c in counted),
+            "replicas": 1 + len(counted),
+            "unreachable": sum(1 for c in counts if c.outcome is PeerOutcome.UNREACHABLE),
+        }
+    )
 
 
 async def agents_stream(request: web.Request) -> web.StreamResponse:
@@ -269,6 +328,7 @@ async def model_groups(request: web.Request) -> web.Response:
                 "name": name,
                 "owner": entry.owner if entry else None,
                 "desired_state": balancer.store.get(name).to_json_dict(),
+                "version": balancer.store.version(name),
                 "agents": len(members),
                 "slots_total": sum(a.status.slots_total for a in members),
                 "slots_in_flight": sum(a.in_flight for a in members),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 
 from paddler_core.model_access import ModelUrlPolicy
@@ -27,6 +29,11 @@ def parse_addr(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"invalid address {text!r}; expected host:port")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def default_replica_name() -> str:
+    """This replica's name: env ``POD_NAME`` (Kubernetes' downward API), else the host name."""
+    return os.environ.get("POD_NAME") or socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,13 @@ class BalancerSettings:
     """Agents of a model group that may stop serving at once while a new desired state
     rolls over them: a count or a percentage (rounded down, at least 1). A PUT may set
     its own with ``?max_unavailable=``."""
+    replica_name: str = field(default_factory=default_replica_name)
+    """This replica's name: shown by the admin panel, sent as ``X-Paddler-Balancer``."""
+    drain_delay: float = 0.0
+    """Seconds a stopping replica keeps accepting after its readiness went off (so load
+    balancers and Kubernetes endpoints stop sending before the listener closes)."""
+    drain_timeout: float = 50.0
+    """Seconds a stopping replica waits for in-flight and buffered requests to finish."""
+    peer_management_addrs: tuple[str, ...] = ()
+    """Management ``host:port`` of the other replicas (a name may resolve to several, e.g. a
+    headless Service; resolved again on each query): pool-wide buffered counts."""

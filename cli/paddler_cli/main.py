@@ -93,7 +93,51 @@ def _add_balancer(sub: Any) -> None:
         help="browser origin allowed to call the management API (the admin panel's always is); repeatable",
     )
     _add_model_url_allow(p)
+    _add_balancer_replica(p)
     p.set_defaults(run=_run_balancer)
+
+
+def _host_port(text: str) -> str:
+    from paddler_core.addresses import split_host_port
+
+    try:
+        split_host_port(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _add_balancer_replica(p: argparse.ArgumentParser) -> None:
+    """A balancer as one replica of several: its name, graceful stop, its peers."""
+    from paddler_balancer.settings import default_replica_name
+
+    p.add_argument(
+        "--replica-name",
+        default=default_replica_name(),
+        help="this replica's name, shown by the admin panel and sent as X-Paddler-Balancer "
+        "(default: env POD_NAME, else the host name)",
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=_duration,
+        default=0.0,
+        help="on SIGTERM, keep accepting this long after /ready turned 503 (endpoints propagate): 5s",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=50.0,
+        help="on SIGTERM, wait at most this long for in-flight and buffered requests: 50s",
+    )
+    p.add_argument(
+        "--peer-management-addr",
+        action="append",
+        type=_host_port,
+        default=[],
+        metavar="HOST:PORT",
+        help="management address of the other replicas (a headless Service name resolves to every one); "
+        "repeatable; GET /api/v1/buffered_requests?scope=pool adds their counts",
+    )
 
 
 def _origin(text: str) -> str:
@@ -156,6 +200,10 @@ def _run_balancer(args: argparse.Namespace) -> int:
         management_cors_allowed_hosts=tuple(args.management_cors_allowed_host),
         model_url_policy=ModelUrlPolicy.from_entries(args.model_url_allow),
         max_unavailable=args.max_unavailable,
+        replica_name=args.replica_name,
+        drain_delay=args.drain_delay,
+        drain_timeout=args.drain_timeout,
+        peer_management_addrs=tuple(args.peer_management_addr),
     )
     from paddler_balancer.app import serve
 

@@ -119,6 +119,7 @@ def panel_config(settings: BalancerSettings, request_host: str) -> dict[str, Any
         "inference_socket_url": public_url(settings.inference_addr, request_host, "ws") + "/api/v1/inference_socket",
         "agent_command": f"paddler agent --management-addr {management.removeprefix('http://')} --slots 4"
         + (' --management-token "$PADDLER_MANAGEMENT_TOKEN"' if settings.management_token else ""),
+        "replica_name": settings.replica_name,
         "default_model_group": DEFAULT_MODEL_GROUP,
         "default_desired_state": BalancerDesiredState().to_json_dict(),
         "inference_parameters": parameter_fields(),

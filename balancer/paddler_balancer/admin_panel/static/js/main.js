@@ -30,6 +30,7 @@ async function start() {
     );
     return;
   }
+  showReplica(config);
   const refused = await refusedCredentials(config, page.name === "prompt");
   if (refused.length) {
     setConnection("down", "Sign in");
@@ -41,6 +42,14 @@ async function start() {
   main.replaceChildren();
   await mount(main, config);
   main.dataset.ready = "true";
+}
+
+// Several balancer replicas may serve one pool: say which one this panel shows.
+function showReplica(config) {
+  const badge = document.getElementById("replica");
+  if (!badge || !config.replica_name) return;
+  badge.textContent = `replica ${config.replica_name}`;
+  badge.hidden = false;
 }
 
 const CREDENTIALS = {
