@@ -150,7 +150,7 @@ sys.path.insert(0, {str(REPO)!r})
 from paddler_agent.runtime import AgentRuntime, AgentSettings
 async def main():
     stop = asyncio.Event()
-    runtimes = [AgentRuntime(AgentSettings(management_addr={management_addr!r}, slots=1, name=f"bulk{{i}}",
+    runtimes = [AgentRuntime(AgentSettings(management_addrs=({management_addr!r},), slots=1, name=f"bulk{{i}}",
                 engine="simulated", simulated_tokens_per_second=1000, simulated_max_tokens=20)) for i in range({count})]
     await asyncio.gather(*(r.run(stop) for r in runtimes))
 asyncio.run(main())

@@ -140,11 +140,15 @@ class Processes:
         engine: str = "simulated",
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        replicas: tuple[Balancer, ...] = (),
     ) -> PaddlerProcess:
+        """``paddler agent`` dialling ``balancer`` and every one of ``replicas`` (one
+        ``--management-addr`` each)."""
         args = [
             "agent",
             "--management-addr",
             balancer.management_addr,
+            *(arg for replica in replicas for arg in ("--management-addr", replica.management_addr)),
             "--slots",
             str(slots),
             "--name",

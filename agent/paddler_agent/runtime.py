@@ -1,18 +1,19 @@
-"""The agent process: dials the balancer, applies desired state, runs the engine.
+"""The agent process: serves every balancer replica, applies desired state, runs the engine.
 
-One WebSocket to ``/api/v1/agent_socket/{agent_id}``; reconnects with backoff.
-Outgoing messages collect in an outbox that one writer task flushes: everything
-emitted in one event-loop turn (e.g. the tokens of one decode step) leaves as
-one frame.
+One link (a WebSocket to ``/api/v1/agent_socket/{agent_id}``, reconnecting with its
+own backoff) per balancer replica: :mod:`paddler_agent.links`. The status goes to
+every link; a request is answered on the link it came in on; and the agent is the
+arbiter of its slots (:func:`~paddler_agent.admission.admission`): what no slot can
+take is refused at once, whatever a replica believed. A desired state is applied only
+when it is newer than the one held (:func:`~paddler_core.desired_state.judge_state_offer`),
+so a replica restarted empty never makes the agent unload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import secrets
 import uuid
 from collections import OrderedDict
@@ -23,53 +24,57 @@ from typing import Any
 import aiohttp
 from pydantic import ValidationError
 
+from paddler_agent.admission import admission
 from paddler_agent.engine import Engine, StatusBoard
+from paddler_agent.links import (
+    CONNECT_TIMEOUT_S,
+    BalancerLink,
+    Credentials,
+    LinkSet,
+)
 from paddler_agent.model_source import MODEL_SOURCE_NOT_ALLOWED, ModelAccess, ModelSourceError
-from paddler_core.desired_state import BalancerDesiredState, state_revision
+from paddler_core.desired_state import BalancerDesiredState, StateOffer, judge_state_offer, state_revision
 from paddler_core.inference import ErrorKind, GenerationError, ResponsePayload, generated_error_payload
 from paddler_core.model_access import ModelUrlPolicy
 from paddler_core.protocol import (
-    AGENT_SOCKET_PATH,
-    MAX_FRAME_BYTES,
+    MAX_AGENT_SLOTS,
     PROTOCOL_VERSION,
-    STATUS_INTERVAL_S,
     AgentIssue,
+    AgentStatus,
     EmbedMessage,
     GenerateConversation,
     GenerateRawPrompt,
+    RefusalReason,
+    RefusedMessage,
     RegisterMessage,
     ReplyMessage,
     ResponseMessage,
     SetDesiredStateMessage,
     StateApplicationStatus,
     StatusMessage,
-    batch_frames,
-    encode_message,
     parse_generate_message,
 )
 
-AGENT_SECRET_HEADER = "X-Paddler-Agent-Secret"
-"""Must match paddler_balancer.agent_claims (the agent does not import the balancer)."""
-
 log = logging.getLogger(__name__)
 
-BACKOFF_INITIAL_S = 0.1
 INVALID_DESIRED_STATE = "InvalidDesiredState"
 """Agent-issue variant of a desired state this agent refuses (out of bounds)."""
-BACKOFF_MAX_S = 5.0
 DRAIN_TIMEOUT_S = 50.0
 """On stop (SIGTERM), how long in-flight requests may take to finish (a pod's grace period is 60 s)."""
 
 
 @dataclass(frozen=True)
 class AgentSettings:
-    management_addr: str
-    """The balancer's management address, host:port."""
+    management_addrs: tuple[str, ...]
+    """The balancer replicas' management addresses, host:port each. A name that resolves
+    to several addresses (a headless Service) stands for every one of them."""
     slots: int
     name: str | None = None
     model_group: str = "default"
     engine: str = "llama"
     """``llama``, ``simulated`` or ``llama-server``."""
+    resolve_interval: float = 5.0
+    """Seconds between two lookups of the names in ``management_addrs`` (IP literals are not looked up)."""
     model_cache_dir: str | None = None
     simulated_tokens_per_second: float = 100.0
     """Simulated engine: decode steps per second (one token per busy slot per step)."""
@@ -99,19 +104,22 @@ class AgentRuntime:
         self.settings = settings
         self.agent_id = settings.agent_id or uuid.uuid4().hex
         self.agent_secret = secrets.token_urlsafe(32)
-        """Claims ``agent_id`` at the balancer: nobody else can register under it."""
+        """Claims ``agent_id`` at every balancer replica: nobody else can register under it."""
         self.board = StatusBoard()
         self.engine = self._make_engine()
-        self._outbox: list[ResponseMessage | dict[str, Any]] = []
-        self._outbox_ready = asyncio.Event()
+        self._links: LinkSet | None = None
+        """One link per balancer replica (while running); statuses go to each."""
         self._status_version = 0
-        self._status_dirty = False
-        self._active: set[str] = set()
+        self._active: dict[str, BalancerLink] = {}
+        """Requests accepted and not ended, over all links -> the link each came in on."""
         self._recent_prefixes: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._desired: BalancerDesiredState | None = None
+        """The desired state held (applying or applied)."""
+        self._desired_version: int | None = None
+        self._desired_revision: str | None = None
         self._apply_task: asyncio.Task[None] | None = None
         self._stopping = False
-        """Stop requested: report no slots, so the balancer sends nothing new, and drain."""
+        """Stop requested: report no slots to every replica, refuse new requests, drain."""
         self._drained = asyncio.Event()
         """Set when the last request in flight ends."""
 
@@ -147,194 +155,194 @@ class AgentRuntime:
     # ---- EngineHost --------------------------------------------------------------------
 
     def emit(self, request_id: str, payload: ResponsePayload, final: bool, error_kind: ErrorKind | None = None) -> None:
-        if request_id not in self._active:
-            return  # stopped or unknown: say nothing more about it
+        link = self._active.get(request_id)
+        if link is None:
+            return  # stopped, lost with its link, or unknown: say nothing more about it
         if final:
             self._request_ended(request_id)
         message: ResponseMessage = {"type": "response", "request_id": request_id, "response": payload, "final": final}
         if error_kind is not None:
             message["error_kind"] = error_kind
-        self._outbox.append(message)
-        self._outbox_ready.set()
+        link.send(message)
 
     def status_changed(self) -> None:
-        self._status_dirty = True
-        self._outbox_ready.set()
+        for link in self._links or ():
+            link.status_changed()
 
-    # ---- connection ----------------------------------------------------------------------
+    # ---- LinkHost ------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        backoff = BACKOFF_INITIAL_S
-        url = f"ws://{self.settings.management_addr}" + AGENT_SOCKET_PATH.format(agent_id=self.agent_id)
-        headers = {AGENT_SECRET_HEADER: self.agent_secret}
-        if self.settings.management_token:
-            headers["Authorization"] = f"Bearer {self.settings.management_token}"
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                try:
-                    async with session.ws_connect(
-                        url, heartbeat=5.0, max_msg_size=MAX_FRAME_BYTES, headers=headers
-                    ) as ws:
-                        backoff = BACKOFF_INITIAL_S
-                        await self._serve_connection(ws, stop)
-                except aiohttp.WSServerHandshakeError as err:
-                    if err.status == 401:
-                        log.error(
-                            "balancer refused this agent's management token (HTTP 401): set --management-token "
-                            "(env PADDLER_MANAGEMENT_TOKEN) to the balancer's; retry_in=%.1fs",
-                            backoff,
-                        )
-                    else:
-                        log.info("balancer unreachable url=%s error=%s retry_in=%.1fs", url, err, backoff)
-                except (aiohttp.ClientError, OSError) as err:
-                    log.info("balancer unreachable url=%s error=%s retry_in=%.1fs", url, err, backoff)
-                except RejectedError as err:
-                    log.error("balancer rejected this agent reason=%s", err)
-                except (TimeoutError, ValueError) as err:
-                    log.warning("handshake with balancer failed error=%s", err)
-                self._connection_lost()
-                if stop.is_set():
-                    break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff * (0.5 + random.random())):
-                        await stop.wait()
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
-        await self._cancel_apply()
-        await self.engine.close()
-
-    async def _serve_connection(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> None:
+    def register_message(self) -> str:
         register = RegisterMessage(
             protocol_version=PROTOCOL_VERSION,
             name=self.settings.name,
             model_group=self.settings.model_group,
             status=self._next_status(),
         )
-        await ws.send_str(register.model_dump_json())
-        decoded = await ws.receive_json(timeout=10.0)
-        messages = decoded if isinstance(decoded, list) else [decoded]
-        first = messages[0] if messages and isinstance(messages[0], dict) else {}
-        if first.get("type") != "registered":
-            raise RejectedError(str(first.get("reason", decoded)))
-        log.info("registered agent_id=%s balancer=%s", self.agent_id, self.settings.management_addr)
-        for message in messages[1:]:
-            self._handle(message)
-        tasks = [
-            asyncio.create_task(self._write_loop(ws)),
-            asyncio.create_task(self._status_ticker()),
-            asyncio.create_task(stop.wait()),
-        ]
-        reader = asyncio.create_task(self._read_loop(ws))
-        try:
-            await asyncio.wait([reader, tasks[2]], return_when=asyncio.FIRST_COMPLETED)
-            if stop.is_set() and not reader.done():
-                await self._drain(reader)
-        finally:
-            for task in [*tasks, reader]:
-                task.cancel()
-            for task in [*tasks, reader]:
-                with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
-                    await task
-            await ws.close()
+        return register.model_dump_json()
 
-    async def _drain(self, reader: asyncio.Task[None]) -> None:
-        """Stopping (e.g. a pod replaced by a rolling update): take no new requests, let the
-        in-flight ones finish (up to DRAIN_TIMEOUT_S), then close."""
+    def status_message(self) -> dict[str, Any]:
+        return StatusMessage(status=self._next_status()).model_dump(mode="json")
+
+    def link_lost(self, link: BalancerLink) -> int:
+        """That replica dropped our requests with its socket: stop them (only them)."""
+        lost = [request_id for request_id, owner in self._active.items() if owner is link]
+        for request_id in lost:
+            self._request_ended(request_id)
+            self.engine.stop(request_id)
+        return len(lost)
+
+    def handle(self, link: BalancerLink, message: Any) -> None:
+        """One message from ``link``; whatever it holds, it fails alone (its request gets
+        an error payload) and never takes the link down."""
+        if not isinstance(message, dict):
+            log.error("invalid message from balancer: not an object balancer=%s", link.address)
+            return
+        try:
+            self._handle_unguarded(link, message)
+        except Exception as err:
+            log.exception("message from balancer failed type=%s balancer=%s", message.get("type"), link.address)
+            self._fail_request(link, message, f"the agent could not handle this request: {type(err).__name__}: {err}")
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve every replica until ``stop``; then drain and close every link."""
+        credentials = Credentials(self.agent_id, self.agent_secret, self.settings.management_token)
+        closing = asyncio.Event()
+        timeout = aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            links = self._links = LinkSet(
+                self, session, credentials, self.settings.management_addrs, self.settings.resolve_interval
+            )
+            maintainer = asyncio.create_task(links.maintain(closing), name="balancer-links")
+            try:
+                await stop.wait()
+                await self._drain()
+            finally:
+                closing.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintainer
+                await links.close()
+        await self._cancel_apply()
+        await self.engine.close()
+
+    async def _drain(self) -> None:
+        """Stopping (e.g. a pod replaced by a rolling update): report no slots to every
+        replica, refuse new requests, let the in-flight ones finish (up to DRAIN_TIMEOUT_S)."""
         self._stopping = True
         self.status_changed()
         if not self._active:
             return
         log.info("stopping: draining in-flight requests count=%d", len(self._active))
         self._drained.clear()
-        drained = asyncio.create_task(self._drained.wait())
-        try:
-            await asyncio.wait([drained, reader], timeout=DRAIN_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            drained.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drained
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await self._drained.wait()
         if self._active:
             log.warning("stopping with requests still in flight count=%d", len(self._active))
 
     def _request_ended(self, request_id: str) -> None:
-        self._active.discard(request_id)
+        if self._active.pop(request_id, None) is None:
+            return
+        self.status_changed()
         if not self._active:
             self._drained.set()
 
-    def _connection_lost(self) -> None:
-        """The balancer dropped our requests with the socket: stop them all."""
-        for request_id in list(self._active):
-            self._active.discard(request_id)
-            self.engine.stop(request_id)
-        self._outbox.clear()
+    def _accept(self, link: BalancerLink, request_id: str) -> bool:
+        """The arbiter: True when ``request_id`` may run; otherwise it is refused on ``link``."""
+        reason = admission(stopping=self._stopping, running=len(self._active), slots_total=self.board.slots_total)
+        if reason is None and request_id in self._active:
+            log.warning("request id already in flight request_id=%s balancer=%s", request_id, link.address)
+            reason = RefusalReason.NO_FREE_SLOT
+        if reason is not None:
+            log.info("request refused request_id=%s reason=%s balancer=%s", request_id, reason, link.address)
+            link.send(RefusedMessage(request_id=request_id, reason=reason).model_dump(mode="json"))
+            return False
+        self._active[request_id] = link
+        self.status_changed()
+        return True
 
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            try:
-                decoded = json.loads(msg.data)
-            except (ValueError, RecursionError) as err:
-                log.error("invalid frame from balancer error=%s", str(err)[:200])
-                continue
-            for message in decoded if isinstance(decoded, list) else (decoded,):
-                self._handle(message)
-
-    def _handle(self, message: Any) -> None:
-        """One message; whatever it holds, it fails alone (its request gets an error
-        payload) and never takes the connection down."""
-        if not isinstance(message, dict):
-            log.error("invalid message from balancer: not an object")
-            return
-        try:
-            self._handle_unguarded(message)
-        except Exception as err:
-            log.exception("message from balancer failed type=%s", message.get("type"))
-            self._fail_request(message, f"the agent could not handle this request: {type(err).__name__}: {err}")
-
-    def _fail_request(self, message: dict[str, Any], text: str, error_kind: ErrorKind | None = None) -> None:
+    def _fail_request(
+        self, link: BalancerLink, message: dict[str, Any], text: str, error_kind: ErrorKind | None = None
+    ) -> None:
         request_id = message.get("request_id")
         if message.get("type") not in ("generate", "embed") or not isinstance(request_id, str):
             return
-        self._active.add(request_id)
+        if request_id in self._active:  # the same id in flight (from another replica): not this one
+            link.send(RefusedMessage(request_id=request_id, reason=RefusalReason.NO_FREE_SLOT).model_dump(mode="json"))
+            return
+        self._active[request_id] = link
         if message["type"] == "embed":
             self.emit(request_id, {"Embedding": {"Error": text}}, True)
         else:
             self.emit(request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True, error_kind)
 
-    def _handle_unguarded(self, message: dict[str, Any]) -> None:
+    def _handle_unguarded(self, link: BalancerLink, message: dict[str, Any]) -> None:
         kind = message.get("type")
         try:
             if kind == "generate":
                 generate = parse_generate_message(message)
-                self._active.add(generate.request_id)
-                self._remember_prefix(generate)
-                self.engine.generate(generate)
+                if self._accept(link, generate.request_id):
+                    self._remember_prefix(generate)
+                    self.engine.generate(generate)
             elif kind == "embed":
                 embed = EmbedMessage.model_validate(message)
-                self._active.add(embed.request_id)
-                self.engine.embed(embed)
+                if self._accept(link, embed.request_id):
+                    self.engine.embed(embed)
             elif kind == "stop":
                 request_id = str(message["request_id"])
-                if request_id in self._active:
+                if self._active.get(request_id) is link:
                     self._request_ended(request_id)
                     self.engine.stop(request_id)
             elif kind == "set_desired_state":
-                try:
-                    desired = SetDesiredStateMessage.model_validate(message)
-                except ValidationError as err:
-                    revision = message.get("revision")
-                    if isinstance(revision, str):
-                        self.board.applied_state_revision = revision  # refused: a rolling swap stops on it
-                    self._refuse_invalid_state(err)
-                    return
-                self._start_apply(desired.state, desired.revision or state_revision(desired.state))
+                self._offered_state(link, message)
             elif kind == "query":
-                self._answer_query(str(message["request_id"]), str(message.get("what")))
+                self._answer_query(link, str(message["request_id"]), str(message.get("what")))
             else:
-                log.warning("unknown message from balancer type=%s", kind)
+                log.warning("unknown message from balancer type=%s balancer=%s", kind, link.address)
         except ValidationError as err:
-            log.error("invalid message from balancer type=%s error=%s", kind, err)
-            self._fail_request(message, f"invalid request: {err}", ErrorKind.INVALID_REQUEST)
+            log.error("invalid message from balancer type=%s balancer=%s error=%s", kind, link.address, err)
+            self._fail_request(link, message, f"invalid request: {err}", ErrorKind.INVALID_REQUEST)
+
+    # ---- desired state ---------------------------------------------------------------------
+
+    def _offered_state(self, link: BalancerLink, message: dict[str, Any]) -> None:
+        """A replica's ``set_desired_state``: applied only when newer than the one held."""
+        try:
+            desired = SetDesiredStateMessage.model_validate(message)
+        except ValidationError as err:
+            revision = message.get("revision")
+            if isinstance(revision, str):
+                self.board.applied_state_revision = revision  # refused: a rolling swap stops on it
+            self._refuse_invalid_state(err)
+            return
+        revision = desired.revision or state_revision(desired.state)
+        offer = judge_state_offer(self._desired, self._desired_version, desired.state, desired.version)
+        if offer is StateOffer.IGNORE_OLDER:
+            log.info(
+                "desired state ignored version=%s held_version=%s balancer=%s",
+                desired.version,
+                self._desired_version,
+                link.address,
+            )
+            return
+        if offer is StateOffer.ADOPT_VERSION:
+            if desired.version is not None:
+                self._desired_version = desired.version
+            self._adopt_revision(revision)
+        else:
+            self._desired_version = desired.version
+            self._desired_revision = revision
+            self._start_apply(desired.state, revision)
+        self.status_changed()
+
+    def _adopt_revision(self, revision: str) -> None:
+        """The same state under a newer version: reload nothing; echo its revision once applied."""
+        if revision == self._desired_revision:
+            return
+        self._desired_revision = revision
+        if self._apply_task is None or self._apply_task.done():
+            self.board.applied_state_revision = revision
 
     def _refuse_invalid_state(self, err: ValidationError) -> None:
         """A desired state out of bounds (an older balancer let it through): an issue."""
@@ -344,7 +352,7 @@ class AgentRuntime:
         self.board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
         self.status_changed()
 
-    def _answer_query(self, request_id: str, what: str) -> None:
+    def _answer_query(self, link: BalancerLink, request_id: str, what: str) -> None:
         body: Any = None
         if what == "model_metadata":
             metadata = self.engine.model_metadata()
@@ -353,8 +361,9 @@ class AgentRuntime:
             state = self._desired
             if state is not None and state.use_chat_template_override and state.chat_template_override:
                 body = state.chat_template_override.model_dump()
-        self._outbox.append(ReplyMessage(request_id=request_id, body=body).model_dump())
-        self._outbox_ready.set()
+        elif what == "desired_state" and self._desired is not None:
+            body = {"state": self._desired.to_json_dict(), "version": self._desired_version}
+        link.send(ReplyMessage(request_id=request_id, body=body).model_dump())
 
     def _remember_prefix(self, generate: GenerateRawPrompt | GenerateConversation) -> None:
         """Publish the prefix keys of the last ``slots`` requests: what the slots'
@@ -389,13 +398,15 @@ class AgentRuntime:
             try:
                 await asyncio.to_thread(self.settings.model_access.check_source, state.model)
             except ModelSourceError as err:
-                self.board.applied_state_revision = revision  # refused: a rolling swap stops on it
+                self.board.applied_state_revision = self._desired_revision or revision  # a rolling swap stops on it
                 self._refuse_state(err)
                 return
             self._clear_refusal()
-            log.info("applying desired state model=%s", state.model.describe())
+            log.info("applying desired state model=%s version=%s", state.model.describe(), self._desired_version)
             await self.engine.apply_desired_state(state)
-            self.board.applied_state_revision = revision  # the status now tells how this revision went
+            # The status now tells how this revision went (a newer version of the same
+            # state adopted meanwhile: its revision).
+            self.board.applied_state_revision = self._desired_revision or revision
             self.status_changed()
 
         self._apply_task = asyncio.create_task(apply(), name="apply-desired-state")
@@ -419,41 +430,28 @@ class AgentRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._apply_task
 
-    def _next_status(self) -> Any:
+    def _next_status(self) -> AgentStatus:
+        """A snapshot of the board for one link; ``version`` is one counter for all links."""
         self._status_version += 1
-        self._status_dirty = False
         status = self.board.snapshot(self._status_version)
+        # Engines count their busy slots; the runtime counts what it accepted (a request
+        # waiting for a slot inside the engine still holds one): report the larger.
+        status.slots_processing = min(MAX_AGENT_SLOTS, max(status.slots_processing, len(self._active)))
+        status.desired_state_revision = self._desired_revision
+        status.desired_state_version = self._desired_version
         if self._stopping:
             status.slots_total = 0
         return status
-
-    async def _status_ticker(self) -> None:
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL_S)
-            self.status_changed()
-
-    async def _write_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready.clear()
-            messages, self._outbox = self._outbox, []
-            if self._status_dirty:
-                messages.append(StatusMessage(status=self._next_status()).model_dump(mode="json"))
-            for frame in batch_frames([encode_message(m) for m in messages]):
-                await ws.send_str(frame)
-
-
-class RejectedError(Exception):
-    pass
 
 
 async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
     runtime = AgentRuntime(settings)
     log.info(
-        "agent starting agent_id=%s engine=%s slots=%d model_group=%s",
+        "agent starting agent_id=%s engine=%s slots=%d model_group=%s balancers=%s",
         runtime.agent_id,
         settings.engine,
         settings.slots,
         settings.model_group,
+        ",".join(settings.management_addrs),
     )
     await runtime.run(stop)

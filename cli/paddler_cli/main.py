@@ -212,7 +212,20 @@ def _run_balancer(args: argparse.Namespace) -> int:
 
 def _add_agent(sub: Any) -> None:
     p = sub.add_parser("agent", help="run an agent that serves slots to a balancer")
-    p.add_argument("--management-addr", required=True, help="the balancer's management address (host:port)")
+    p.add_argument(
+        "--management-addr",
+        action="append",
+        required=True,
+        help="a balancer's management address (host:port); repeat it for every replica of the pool; a name that "
+        "resolves to several addresses (a headless Service) means every one of them",
+    )
+    p.add_argument(
+        "--resolve-interval",
+        type=_duration,
+        default=5.0,
+        help="look the --management-addr names up again this often (5s, 500ms): replicas that appear get a link, "
+        "those gone lose theirs",
+    )
     p.add_argument(
         "--slots",
         type=int,
@@ -268,10 +281,21 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.engine == "llama-server" and not args.llama_server_url.startswith(("http://", "https://")):
         print("error: --llama-server-url must start with http:// or https://", file=sys.stderr)
         return 2
+    if args.resolve_interval <= 0:
+        print("error: --resolve-interval must be > 0", file=sys.stderr)
+        return 2
     from paddler_agent.runtime import AgentSettings, run_agent
+    from paddler_core.addresses import split_host_port
 
+    for address in args.management_addr:
+        try:
+            split_host_port(address)
+        except ValueError as err:
+            print(f"error: --management-addr: {err}", file=sys.stderr)
+            return 2
     settings = AgentSettings(
-        management_addr=args.management_addr,
+        management_addrs=tuple(dict.fromkeys(args.management_addr)),
+        resolve_interval=args.resolve_interval,
         slots=args.slots or 0,
         name=args.name,
         model_group=args.model_group,
