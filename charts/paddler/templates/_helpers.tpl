@@ -20,6 +20,15 @@ app.kubernetes.io/name: paddler-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* Operator pods: operator.replicas with leader election, else 1. */}}
+{{- define "paddler.operatorReplicas" -}}
+{{- if .Values.operator.leaderElection.enabled -}}
+{{- .Values.operator.replicas -}}
+{{- else -}}
+1
+{{- end -}}
+{{- end -}}
+
 {{- define "paddler.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "paddler.fullname" .) .Values.serviceAccount.name -}}
@@ -46,6 +55,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [get, list, watch, create, patch]
+# A pool with 2+ balancer replicas gets a disruption budget; it goes when the pool shrinks.
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, create, patch, delete]
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, create, patch, delete]
