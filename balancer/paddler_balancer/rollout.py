@@ -132,6 +132,10 @@ class RolloutPlan:
     """Agents to send the rollout's state now."""
     drain: frozenset[str]
     """Agents that take no new requests: switching ones with capacity, and those sent now."""
+    stamp: tuple[str, ...] = ()
+    """Agents that serve the rollout's content under an older version: sent the state
+    again, which they adopt without reloading (two replicas that stamped the same content
+    a moment apart converge on the later version)."""
 
     def count(self, wanted: Position) -> int:
         return sum(1 for p in self.positions.values() if p is wanted)
@@ -160,7 +164,12 @@ def plan_rollout(
                 budget -= 1
                 drain.add(agent.id)
             send.append(agent.id)
-    return RolloutPlan(positions, tuple(send), frozenset(drain))
+    stamp = tuple(
+        a.id
+        for a in ordered
+        if positions[a.id] is Position.DONE and a.held_version is not None and a.held_version < version
+    )
+    return RolloutPlan(positions, tuple(send), frozenset(drain), stamp)
 
 
 @dataclass(eq=False)
@@ -330,6 +339,8 @@ class Rollouts:
                 changed = True
         rollout.unavailable = set(plan.drain)
         by_id = {a.id: a for a in agents}
+        for agent_id in plan.stamp:
+            self.send_state(by_id[agent_id], rollout.state, rollout.version)
         for agent_id in plan.send:
             agent = by_id[agent_id]
             self.send_state(agent, rollout.state, rollout.version)

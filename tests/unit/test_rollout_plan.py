@@ -94,6 +94,12 @@ def test_plan_picks_agents_by_id_within_max_unavailable(
     assert (plan.send, set(plan.drain)) == (send, drain)
 
 
+def test_agents_serving_the_same_content_under_an_older_version_get_the_newer_one() -> None:
+    agents = [serving("a", R_NEW, 1), serving("b", R_NEW, 2), AgentView("c", None, None, R_NEW, R_NEW, APPLIED, 2)]
+    plan = plan_rollout(R_NEW, 2, agents, MaxUnavailable.parse("1"), sending=True)
+    assert (plan.stamp, plan.send, set(plan.drain)) == (("a",), (), set())
+
+
 def test_a_failed_rollout_sends_nothing_more() -> None:
     agents = [AgentView("a", R_NEW, 2, None, R_NEW, FAILED, 0), serving("b")]
     plan = plan_rollout(R_NEW, 2, agents, MaxUnavailable.parse("1"), sending=False)
