@@ -34,6 +34,13 @@ from paddler_balancer.settings import BalancerSettings, parse_addr
 log = logging.getLogger(__name__)
 
 BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
+FINAL_WRITES_S = 1.0
+"""After a drain: how long the inference listeners' last handlers get before they are
+cancelled (the last bytes of a finished stream)."""
+IDLE_GRACE_S = 2.0
+"""After a draining replica's last request: how long clients get to send one more on a
+kept-alive connection (answered, with ``Connection: close``) before idle connections are
+closed; closing one while a request is on its way would fail that request."""
 REPLICA_HEADER = "X-Paddler-Balancer"
 """On every management and inference response: the replica that answered."""
 
@@ -43,6 +50,19 @@ def _replica_header(name: str) -> Callable[[web.Request, web.StreamResponse], Aw
         response.headers[REPLICA_HEADER] = name
 
     return add
+
+
+def _close_when_draining(balancer: Balancer) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Inference responses of a draining replica end their connection (``Connection:
+    close``): a client's next request opens a new one, which reaches another replica,
+    instead of being sent on a kept-alive connection the replica is about to close."""
+
+    async def close(_request: web.Request, response: web.StreamResponse) -> None:
+        if balancer.readiness is Readiness.DRAINING and not isinstance(response, web.WebSocketResponse):
+            response.force_close()
+            response.headers["Connection"] = "close"
+
+    return close
 
 
 def _api_app(balancer: Balancer, *middlewares: Any, cors: CorsPolicy, body_limit: int | None = None) -> web.Application:
@@ -78,6 +98,7 @@ def inference_app(balancer: Balancer, panel_ports: set[int] | None = None) -> we
     app = _api_app(
         balancer, *_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, panel_ports)
     )
+    app.on_response_prepare.append(_close_when_draining(balancer))
     inference_api.add_routes(app)
     openai_api.add_routes(app)
     responses_api.add_routes(app)
@@ -92,6 +113,7 @@ def compat_openai_app(balancer: Balancer) -> web.Application:
 
     settings = balancer.settings
     app = _api_app(balancer, *_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, None))
+    app.on_response_prepare.append(_close_when_draining(balancer))
     app.router.add_get("/health", inference_api.health)
     openai_api.add_routes(app)
     responses_api.add_routes(app)
@@ -202,13 +224,13 @@ async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -
                 inference_app(balancer, panel_ports),
                 settings.inference_addr,
                 "inference",
-                shutdown_timeout=settings.drain_timeout,
+                shutdown_timeout=FINAL_WRITES_S,
             )
         ]
         runners += inference
         if settings.compat_openai_addr:
             compat = await _start(
-                compat_openai_app(balancer), settings.compat_openai_addr, "compat_openai", settings.drain_timeout
+                compat_openai_app(balancer), settings.compat_openai_addr, "compat_openai", FINAL_WRITES_S
             )
             inference.append(compat)
             runners.append(compat)
@@ -249,8 +271,8 @@ def _load(balancer: Balancer) -> tuple[int, int]:
 
 
 async def _drain(balancer: Balancer, inference: list[web.AppRunner]) -> None:
-    """Readiness off, then stop accepting inference and wait for its requests (each
-    runner's shutdown timeout is the drain timeout; aiohttp cancels what is left)."""
+    """Readiness off, then stop accepting inference and wait (at most the drain timeout)
+    for its requests, buffered ones included, and for its kept-alive connections."""
     settings = balancer.settings
     balancer.readiness = Readiness.DRAINING
     in_flight, buffered = _load(balancer)
@@ -267,6 +289,26 @@ async def _drain(balancer: Balancer, inference: list[web.AppRunner]) -> None:
         buffered,
         settings.drain_timeout,
     )
-    await asyncio.gather(*(runner.cleanup() for runner in inference))
+    for runner in inference:
+        for site in list(runner.sites):
+            await site.stop()
+    await _until_drained(balancer, inference, began + settings.drain_timeout)
     in_flight, buffered = _load(balancer)
+    await asyncio.gather(*(runner.cleanup() for runner in inference))
     log.info("drained after=%.2fs in_flight=%d buffered=%d", time.monotonic() - began, in_flight, buffered)
+
+
+async def _until_drained(balancer: Balancer, inference: list[web.AppRunner], deadline: float) -> None:
+    """Until no inference request is left and no client connection is open, or, once the
+    requests are done, IDLE_GRACE_S for connections that stay open idle; at most until
+    ``deadline``."""
+    idle_since: float | None = None
+    while (now := time.monotonic()) < deadline:
+        if balancer.active_requests > 0:
+            idle_since = None
+        else:
+            connections = sum(len(r.server.connections) for r in inference if r.server is not None)
+            idle_since = idle_since or now
+            if connections == 0 or now - idle_since >= IDLE_GRACE_S:
+                return
+        await asyncio.sleep(0.05)
