@@ -250,11 +250,19 @@ def judge_state_offer(
 
     ``offered_version`` None is a balancer that stamps no versions (older releases): the
     content alone decides, as before versions existed. An agent that holds nothing takes
-    any state."""
+    any state. Equal versions of different content (two replicas written in the same
+    millisecond) are ordered by revision, the same way on every agent."""
     if held is None:
         return StateOffer.APPLY
-    if offered_version is not None and held_version is not None and offered_version <= held_version:
-        return StateOffer.IGNORE_OLDER
+    if offered_version is not None and held_version is not None:
+        if offered_version < held_version:
+            return StateOffer.IGNORE_OLDER
+        if offered_version == held_version:
+            # Two replicas stamped different states in the same millisecond: every agent
+            # keeps the one with the larger revision, so the pool never splits between them.
+            if offered == held or state_revision(offered) <= state_revision(held):
+                return StateOffer.IGNORE_OLDER
+            return StateOffer.APPLY
     if offered == held:
         return StateOffer.ADOPT_VERSION
     return StateOffer.APPLY

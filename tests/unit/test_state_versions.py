@@ -12,6 +12,7 @@ from paddler_core.desired_state import (
     StateOffer,
     judge_state_offer,
     next_state_version,
+    state_revision,
 )
 
 EMPTY = BalancerDesiredState()
@@ -28,7 +29,17 @@ GEMMA = BalancerDesiredState(model=ModelSource.model_validate({"LocalToAgent": "
         pytest.param(SMOL, 5, SMOL, 9, StateOffer.ADOPT_VERSION, id="newer-same-content-reloads-nothing"),
         pytest.param(SMOL, 5, EMPTY, 0, StateOffer.IGNORE_OLDER, id="replica-restarted-empty-is-ignored"),
         pytest.param(SMOL, 5, GEMMA, 4, StateOffer.IGNORE_OLDER, id="stale-replica-cannot-swap-back"),
-        pytest.param(SMOL, 5, GEMMA, 5, StateOffer.IGNORE_OLDER, id="same-version-is-not-newer"),
+        pytest.param(SMOL, 5, SMOL, 5, StateOffer.IGNORE_OLDER, id="same-version-same-content-is-nothing-new"),
+        pytest.param(
+            *(SMOL, 5, GEMMA, 5) if state_revision(GEMMA) > state_revision(SMOL) else (GEMMA, 5, SMOL, 5),
+            StateOffer.APPLY,
+            id="same-millisecond-tie-larger-revision-wins",
+        ),
+        pytest.param(
+            *(GEMMA, 5, SMOL, 5) if state_revision(GEMMA) > state_revision(SMOL) else (SMOL, 5, GEMMA, 5),
+            StateOffer.IGNORE_OLDER,
+            id="same-millisecond-tie-smaller-revision-loses",
+        ),
         pytest.param(SMOL, 5, GEMMA, None, StateOffer.APPLY, id="unversioned-balancer-content-decides"),
         pytest.param(SMOL, 5, SMOL, None, StateOffer.ADOPT_VERSION, id="unversioned-same-content-is-a-no-op"),
         pytest.param(SMOL, None, GEMMA, 3, StateOffer.APPLY, id="held-unversioned-takes-a-versioned-change"),
