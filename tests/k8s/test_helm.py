@@ -15,7 +15,7 @@ import yaml
 from tests.kubectl import wait_until
 
 from .conftest import K8sCluster
-from .test_operator_cluster import MODEL, POOL, Operators, condition, get, wait_object
+from .test_operator_cluster import MODEL, POOL, Operators, args_of, condition, get, wait_object
 
 pytestmark = pytest.mark.k8s
 
@@ -32,6 +32,7 @@ VALUE_SETS: dict[str, list[str]] = {
     ],
     "prometheus-adapter-rules": ["--set", "prometheusAdapterRules.enabled=true"],
     "no-rbac": ["--set", "rbac.create=false", "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=x"],
+    "no-leader-election": ["--set", "operator.leaderElection.enabled=false", "--set", "operator.replicas=1"],
 }  # fmt: skip
 
 
@@ -122,7 +123,56 @@ def test_rbac_is_least_privilege(k8s_cluster: K8sCluster) -> None:
     (framework,) = [d for d in namespaced if d["kind"] == "ClusterRole"]
     assert {v for r in framework["rules"] for v in r["verbs"]} == {"list", "watch"}  # read-only at cluster scope
     assert {r for rule in framework["rules"] for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
-    assert sorted(d["metadata"]["namespace"] for d in namespaced if d["kind"] == "Role") == ["team-a", "team-b"]
+    roles = sorted(d["metadata"]["namespace"] for d in namespaced if d["kind"] == "Role")
+    assert roles == ["paddler-system", "team-a", "team-b"]  # the Lease's Role is in the operator's namespace
+    (election,) = [d for d in docs if d["kind"] == "Role"]
+    assert election["metadata"]["namespace"] == "paddler-system"
+    assert {"coordination.k8s.io"} == {g for rule in election["rules"] for g in rule["apiGroups"]}
+    assert {"leases"} == {r for rule in election["rules"] for r in rule["resources"]}
+    by_verbs = {tuple(rule["verbs"]): rule.get("resourceNames") for rule in election["rules"]}
+    assert by_verbs == {("create",): None, ("get", "update"): ["paddler-operator"]}  # one Lease, by name
+
+
+def only(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_operator_replicas_with_leader_election_spread_and_a_disruption_budget(k8s_cluster: K8sCluster) -> None:
+    docs = render(k8s_cluster)
+    (deployment,) = only(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    pod = spec["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert "--leader-election" in args
+    assert args[args.index("--leader-election-namespace") + 1] == "paddler-system"
+    assert args[args.index("--leader-election-lease-name") + 1] == "paddler-operator"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    (budget,) = only(docs, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"] == spec["selector"]
+    assert [r["metadata"]["name"] for r in only(docs, "RoleBinding")] == ["rel-paddler-leader-election"]
+
+
+def test_without_leader_election_one_operator_is_replaced_not_doubled(k8s_cluster: K8sCluster) -> None:
+    docs = render(k8s_cluster, *VALUE_SETS["no-leader-election"])
+    (deployment,) = only(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-election" not in args_of(deployment)
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+    assert not only(docs, "PodDisruptionBudget")
+    assert not only(docs, "Role")
+    proc = run_helm(
+        k8s_cluster, "template", "rel", str(CHART), "--set", "operator.leaderElection.enabled=false", check=False
+    )  # replicas: 2 (the default) without an election
+    assert proc.returncode != 0
+    assert "operator.replicas > 1 needs operator.leaderElection.enabled" in proc.stderr
 
 
 def test_operator_runs_with_exactly_the_charts_rbac(
@@ -136,7 +186,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(
     rbac = [
         d for d in docs if d["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
     ]
-    assert len(rbac) == 5
+    assert len(rbac) == 7  # with the leader election's Role and RoleBinding
     cluster.apply(yaml.safe_dump_all(rbac))
     token = cluster.kubectl_run("-n", ns, "create", "token", "rel-paddler", "--duration=1h").stdout.strip()
     admin = yaml.safe_load(cluster.kubectl_run("config", "view", "--raw", "--minify").stdout)
@@ -157,7 +207,8 @@ def test_operator_runs_with_exactly_the_charts_rbac(
 
     operators = Operators(cluster)
     try:
-        op = operators.start(ns, kubeconfig=kubeconfig)
+        op = operators.start(ns, kubeconfig=kubeconfig, extra_args=("--leader-election",))  # as the chart runs it
+        wait_until(lambda: op.count("leader acquired identity="), timeout=30, what="the Lease")
         cluster.apply(POOL + "---" + MODEL, namespace=ns)
         for what in ("deployment/p-balancer", "service/p-inference", "configmap/p-balancer", "deployment/m-agent"):
             wait_object(cluster, ns, what)
