@@ -165,15 +165,17 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     ours = _runtime.settings
-    _runtime.kube = KubeApi(KubeSettings(kubeconfig=ours.kubeconfig))
     _runtime.balancers = BalancerClient(BalancerClientSettings(request_timeout=ours.balancer_timeout))
     election = ours.leader_election
     if election is None:
+        _runtime.kube = KubeApi(KubeSettings(kubeconfig=ours.kubeconfig))
         _runtime.workers = Workers(Reconciler(_runtime.kube, _runtime.balancers, ours))
     else:
-        # Its own client: renewals never queue behind reconcile traffic.
+        # The Lease has its own client: renewals never queue behind reconcile traffic.
         lease_kube = KubeApi(KubeSettings(kubeconfig=ours.kubeconfig, request_timeout=election.renew_deadline))
-        _runtime.elector = LeaderElector(lease_kube, election, _lead, _step_down)
+        elector = _runtime.elector = LeaderElector(lease_kube, election, _lead, _step_down)
+        # Reconcile writes go out only while the lease is held, by the clock at the moment of the write.
+        _runtime.kube = KubeApi(KubeSettings(kubeconfig=ours.kubeconfig), may_write=elector.holds_lease)
     log.info(
         "paddler operator started namespaces=%s balancer_url_template=%s resync=%.1fs leader_election=%s",
         "*" if ours.all_namespaces else ",".join(ours.namespaces),

@@ -209,8 +209,16 @@ Login = Callable[[], Awaitable[Credentials]]
 class KubeApi:
     """Generic async calls to the Kubernetes API."""
 
-    def __init__(self, settings: KubeSettings | None = None, login_with: Login | None = None) -> None:
+    def __init__(
+        self,
+        settings: KubeSettings | None = None,
+        login_with: Login | None = None,
+        may_write: Callable[[], bool] | None = None,
+    ) -> None:
         self.settings = settings or KubeSettings()
+        self._may_write = may_write
+        """Asked before every request that is not a GET; False refuses it unsent (a replica whose
+        leader lease ran out, e.g. after the process was paused, must not write)."""
         self._login: Login = login_with or (lambda: login(self.settings.kubeconfig))
         self._credentials: Credentials | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -276,6 +284,8 @@ class KubeApi:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Any:
+        if method != "GET" and self._may_write is not None and not self._may_write():
+            raise KubeError(0, "NotLeader", f"{method} {path}: this replica does not hold the leader lease")
         data = json.dumps(body) if body is not None else None
         try:
             credentials = await self.credentials()

@@ -200,6 +200,14 @@ class LeaderElector:
     def leading(self) -> bool:
         return self._renewed_at is not None
 
+    def holds_lease(self) -> bool:
+        """Leading, and the last renewal is within the renew deadline by the clock now. Writes ask
+        this (not :attr:`leading`): after a pause (a stopped process, a frozen VM) a worker's timer
+        may fire before this loop has noticed that the deadline passed."""
+        return self._renewed_at is not None and not renew_expired(
+            self._renewed_at, self._clock(), self.settings.renew_deadline
+        )
+
     @property
     def lease(self) -> str:
         return f"{self.settings.namespace}/{self.settings.lease_name}"

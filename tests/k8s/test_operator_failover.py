@@ -5,13 +5,15 @@ killed outright (SIGKILL: a crashed pod, a lost node) the standby takes over onc
 lease it last saw renewed expires, and reconciles a change made after the kill from the
 objects as they are (it never reconciled before, so nothing comes from its memory): within
 15 s of the kill. A leader stopped gracefully (SIGTERM) releases the Lease, and the standby
-takes over at its next attempt instead of waiting for the lease to expire.
+takes over at its next attempt instead of waiting for the lease to expire. A leader paused
+(SIGSTOP) past its lease steps down when it wakes.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from typing import Any
 
@@ -131,3 +133,26 @@ def test_a_leader_stopped_with_sigterm_releases_the_lease_and_the_standby_takes_
     assert leader.popen.wait(20) == 0
     assert f"leader released identity={identity(leader)}" in leader.output()
     assert holder(cluster, ns) == identity(standby)
+
+
+def test_a_leader_paused_past_its_lease_steps_down_when_it_wakes(
+    operators: Operators,  # noqa: F811
+    k8s_namespace: str,
+) -> None:
+    """SIGSTOP (a frozen VM, a stalled node) for longer than the lease: the standby takes over;
+    the old leader, woken, finds its renew deadline long past, stops and stands by."""
+    cluster, ns = operators.cluster, k8s_namespace
+    leader, standby = start_pair(operators, ns)
+    leader.popen.send_signal(signal.SIGSTOP)
+    try:
+        set_replicas(cluster, ns, 3)
+        wait_until(lambda: agent_replicas(cluster, ns) == 3, timeout=TAKEOVER_BOUND_S, what="the standby's pass")
+        assert holder(cluster, ns) == identity(standby)
+    finally:
+        leader.popen.send_signal(signal.SIGCONT)
+    wait_until(lambda: f"standby holder={identity(standby)}" in leader.output(), timeout=30, what="old leader waits")
+    assert f"leader lost identity={identity(leader)}" in leader.output()
+    assert holder(cluster, ns) == identity(standby)
+    # Anything its workers tried before the loop noticed was refused unsent, never written.
+    refused = [line for line in leader.output().splitlines() if "NotLeader" in line]
+    print(f"\nwrites the woken leader tried and had refused: {len(refused)}")

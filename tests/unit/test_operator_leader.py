@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -342,18 +343,24 @@ def test_lease_and_cluster_wide_paths() -> None:
     assert collection_path("paddler.dev/v1alpha1", "LlmPool", None) == "/apis/paddler.dev/v1alpha1/llmpools"
 
 
-async def test_replace_is_a_put_that_a_stale_version_turns_into_a_409(tmp_path: Path) -> None:
+@pytest.fixture
+async def lease_api(tmp_path: Path) -> AsyncIterator[tuple[KubeApi, list[tuple[str, str, Any]], list[bool]]]:
+    """A KubeApi against a small API server whose PUT is a compare-and-swap on version "2"; the
+    client's writes are allowed while ``allowed[0]`` (its ``may_write``)."""
     seen: list[tuple[str, str, Any]] = []
+    allowed = [True]
 
     async def handler(request: web.Request) -> web.Response:
-        body = await request.json()
-        seen.append((request.method, request.path, body["metadata"].get("resourceVersion")))
-        if body["metadata"].get("resourceVersion") != "2":
+        text = await request.text()
+        body = json.loads(text) if text else {}
+        meta = body.get("metadata") or {}
+        seen.append((request.method, request.path, meta.get("resourceVersion")))
+        if request.method == "PUT" and meta.get("resourceVersion") != "2":
             return web.json_response({"kind": "Status", "reason": "Conflict", "message": "modified"}, status=409)
-        return web.json_response({**body, "metadata": {**body["metadata"], "resourceVersion": "3"}})
+        return web.json_response({**body, "metadata": {**meta, "resourceVersion": "3"}})
 
     app = web.Application()
-    app.router.add_route("PUT", "/{tail:.*}", handler)
+    app.router.add_route("*", "/{tail:.*}", handler)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     config = tmp_path / "config"
@@ -367,14 +374,47 @@ async def test_replace_is_a_put_that_a_stale_version_turns_into_a_409(tmp_path: 
             }
         )
     )
-    api = KubeApi(KubeSettings(kubeconfig=str(config), request_timeout=5))
+    api = KubeApi(KubeSettings(kubeconfig=str(config), request_timeout=5), may_write=lambda: allowed[0])
     try:
-        written = await api.replace(claimed_lease(SETTINGS, lease_obj({"holderIdentity": OTHER}, version="2"), WALL))
-        assert written["metadata"]["resourceVersion"] == "3"
-        with pytest.raises(KubeError) as err:
-            await api.replace(claimed_lease(SETTINGS, lease_obj({"holderIdentity": OTHER}, version="1"), WALL))
-        assert err.value.status == 409
+        yield api, seen, allowed
     finally:
         await api.close()
         await server.close()
+
+
+async def test_replace_is_a_put_that_a_stale_version_turns_into_a_409(
+    lease_api: tuple[KubeApi, list[tuple[str, str, Any]], list[bool]],
+) -> None:
+    api, seen, _allowed = lease_api
+    written = await api.replace(claimed_lease(SETTINGS, lease_obj({"holderIdentity": OTHER}, version="2"), WALL))
+    assert written["metadata"]["resourceVersion"] == "3"
+    with pytest.raises(KubeError) as err:
+        await api.replace(claimed_lease(SETTINGS, lease_obj({"holderIdentity": OTHER}, version="1"), WALL))
+    assert err.value.status == 409
     assert seen[0][:2] == ("PUT", "/apis/coordination.k8s.io/v1/namespaces/ops/leases/paddler-operator")
+
+
+async def test_writes_are_refused_unsent_once_the_lease_is_not_held(
+    lease_api: tuple[KubeApi, list[tuple[str, str, Any]], list[bool]],
+) -> None:
+    api, seen, allowed = lease_api
+    ref = ObjRef("apps/v1", "Deployment", "ns", "d")
+    allowed[0] = False
+    with pytest.raises(KubeError, match="does not hold the leader lease"):
+        await api.patch(ref, {"spec": {"replicas": 2}})
+    assert seen == []  # nothing reached the API server
+    await api.get(ref)  # reads stay allowed (a standby may look)
+    allowed[0] = True
+    await api.patch(ref, {"spec": {"replicas": 2}})
+    assert [method for method, _path, _version in seen] == ["GET", "PATCH"]
+
+
+async def test_the_lease_is_not_held_past_the_renew_deadline_even_before_the_loop_notices(
+    world: tuple[FakeLeases, list[float], Replica, Replica],
+) -> None:
+    _api, clock, a, _b = world
+    await a.elector.step()
+    assert a.elector.holds_lease()
+    clock[0] += 7.0  # the process was paused: no step ran, a worker's timer may fire first
+    assert a.elector.leading  # the loop has not noticed yet...
+    assert not a.elector.holds_lease()  # ...but a write asking now is refused
