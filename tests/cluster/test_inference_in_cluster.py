@@ -170,7 +170,9 @@ print(out["choices"][0]["message"]["content"], end="")
 
 def test_helm_runs_the_operator_on_the_node_under_the_chart_rbac(cluster: Cluster, release: str) -> None:
     pods = cluster.get_json("-n", RELEASE_NS, "pods", "-l", "app.kubernetes.io/name=paddler-operator")["items"]
-    assert len(pods) == 1
+    assert len(pods) == 2  # one leads (holds the Lease), one stands by
+    lease = cluster.get_json("-n", RELEASE_NS, "lease", "paddler-operator")
+    assert lease["spec"]["holderIdentity"] in {p["metadata"]["name"] for p in pods}
     pod = pods[0]
     assert pod["status"]["phase"] == "Running"
     assert pod["spec"]["nodeName"] == NODE_NAME
@@ -201,7 +203,7 @@ def test_pool_and_model_deployment_report_ready_with_four_slots(pool: Pool) -> N
     # The pool's status is written by its own reconcile, which may come a few seconds after
     # the ModelDeployment's: wait for it (bounded) instead of reading it once.
     def pool_caught_up() -> bool:
-        return rows()[1][f"llmpool.paddler.dev/{POOL}"][1:4] == ["True", "1", "4/4"]
+        return rows()[1][f"llmpool.paddler.dev/{POOL}"][1:5] == ["True", "1/1", "1", "4/4"]
 
     with contextlib.suppress(AssertionError):
         wait_until(pool_caught_up, timeout=60, what="the LlmPool's status shows the agent")
@@ -209,7 +211,7 @@ def test_pool_and_model_deployment_report_ready_with_four_slots(pool: Pool) -> N
     record("kubectl get pods,lp,md", pool.cluster.kubectl_run("-n", pool.namespace, "get", "pods,lp,md").stdout)
     lp = lines[f"llmpool.paddler.dev/{POOL}"]
     md = lines[f"modeldeployment.paddler.dev/{GROUP}"]
-    assert lp[1:4] == ["True", "1", "4/4"], printed
+    assert lp[1:5] == ["True", "1/1", "1", "4/4"], printed
     assert md[1:5] == [POOL, "True", "1/1", "4/4"], printed
     assert md[6] == MODEL_PATH, printed
     for p in pool.cluster.get_json("-n", pool.namespace, "pods")["items"]:
