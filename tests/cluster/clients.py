@@ -9,8 +9,31 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .conftest import CLIENT_IMAGE
+
 if TYPE_CHECKING:
     from .conftest import Cluster
+
+
+def client_pod(namespace: str) -> str:
+    """The manifest of the tier's client pod (curl + the openai SDK), as unprivileged as
+    the restricted Pod Security profile asks."""
+    return f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {namespace}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: {{runAsNonRoot: true, runAsUser: 65534}}
+  containers:
+  - name: client
+    image: {CLIENT_IMAGE}
+    imagePullPolicy: Never
+    command: [sleep, infinity]
+    securityContext: {{allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}}
+    volumeMounts: [{{name: tmp, mountPath: /tmp}}]
+  volumes: [{{name: tmp, emptyDir: {{}}}}]
+"""
 
 
 @dataclass

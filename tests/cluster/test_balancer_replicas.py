@@ -23,8 +23,8 @@ import pytest
 
 from tests.kubectl import wait_until
 
-from .clients import ClientRun
-from .conftest import CLIENT_IMAGE, MODEL_IMAGE, MODEL_PATH, Cluster
+from .clients import ClientRun, client_pod
+from .conftest import MODEL_IMAGE, MODEL_PATH, Cluster
 from .test_inference_in_cluster import ready_condition, record
 
 pytestmark = pytest.mark.cluster
@@ -64,22 +64,7 @@ spec:
   replicas: 2
   rollout: {{maxUnavailable: 1}}
   inferenceParameters: {{contextSize: 2048, temperature: 0}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: client, namespace: {namespace}}}
-spec:
-  terminationGracePeriodSeconds: 1
-  securityContext: {{runAsNonRoot: true, runAsUser: 65534}}
-  containers:
-  - name: client
-    image: {CLIENT_IMAGE}
-    imagePullPolicy: Never
-    command: [sleep, infinity]
-    securityContext: {{allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}}
-    volumeMounts: [{{name: tmp, mountPath: /tmp}}]
-  volumes: [{{name: tmp, emptyDir: {{}}}}]
-"""
+""" + client_pod(namespace)
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,9 @@ from paddler_client.inference_message import parse_inference_client_message
 
 from tests.kubectl import wait_until
 
-from .clients import ClientRun
+from .clients import ClientRun, client_pod
 from .conftest import (
     BALANCER_IMAGE,
-    CLIENT_IMAGE,
     LLAMA_SERVER_MODEL_IMAGE,
     MODEL_IMAGE,
     MODEL_PATH,
@@ -97,22 +96,7 @@ spec:
   # Greedy, no penalties: the answer can be compared with llama-cpp-python's own.
   inferenceParameters:
     {{contextSize: 2048, temperature: 0, penaltyRepeat: 1.0, penaltyPresence: 0, penaltyFrequency: 0}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: client, namespace: {namespace}}}
-spec:
-  terminationGracePeriodSeconds: 1
-  securityContext: {{runAsNonRoot: true, runAsUser: 65534}}
-  containers:
-  - name: client
-    image: {CLIENT_IMAGE}
-    imagePullPolicy: Never
-    command: [sleep, infinity]
-    securityContext: {{allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {{drop: [ALL]}}}}
-    volumeMounts: [{{name: tmp, mountPath: /tmp}}]
-  volumes: [{{name: tmp, emptyDir: {{}}}}]
-"""
+""" + client_pod(namespace)
 
 
 def record(title: str, text: str) -> None:
