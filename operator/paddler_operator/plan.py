@@ -249,9 +249,9 @@ def balancer_args(spec: LlmPoolSpec, pool: str = "", namespace: str = "") -> lis
         "--inference-item-timeout",
         b.inference_item_timeout,
         "--drain-delay",
-        str(DRAIN_DELAY_SECONDS),
+        f"{DRAIN_DELAY_SECONDS}s",  # the balancer reads a bare number as milliseconds
         "--drain-timeout",
-        str(b.drain_timeout_seconds),
+        f"{b.drain_timeout_seconds}s",
     ]
     if pool:
         args += ["--peer-management-addr", management_addr(pool, namespace, spec)]

@@ -83,9 +83,9 @@ def test_pool_plan_objects_names_and_owner_references() -> None:
         ({"balancer": {"bufferedRequestTimeout": "500ms"}}, "--buffered-request-timeout", "500ms"),
         ({"balancer": {"adminPanel": {"enabled": True}}}, "--web-admin-panel-addr", "0.0.0.0:8062"),
         ({"balancer": {"logLevel": "DEBUG"}}, "--log-level", "DEBUG"),
-        ({}, "--drain-delay", "5"),
-        ({}, "--drain-timeout", "50"),
-        ({"balancer": {"drainTimeoutSeconds": 120}}, "--drain-timeout", "120"),
+        ({}, "--drain-delay", "5s"),
+        ({}, "--drain-timeout", "50s"),
+        ({"balancer": {"drainTimeoutSeconds": 120}}, "--drain-timeout", "120s"),
         ({}, "--peer-management-addr", "p-management-peers.ns.svc:8060"),
         # The headless Service maps no ports: peers dial the pods' own port, whatever the Service port.
         (
@@ -101,6 +101,28 @@ def test_balancer_args(spec: dict[str, Any], flag: str, value: str | None) -> No
     assert c["command"] == ["paddler"]
     assert "balancer" in c["args"]
     assert arg(c["args"], flag) == value
+
+
+@pytest.mark.parametrize(
+    ("spec", "flag", "seconds"),
+    [
+        ({}, "--drain-delay", 5.0),
+        ({"balancer": {"drainTimeoutSeconds": 120}}, "--drain-timeout", 120.0),
+        ({"balancer": {"bufferedRequestTimeout": "3m"}}, "--buffered-request-timeout", 180.0),
+        ({}, "--inference-item-timeout", 30.0),
+    ],
+)
+def test_balancer_reads_each_rendered_duration_as_the_seconds_the_spec_means(
+    spec: dict[str, Any], flag: str, seconds: float
+) -> None:
+    """The balancer reads a bare number as milliseconds (Paddler's flags): a duration the
+    operator renders must say its unit, or a 5 s drain becomes 5 ms."""
+    from paddler_balancer.settings import parse_duration
+
+    deployment = by_kind(plan.plan_pool(POOL, pool_spec(**spec)))["Deployment/p-balancer"]
+    rendered = arg(container(deployment)["args"], flag)
+    assert rendered is not None
+    assert parse_duration(rendered) == seconds
 
 
 @pytest.mark.parametrize(
