@@ -121,6 +121,32 @@ def one_round(replicas: int, seconds: float) -> dict[str, float]:
     }
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    median = results["median"]
+    counts = [str(n) for n in REPLICAS]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = range(len(counts))
+    left.bar([i - 0.2 for i in x], [median[n]["p50_ms"] for n in counts], width=0.4, label="p50")
+    left.bar([i + 0.2 for i in x], [median[n]["p99_ms"] for n in counts], width=0.4, label="p99")
+    left.set_xticks(list(x), counts)
+    left.set_xlabel("balancer replicas")
+    left.set_ylabel("ms added to time to first token")
+    left.set_title(f"Added latency, {STREAMS} streams")
+    left.legend()
+    right.bar(counts, [median[n]["tokens_per_s"] for n in counts])
+    right.set_xlabel("balancer replicas")
+    right.set_ylabel("streamed tokens/s")
+    right.set_title(f"Throughput, {STREAMS} streams, {AGENTS} simulated agents")
+    fig.suptitle(f"Balancer replicas, {results['date']}, {results['machine']} (medians)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -145,6 +171,7 @@ def main() -> None:
     path = REPO / "bench" / "results" / "balancer_replicas.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
+    plot(out, REPO / "docs" / "benchmarks-balancer-replicas.png")
     print("\n| balancer replicas | added TTFT p50 (ms) | added TTFT p99 (ms) | streamed tokens/s |")
     print("|---:|---:|---:|---:|")
     for n in REPLICAS:
