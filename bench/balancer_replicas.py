@@ -137,7 +137,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.set_xlabel("balancer replicas")
     left.set_ylabel("ms added to time to first token")
     left.set_title(f"Added latency, {STREAMS} streams")
-    left.legend()
+    left.legend(loc="lower center")
     right.bar(counts, [median[n]["tokens_per_s"] for n in counts])
     right.set_xlabel("balancer replicas")
     right.set_ylabel("streamed tokens/s")
