@@ -20,7 +20,11 @@ network or an optional library (:data:`CHECKED_FORMATS`); other formats are
 annotations. Verdicts and validators are cached by the schema's JSON text
 (:data:`CACHED_SCHEMAS` of at most :data:`CACHED_SCHEMA_CHARS`), so the tools an agent
 framework sends with every request are compiled once, on the balancer and on the agent.
-``pattern`` is Python's ``re`` (as in jsonschema), not ECMA-262.
+``pattern`` and ``patternProperties`` run on RE2 (linear time, whatever the pattern and
+the text), not on Python's backtracking ``re``: a model's arguments are checked on the
+agent, and a pattern such as ``(a+)+$`` must not stall it. A pattern RE2 cannot run
+(lookaround, backreferences) is refused with the schema, and so is ``patternProperties``
+beside ``unevaluatedProperties`` (jsonschema would match those with ``re``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+import re2
 import referencing.exceptions
 from jsonschema import FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
@@ -91,6 +96,68 @@ _FORMATS = FormatChecker(formats=[f for f in CHECKED_FORMATS if f != "date-time"
 _FORMATS.checks("date-time")(_is_date_time)
 
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+@lru_cache(maxsize=1024)
+def _linear_regex(pattern: str) -> Any:
+    """``pattern`` compiled by RE2, or the reason RE2 cannot run it (a str)."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as err:
+        reason = err.args[0] if err.args else err
+        return reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+
+
+def _matches(pattern: str, text: str) -> bool:
+    compiled = _linear_regex(pattern)
+    return not isinstance(compiled, str) and compiled.search(text) is not None
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _matches(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, patterns: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _matches(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator: Any, additional: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """jsonschema's ``additionalProperties``, with ``patternProperties`` matched by RE2."""
+    patterns = schema.get("patternProperties")
+    if not isinstance(patterns, dict) or not patterns:
+        yield from validators.Draft202012Validator.VALIDATORS["additionalProperties"](
+            validator, additional, instance, schema
+        )
+        return
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    extras = [key for key in instance if key not in properties and not any(_matches(p, key) for p in patterns)]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        verb = "does" if len(extras) == 1 else "do"
+        joined = ", ".join(repr(each) for each in sorted(extras))
+        listed = ", ".join(repr(each) for each in sorted(patterns))
+        yield ValidationError(f"{joined} {verb} not match any of the regexes: {listed}")
+
+
+_LINEAR_KEYWORDS = {
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "additionalProperties": _additional_properties,
+}
+
+
 class _Refused(LookupError):
     """A ``$ref`` outside the schema: never fetched."""
 
@@ -110,6 +177,12 @@ _SCHEMA_LIST_KEYWORDS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "it
 _SCHEMA_MAP_KEYWORDS = frozenset(
     {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"}
 )
+_ARGUMENT_VALIDATORS: dict[type[Validator], type[Validator]] = {
+    cls: validators.extend(cls, _LINEAR_KEYWORDS)  # type: ignore[no-untyped-call]
+    for cls in _DIALECTS.values()
+}
+"""Each dialect's validator with its regex keywords on RE2 (for arguments; the
+meta-schemas' own patterns are fixed and safe)."""
 
 
 def tool_schema_problem(tool_name: str, schema: Any) -> str | None:
@@ -206,7 +279,50 @@ def _schema_problem(text: str) -> str | None:
     error = best_match(_meta_validator(dialect).iter_errors(schema))
     if error is not None:
         return f"{error.json_path}: {_describe(error)}"
+    regex = _regex_problem(schema, "$")
+    if regex is not None:
+        return regex
     return _reference_problem(schema, dialect)
+
+
+def _regex_problem(schema: Any, path: str) -> str | None:
+    """The first ``pattern``/``patternProperties`` key RE2 cannot run, or
+    ``patternProperties`` beside ``unevaluatedProperties``, in the subschemas of ``schema``."""
+    for where, subschema in _subschemas(schema, path):
+        pattern = subschema.get("pattern")
+        if isinstance(pattern, str) and isinstance(_linear_regex(pattern), str):
+            reason = _linear_regex(pattern)
+            return _clip(f"{where}.pattern: {pattern!r} cannot run in linear time here (RE2: {reason})")
+        keys = subschema.get("patternProperties")
+        if isinstance(keys, dict):
+            for key in keys:
+                if isinstance(_linear_regex(key), str):
+                    reason = _linear_regex(key)
+                    return _clip(f"{where}.patternProperties: {key!r} cannot run in linear time here (RE2: {reason})")
+            if keys and _uses_keyword(schema, "unevaluatedProperties"):
+                return f"{where}.patternProperties: not supported together with unevaluatedProperties"
+    return None
+
+
+def _uses_keyword(schema: Any, keyword: str) -> bool:
+    return any(keyword in subschema for _where, subschema in _subschemas(schema, "$"))
+
+
+def _subschemas(schema: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``schema`` and each subschema under a schema keyword, with its JSON path."""
+    if not isinstance(schema, dict):
+        return
+    yield path, schema
+    for key, value in schema.items():
+        where = path + _json_path([key])[1:]
+        if key in _SCHEMA_KEYWORDS:
+            yield from _subschemas(value, where)
+        elif key in _SCHEMA_LIST_KEYWORDS and isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from _subschemas(item, where + _json_path([i])[1:])
+        elif key in _SCHEMA_MAP_KEYWORDS and isinstance(value, dict):
+            for name, item in value.items():
+                yield from _subschemas(item, where + _json_path([str(name)])[1:])
 
 
 def _dialect(schema: Any) -> type[Validator] | str:
@@ -275,7 +391,7 @@ def _validator(text: str) -> Validator:
     schema = json.loads(text)
     dialect = _dialect(schema)
     assert not isinstance(dialect, str), dialect
-    return dialect(schema, registry=_REGISTRY, format_checker=_FORMATS)
+    return _ARGUMENT_VALIDATORS[dialect](schema, registry=_REGISTRY, format_checker=_FORMATS)
 
 
 def _reference_problem(schema: Any, dialect: type[Validator]) -> str | None:

@@ -352,3 +352,65 @@ def test_conditionals_tuples_and_dependent_required_are_checked() -> None:
         "pay: $: 'kind' is a dependency of 'at'",
         "pay: $: 'Zip' does not match '^[a-z]+$'",
     ]
+
+
+# --- regexes run in linear time ------------------------------------------------------------
+
+CATASTROPHIC = "(a+)+$"
+"""Exponential on Python's backtracking ``re`` for 'aaa…b' (2^n steps); linear on RE2."""
+
+
+def test_a_catastrophic_pattern_is_checked_in_linear_time() -> None:
+    """A hostile client's pattern must not stall the agent that checks a model's arguments:
+    on Python's ``re`` this input takes about 2^40 steps (hours); on RE2 it takes microseconds,
+    so the test ends at all."""
+    schema = {"type": "object", "properties": {"q": {"type": "string", "pattern": CATASTROPHIC}}}
+    problems = tool_arguments_problems("search", schema, {"q": "a" * 40 + "b"})
+    assert len(problems) == 1
+    assert "does not match" in problems[0]
+    assert tool_arguments_problems("search", schema, {"q": "aaaa"}) == []
+
+
+def test_pattern_properties_and_closed_objects_match_keys_in_linear_time() -> None:
+    schema = {
+        "type": "object",
+        "patternProperties": {CATASTROPHIC: {"type": "integer"}},
+        "additionalProperties": False,
+    }
+    assert tool_arguments_problems("t", schema, {"aaa": 1}) == []
+    (wrong_type,) = tool_arguments_problems("t", schema, {"aaa": "x"})
+    assert "is not of type 'integer'" in wrong_type
+    (extra,) = tool_arguments_problems("t", schema, {"a" * 40 + "b": 1})
+    assert "does not match any of the regexes" in extra
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        pytest.param(
+            {"type": "object", "properties": {"q": {"type": "string", "pattern": "(?=a)b"}}},
+            "$.properties.q.pattern: '(?=a)b' cannot run in linear time here",
+            id="lookahead",
+        ),
+        pytest.param(
+            {"type": "object", "properties": {"q": {"type": "string", "pattern": r"(a)\1"}}},
+            "cannot run in linear time here",
+            id="backreference",
+        ),
+        pytest.param(
+            {"type": "object", "patternProperties": {"(?<=x)y": {}}},
+            "$.patternProperties: '(?<=x)y' cannot run in linear time here",
+            id="lookbehind-key",
+        ),
+        pytest.param(
+            {"type": "object", "patternProperties": {"^x": {}}, "unevaluatedProperties": False},
+            "not supported together with unevaluatedProperties",
+            id="pattern-properties-beside-unevaluated",
+        ),
+    ],
+)
+def test_a_pattern_that_needs_backtracking_is_refused_with_the_schema(schema: dict[str, Any], message: str) -> None:
+    problem = tool_schema_problem("search", schema)
+    assert problem is not None
+    assert problem.startswith("tool 'search': ")
+    assert message in problem
