@@ -40,6 +40,10 @@ class StateStore:
         else:
             raise ValueError(f"invalid --state-database {url!r}; use memory:// or file:///path.json")
         self.groups: dict[str, GroupState] = {}
+        self.deleted: dict[str, int] = {}
+        """Per deleted group, the version it had: agents still holding that state (their
+        pods are being collected) must not bring the group back (no adoption at or below
+        it), and a state set again later gets a newer version."""
         self._load()
 
     def get(self, group: str) -> BalancerDesiredState:
@@ -48,19 +52,20 @@ class StateStore:
     def entry(self, group: str) -> GroupState:
         """The group's state, owner and version; a group never set: the default state at version 0."""
         entry = self.groups.get(group)
-        return entry if entry is not None else GroupState(BalancerDesiredState())
+        return entry if entry is not None else GroupState(BalancerDesiredState(), version=self.deleted.get(group, 0))
 
     def version(self, group: str) -> int:
         return self.entry(group).version
 
     def put(self, group: str, state: BalancerDesiredState, owner: str | None = None, version: int = 0) -> None:
         self.groups[group] = GroupState(state, owner, version)
+        self.deleted.pop(group, None)
         self._save()
 
     def delete(self, group: str) -> bool:
         if group not in self.groups:
             return False
-        del self.groups[group]
+        self.deleted[group] = self.groups.pop(group).version
         self._save()
         return True
 
@@ -75,6 +80,7 @@ class StateStore:
             self.groups[name] = GroupState(
                 BalancerDesiredState.model_validate(entry["state"]), entry.get("owner"), int(entry.get("version", 0))
             )
+        self.deleted = {name: int(version) for name, version in data.get("deleted", {}).items()}
         log.info("state loaded path=%s groups=%d", self.path, len(self.groups))
 
     def _save(self) -> None:
@@ -84,7 +90,8 @@ class StateStore:
             "groups": {
                 name: {"state": g.state.to_json_dict(), "owner": g.owner, "version": g.version}
                 for name, g in self.groups.items()
-            }
+            },
+            "deleted": self.deleted,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,6 +117,54 @@ async def test_a_put_of_the_same_state_keeps_its_version_and_a_new_state_gets_a_
     assert newer > first
     assert rollout["version"] == newer
     assert "version" not in native  # Paddler's body stays as it is
+
+
+async def test_a_deleted_group_stays_deleted_while_its_agent_still_holds_the_state(
+    paddler: Processes, tmp_path: Path
+) -> None:
+    """A ModelDeployment deleted: the operator deletes its group on every replica while its
+    agents are still connected (their pods are being collected). The replica must not adopt
+    the group back from them (they hold the deleted version, not a newer one), also after a
+    restart from its state file; a state set again later gets a newer version."""
+    state_file = f"file://{tmp_path / 'state.json'}"
+    balancer = paddler.balancer("--state-database", state_file)
+    addr = balancer.management_addr
+    paddler.agent(balancer, slots=1, name="chat-0", extra=("--model-group", "chat"))
+    await put_chat(balancer, "/models/small.gguf")
+    deleted_version = await group_version(balancer, "chat")
+
+    async def agent_holds_it() -> bool:
+        return any(a["model_path"] == "/models/small.gguf" for a in await agents(balancer))
+
+    await wait_until(agent_holds_it, timeout=15, what="the agent holds the state")
+    async with httpx.AsyncClient(timeout=10) as http:
+        deleted = await http.delete(f"{balancer.management_url}/api/v1/model_groups/chat/desired_state")
+    assert deleted.status_code == 204
+    await assert_group_stays_absent(balancer, "chat")
+
+    balancer.process.stop()
+    balancer = paddler.balancer("--state-database", state_file, "--management-addr", addr)
+    await wait_until(lambda: names_are(balancer, ["chat-0"]), timeout=15, what="the agent back on the restarted one")
+    await assert_group_stays_absent(balancer, "chat")
+
+    await put_chat(balancer, "/models/large.gguf")
+    assert await group_version(balancer, "chat") > deleted_version
+
+
+async def put_chat(balancer: Balancer, path: str) -> None:
+    async with httpx.AsyncClient(timeout=10) as http:
+        url = f"{balancer.management_url}/api/v1/model_groups/chat/desired_state"
+        assert (await http.put(url, json={"model": {"LocalToAgent": path}})).status_code == 204
+
+
+async def assert_group_stays_absent(balancer: Balancer, group: str, window: float = 3.0) -> None:
+    """A bounded observation (not a wait): over ``window`` seconds the agent pushes its
+    status (every second) at least twice; the group must not come back from it."""
+    deadline = asyncio.get_running_loop().time() + window
+    while asyncio.get_running_loop().time() < deadline:
+        body = (await get(f"{balancer.management_url}/api/v1/model_groups")).json()
+        assert group not in [g["name"] for g in body["model_groups"]], body
+        await asyncio.sleep(0.2)
 
 
 # ---- graceful stop ----------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_metrics_api_trigger_wakes_the_group_from_zero_answers_the_request_and_r
     so = ready_scaled_object(cluster, ns)
     trigger = so["spec"]["triggers"][0]
     assert trigger["type"] == "metrics-api"
-    assert trigger["metadata"]["url"] == f"{balancer.management_url}/api/v1/buffered_requests?model_group=m"
+    assert trigger["metadata"]["url"] == f"{balancer.management_url}/api/v1/buffered_requests?model_group=m&scope=pool"
     metric = so["status"]["externalMetricNames"][0]
     assert external_metric(cluster, ns, metric) == 0
 
