@@ -94,6 +94,17 @@ def _first_failure(results: Sequence[tuple[str, object]]) -> Exception | None:
     return first if isinstance(first, Exception) else None
 
 
+def _raise_failures(results: Sequence[tuple[str, object]]) -> None:
+    """A write or read over the replicas fails when one replica refused it (its answer
+    stands for all: they hold the same state), or when none could be reached."""
+    rejected = [r for _, r in results if isinstance(r, BalancerRejected)]
+    if rejected:
+        raise rejected[0]
+    failure = _first_failure(results)
+    if failure is not None:
+        raise failure
+
+
 class BalancerClient:
     def __init__(self, settings: BalancerClientSettings | None = None, resolver: Resolver | None = None) -> None:
         self.settings = settings or BalancerClientSettings()
@@ -219,12 +230,7 @@ class BalancerClient:
             await self._request("PUT", path, json_body=state, headers=headers)
 
         results = await self._each(await self.replicas(base), put)
-        rejected = [r for _, r in results if isinstance(r, BalancerRejected)]
-        if rejected:
-            raise rejected[0]
-        failure = _first_failure(results)
-        if failure is not None:
-            raise failure
+        _raise_failures(results)
         return {url: str(r) for url, r in results if isinstance(r, Exception)}
 
     async def rollout(self, base_url: str, group: str) -> dict[str, Any] | None:
@@ -243,12 +249,7 @@ class BalancerClient:
             return body if isinstance(body, dict) else None
 
         results = await self._each(await self.replicas(base), read)
-        rejected = [r for _, r in results if isinstance(r, BalancerRejected)]
-        if rejected:
-            raise rejected[0]
-        failure = _first_failure(results)
-        if failure is not None:
-            raise failure
+        _raise_failures(results)
         return combine_rollouts([r for _, r in results if isinstance(r, dict)])
 
     async def delete_desired_state(self, base_url: str, group: str) -> bool:
@@ -269,10 +270,5 @@ class BalancerClient:
             return True
 
         results = await self._each(await self.replicas(base), delete)
-        rejected = [r for _, r in results if isinstance(r, BalancerRejected)]
-        if rejected:
-            raise rejected[0]
-        failure = _first_failure(results)
-        if failure is not None:
-            raise failure
+        _raise_failures(results)
         return any(r is True for _, r in results)
