@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the node of node-up.sh and leave nothing behind: pods are evicted first
+# Stop node K8S_NODE_INDEX (default 0) of node-up.sh and leave nothing behind: pods are evicted first
 # (so kubelet tears their sandboxes and CNI down), then kube-proxy, kubelet and
 # containerd stop, kube-proxy's iptables chains go, and every mount under the
 # kubelet root is released. Containerd's image store stays (cache).
@@ -9,12 +9,10 @@ K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 CACHE="${PADDLER_CACHE:-$HOME/.cache/paddler}"
 BIN="$CACHE/k8s/$K8S_VERSION/bin"
 STATE="${PADDLER_K8S_DIR:?set PADDLER_K8S_DIR to the state folder of the control plane}"
-NODE="$STATE/node"
 KUBECONFIG_FILE="$STATE/kubeconfig"
-NODE_NAME="${K8S_NODE_NAME:-paddler-node}"
-RUN=/run/paddler-node
-SOCK="$RUN/containerd.sock"
-BRIDGE=paddler0
+# shellcheck source=scripts/k8s/node-lib.sh
+source "$HERE/node-lib.sh"
+node_layout "${K8S_NODE_INDEX:-0}"
 DRAIN_TIMEOUT="${K8S_DRAIN_TIMEOUT:-60}"
 log() { printf '[node-down %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 kctl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" --request-timeout=10s "$@"; }
@@ -48,7 +46,7 @@ running_tasks() { ctr_ tasks ls -q 2>/dev/null | grep -c . || true; }
 #    scheduler from placing replacements.
 if pid_of kubelet >/dev/null && kctl get node "$NODE_NAME" >/dev/null 2>&1; then
   kctl taint node "$NODE_NAME" paddler.dev/down=:NoExecute --overwrite >/dev/null 2>&1 || true
-  kctl delete pods --all -A --grace-period=2 --wait=false >/dev/null 2>&1 || true
+  kctl delete pods -A --field-selector "spec.nodeName=$NODE_NAME" --grace-period=2 --wait=false >/dev/null 2>&1 || true
   deadline=$((SECONDS + DRAIN_TIMEOUT))
   while (( $(running_tasks) > 0 && SECONDS < deadline )); do sleep 0.5; done
   log "pods evicted ($(running_tasks) task(s) left)"
@@ -69,8 +67,22 @@ if pid_of containerd >/dev/null; then
 fi
 stop containerd
 
-# 4. Host-wide leftovers: kube-proxy's chains, the bridge, pod network namespaces
-#    of CRI (cni-*), mounts under the kubelet root and containerd's run state.
+# 4. Leftovers: the bridge, mounts under the kubelet root and containerd's run state;
+#    node 0 (stopped last) also the host-wide ones: kube-proxy's chains, CNI's chains
+#    and pod network namespaces of CRI (cni-*).
+ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE" 2>/dev/null || true
+{ findmnt -rn -o TARGET | grep -F -e "$NODE/kubelet" -e "$RUN" || true; } | sort -r | while read -r m; do
+  umount -l "$m" 2>/dev/null || true
+done
+rm -rf "$NODE/kubelet" "$NODE/pids" "$RUN"
+if [[ "$NODE_INDEX" != 0 ]]; then
+  # Its pods' cgroups are gone with them; the empty root goes too (best effort).
+  for d in /sys/fs/cgroup/*"$CGROUP_ROOT"; do
+    [[ -d "$d" ]] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
+  log "node $NODE_NAME stopped"
+  exit 0
+fi
 if [[ -x "$BIN/kube-proxy" ]]; then "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
 for chain in $(iptables -t nat -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^CNI-/ {print $2}'); do
   # awk, not grep: a chain no rule jumps to any more must not fail the pipeline (pipefail).
@@ -80,7 +92,6 @@ for chain in $(iptables -t nat -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^CNI-/ 
   iptables -t nat -F "$chain" 2>/dev/null || true
   iptables -t nat -X "$chain" 2>/dev/null || true
 done
-ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE" 2>/dev/null || true
 for ns in /run/netns/cni-*; do
   [[ -e "$ns" ]] || continue
   umount "$ns" 2>/dev/null || true; rm -f "$ns"
@@ -97,8 +108,4 @@ for table in mangle nat filter; do
   for chain in $chains; do iptables -t "$table" -F "$chain" 2>/dev/null || true; done
   for chain in $chains; do iptables -t "$table" -X "$chain" 2>/dev/null || true; done
 done
-{ findmnt -rn -o TARGET | grep -F -e "$NODE/kubelet" -e "$RUN" || true; } | sort -r | while read -r m; do
-  umount -l "$m" 2>/dev/null || true
-done
-rm -rf "$NODE/kubelet" "$NODE/pids" "$RUN"
 log "node $NODE_NAME stopped"

@@ -3,11 +3,19 @@
 # containerd (CRI, its own config and socket), Debian's CNI plugins (bridge +
 # host-local + portmap), kubelet and kube-proxy (iptables) built from the Go proxy,
 # a pause image compiled here and CoreDNS (also from the Go proxy) for cluster DNS.
-# Called by cluster-up.sh; idempotent. One node per machine: the bridge (paddler0),
-# the pod range 10.244.0.0/24 and kube-proxy's iptables chains are host-wide.
+# Called by cluster-up.sh once per node; idempotent.
 #
-# State: $STATE/node/ (config, logs, pids, kubelet root), containerd's image store
-# in $PADDLER_CACHE/node/containerd (imported images survive cluster-down).
+# Several nodes on one machine (K8S_NODE_INDEX=0, 1, ...): each node is its own
+# kubelet + containerd with its own root, sockets, bridge (paddler<i>), pod range
+# (10.244.<i>.0/24), cgroup root and pod-log folder, so the two kubelets never touch
+# each other's containers. What is host-wide is started once, by node 0: kube-proxy
+# (one set of iptables rules serves every node, they share the host's network) and
+# CoreDNS (a Deployment; the scheduler places it). Pods on one node reach pods on
+# another through the host's routes to each bridge (docs/development.md, "Cluster tier").
+#
+# State: $STATE/node/ (node 0) or $STATE/node-<i+1>/ (config, logs, pids, kubelet
+# root), containerd's image store in $PADDLER_CACHE/node[-<i+1>]/containerd (imported
+# images survive cluster-down).
 # Runs as root (or through sudo): containerd, kubelet and kube-proxy need it.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,17 +24,13 @@ K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 CACHE="${PADDLER_CACHE:-$HOME/.cache/paddler}"
 BIN="$CACHE/k8s/$K8S_VERSION/bin"
 STATE="${PADDLER_K8S_DIR:?set PADDLER_K8S_DIR to the state folder of the control plane}"
-NODE="$STATE/node"
 KUBECONFIG_FILE="$STATE/kubeconfig"
 TIMEOUT="${K8S_NODE_TIMEOUT:-180}"
-NODE_NAME="${K8S_NODE_NAME:-paddler-node}"
-POD_CIDR=10.244.0.0/24
+# shellcheck source=scripts/k8s/node-lib.sh
+source "$HERE/node-lib.sh"
+node_layout "${K8S_NODE_INDEX:-0}"
 CLUSTER_CIDR=10.244.0.0/16
 DNS_IP=10.96.0.10
-BRIDGE=paddler0
-CTR_ROOT="$CACHE/node/containerd"
-RUN=/run/paddler-node           # short: containerd's sockets live here
-SOCK="$RUN/containerd.sock"
 CNI_BIN=/usr/lib/cni
 PAUSE_IMAGE=paddler-local/pause:3.10
 COREDNS_IMAGE=paddler-local/coredns:local
@@ -63,6 +67,22 @@ wait_for() {
   until "$@" >/dev/null 2>&1; do
     (( SECONDS < DEADLINE )) || fail "timed out after ${TIMEOUT}s waiting for $desc"
     sleep 0.5
+  done
+}
+make_cgroup_root() {
+  local root="$1" fs=/sys/fs/cgroup d
+  if [[ -f "$fs/cgroup.controllers" ]]; then   # cgroup v2: one tree
+    mkdir -p "$fs$root"
+    return 0
+  fi
+  for d in "$fs"/*/; do
+    d="${d%/}"
+    [[ -L "$d" || ! -w "$d" ]] && continue
+    mkdir -p "$d$root" 2>/dev/null || continue
+    if [[ -f "$d/cpuset.cpus" && ! -s "$d$root/cpuset.cpus" ]]; then
+      cat "$d/cpuset.cpus" >"$d$root/cpuset.cpus"
+      cat "$d/cpuset.mems" >"$d$root/cpuset.mems"
+    fi
   done
 }
 free_port() {
@@ -122,7 +142,7 @@ TOML
 cat >"$NODE/cni/net.d/10-paddler.conflist" <<JSON
 {
   "cniVersion": "0.4.0",
-  "name": "paddler",
+  "name": "$CNI_NETWORK",
   "plugins": [
     {
       "type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": true, "hairpinMode": true,
@@ -203,6 +223,15 @@ if alive kubelet; then
 else
   KUBELET_PORT="$(free_port)"
   echo "$KUBELET_PORT" >"$KUBELET_PORT_FILE"
+  NODE_EXTRA_CONFIG=""
+  if [[ -n "$CGROUP_ROOT" ]]; then
+    # A second kubelet on this host: its own cgroup root (kubelet wants it to exist in
+    # every hierarchy; cgroup v1's cpuset children start empty, so give it the parent's)
+    # and its own pod-log folder (each kubelet removes log folders of pods it does not know).
+    make_cgroup_root "$CGROUP_ROOT"
+    NODE_EXTRA_CONFIG="cgroupRoot: $CGROUP_ROOT
+podLogsDir: $NODE/pod-logs"
+  fi
   cat >"$NODE/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -225,6 +254,7 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
 serializeImagePulls: false
 maxPods: 110
+$NODE_EXTRA_CONFIG
 YAML
   start kubelet "$BIN/kubelet" --config "$NODE/kubelet.yaml" --kubeconfig "$KUBECONFIG_FILE" \
     --root-dir "$NODE/kubelet" --cert-dir "$NODE/certs" \
@@ -236,7 +266,12 @@ node_ready() {
 }
 wait_for "node $NODE_NAME Ready" node_ready
 
-# --- kube-proxy (iptables) -------------------------------------------------------
+if [[ "$NODE_INDEX" != 0 ]]; then
+  log "node $NODE_NAME Ready ($HOST_IP, pods $POD_CIDR; kube-proxy and DNS are node 0's)"
+  exit 0
+fi
+
+# --- kube-proxy (iptables): node 0 only, its rules serve every node of this host ---
 if alive kube-proxy; then
   log "kube-proxy already running"
 else
@@ -335,4 +370,4 @@ spec:
 YAML
 dns_ready() { [[ "$(kctl -n kube-system get deploy coredns -o jsonpath='{.status.readyReplicas}')" == 1 ]]; }
 wait_for "CoreDNS ready" dns_ready
-log "node $NODE_NAME Ready ($HOST_IP), DNS at $DNS_IP"
+log "node $NODE_NAME Ready ($HOST_IP, pods $POD_CIDR), DNS at $DNS_IP"
