@@ -15,8 +15,11 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from paddler_balancer.settings import BalancerSettings, parse_duration
+from paddler_balancer.settings import BalancerSettings, RoutingPolicy, parse_duration
+from paddler_cli.early_signals import stop_requested
 from paddler_core.model_access import AllowEntry, ModelUrlPolicy
+
+log = logging.getLogger("paddler")
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -57,6 +60,14 @@ def _add_balancer(sub: Any) -> None:
     )
     p.add_argument(
         "--inference-item-timeout", type=_duration, default=30.0, help="max wait for the next token: 30000 (ms), 30s"
+    )
+    p.add_argument(
+        "--routing",
+        type=RoutingPolicy,
+        choices=list(RoutingPolicy),
+        default=RoutingPolicy.PREFIX,
+        help="prefix: prefix affinity under a load cap, new prefixes by consistent hashing with bounded loads "
+        "(the same choice on every replica); least-busy: the agent with the most free slots (Paddler 4.1)",
     )
     p.add_argument("--state-database", default="memory://", help="memory:// or file:///path.json (survives restarts)")
     p.add_argument("--statsd-addr", default=None, help="report gauges to StatsD at host:port")
@@ -204,6 +215,7 @@ def _run_balancer(args: argparse.Namespace) -> int:
         drain_delay=args.drain_delay,
         drain_timeout=args.drain_timeout,
         peer_management_addrs=tuple(args.peer_management_addr),
+        routing=args.routing,
     )
     from paddler_balancer.app import serve
 
@@ -268,6 +280,21 @@ def _add_agent(sub: Any) -> None:
         default=0.0,
         help="simulated engine: time to load a new model (15s, 500ms); the agent serves nothing meanwhile",
     )
+    p.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=50.0,
+        help="on SIGTERM, wait at most this long for in-flight requests before closing the links: 60s "
+        "(a bare number is milliseconds, as on the balancer)",
+    )
+    p.add_argument(
+        "--health-addr",
+        type=_host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve GET /ready, /live and /started here for Kubernetes probes (off by default; the operator "
+        "renders 0.0.0.0:8086)",
+    )
     p.set_defaults(run=_run_agent)
 
 
@@ -311,6 +338,8 @@ def _run_agent(args: argparse.Namespace) -> int:
         llama_server_host_header=args.llama_server_host_header,
         # The server's --api-key, if any, from the environment llama-server itself reads.
         llama_server_api_key=os.environ.get("LLAMA_API_KEY") or None,
+        drain_timeout=args.drain_timeout,
+        health_addr=args.health_addr,
     )
     return _run_until_signal(lambda stop: run_agent(settings, stop))
 
@@ -321,6 +350,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if stop_requested():  # a signal that came during start-up (paddler_cli.early_signals)
+            log.info("stop requested during start-up: stopping at once")
+            stop.set()
         await main(stop)
 
     run_event_loop(runner())
