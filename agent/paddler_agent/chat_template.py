@@ -230,7 +230,7 @@ def render_chat(
     except MemoryError as e:
         raise ChatTemplateError("The chat template used more memory than a render may use.") from e
     except Exception as e:
-        logger.info("chat template failed", extra={"error": repr(e)})
+        logger.info("chat template failed error=%r", e)
         raise ChatTemplateError(f"The chat template failed: {type(e).__name__}: {e}") from e
 
 

@@ -63,6 +63,8 @@ class StatusBoard:
     """Set by the runtime when applying a desired state has finished."""
     kv_cache_tokens_used: int = 0
     kv_cache_tokens_total: int = 0
+    prompt_tokens_reused: int = 0
+    prompt_tokens_evaluated: int = 0
 
     def snapshot(self, version: int) -> AgentStatus:
         # asdict copies the lists, so the snapshot does not change with the board.
@@ -104,6 +106,16 @@ class Engine(ABC):
 
     def model_metadata(self) -> dict[str, str] | None:
         """GGUF metadata of the loaded model, or None when none is loaded."""
+        return None
+
+    def decode_heartbeat(self) -> float | None:
+        """``time.monotonic()`` of the decode loop's last turn while a model is loaded (the
+        liveness probe's evidence that the loop is not stuck), or None where none runs."""
+        return None
+
+    async def backend_problem(self) -> str | None:
+        """Why the server this engine forwards to cannot serve, asked at this moment (the
+        readiness probe); None when it can, or when the engine forwards to none."""
         return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most engines need it

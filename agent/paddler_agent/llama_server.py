@@ -97,6 +97,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.5
 """How often the agent reads ``/health`` (and ``/slots``) while nothing else happens."""
 PROBE_TIMEOUT_S = 5.0
+READINESS_CHECK_TIMEOUT_S = 2.0
+"""Seconds the agent's ``/ready`` waits for llama-server's ``/health`` (within the kubelet's probe timeout)."""
 CONNECT_TIMEOUT_S = 5.0
 STREAM_READ_TIMEOUT_S = 600.0
 """No byte from the server for this long ends a request (the balancer's own item
@@ -336,8 +338,11 @@ def error_of_server(status: int, kind: str, message: str) -> LlamaServerError:
     if kind == "exceed_context_size_error":
         text = f"context full: the prompt does not fit the server's context: {message}"
         return LlamaServerError(GenerationError.SAMPLER_ERROR, text, ErrorKind.PROMPT_EXCEEDS_CONTEXT)
-    if "grammar" in message.lower() or "json_schema" in message.lower():
+    lowered = message.lower()
+    if "schema" in lowered:  # a JSON schema that cannot become a grammar
         return LlamaServerError(GenerationError.GRAMMAR_SYNTAX_ERROR, message)
+    if "grammar" in lowered:  # a GBNF grammar llama.cpp refuses: Paddler 4.1's name
+        return LlamaServerError(GenerationError.GRAMMAR_INITIALIZATION_FAILED, message)
     if status == 400 or kind == "invalid_request_error":
         return LlamaServerError(GenerationError.SAMPLER_ERROR, f"invalid request: {message}", ErrorKind.INVALID_REQUEST)
     return LlamaServerError(GenerationError.SAMPLER_ERROR, f"llama-server answered HTTP {status}: {message}")
@@ -666,6 +671,20 @@ class LlamaServerEngine(Engine):
         self.host.status_changed()
 
     # -- watching the server ------------------------------------------------------------------
+
+    async def backend_problem(self) -> str | None:
+        """Asks llama-server's ``/health`` now (the agent's ``/ready``); a failure also wakes the
+        poller, so the slots leave the pool at once rather than at its next turn."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=READINESS_CHECK_TIMEOUT_S)
+            async with self._session.get(f"{self.url}/health", timeout=timeout) as response:
+                if response.status == 200:
+                    return None
+                detail = error_of_response(response.status, await response.text()).message
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            detail = _describe(e)
+        self._wake.set()
+        return f"llama-server at {self.url} does not answer /health: {detail}"
 
     async def _watch(self) -> None:
         while not self._closed:

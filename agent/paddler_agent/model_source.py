@@ -33,6 +33,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -58,8 +59,8 @@ DEFAULT_RETRY_DELAY_S = 1.0
 # ``message`` for people).
 MODEL_FILE_DOES_NOT_EXIST = "ModelFileDoesNotExist"
 MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
-MODEL_FILE_CANNOT_BE_READ = MODEL_CANNOT_BE_LOADED
-MODEL_IS_NOT_GGUF = MODEL_CANNOT_BE_LOADED
+"""Paddler's one variant for a file that is there but unusable: unreadable or not GGUF
+(:class:`FileProblem` says which)."""
 MODEL_DOES_NOT_EXIST_AT_URL = "ModelDoesNotExistAtUrl"
 DOWNLOAD_SERVER_DENIED_ACCESS = "DownloadServerDeniedAccess"
 DOWNLOAD_SERVER_ERRORED = "DownloadServerErrored"
@@ -109,6 +110,27 @@ class ModelSourceError(Exception):
         model_path = self.details.get("model_path") or self.details.get("path") or self.details.get("url")
         params = {"model_path": model_path} if model_path else {}
         return AgentIssue(variant=self.variant, params={**params, "message": self.message})
+
+
+class FileProblem(StrEnum):
+    """Why a local model file cannot be used. Paddler's variants do not tell some of
+    these apart (``ModelCannotBeLoaded`` is both unreadable and not GGUF), so code that
+    words its own message asks this, never the variant."""
+
+    MISSING = "missing"
+    NOT_A_FILE = "not_a_file"
+    UNREADABLE = "unreadable"
+    NOT_GGUF = "not_gguf"
+
+
+class ModelFileUnusable(ModelSourceError):
+    """A local model file is missing or unusable; ``problem`` says why and ``reason`` is
+    the operating system's word for an unreadable one."""
+
+    def __init__(self, problem: FileProblem, variant: str, message: str, *, path: str, reason: str = "") -> None:
+        super().__init__(variant, message, path=path)
+        self.problem = problem
+        self.reason = reason
 
 
 class _Transient(Exception):
@@ -231,11 +253,15 @@ def check_local_gguf(path: Path) -> Path:
     """``path`` if it is an existing, readable GGUF file; raises ModelSourceError."""
     shown = str(path)
     if not path.exists():
-        raise ModelSourceError(
-            MODEL_FILE_DOES_NOT_EXIST, f"Model file {shown} does not exist on the agent.", path=shown
+        raise ModelFileUnusable(
+            FileProblem.MISSING,
+            MODEL_FILE_DOES_NOT_EXIST,
+            f"Model file {shown} does not exist on the agent.",
+            path=shown,
         )
     if not path.is_file():
-        raise ModelSourceError(
+        raise ModelFileUnusable(
+            FileProblem.NOT_A_FILE,
             MODEL_FILE_DOES_NOT_EXIST,
             f"Model path {shown} exists on the agent but is not a regular file.",
             path=shown,
@@ -244,14 +270,18 @@ def check_local_gguf(path: Path) -> Path:
         with path.open("rb") as f:
             head = f.read(len(GGUF_MAGIC))
     except OSError as e:
-        raise ModelSourceError(
-            MODEL_FILE_CANNOT_BE_READ,
-            f"Model file {shown} cannot be read: {e.strerror or e}.",
+        reason = str(e.strerror or e)
+        raise ModelFileUnusable(
+            FileProblem.UNREADABLE,
+            MODEL_CANNOT_BE_LOADED,
+            f"Model file {shown} cannot be read: {reason}.",
             path=shown,
+            reason=reason,
         ) from e
     if head != GGUF_MAGIC:
-        raise ModelSourceError(
-            MODEL_IS_NOT_GGUF,
+        raise ModelFileUnusable(
+            FileProblem.NOT_GGUF,
+            MODEL_CANNOT_BE_LOADED,
             f"Model file {shown} is not a GGUF file (it does not start with the GGUF signature).",
             path=shown,
         )
@@ -318,7 +348,7 @@ async def _resolve_http(
     access: ModelAccess | None,
 ) -> Path:
     if await asyncio.to_thread(_cached_file_is_usable, target, ref.sha256):
-        logger.info("model cached", extra={"url": ref.url, "path": str(target)})
+        logger.info("model cached url=%s path=%s", ref.url, target)
         size = await asyncio.to_thread(os.path.getsize, target)
         progress(DownloadProgress(target.name, size, size, indeterminate=False))
         return target
@@ -333,12 +363,15 @@ async def _resolve_http(
             attempt += 1
             delay = retry_delay_s * attempt
             logger.warning(
-                "model download interrupted; resuming",
-                extra={"url": ref.url, "attempt": attempt, "error": e.error.message, "delay_s": delay},
+                "model download interrupted; resuming url=%s attempt=%d delay_s=%g error=%s",
+                ref.url,
+                attempt,
+                delay,
+                e.error.message,
             )
             await asyncio.sleep(delay)
     await asyncio.to_thread(_finish_download, _part_path(target), target, ref)
-    logger.info("model downloaded", extra={"url": ref.url, "path": str(target)})
+    logger.info("model downloaded url=%s path=%s", ref.url, target)
     return target
 
 
@@ -364,7 +397,7 @@ class _DownloadLock:
                     break
                 except BlockingIOError:
                     if not logged:
-                        logger.info("waiting for another download", extra={"lock": str(self.path)})
+                        logger.info("waiting for another download lock=%s", self.path)
                         logged = True
                     await asyncio.sleep(self.POLL_S)
         except BaseException:
@@ -427,7 +460,7 @@ def _cached_file_is_usable(target: Path, sha256: str | None) -> bool:
             return True
     except OSError:
         return False
-    logger.info("cached model has another checksum; downloading again", extra={"path": str(target)})
+    logger.info("cached model has another checksum; downloading again path=%s", target)
     return False
 
 
@@ -445,7 +478,7 @@ def _finish_download(part: Path, target: Path, ref: UrlModelReference) -> None:
     if head != GGUF_MAGIC:
         part.unlink(missing_ok=True)
         raise ModelSourceError(
-            MODEL_IS_NOT_GGUF,
+            MODEL_CANNOT_BE_LOADED,
             f"The file at {ref.url} is not a GGUF model (it does not start with the GGUF signature).",
             url=ref.url,
         )
@@ -546,7 +579,7 @@ async def _download(url: str, target: Path, progress: ProgressCallback, access: 
                     total = start + resp.content_length
             else:
                 if have:
-                    logger.info("server ignored Range; downloading from the start", extra={"url": url})
+                    logger.info("server ignored Range; downloading from the start url=%s", url)
                 total = resp.content_length
             received = await _write_body(resp, part, start, total, target.name, throttle)
     except aiohttp.ClientResponseError as e:
@@ -779,7 +812,7 @@ async def _resolve_huggingface(
     if endpoint := os.environ.get("HF_ENDPOINT"):
         kwargs["endpoint"] = endpoint.rstrip("/")
     where = f"{repo_id}/{filename}@{kwargs['revision']}"
-    logger.info("downloading model from Hugging Face", extra={"model": where})
+    logger.info("downloading model from Hugging Face model=%s", where)
 
     def download() -> str:
         return str(huggingface_hub.hf_hub_download(**kwargs))
@@ -796,14 +829,33 @@ async def _resolve_huggingface(
     throttle.report(DownloadProgress(name, size, size, indeterminate=False), force=True)
     try:
         return await asyncio.to_thread(check_local_gguf, path)
-    except ModelSourceError as e:
-        if e.variant == MODEL_IS_NOT_GGUF:
-            raise ModelSourceError(
-                MODEL_IS_NOT_GGUF,
-                f"{where} on Hugging Face is not a GGUF model file.",
-                path=str(path),
-            ) from e
-        raise
+    except ModelFileUnusable as e:
+        raise hub_file_error(e, where) from e
+
+
+def hub_file_error(error: ModelFileUnusable, where: str) -> ModelSourceError:
+    """What is wrong with the file ``hf_hub_download`` returned, said for ``where`` (the
+    repo, file and revision): not GGUF, unreadable on the agent, or gone."""
+    path = error.details["path"]
+    match error.problem:
+        case FileProblem.NOT_GGUF:
+            return ModelSourceError(
+                MODEL_CANNOT_BE_LOADED,
+                f"{where} on Hugging Face is not a GGUF model file (it does not start with the GGUF signature).",
+                path=path,
+            )
+        case FileProblem.UNREADABLE:
+            return ModelSourceError(
+                MODEL_CANNOT_BE_LOADED,
+                f"{where} was downloaded from Hugging Face, but the agent cannot read its file {path}: {error.reason}.",
+                path=path,
+            )
+        case FileProblem.MISSING | FileProblem.NOT_A_FILE:
+            return ModelSourceError(
+                MODEL_DOWNLOAD_FAILED,
+                f"Downloading {where} from Hugging Face left no model file at {path}.",
+                path=path,
+            )
 
 
 def _map_hub_error(error: Exception, where: str) -> ModelSourceError:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from paddler_agent.admission import admission
 from paddler_agent.engine import Engine, StatusBoard
+from paddler_agent.health import DECODE_STALL_TIMEOUT_S, HealthConfig, HealthView, serve_health
 from paddler_agent.links import (
     CONNECT_TIMEOUT_S,
     BalancerLink,
@@ -60,7 +61,8 @@ log = logging.getLogger(__name__)
 INVALID_DESIRED_STATE = "InvalidDesiredState"
 """Agent-issue variant of a desired state this agent refuses (out of bounds)."""
 DRAIN_TIMEOUT_S = 50.0
-"""On stop (SIGTERM), how long in-flight requests may take to finish (a pod's grace period is 60 s)."""
+"""On stop (SIGTERM), how long in-flight requests may take to finish by default (``--drain-timeout``;
+the operator renders the ModelDeployment's ``rollout.drainTimeoutSeconds``)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ class AgentSettings:
     llama_server_host_header: str | None = None
     llama_server_api_key: str | None = None
 
+    drain_timeout: float = DRAIN_TIMEOUT_S
+    """Seconds a stopping agent (SIGTERM) waits for its in-flight requests before it closes its links."""
+    health_addr: str | None = None
+    """host:port of the health doors (``/ready``, ``/live``, ``/started``); None: not served."""
+    decode_stall_timeout: float = DECODE_STALL_TIMEOUT_S
+    """Seconds without a decode-loop heartbeat (model loaded) after which ``/live`` answers 503."""
+
     @property
     def model_access(self) -> ModelAccess:
         return ModelAccess(self.model_url_policy, self.model_local_roots)
@@ -122,6 +131,8 @@ class AgentRuntime:
         """Stop requested: report no slots to every replica, refuse new requests, drain."""
         self._drained = asyncio.Event()
         """Set when the last request in flight ends."""
+        self._first_application_ended = False
+        """Latched once applying a desired state has ended (served, or refused with an issue)."""
 
     def _make_engine(self) -> Engine:
         s = self.settings
@@ -228,7 +239,7 @@ class AgentRuntime:
 
     async def _drain(self) -> None:
         """Stopping (e.g. a pod replaced by a rolling update): report no slots to every
-        replica, refuse new requests, let the in-flight ones finish (up to DRAIN_TIMEOUT_S)."""
+        replica, refuse new requests, let the in-flight ones finish (up to ``settings.drain_timeout``)."""
         self._stopping = True
         self.status_changed()
         if not self._active:
@@ -236,10 +247,28 @@ class AgentRuntime:
         log.info("stopping: draining in-flight requests count=%d", len(self._active))
         self._drained.clear()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async with asyncio.timeout(self.settings.drain_timeout):
                 await self._drained.wait()
         if self._active:
             log.warning("stopping with requests still in flight count=%d", len(self._active))
+
+    # ---- health (paddler_agent.health) ------------------------------------------------------
+
+    def health_view(self) -> HealthView:
+        applying = self._apply_task is not None and not self._apply_task.done()
+        return HealthView(
+            stopping=self._stopping,
+            linked_balancers=sum(link.registered for link in self._links or ()),
+            holds_desired_state=self._desired is not None,
+            applying=applying,
+            state_application_status=self.board.state_application_status,
+            slots_total=self.board.slots_total,
+            first_application_ended=self._first_application_ended,
+            decode_heartbeat=self.engine.decode_heartbeat(),
+        )
+
+    async def backend_problem(self) -> str | None:
+        return await self.engine.backend_problem()
 
     def _request_ended(self, request_id: str) -> None:
         if self._active.pop(request_id, None) is None:
@@ -350,6 +379,7 @@ class AgentRuntime:
         issue = AgentIssue(variant=INVALID_DESIRED_STATE, params={"message": f"The desired state is invalid: {err}"})
         self.board.issues = [i for i in self.board.issues if i.variant != issue.variant] + [issue]
         self.board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
+        self._first_application_ended = True
         self.status_changed()
 
     def _answer_query(self, link: BalancerLink, request_id: str, what: str) -> None:
@@ -400,6 +430,7 @@ class AgentRuntime:
             except ModelSourceError as err:
                 self.board.applied_state_revision = self._desired_revision or revision  # a rolling swap stops on it
                 self._refuse_state(err)
+                self._first_application_ended = True
                 return
             self._clear_refusal()
             log.info("applying desired state model=%s version=%s", state.model.describe(), self._desired_version)
@@ -407,6 +438,7 @@ class AgentRuntime:
             # The status now tells how this revision went (a newer version of the same
             # state adopted meanwhile: its revision).
             self.board.applied_state_revision = self._desired_revision or revision
+            self._first_application_ended = True
             self.status_changed()
 
         self._apply_task = asyncio.create_task(apply(), name="apply-desired-state")
@@ -454,4 +486,6 @@ async def run_agent(settings: AgentSettings, stop: asyncio.Event) -> None:
         settings.model_group,
         ",".join(settings.management_addrs),
     )
-    await runtime.run(stop)
+    health = HealthConfig(runtime, stall_timeout=settings.decode_stall_timeout)
+    async with serve_health(settings.health_addr, health):
+        await runtime.run(stop)

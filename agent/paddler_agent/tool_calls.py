@@ -419,7 +419,7 @@ def parse_tool_calls(
             raise _ParseError("the output has no tool call")
         fields = [_call_fields(v, n) for n, v in enumerate(values, 1)]
     except _ParseError as e:
-        logger.info("tool call parse failed", extra={"error": str(e)})
+        logger.info("tool call parse failed error=%s", e)
         return ToolCallOutcome("ToolCallParseFailed", errors=(str(e),))
     by_name = {t.function.name: t for t in tools}
     calls: list[ParsedCall] = []
@@ -439,7 +439,7 @@ def parse_tool_calls(
         elif valid_json:
             errors.extend(validate_arguments(arguments, tool))
     if errors:
-        logger.info("tool call validation failed", extra={"errors": errors})
+        logger.info("tool call validation failed errors=%s", "; ".join(errors))
         return ToolCallOutcome("ToolCallValidationFailed", tuple(calls), tuple(errors))
     return ToolCallOutcome("ToolCallParsed", tuple(calls))
 

@@ -22,7 +22,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 from paddler_core.desired_state import EmbeddingNormalizationMethod
 from paddler_core.tool_schema import tool_schema_problem
@@ -127,15 +127,8 @@ class ToolFunction(BaseModel):
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
     parameters: dict[str, Any] | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _valid_schema(cls, parameters: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        """A JSON Schema document (paddler_core.tool_schema); the error names the tool."""
-        problem = None if parameters is None else tool_schema_problem(str(info.data.get("name", "")), parameters)
-        if problem is not None:
-            raise ValueError(problem)
-        return parameters
+    """Checked apart from parsing (:meth:`ContinueFromConversationHistoryParams.tool_schema_problem`):
+    Paddler answers a schema that is no JSON Schema in the stream, not with a 400."""
 
 
 class Tool(BaseModel):
@@ -161,6 +154,17 @@ class ContinueFromConversationHistoryParams(_Params):
     parse_tool_calls: bool = True
     """Paddler 4.1: false leaves tool-call text as ``ToolCallToken`` tokens, unparsed
     (no ``ToolCallParsed``)."""
+
+    def tool_schema_problem(self) -> str | None:
+        """Why the first tool whose ``parameters`` is not a valid JSON Schema cannot be
+        used (the message names the tool; paddler_core.tool_schema), or None. Paddler 4.1
+        streams it as ``ToolSchemaInvalid``."""
+        for tool in self.tools:
+            parameters = tool.function.parameters
+            problem = None if parameters is None else tool_schema_problem(tool.function.name, parameters)
+            if problem is not None:
+                return problem
+        return None
 
 
 class EmbeddingInputDocument(_Params):
@@ -213,6 +217,7 @@ class GenerationError(StrEnum):
     GRAMMAR_REJECTED_MODEL_OUTPUT = "GrammarRejectedModelOutput"
     GRAMMAR_INCOMPATIBLE_WITH_THINKING = "GrammarIncompatibleWithThinking"
     TOOL_CALL_VALIDATOR_BUILD_FAILED = "ToolCallValidatorBuildFailed"
+    TOOL_SCHEMA_INVALID = "ToolSchemaInvalid"
     IMAGE_DECODING_FAILED = "ImageDecodingFailed"
     IMAGE_EXCEEDS_BATCH_SIZE = "ImageExceedsBatchSize"
     MEDIA_EXCEEDS_MICRO_BATCH = "MediaExceedsMicroBatch"

@@ -176,6 +176,11 @@ class AgentStatus(BaseModel):
     same on every replica it reports to, so each can tell who is switching."""
     desired_state_version: int | None = None
     """``version`` of that state (None: none held, or sent without a version)."""
+    prompt_tokens_reused: Annotated[int, Field(ge=0)] = 0
+    """Prompt tokens of started requests found in the KV cache (not evaluated), since the
+    agent started (0 for engines that do not count them)."""
+    prompt_tokens_evaluated: Annotated[int, Field(ge=0)] = 0
+    """Prompt tokens of started requests the agent evaluated, since the agent started."""
 
 
 # ---- agent -> balancer ----------------------------------------------------------------------

@@ -217,7 +217,7 @@ async def test_json_schema_grammar_output_parses(make_engine: EngineFactory) -> 
     )
     assert (await e.host.wait("gbnf")).text in ("yes", "no")
     e.engine.generate(raw("bad", "Answer:", 8, **GREEDY, params={"grammar": {"type": "gbnf", "grammar": "root ::= ("}}))
-    assert "GrammarSyntaxError" in (await e.host.wait("bad")).final["GeneratedToken"]
+    assert "GrammarInitializationFailed" in (await e.host.wait("bad")).final["GeneratedToken"]
 
 
 async def test_stop_strings_max_tokens_and_full_context(make_engine: EngineFactory) -> None:

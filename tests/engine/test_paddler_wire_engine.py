@@ -71,7 +71,7 @@ async def test_grammar_that_cannot_be_initialised_is_reported_as_grammar_initial
     payloads = await _ndjson(
         pool, "/api/v1/continue_from_raw_prompt", {"raw_prompt": "Answer:", "max_tokens": 4, "grammar": broken}
     )
-    assert "GrammarSyntaxError" in payloads[-1]["GeneratedToken"]
+    assert "GrammarInitializationFailed" in payloads[-1]["GeneratedToken"]
 
 
 async def test_image_part_sent_to_a_model_without_projector_is_rejected(pool: Balancer) -> None:
@@ -87,6 +87,17 @@ async def test_image_part_sent_to_a_model_without_projector_is_rejected(pool: Ba
         with pytest.raises(openai.BadRequestError) as err:
             await client.chat.completions.create(model="default", messages=history, max_tokens=20)  # type: ignore[arg-type]
     assert err.value.code == "multimodal_not_supported"
+
+
+async def test_embedding_batch_of_only_oversized_documents_ends_with_no_embeddings_produced(pool: Balancer) -> None:
+    long_text = " ".join(f"word{i}" for i in range(200))
+    batch = [{"id": "a", "content": long_text}, {"id": "b", "content": long_text + " more"}]
+    payloads = await _ndjson(
+        pool, "/api/v1/generate_embedding_batch", {"input_batch": batch, "normalization_method": "L2"}
+    )
+    oversized = [p["Embedding"]["DocumentExceedsBatchSize"]["source_document_id"] for p in payloads[:-2]]
+    assert sorted(oversized) == ["a", "b"]
+    assert payloads[-2:] == [{"Embedding": "NoEmbeddingsProduced"}, {"Embedding": "Done"}]
 
 
 async def test_oversized_embedding_document_is_reported_on_its_own_while_the_rest_is_embedded(pool: Balancer) -> None:

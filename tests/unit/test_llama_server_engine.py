@@ -198,3 +198,25 @@ async def test_without_the_slots_endpoint_busy_slots_are_the_agents_own(rig: Rig
     await until(lambda: rig.board.slots_processing == 1, "own request counted")
     rig.engine.stop("a")
     assert rig.board.slots_processing == 0
+
+
+async def test_backend_problem_is_none_while_the_server_answers_its_health(rig: Rig) -> None:
+    assert await rig.engine.backend_problem() is None
+
+
+async def test_backend_problem_says_why_when_the_server_is_loading(rig: Rig) -> None:
+    rig.stand_in.healthy = False
+
+    problem = await rig.engine.backend_problem()
+
+    assert problem is not None
+    assert "Loading model" in problem
+
+
+async def test_backend_problem_says_why_when_the_server_is_gone(rig: Rig) -> None:
+    await rig.runner.cleanup()
+
+    problem = await rig.engine.backend_problem()
+
+    assert problem is not None
+    assert f"llama-server at {rig.url} does not answer /health" in problem

@@ -197,8 +197,15 @@ def test_conversation_without_any_template_is_a_chat_template_error() -> None:
         (
             500,
             {"error": {"code": 500, "type": "server_error", "message": "failed to parse grammar"}},
-            "GrammarSyntaxError",
+            "GrammarInitializationFailed",
             "failed",
+            None,
+        ),
+        (
+            400,
+            {"error": {"code": 400, "type": "invalid_request_error", "message": "json_schema: unsupported type"}},
+            "GrammarSyntaxError",
+            "json_schema",
             None,
         ),
         (

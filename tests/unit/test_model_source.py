@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -14,7 +16,10 @@ from aiohttp.test_utils import TestServer
 
 from paddler_agent.model_source import (
     DownloadProgress,
+    FileProblem,
+    ModelFileUnusable,
     ModelSourceError,
+    hub_file_error,
     resolve_model,
     url_cache_path,
 )
@@ -348,6 +353,43 @@ async def test_huggingface_errors(hub: FakeHub, tmp_path: Path, repo_id: str, fi
         await resolve_model(hf_source(repo_id, filename), tmp_path, Events())
     assert info.value.variant == variant
     assert repo_id in info.value.message
+
+
+async def test_huggingface_file_the_agent_cannot_read_is_not_called_not_gguf(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = hf_source("org/tiny-GGUF", "tiny.gguf")
+    downloaded = await resolve_model(source, tmp_path, Events())
+    opens = Path.open
+
+    def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == downloaded:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return opens(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(ModelSourceError) as info:
+        await resolve_model(source, tmp_path, Events())
+    assert info.value.variant == "ModelCannotBeLoaded"
+    assert "not a GGUF" not in info.value.message
+    assert "cannot read its file" in info.value.message
+    assert "Permission denied" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("problem", "variant", "says"),
+    [
+        (FileProblem.NOT_GGUF, "ModelCannotBeLoaded", "is not a GGUF model file"),
+        (FileProblem.UNREADABLE, "ModelCannotBeLoaded", "the agent cannot read its file /m.gguf: Input/output error"),
+        (FileProblem.MISSING, "ModelDownloadFailed", "left no model file at /m.gguf"),
+        (FileProblem.NOT_A_FILE, "ModelDownloadFailed", "left no model file at /m.gguf"),
+    ],
+)
+def test_hub_file_error_says_what_happened(problem: FileProblem, variant: str, says: str) -> None:
+    error = ModelFileUnusable(problem, "Any", "local wording", path="/m.gguf", reason="Input/output error")
+    mapped = hub_file_error(error, "org/repo/m.gguf@main")
+    assert mapped.variant == variant
+    assert says in mapped.message
 
 
 async def test_huggingface_gated_repo(hub: FakeHub, tmp_path: Path) -> None:

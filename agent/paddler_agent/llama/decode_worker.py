@@ -55,10 +55,19 @@ logger = logging.getLogger(__name__)
 
 
 MAX_PREFIX_HASHES = 4096
+HEARTBEAT_INTERVAL_S = 1.0
+"""An idle decode loop wakes this often to stamp ``DecodeWorker.heartbeat`` (the agent's ``/live``)."""
 COPY_MIN_TOKENS = 1
 """Share another slot's cached prefix when it holds at least this many more prompt
 tokens than the chosen slot (sharing cells of the unified cache costs no memory and
 no compute)."""
+
+
+CONTINUE_MAX_DROP = 32
+"""A request continues an idle sequence's cache in place when that drops at most this
+many of its cached tokens (a chat template may render the last answer's tail otherwise
+than it was generated); a request that would drop more takes another sequence and
+copies the shared prefix, so the cached conversation stays."""
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -149,8 +158,13 @@ class DecodeWorker:
         self._preparer = JobPreparer(runtime, settings)
         self._loop = loop
         self._deliver = deliver
-        self._slots = [Slot(i) for i in range(runtime.config.slots)]
-        self._ledger = KvLedger(self.gen.n_ctx_seq, runtime.config.slots)
+        self._slots = [Slot(i) for i in range(runtime.config.sequences)]
+        """Sequence ids of the unified KV cache: at most ``_max_running`` run at once; the
+        others keep idle conversations cached until their room is needed (LRU)."""
+        self._max_running = runtime.config.slots
+        self._ledger = KvLedger(self.gen.n_ctx_seq, runtime.config.sequences)
+        self._prompt_tokens = (0, 0)
+        """(reused, evaluated) prompt tokens of requests started since the last status delta."""
         self._waiting: deque[Job] = deque()
         self._arrivals = itertools.count()
         self._step_log: list[tuple[SlotSequence, list[int], bool]] = []
@@ -170,6 +184,8 @@ class DecodeWorker:
         self._rendered: dict[str, tuple[str, list[DecodedImage] | None]] = {}
         self._kv_reported = 0
         self.steps = 0
+        self.heartbeat = time.monotonic()
+        """``time.monotonic()`` of the loop's last turn, also while idle (read by ``/live``)."""
 
     # -- called from the event loop -----------------------------------------------------------
 
@@ -241,7 +257,9 @@ class DecodeWorker:
     def _wait_for_work(self) -> bool:
         with self._wake:
             while not self._closing and not self._inbox and not self._has_work():
-                self._wake.wait()
+                self.heartbeat = time.monotonic()
+                self._wake.wait(HEARTBEAT_INTERVAL_S)
+            self.heartbeat = time.monotonic()
             if self._closing:
                 return False
             inbox = list(self._inbox)
@@ -332,7 +350,14 @@ class DecodeWorker:
         if used != self._kv_reported:
             self._kv_reported = used
             delta.kv_cache_tokens_used = used
-        if delta.slots_processing is None and delta.prefix_hashes is None and delta.kv_cache_tokens_used is None:
+        if self._prompt_tokens != (0, 0):
+            delta.prompt_tokens, self._prompt_tokens = self._prompt_tokens, (0, 0)
+        if (
+            delta.slots_processing is None
+            and delta.prefix_hashes is None
+            and delta.kv_cache_tokens_used is None
+            and delta.prompt_tokens is None
+        ):
             return None
         return delta
 
@@ -372,7 +397,7 @@ class DecodeWorker:
                 return
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
-            if not free:
+            if not free or len(self._slots) - len(free) >= self._max_running:
                 return
             job = self._waiting[0]
             try:
@@ -427,6 +452,8 @@ class DecodeWorker:
         )
         slot.last_used = time.monotonic()
         slot.prefix_keys = job.prefix_keys
+        reused, evaluated = self._prompt_tokens
+        self._prompt_tokens = (reused + reuse, evaluated + len(job.prompt) - reuse)
         logger.info(
             "request start request_id=%s slot=%d prompt_tokens=%d cached_tokens=%d",
             job.request_id,
@@ -572,8 +599,17 @@ class DecodeWorker:
 
     @staticmethod
     def _pick_slot(prompt: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:
-        best = max(free, key=lambda s: (common_prefix_length(s.tokens, prompt), -s.last_used))
-        return best, common_prefix_length(best.tokens, prompt)
+        """The idle sequence to run ``prompt`` in, and the tokens it already holds: the one
+        whose cache the prompt continues (it drops at most CONTINUE_MAX_DROP cached
+        tokens: a conversation's next turn); else an empty one, else the least recently
+        used, so other cached conversations stay (``_prefix_plan`` copies a shared prefix
+        such as a system prompt from whichever sequence holds it)."""
+        shared = {s.index: common_prefix_length(s.tokens, prompt) for s in free}
+        best = max(free, key=lambda s: (shared[s.index], -s.last_used))
+        if shared[best.index] and len(best.tokens) - shared[best.index] <= CONTINUE_MAX_DROP:
+            return best, shared[best.index]
+        target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+        return target, shared[target.index]
 
     # -- one step -----------------------------------------------------------------------------
 

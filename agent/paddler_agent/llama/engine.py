@@ -241,6 +241,10 @@ class LlamaEngine(Engine):
             if delta.kv_cache_tokens_used is not None and self._native is not None:
                 # Changes every step: the runtime's periodic snapshot carries it.
                 self.board.kv_cache_tokens_used = delta.kv_cache_tokens_used
+            if delta.prompt_tokens is not None:
+                reused, evaluated = delta.prompt_tokens
+                self.board.prompt_tokens_reused += reused
+                self.board.prompt_tokens_evaluated += evaluated
             if delta.slots_processing is not None:
                 self.board.slots_processing = delta.slots_processing
             if delta.prefix_hashes is not None:
@@ -252,6 +256,12 @@ class LlamaEngine(Engine):
 
     def model_metadata(self) -> dict[str, str] | None:
         return dict(self._runtime.model.metadata) if self._runtime is not None else None
+
+    def decode_heartbeat(self) -> float | None:
+        """The decode thread's last turn while a model is loaded; a loop that died (or hangs)
+        stops stamping it, so ``/live`` fails and the kubelet restarts the agent, which reloads."""
+        worker = self._worker
+        return worker.heartbeat if worker is not None else None
 
     def _loop_stopped(self, error: str) -> None:
         """The decode loop died: say so (an issue, not Applied, no slots) instead of

@@ -135,6 +135,8 @@ class StatusDelta:
     loop_stopped: str | None = None
     """The decode loop died with this error: the engine reports it as an issue."""
     kv_cache_tokens_used: int | None = None
+    prompt_tokens: tuple[int, int] | None = None
+    """(reused, evaluated) prompt tokens of the requests started since the last delta."""
 
 
 Deliver = Callable[[list[Emit], StatusDelta | None], None]

@@ -124,6 +124,13 @@ class ModelLoadError(Exception):
     """llama.cpp refused the model file or could not create a context."""
 
 
+CACHED_SEQUENCES_PER_SLOT = 4
+"""Cached sequences (running or idle) per slot: an agent keeps up to this many
+conversations per slot in its KV cache, least recently used evicted first."""
+MAX_CACHED_SEQUENCES = 64
+"""llama.cpp's smallest LLAMA_MAX_SEQ across the versions we build."""
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """What a loaded model depends on; a change of any field means a reload."""
@@ -141,6 +148,13 @@ class LoadConfig:
     pooling_type: PoolingType
     projector: str | None = None
     """Local path of the multimodal projector GGUF, or None."""
+
+    @property
+    def sequences(self) -> int:
+        """Sequence ids of the generation context: more than the slots, so idle
+        conversations stay cached in the same unified KV cache (``context_size`` cells,
+        as many as with one id per slot) until a running slot needs their room."""
+        return max(self.slots, min(MAX_CACHED_SEQUENCES, self.slots * CACHED_SEQUENCES_PER_SLOT))
 
     @classmethod
     def build(
@@ -355,14 +369,15 @@ def _context_params(config: LoadConfig, *, embeddings: bool) -> Any:
         params.n_ctx = config.context_size
         params.n_batch = config.n_batch
         params.n_ubatch = min(config.n_batch, 512)
-        params.n_seq_max = config.slots
+        params.n_seq_max = config.sequences
         params.kv_unified = True
         params.embeddings = False
     return params
 
 
 class GenContext:
-    """The generation context: one unified KV cache, one sequence id per slot."""
+    """The generation context: one unified KV cache, ``config.sequences`` sequence ids
+    (running slots and cached idle conversations)."""
 
     def __init__(self, model: NativeModel, config: LoadConfig) -> None:
         params = _context_params(config, embeddings=False)

@@ -39,22 +39,20 @@ def grammar_text(constraint: GrammarConstraint | None) -> tuple[str, str] | None
 
 
 def grammar_failure(grammar: tuple[str, str], errors: list[str]) -> RequestError:
-    """Why llama.cpp refused a grammar, under Paddler's names: a grammar that parses
-    but cannot be initialised (no rule named as its root, left recursion) is
-    ``GrammarInitializationFailed``; anything else is ``GrammarSyntaxError``."""
+    """Why llama.cpp refused a GBNF grammar. Paddler 4.1 reports every refusal as
+    ``GrammarInitializationFailed`` (its grammar sampler fails to start, whatever the cause);
+    ``GrammarSyntaxError`` is only a JSON schema that cannot become a grammar
+    (:func:`grammar_text`). The message says which cause: no root rule, left recursion, or
+    text llama.cpp cannot parse."""
     text, root = grammar
     detail = "; ".join(errors)
     if not re.search(rf"^\s*{re.escape(root)}\s*::=", text, re.MULTILINE):
-        return RequestError(
-            GenerationError.GRAMMAR_INITIALIZATION_FAILED, f"the grammar has no rule named {root!r} (its root)"
-        )
-    if "left recursion" in detail:
-        return RequestError(
-            GenerationError.GRAMMAR_INITIALIZATION_FAILED, f"the grammar cannot be initialised: {detail}"
-        )
-    return RequestError(
-        GenerationError.GRAMMAR_SYNTAX_ERROR, f"invalid grammar: {detail or 'llama.cpp could not parse it'}"
-    )
+        message = f"the grammar has no rule named {root!r} (its root)"
+    elif "left recursion" in detail:
+        message = f"the grammar cannot be initialised: {detail}"
+    else:
+        message = f"invalid grammar: {detail or 'llama.cpp could not parse it'}"
+    return RequestError(GenerationError.GRAMMAR_INITIALIZATION_FAILED, message)
 
 
 def init_grammar(model: NativeModel, grammar: tuple[str, str]) -> Any:
