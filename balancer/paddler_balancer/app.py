@@ -1,8 +1,8 @@
 """App factories and the server lifecycle of ``paddler balancer``.
 
-The composition root: ``BALANCER_KEY`` (how every handler finds the :class:`Balancer`) is
-defined here, and the API modules, which read it, are imported by the factories that
-mount them (so importing an API module never needs this module's factories first).
+The composition root: nothing in the balancer imports this module. The key every handler
+finds the :class:`Balancer` by (``BALANCER_KEY``) lives in ``keys``, which the handlers
+import instead of this module.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from paddler_balancer import inference_api, management_api
+from paddler_balancer.admin_panel import admin_panel_app
 from paddler_balancer.agent_claims import CLAIMS_KEY, AgentClaims
 from paddler_balancer.http_util import (
     MAX_MANAGEMENT_BODY_BYTES,
@@ -27,13 +29,15 @@ from paddler_balancer.http_util import (
     management_door,
     normalize_origin,
 )
+from paddler_balancer.keys import BALANCER_KEY
 from paddler_balancer.metrics import statsd_reporter
+from paddler_balancer.openai import api as openai_api
+from paddler_balancer.openai import responses_api
 from paddler_balancer.service import Balancer, Readiness
 from paddler_balancer.settings import BalancerSettings, parse_addr
 
 log = logging.getLogger(__name__)
 
-BALANCER_KEY: web.AppKey[Balancer] = web.AppKey("balancer", Balancer)
 FINAL_WRITES_S = 1.0
 """After a drain: how long the inference listeners' last handlers get before they are
 cancelled (the last bytes of a finished stream)."""
@@ -90,10 +94,6 @@ def _cors(origins: tuple[str, ...], panel_ports: set[int] | None) -> CorsPolicy:
 def inference_app(balancer: Balancer, panel_ports: set[int] | None = None) -> web.Application:
     """Native and OpenAI-compatible inference APIs on one address. ``panel_ports``: the
     admin panel's port(s), whose origin CORS allows (filled in once the panel listens)."""
-    from paddler_balancer import inference_api
-    from paddler_balancer.openai import api as openai_api
-    from paddler_balancer.openai import responses_api
-
     settings = balancer.settings
     app = _api_app(
         balancer, *_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, panel_ports)
@@ -107,10 +107,6 @@ def inference_app(balancer: Balancer, panel_ports: set[int] | None = None) -> we
 
 def compat_openai_app(balancer: Balancer) -> web.Application:
     """The OpenAI-compatible API alone (``--compat-openai-addr``, Paddler compatibility)."""
-    from paddler_balancer import inference_api
-    from paddler_balancer.openai import api as openai_api
-    from paddler_balancer.openai import responses_api
-
     settings = balancer.settings
     app = _api_app(balancer, *_inference_middlewares(balancer), cors=_cors(settings.inference_cors_allowed_hosts, None))
     app.on_response_prepare.append(_close_when_draining(balancer))
@@ -121,8 +117,6 @@ def compat_openai_app(balancer: Balancer) -> web.Application:
 
 
 def management_app(balancer: Balancer, panel_ports: set[int] | None = None) -> web.Application:
-    from paddler_balancer import management_api
-
     settings = balancer.settings
     token = settings.management_token
     middlewares = [management_door(token).middleware()] if token else []
@@ -250,8 +244,6 @@ async def serve(settings: BalancerSettings, stop: asyncio.Event | None = None) -
 async def _start_panel(
     settings: BalancerSettings, management: web.AppRunner, inference: web.AppRunner, panel_ports: set[int]
 ) -> web.AppRunner:
-    from paddler_balancer.admin_panel import admin_panel_app
-
     assert settings.web_admin_panel_addr is not None
     # The panel's pages call the APIs: hand it the bound addresses (port 0 resolved).
     bound = dataclasses.replace(

@@ -69,13 +69,13 @@ class Dispatcher:
         max_buffered: int,
         buffer_timeout: float,
         candidate_limit: int = 16,
-        load_cap: float = 0.75,
+        routing_config: routing.RoutingConfig | None = None,
     ) -> None:
         self.pool = pool
         self.max_buffered = max_buffered
         self.buffer_timeout = buffer_timeout
         self.candidate_limit = candidate_limit
-        self.load_cap = load_cap
+        self.routing = routing_config or routing.RoutingConfig()
         self._waiters: deque[_Waiter] = deque()
         self._rng = random.Random(0)
         self._listeners: list[asyncio.Event] = []
@@ -204,7 +204,7 @@ class Dispatcher:
             return None
         holders = self.pool.holding_prefix(list(request.prefix_hashes)) if request.prefix_hashes else set()
         pool = routing.candidates(available, holders, self.candidate_limit, self._rng)
-        return routing.pick(pool, request, self.load_cap)
+        return routing.pick(pool, request, self.routing)
 
     def _notify(self) -> None:
         for event in self._listeners:

@@ -24,8 +24,8 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
-from paddler_balancer.app import BALANCER_KEY
 from paddler_balancer.http_util import MAX_BODY_BYTES, json_error, read_json, validation_message
+from paddler_balancer.keys import BALANCER_KEY
 from paddler_balancer.openai.model_groups import served_groups
 from paddler_balancer.relay import (
     HttpSink,
@@ -36,14 +36,19 @@ from paddler_balancer.relay import (
     forward,
     run_embedding,
     run_generation,
+    run_refused,
 )
 from paddler_balancer.service import Balancer
 from paddler_balancer.streams import InferenceFailure
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP
 from paddler_core.inference import (
+    ContinueFromConversationHistoryParams,
     GenerateEmbeddingBatchParams,
+    GenerationError,
+    GenerationParams,
     RequestKind,
     error_envelope,
+    generated_error_payload,
     parse_generation_request,
 )
 from paddler_core.untrusted_json import UntrustedJsonError, parse_untrusted_json
@@ -112,16 +117,22 @@ async def _generation_ndjson(request: web.Request, variant: RequestKind) -> web.
         return json_error(400, validation_message(err), "invalid_request")
     except UnknownModelGroup as unknown:
         return unknown.response()
-    balancer = request.app[BALANCER_KEY]
     request_id = uuid.uuid4().hex
-    runner = run_generation(
-        balancer,
-        model_group=group,
-        variant=variant.value,
-        params=params.model_dump(mode="json", by_alias=True, exclude_none=True),
-        request_id=request_id,
-    )
+    runner = generation_runner(request.app[BALANCER_KEY], group, variant.value, params, request_id)
     return await stream_ndjson(request, request_id, runner)
+
+
+def generation_runner(
+    balancer: Balancer, group: str, variant: str, params: GenerationParams, request_id: str
+) -> Runner:
+    """The request's payloads from an agent; or, as Paddler 4.1 streams it, one
+    ``ToolSchemaInvalid`` naming a tool whose ``parameters`` is no JSON Schema (no agent is
+    asked). The OpenAI API answers that with a 400 instead (openai.request_models)."""
+    problem = params.tool_schema_problem() if isinstance(params, ContinueFromConversationHistoryParams) else None
+    if problem is not None:
+        return run_refused(generated_error_payload(GenerationError.TOOL_SCHEMA_INVALID, problem))
+    dumped = params.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return run_generation(balancer, model_group=group, variant=variant, params=dumped, request_id=request_id)
 
 
 async def generate_embedding_batch(request: web.Request) -> web.StreamResponse:
@@ -299,11 +310,7 @@ async def _handle_socket_message(
         text = validation_message(err) if isinstance(err, ValidationError) else str(err)
         await send(error_envelope(request_id, 400, text))
         return
-    dumped = params.model_dump(mode="json", by_alias=True, exclude_none=True)
-    start(
-        request_id,
-        lambda: run_generation(balancer, model_group=group, variant=variant, params=dumped, request_id=internal_id),
-    )
+    start(request_id, lambda: generation_runner(balancer, group, variant, params, internal_id))
 
 
 def _request_id_hint(data: str) -> str:

@@ -19,8 +19,8 @@ from aiohttp import WSCloseCode, web
 from pydantic import ValidationError
 
 from paddler_balancer.agent_socket import OPEN_AGENT_SOCKETS, handle_agent_socket
-from paddler_balancer.app import BALANCER_KEY
 from paddler_balancer.http_util import json_error, read_json, validation_message
+from paddler_balancer.keys import BALANCER_KEY
 from paddler_balancer.peers import PeerOutcome, peer_buffered, peer_session
 from paddler_balancer.service import Balancer, Readiness
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState, MaxUnavailable
@@ -148,8 +148,11 @@ async def buffered_requests(request: web.Request) -> web.Response:
     metrics-api trigger of a ModelDeployment reads its own group's count.
 
     ``?scope=pool`` adds every peer replica's own count (``--peer-management-addr``; KEDA
-    reaches one replica but scales on the pool's); ``?scope=replica`` is this replica's
-    count with its ``instance_id`` (how a replica recognises itself among its peers).
+    reaches one replica but scales on the pool's), and, with ``model_group``, the group's
+    busy slots (``slots_processing``: every agent reports the requests of all replicas, so
+    one replica's view is the pool's; KEDA's second trigger, so that a group serving
+    without a queue is not scaled in); ``?scope=replica`` is this replica's count with its
+    ``instance_id`` (how a replica recognises itself among its peers).
     Without ``scope``: Paddler's body, this replica's count."""
     balancer = _balancer(request)
     group = request.query.get("model_group")
@@ -164,13 +167,14 @@ async def buffered_requests(request: web.Request) -> web.Response:
     peers = balancer.settings.peer_management_addrs
     counts = await peer_buffered(request.app[PEER_SESSION], peers, group, balancer.instance_id) if peers else []
     counted = [c for c in counts if c.outcome is PeerOutcome.COUNTED]
-    return web.json_response(
-        {
-            "buffered_requests_current": own + sum(c.count for c in counted),
-            "replicas": 1 + len(counted),
-            "unreachable": sum(1 for c in counts if c.outcome is PeerOutcome.UNREACHABLE),
-        }
-    )
+    body = {
+        "buffered_requests_current": own + sum(c.count for c in counted),
+        "replicas": 1 + len(counted),
+        "unreachable": sum(1 for c in counts if c.outcome is PeerOutcome.UNREACHABLE),
+    }
+    if group is not None:
+        body["slots_processing"] = sum(a.busy_slots for a in balancer.pool.in_group(group))
+    return web.json_response(body)
 
 
 async def agents_stream(request: web.Request) -> web.StreamResponse:

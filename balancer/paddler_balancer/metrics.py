@@ -25,6 +25,16 @@ class GroupGauges:
     slots_total: int
     slots_processing: int
     requests_buffered: int
+    prompt_tokens_reused: int = 0
+    """Prompt tokens the group's agents found in their KV caches, as they report them."""
+    prompt_tokens_evaluated: int = 0
+    """Prompt tokens the group's agents evaluated, as they report them."""
+
+    @property
+    def prompt_reuse_ratio(self) -> float:
+        """Reused / (reused + evaluated) prompt tokens; 0 before any request."""
+        seen = self.prompt_tokens_reused + self.prompt_tokens_evaluated
+        return self.prompt_tokens_reused / seen if seen else 0.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,21 @@ class _LiveGauges(Collector):
             "requests_buffered": GaugeMetricFamily(
                 "paddler_requests_buffered",
                 "Requests waiting for a free slot",
+                labels=["model_group"],
+            ),
+            "prompt_tokens_reused": GaugeMetricFamily(
+                "paddler_prompt_tokens_reused",
+                "Prompt tokens found in the agents' KV caches (not evaluated), summed over connected agents",
+                labels=["model_group"],
+            ),
+            "prompt_tokens_evaluated": GaugeMetricFamily(
+                "paddler_prompt_tokens_evaluated",
+                "Prompt tokens the agents evaluated, summed over connected agents",
+                labels=["model_group"],
+            ),
+            "prompt_reuse_ratio": GaugeMetricFamily(
+                "paddler_prompt_reuse_ratio",
+                "Reused / (reused + evaluated) prompt tokens of the connected agents",
                 labels=["model_group"],
             ),
         }

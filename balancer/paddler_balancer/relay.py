@@ -47,6 +47,9 @@ from paddler_core.prefix import request_prefix_keys
 Batch = tuple[str | None, list[tuple[Any, bool]]]
 Runner = AsyncGenerator[Batch, None]
 EMBEDDING_DONE: dict[str, Any] = {"Embedding": "Done"}
+NO_EMBEDDINGS_PRODUCED: dict[str, Any] = {"Embedding": "NoEmbeddingsProduced"}
+"""Paddler 4.1's notice, once before ``Done``, that a batch produced no embedding (every
+document was over the batch size, each reported with ``DocumentExceedsBatchSize``)."""
 
 
 async def run_generation(
@@ -73,10 +76,29 @@ async def run_generation(
                 return
 
 
+async def run_refused(payload: Any) -> Runner:
+    """A request answered on the balancer, without an agent: one final payload (Paddler's
+    ``ToolSchemaInvalid``, which it streams rather than answering with a status)."""
+    yield None, [(payload, True)]
+
+
 def part_payloads(batch: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
-    """What one part of a split embedding batch forwards: its own Done is dropped (one
-    Done ends the merged stream); embeddings and a terminal error pass once, as they are."""
-    return [(payload, final) for payload, final in batch if payload != EMBEDDING_DONE]
+    """What one part of a split embedding batch forwards: its own Done and
+    NoEmbeddingsProduced are dropped (the merged stream says each once, for the whole
+    batch); embeddings and a terminal error pass once, as they are."""
+    return [(payload, final) for payload, final in batch if payload not in (EMBEDDING_DONE, NO_EMBEDDINGS_PRODUCED)]
+
+
+def is_embedding(payload: Any) -> bool:
+    """``{"Embedding": {"Embedding": {...}}}``: one document's vector."""
+    inner = payload.get("Embedding") if isinstance(payload, dict) else None
+    return isinstance(inner, dict) and "Embedding" in inner
+
+
+def embedding_end(produced: bool) -> list[tuple[Any, bool]]:
+    """The merged stream's last payloads: ``Done``, after Paddler's ``NoEmbeddingsProduced``
+    when no part produced an embedding."""
+    return [(EMBEDDING_DONE, True)] if produced else [(NO_EMBEDDINGS_PRODUCED, False), (EMBEDDING_DONE, True)]
 
 
 def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
@@ -98,7 +120,8 @@ async def run_embedding(
     request_id: str,
 ) -> Runner:
     """Split the batch across the group's agents; merge their embeddings into one
-    stream ending with one ``{"Embedding": "Done"}``. Each part is buffered like a
+    stream ending with one ``{"Embedding": "Done"}`` (after one ``NoEmbeddingsProduced``
+    when no document was embedded). Each part is buffered like a
     generation (so embeddings scale from zero too)."""
     agents = max(1, len(balancer.pool.in_group(model_group)))
     chunks = split_evenly(params.input_batch, agents)
@@ -125,6 +148,7 @@ async def run_embedding(
     tasks = [asyncio.create_task(run_part(i, c)) for i, c in enumerate(chunks)]
     try:
         remaining = len(tasks)
+        produced = False
         while remaining:
             item = await merged.get()
             if item is None:
@@ -132,10 +156,11 @@ async def run_embedding(
                 continue
             if isinstance(item, InferenceFailure):
                 raise item
+            produced = produced or any(is_embedding(payload) for payload, _ in item[1])
             yield item
             if any(final for _, final in item[1]):
                 return  # a part failed with a terminal error payload: stop everything
-        yield None, [(EMBEDDING_DONE, True)]
+        yield None, embedding_end(produced)
     finally:
         for task in tasks:
             task.cancel()

@@ -28,7 +28,7 @@ from paddler_balancer.agents import AgentController, AgentPool, totals
 from paddler_balancer.dispatcher import Dispatcher, Lease
 from paddler_balancer.metrics import AgentGauges, GroupGauges, Metrics
 from paddler_balancer.rollout import Rollout, Rollouts
-from paddler_balancer.routing import RouteRequest
+from paddler_balancer.routing import RouteRequest, RoutingConfig
 from paddler_balancer.settings import BalancerSettings
 from paddler_balancer.state_store import StateStore
 from paddler_balancer.streams import InferenceFailure, ResponseStream, StreamFailure
@@ -151,7 +151,11 @@ class Balancer:
             max_buffered=self.settings.max_buffered_requests,
             buffer_timeout=self.settings.buffered_request_timeout,
             candidate_limit=self.settings.routing_candidates,
-            load_cap=self.settings.prefix_affinity_load_cap,
+            routing_config=RoutingConfig(
+                policy=self.settings.routing,
+                load_cap=self.settings.prefix_affinity_load_cap,
+                load_factor=self.settings.prefix_load_factor,
+            ),
         )
         self.metrics = Metrics(self.gauges, self.agent_gauges)
         self.rollouts = Rollouts(self.pool, MaxUnavailable.parse(self.settings.max_unavailable))
@@ -165,7 +169,17 @@ class Balancer:
         for group in sorted(groups):
             agents = self.pool.in_group(group)
             slots_total, in_flight = totals(agents)
-            rows.append(GroupGauges(group, len(agents), slots_total, in_flight, buffered[group]))
+            rows.append(
+                GroupGauges(
+                    group,
+                    len(agents),
+                    slots_total,
+                    in_flight,
+                    buffered[group],
+                    prompt_tokens_reused=sum(a.status.prompt_tokens_reused for a in agents),
+                    prompt_tokens_evaluated=sum(a.status.prompt_tokens_evaluated for a in agents),
+                )
+            )
         return rows
 
     def agent_gauges(self) -> list[AgentGauges]:

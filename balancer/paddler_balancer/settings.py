@@ -6,6 +6,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from paddler_core.model_access import ModelUrlPolicy
 
@@ -34,6 +35,15 @@ def parse_addr(text: str) -> tuple[str, int]:
 def default_replica_name() -> str:
     """This replica's name: env ``POD_NAME`` (Kubernetes' downward API), else the host name."""
     return os.environ.get("POD_NAME") or socket.gethostname()
+
+
+class RoutingPolicy(StrEnum):
+    """How the balancer picks an agent (``--routing``); see :mod:`paddler_balancer.routing`."""
+
+    PREFIX = "prefix"
+    """Prefix affinity under a load cap, new prefixes by consistent hashing with bounded loads."""
+    LEAST_BUSY = "least-busy"
+    """Paddler 4.1: the agent with the most free slots."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +82,15 @@ class BalancerSettings:
     """Which model URLs a desired state may name (checked on PUT; agents check again)."""
     routing_candidates: int = 16
     """Most agents scored per decision (a random sample beyond it keeps decisions O(1))."""
+    routing: RoutingPolicy = RoutingPolicy.PREFIX
+    """``prefix``: prefix affinity under a load cap, new prefixes by consistent hashing with
+    bounded loads (the same choice on every replica); ``least-busy``: Paddler 4.1's most
+    free slots."""
     prefix_affinity_load_cap: float = 0.75
     """Prefix affinity only counts for agents using less than this share of their slots."""
+    prefix_load_factor: float = 1.25
+    """A new prefix goes to an agent only while its busy slots stay within this factor of
+    its fair share of the load (consistent hashing with bounded loads)."""
     max_unavailable: str = "25%"
     """Agents of a model group that may stop serving at once while a new desired state
     rolls over them: a count or a percentage (rounded down, at least 1). A PUT may set

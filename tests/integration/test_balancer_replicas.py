@@ -167,6 +167,33 @@ async def assert_group_stays_absent(balancer: Balancer, group: str, window: floa
         await asyncio.sleep(0.2)
 
 
+async def test_pool_scope_reports_a_groups_busy_slots_whichever_replica_serves_them(paddler: Processes) -> None:
+    """KEDA's second trigger: the slots a group's agents are busy with, pool-wide, from any one
+    replica (each agent reports every replica's requests), so a group that streams with nothing
+    buffered is not scaled in."""
+    serving = paddler.balancer()
+    asked = paddler.balancer()
+    paddler.agent(serving, slots=2, name="slow", extra=("--simulated-tokens-per-second", "5"), replicas=(asked,))
+    await wait_until(lambda: names_are(asked, ["slow"]), what="agent on the replica that is asked")
+    await wait_until(lambda: names_are(serving, ["slow"]), what="agent on the replica that serves")
+    streaming = asyncio.create_task(generate(serving, "busy", max_tokens=40))  # ~8 s
+    try:
+
+        async def busy_on_asked() -> bool:
+            return bool((await buffered(asked, scope="pool", model_group="default"))["slots_processing"] == 1)
+
+        await wait_until(busy_on_asked, what="the asked replica counting the other's busy slot")
+        body = await buffered(asked, scope="pool", model_group="default")
+        idle = await buffered(serving, scope="pool", model_group="nobody")
+    finally:
+        streaming.cancel()
+        await asyncio.gather(streaming, return_exceptions=True)
+
+    assert body["buffered_requests_current"] == 0
+    assert idle["slots_processing"] == 0
+    assert "slots_processing" not in await buffered(asked, scope="pool")  # only per model group
+
+
 # ---- graceful stop ----------------------------------------------------------------------------
 
 

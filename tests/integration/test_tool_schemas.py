@@ -1,21 +1,26 @@
 """Tool schemas through real processes (balancer + simulated agent) and real clients: the
-``openai`` SDK (chat completions and responses) and ``paddler-client`` (NDJSON and the
-inference WebSocket). Full JSON Schema is accepted; an invalid schema is a 400 that names
-the tool; a schema that references a remote URL is refused without a connection."""
+``openai`` SDK (chat completions and responses), ``paddler-client`` and the native API's
+NDJSON and inference WebSocket. Full JSON Schema is accepted. An invalid schema names the
+tool: a 400 on the OpenAI API; on the native API, as Paddler 4.1 streams it, one
+``ToolSchemaInvalid`` payload (``paddler-client`` 4.0.0 does not know that variant, so it
+is read off the wire here). A schema that references a remote URL is refused without a
+connection."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
+import httpx
 import openai
 import pytest
 from paddler_client import ClientInference
 from paddler_client.continue_from_conversation_history_params import ContinueFromConversationHistoryParams
 from paddler_client.conversation_message import ConversationMessage
-from paddler_client.error import HttpError
 from paddler_client.inference_message import InferenceMessageKind
 from paddler_client.tool import Function, Tool
 from paddler_client.validated_parameters_schema import ValidatedParametersSchema
@@ -214,30 +219,53 @@ async def test_paddler_client_with_full_json_schema_tools_is_answered(paddler_cl
     assert streamed[-1] == InferenceMessageKind.DONE
 
 
-@pytest.mark.parametrize(("schema", "message"), list(INVALID.values()), ids=list(INVALID))
-async def test_paddler_client_refuses_an_invalid_tool_schema_naming_the_tool(
-    paddler_client: ClientInference, schema: dict[str, Any], message: str
-) -> None:
-    params = _params(_paddler_tool("bash", OPENCODE_BASH), _paddler_tool("lookup", schema))
-    with pytest.raises(HttpError) as raised:
-        async for _ in paddler_client.post_continue_from_conversation_history(params):
+def _conversation(*tools: Any) -> dict[str, Any]:
+    return {"conversation_history": USER, "max_tokens": 4, "tools": list(tools)}
+
+
+async def _ndjson_payloads(pool: Balancer, body: dict[str, Any]) -> tuple[int, list[Any]]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(f"{pool.inference_url}/api/v1/continue_from_conversation_history", json=body)
+    return response.status_code, [json.loads(line)["Response"]["response"] for line in response.text.splitlines()]
+
+
+async def _socket_payload(pool: Balancer, body: dict[str, Any]) -> Any:
+    """The first payload of one request on the inference WebSocket."""
+    url = pool.inference_url.replace("http://", "ws://") + "/api/v1/inference_socket"
+    request = {"Request": {"id": "r1", "request": {"ContinueFromConversationHistory": body}}}
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws, asyncio.timeout(10):
+        await ws.send_json(request)
+        while "Response" not in (message := await ws.receive_json()):
             pass
-    assert raised.value.status_code == 400
-    assert message in raised.value.message
-    async with asyncio.timeout(10):
-        [error] = [m async for m in await paddler_client.continue_from_conversation_history(params)]
-    assert error.error_code == 400
-    assert error.error_message is not None
-    assert message in error.error_message
+    return message["Response"]["response"]
 
 
-async def test_paddler_client_tool_with_a_remote_ref_is_refused_without_a_connection(
-    paddler_client: ClientInference, listener: socket.socket
+@pytest.mark.parametrize(("schema", "message"), list(INVALID.values()), ids=list(INVALID))
+async def test_native_ndjson_streams_tool_schema_invalid_naming_the_tool(
+    pool: Balancer, schema: dict[str, Any], message: str
+) -> None:
+    status, payloads = await _ndjson_payloads(
+        pool, _conversation(_tool("bash", OPENCODE_BASH), _tool("lookup", schema))
+    )
+    assert status == 200
+    [payload] = payloads
+    assert message in payload["GeneratedToken"]["ToolSchemaInvalid"]
+
+
+async def test_inference_socket_streams_tool_schema_invalid_naming_the_tool(pool: Balancer) -> None:
+    schema, message = INVALID["an unknown type"]
+    payload = await _socket_payload(pool, _conversation(_tool("bash", OPENCODE_BASH), _tool("lookup", schema)))
+    assert message in payload["GeneratedToken"]["ToolSchemaInvalid"]
+
+
+async def test_native_tool_with_a_remote_ref_is_refused_without_a_connection(
+    pool: Balancer, listener: socket.socket
 ) -> None:
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/query.json"
-    params = _params(_paddler_tool("lookup", {"type": "object", "properties": {"q": {"$ref": url}}}))
-    with pytest.raises(HttpError) as raised:
-        async for _ in paddler_client.post_continue_from_conversation_history(params):
-            pass
-    assert f"'{url}' is outside the schema; references are never fetched" in raised.value.message
+    _, [payload] = await _ndjson_payloads(
+        pool, _conversation(_tool("lookup", {"type": "object", "properties": {"q": {"$ref": url}}}))
+    )
+    assert (
+        f"'{url}' is outside the schema; references are never fetched" in payload["GeneratedToken"]["ToolSchemaInvalid"]
+    )
     assert _no_connection(listener)

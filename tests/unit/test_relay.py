@@ -16,10 +16,12 @@ from paddler_balancer.openai.responses_request import ResponsesRequest
 from paddler_balancer.openai.stream import SSE_DONE, ChatRenderer, SseEncoder, TextRenderer, sse
 from paddler_balancer.relay import (
     EMBEDDING_DONE,
+    NO_EMBEDDINGS_PRODUCED,
     Batch,
     NdjsonEncoder,
     Runner,
     WebSocketEncoder,
+    embedding_end,
     forward,
     part_payloads,
     split_evenly,
@@ -28,6 +30,7 @@ from paddler_balancer.streams import InferenceFailure
 
 EMBEDDING = {"Embedding": {"Embedding": {"embedding": [1.0], "source_document_id": "a"}}}
 ERROR = {"Embedding": {"Error": "context full"}}
+OVERSIZED = {"Embedding": {"DocumentExceedsBatchSize": {"document_tokens": 9, "n_batch": 4, "source_document_id": "a"}}}
 
 
 @pytest.mark.parametrize(
@@ -37,12 +40,26 @@ ERROR = {"Embedding": {"Error": "context full"}}
         ([(EMBEDDING, False), (ERROR, True)], [(EMBEDDING, False), (ERROR, True)]),
         ([(ERROR, True)], [(ERROR, True)]),
         ([(EMBEDDING_DONE, True)], []),
+        ([(OVERSIZED, False), (NO_EMBEDDINGS_PRODUCED, False), (EMBEDDING_DONE, True)], [(OVERSIZED, False)]),
     ],
 )
 def test_part_payloads_forward_each_payload_once_and_drop_the_parts_done(
     batch: list[tuple[Any, bool]], forwarded: list[tuple[Any, bool]]
 ) -> None:
     assert part_payloads(batch) == forwarded
+
+
+@pytest.mark.parametrize(
+    ("produced", "end"),
+    [
+        (True, [(EMBEDDING_DONE, True)]),
+        (False, [(NO_EMBEDDINGS_PRODUCED, False), (EMBEDDING_DONE, True)]),
+    ],
+)
+def test_a_batch_without_embeddings_ends_with_no_embeddings_produced_then_done(
+    produced: bool, end: list[tuple[Any, bool]]
+) -> None:
+    assert embedding_end(produced) == end
 
 
 @pytest.mark.parametrize(

@@ -60,18 +60,156 @@ def test_prefix_affinity_score(
 
 
 @pytest.mark.parametrize(
+    ("total", "busy", "cap", "over"),
+    [
+        (2, 0, 0.75, False),
+        (2, 1, 0.75, False),  # 0.5 of its slots
+        (4, 3, 0.75, True),  # exactly at the cap
+        (4, 2, 0.75, False),
+        (8, 7, 0.9, False),
+        (0, 0, 0.75, True),  # no slots at all
+    ],
+)
+def test_over_load_cap(total: int, busy: int, cap: float, over: bool) -> None:
+    assert routing.over_load_cap(agent("a", total=total, in_flight=busy), cap) is over
+
+
+@pytest.mark.parametrize(
+    ("keys", "anchor"),
+    [
+        ((), None),
+        (("sys",), "sys"),
+        (("sys", "sys+first"), "sys+first"),  # a conversation: its first message too
+        (("sys", "sys+first", "sys+first+answer"), "sys+first"),  # the same on every turn
+    ],
+)
+def test_anchor_key(keys: tuple[str, ...], anchor: str | None) -> None:
+    assert routing.anchor_key(RouteRequest("default", keys)) == anchor
+
+
+@pytest.mark.parametrize(
+    ("slots", "busy", "others_busy", "within"),
+    [
+        (2, 0, (0, 0), True),  # idle pool: one request each
+        (2, 1, (0, 0), False),  # a second one while two agents idle: over 1.25 x fair share
+        (2, 1, (1, 0), True),  # ceil(1.25 * 3 / 3) = 2
+        (2, 1, (1, 1), True),
+        (4, 2, (0, 0), False),  # more slots, more share: ceil(1.25 * 3 * 4/8) = 2
+        (4, 1, (0, 0), True),
+    ],
+)
+def test_within_bounded_load(slots: int, busy: int, others_busy: tuple[int, ...], within: bool) -> None:
+    me = agent("me", total=slots, in_flight=busy)
+    others = [agent(f"o{i}", total=2, in_flight=b) for i, b in enumerate(others_busy)]
+    load = routing.Load.of([me, *others])
+    assert routing.within_bounded_load(me, load, load_factor=1.25) is within
+
+
+def test_rendezvous_ranks_are_stable_and_independent_of_the_other_agents() -> None:
+    assert routing.rendezvous_rank("a", "k") == routing.rendezvous_rank("a", "k")
+    assert routing.rendezvous_rank("a", "k") != routing.rendezvous_rank("b", "k")
+
+
+PREFIX = routing.RoutingConfig(policy=routing.RoutingPolicy.PREFIX, load_cap=0.75, load_factor=1.25)
+LEAST_BUSY = routing.RoutingConfig(policy=routing.RoutingPolicy.LEAST_BUSY)
+# Rendezvous order of agents a, b, c (see test_rendezvous_orders_used_by_the_tables):
+# k0: b c a; k1: c a b; k3: a b c.
+
+
+def test_rendezvous_orders_used_by_the_tables() -> None:
+    for key, order in {"k0": "bca", "k1": "cab", "k3": "abc"}.items():
+        assert "".join(sorted("abc", key=lambda i, k=key: -routing.rendezvous_rank(i, k))) == order
+
+
+@pytest.mark.parametrize(
     ("agents", "keys", "winner"),
     [
+        # no prefix keys: least busy, ties by registration order
         ([agent("a", total=4, in_flight=3), agent("b", total=4, in_flight=1)], (), "b"),
-        ([agent("a", total=2), agent("b", total=2)], (), "a"),  # tie: registration order
+        ([agent("a", total=2), agent("b", total=2)], (), "a"),
+        # affinity: the holder, even with fewer free slots
         ([agent("a", total=8), agent("b", total=2, prefixes=("k",))], ("k",), "b"),
+        # the longest run of keys wins
+        ([agent("a", prefixes=("s",)), agent("b", prefixes=("s", "k0")), agent("c")], ("s", "k0", "x"), "b"),
+        # affinity with one slot busy (below the cap) beats idle agents
+        ([agent("a"), agent("b", in_flight=1, prefixes=("s", "k1")), agent("c")], ("s", "k1", "x"), "b"),
+        # at the cap affinity is ignored: bounded load and the hash decide
         ([agent("a", total=8), agent("b", total=4, in_flight=3, prefixes=("k",))], ("k",), "a"),
+        # a new prefix goes to the rendezvous owner of its anchor key, not to the first agent
+        ([agent("a"), agent("b"), agent("c")], ("s", "k3"), "a"),
+        ([agent("a"), agent("b"), agent("c")], ("s", "k0"), "b"),
+        ([agent("a"), agent("b"), agent("c")], ("k1",), "c"),
+        # the owner (b for k0) is over its bounded load while others idle: the next one (c)
+        ([agent("a"), agent("b", in_flight=1), agent("c")], ("s", "k0"), "c"),
+        # holders tie on the shared system prompt: the hash of the anchor breaks it
+        ([agent("a", prefixes=("s",)), agent("b"), agent("c", prefixes=("s",))], ("s", "k1"), "c"),
+        ([agent("a", prefixes=("s",)), agent("b"), agent("c", prefixes=("s",))], ("s", "k3"), "a"),
+        # nobody has a free slot
+        ([agent("a", in_flight=2), agent("b", in_flight=2)], (), None),
+        ([agent("a", in_flight=2, prefixes=("k",)), agent("b", in_flight=2)], ("k",), None),
+    ],
+)
+def test_pick_prefix(agents: list[AgentController], keys: tuple[str, ...], winner: str | None) -> None:
+    chosen = routing.pick(agents, RouteRequest("default", keys), PREFIX)
+    assert (chosen.name if chosen else None) == winner
+
+
+@pytest.mark.parametrize(
+    ("agents", "keys", "winner"),
+    [
+        ([agent("a", total=2, prefixes=("k",)), agent("b", total=4)], ("k",), "b"),  # prefixes ignored
+        ([agent("a", prefixes=("k",)), agent("b")], ("k",), "a"),  # tie: registration order
+        ([agent("a", in_flight=1), agent("b"), agent("c")], ("s", "k3"), "b"),
         ([agent("a", in_flight=2), agent("b", in_flight=2)], (), None),
     ],
 )
-def test_pick(agents: list[AgentController], keys: tuple[str, ...], winner: str | None) -> None:
-    chosen = routing.pick(agents, RouteRequest("default", keys), load_cap=0.75)
+def test_pick_least_busy(agents: list[AgentController], keys: tuple[str, ...], winner: str | None) -> None:
+    chosen = routing.pick(agents, RouteRequest("default", keys), LEAST_BUSY)
     assert (chosen.name if chosen else None) == winner
+
+
+def replica_view(specs: list[tuple[str, int, tuple[str, ...]]], *, reverse: bool) -> list[AgentController]:
+    """What one balancer replica sees of the same agents: their reports (busy slots as
+    reported, prefix sets), registered in its own order."""
+    ordered = list(reversed(specs)) if reverse else specs
+    agents = []
+    for name, busy, prefixes in ordered:
+        a = agent(name, prefixes=prefixes)
+        a.status = AgentStatus(slots_total=2, slots_processing=busy, prefix_hashes=list(prefixes))
+        agents.append(a)
+    return agents
+
+
+@pytest.mark.parametrize(
+    ("specs", "keys"),
+    [
+        ([("a", 0, ()), ("b", 0, ()), ("c", 0, ())], ("s", "k0")),  # new prefix
+        ([("a", 0, ()), ("b", 0, ()), ("c", 0, ())], ("s", "k3")),
+        ([("a", 0, ("s",)), ("b", 0, ()), ("c", 0, ("s",))], ("s", "k1")),  # holders tie
+        ([("a", 1, ("s", "k0")), ("b", 0, ()), ("c", 0, ())], ("s", "k0", "t2")),  # next turn
+        ([("a", 0, ()), ("b", 1, ()), ("c", 0, ())], ("s", "k0")),  # owner bounded
+    ],
+)
+def test_replicas_seeing_the_same_reports_choose_the_same_agent(
+    specs: list[tuple[str, int, tuple[str, ...]]], keys: tuple[str, ...]
+) -> None:
+    request = RouteRequest("default", keys)
+    first = routing.pick(replica_view(specs, reverse=False), request, PREFIX)
+    second = routing.pick(replica_view(specs, reverse=True), request, PREFIX)
+    assert first is not None
+    assert second is not None
+    assert first.id == second.id
+
+
+def test_one_prefix_for_every_request_uses_every_slot_and_none_beyond() -> None:
+    agents = [agent(name) for name in "abc"]
+    for i in range(6):
+        chosen = routing.pick(agents, RouteRequest("default", ("one", f"one+q{i}")), PREFIX)
+        assert chosen is not None
+        chosen.in_flight += 1
+        chosen.held_prefixes = chosen.held_prefixes | {"one"}
+    assert [a.in_flight for a in agents] == [2, 2, 2]
+    assert routing.pick(agents, RouteRequest("default", ("one", "one+q6")), PREFIX) is None
 
 
 def indexed(agents: list[AgentController]) -> IndexedSet:

@@ -13,7 +13,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, Field
 
-from paddler_core.inference import Tool
+from paddler_core.inference import ContinueFromConversationHistoryParams, Tool
 from paddler_core.tool_schema import (
     MAX_SCHEMA_DEPTH,
     MAX_SCHEMA_VALUES,
@@ -212,10 +212,25 @@ def test_a_keyword_valid_in_draft_07_is_checked_by_draft_07() -> None:
     assert tool_schema_problem("f", draft_07) == "tool 'f': $.exclusiveMinimum: True is not of type 'number'"
 
 
-def test_the_tool_model_refuses_an_invalid_schema_with_the_tool_named() -> None:
+def test_a_conversation_names_its_first_tool_with_an_invalid_schema() -> None:
+    """Parsing keeps the tools (Paddler streams ``ToolSchemaInvalid``, it does not refuse the
+    body); the check names the tool."""
+    good = {"function": {"name": "ok", "parameters": {"type": "object"}}}
     bad = {"function": {"name": "lookup", "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}}}
-    with pytest.raises(ValueError, match="tool 'lookup': Invalid schema for property 'x'"):
-        Tool.model_validate(bad)
+    params = ContinueFromConversationHistoryParams.model_validate(
+        {"conversation_history": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": [good, bad]}
+    )
+    problem = params.tool_schema_problem()
+    assert problem is not None
+    assert problem.startswith("tool 'lookup': Invalid schema for property 'x'")
+
+
+def test_a_conversation_whose_tools_are_valid_has_no_tool_schema_problem() -> None:
+    tool = Tool.model_validate({"function": {"name": "ok", "parameters": {"type": "object"}}})
+    params = ContinueFromConversationHistoryParams(
+        conversation_history=[{"role": "user", "content": "hi"}], max_tokens=2, tools=[tool]
+    )
+    assert params.tool_schema_problem() is None
 
 
 @pytest.fixture

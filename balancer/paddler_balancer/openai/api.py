@@ -31,9 +31,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from paddler_balancer.app import BALANCER_KEY
 from paddler_balancer.http_util import BodyError, Handler, check_json_content_type, read_body
 from paddler_balancer.inference_api import served_model_groups
+from paddler_balancer.keys import BALANCER_KEY
 from paddler_balancer.openai.errors import OpenAIError, invalid_request, parse_body
 from paddler_balancer.openai.events import Accumulated, embedding_failure
 from paddler_balancer.openai.mapping import (
