@@ -43,6 +43,8 @@ LLAMA_SERVER_PORT = 8080
 MANAGEMENT_PORT = 8060
 INFERENCE_PORT = 8061
 ADMIN_PANEL_PORT = 8062
+AGENT_HEALTH_PORT = 8086
+"""The agent container's health doors (``--health-addr``): ``/ready``, ``/live``, ``/started``."""
 
 DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"
 """A duration as the balancer's flags read it: ``10s``, ``500ms``, ``2m``; a bare number is milliseconds."""
@@ -131,6 +133,20 @@ class ManagementAuthSpec(_Spec):
     secret_key: Annotated[str, Field(min_length=1, description="Key inside the Secret.")] = "management-token"
 
 
+class RoutingPolicy(StrEnum):
+    """How the balancer picks an agent for a request (``paddler balancer --routing``)."""
+
+    PREFIX = "prefix"
+    """The agent that holds the request's prefix (its conversation), new prefixes spread by a
+    consistent hash bounded by load; the same choice on every balancer replica."""
+    LEAST_BUSY = "leastBusy"
+    """The agent with the most free slots (Paddler 4.1's rule)."""
+
+    def flag(self) -> str:
+        """The balancer's ``--routing`` value."""
+        return "prefix" if self is RoutingPolicy.PREFIX else "least-busy"
+
+
 class BalancerSpec(_Spec):
     """The pool's balancer: pods (replicas, all active) that buffer requests and route them to agent slots."""
 
@@ -165,6 +181,11 @@ class BalancerSpec(_Spec):
     inference_item_timeout: Annotated[
         str, Field(pattern=DURATION_PATTERN, description="Longest wait for the next token (duration).")
     ] = "30s"
+    routing: RoutingPolicy = Field(
+        default=RoutingPolicy.PREFIX,
+        description="prefix: a conversation's turns go to the agent caching it (load-capped); "
+        "leastBusy: the agent with the most free slots (Paddler 4.1).",
+    )
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The inference and management Services.")
     admin_panel: AdminPanelSpec = Field(default_factory=AdminPanelSpec, description="The web admin panel.")
     resources: ResourceRequirements = Field(
@@ -480,6 +501,40 @@ class RolloutSpec(_Spec):
         ),
     )
     max_surge: Quantity = Field(default=0, description="Extra agent pods during a rollout (0 for scarce GPUs).")
+    min_ready_seconds: Annotated[
+        int,
+        Field(
+            ge=0,
+            description=(
+                "Seconds a new agent pod must stay Ready (linked to a balancer, model loaded, slots) before it "
+                "counts as available (the Deployment's minReadySeconds): a pod-template rollout replaces the next "
+                "agents only after that."
+            ),
+        ),
+    ] = 5
+    drain_timeout_seconds: Annotated[
+        int,
+        Field(
+            ge=0,
+            description=(
+                "Longest time (s) a stopping agent pod finishes its in-flight requests (the agent's "
+                "--drain-timeout); the pod's termination grace period is this plus 10 s."
+            ),
+        ),
+    ] = 60
+
+
+class DisruptionSpec(_Spec):
+    """Voluntary disruptions of agent pods (node drains, evictions): a PodDisruptionBudget ``<name>-agent``."""
+
+    max_unavailable: Quantity = Field(
+        default=1,
+        description=(
+            "Agent pods that may be unavailable at once (int or %) while evictions go on; a pod that is not "
+            "Ready counts as unavailable, so a drain waits for replaced agents to load their model. 0 blocks "
+            "every eviction of this deployment's agents."
+        ),
+    )
 
 
 class EngineKind(StrEnum):
@@ -537,6 +592,20 @@ class ModelDeploymentSpec(_Spec):
     resources: ResourceRequirements | None = Field(default=None, description="Overrides the pool's agent resources.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Agent pod autoscaling.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rolling updates of the agent pods.")
+    disruption: DisruptionSpec = Field(
+        default_factory=DisruptionSpec, description="Evictions of agent pods (the PodDisruptionBudget)."
+    )
+    startup_timeout_seconds: Annotated[
+        int,
+        Field(
+            ge=10,
+            description=(
+                "Longest time (s) an agent pod may take from its start to the end of its first desired-state "
+                "application (model downloaded and loaded, or failed with an issue) before the kubelet restarts "
+                "it (the agent's startup probe). Raise it for large models on slow links."
+            ),
+        ),
+    ] = 600
 
     def desired_state(self) -> BalancerDesiredState:
         """What the balancer pushes to this deployment's agents (its model group)."""

@@ -20,6 +20,7 @@ from paddler_core.desired_state import BalancerDesiredState, PoolingType
 from paddler_operator.balancer_views import AgentView, BalancerSnapshot
 from paddler_operator.crd_models import (
     ADMIN_PANEL_PORT,
+    AGENT_HEALTH_PORT,
     API_VERSION,
     INFERENCE_PORT,
     MANAGEMENT_PORT,
@@ -252,6 +253,8 @@ def balancer_args(spec: LlmPoolSpec, pool: str = "", namespace: str = "") -> lis
         f"{DRAIN_DELAY_SECONDS}s",  # the balancer reads a bare number as milliseconds
         "--drain-timeout",
         f"{b.drain_timeout_seconds}s",
+        "--routing",
+        b.routing.flag(),
     ]
     if pool:
         args += ["--peer-management-addr", management_addr(pool, namespace, spec)]
@@ -335,14 +338,7 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
                     "securityContext": _pod_security(),
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": balancer_grace_seconds(spec),
-                    "topologySpreadConstraints": [
-                        {
-                            "maxSkew": 1,
-                            "topologyKey": "kubernetes.io/hostname",
-                            "whenUnsatisfiable": "ScheduleAnyway",
-                            "labelSelector": {"matchLabels": selector},
-                        }
-                    ],
+                    "topologySpreadConstraints": spread_over_nodes(selector),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },
@@ -454,8 +450,54 @@ def agent_args(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec, log_lev
         "$(POD_NAME)",
         "--model-cache-dir",
         pool.agent.model_cache.mount_path,
+        "--health-addr",
+        f"0.0.0.0:{AGENT_HEALTH_PORT}",
+        "--drain-timeout",
+        f"{md.rollout.drain_timeout_seconds}s",  # the agent reads a bare number as milliseconds
         *access,
     ]
+
+
+AGENT_PROBE_PERIOD_SECONDS = 10
+"""Period of the agent's liveness and startup probes (the startup probe's failureThreshold is
+``startupTimeoutSeconds`` over this)."""
+
+
+def agent_grace_seconds(md: ModelDeploymentSpec) -> int:
+    """The agent pod's ``terminationGracePeriodSeconds``: the agent's drain timeout + slack (for an
+    ``engine: llamaServer`` pod, the slack is also when the server sidecar stops, after the agent)."""
+    return md.rollout.drain_timeout_seconds + TERMINATION_SLACK_SECONDS
+
+
+def agent_probes(md: ModelDeploymentSpec) -> Obj:
+    """The agent container's probes on its health port, for every engine (paddler_agent.health).
+
+    Readiness: ``/ready`` (linked to a balancer, desired state applied, slots, not stopping; with
+    ``engine: llamaServer`` also llama-server's ``/health``, asked by the agent on the pod's loopback,
+    which the kubelet's own probes cannot reach). Liveness: ``/live`` (the decode loop turns). Startup:
+    ``/started`` (the first desired state applied, or failed with an issue), for up to
+    ``startupTimeoutSeconds``; the kubelet runs no liveness probe before it passes."""
+    period = AGENT_PROBE_PERIOD_SECONDS
+    return {
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "health"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/live", "port": "health"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/started", "port": "health"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": math.ceil(md.startup_timeout_seconds / period),
+        },
+    }
 
 
 def agent_resources(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
@@ -538,43 +580,9 @@ def llama_server_container(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
     }
 
 
-def llama_server_readiness_probe(port: int) -> Obj:
-    """The pod is Ready when llama-server answers ``/health`` on the pod's loopback.
-
-    An exec probe in the agent container (the paddler image has Python; a llama-server
-    image may have neither curl nor Python): the kubelet's own ``httpGet``/``tcpSocket``
-    probes connect from the node, which cannot reach a server bound to the pod's
-    127.0.0.1 (with ``host: 127.0.0.1`` they would ask the node's own loopback)."""
-    check = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=2)"
-    return {
-        "exec": {"command": ["python", "-c", check]},
-        "periodSeconds": 5,
-        "timeoutSeconds": 4,
-        "failureThreshold": 3,
-    }
-
-
-def plan_model_deployment(
-    owner: Owner,
-    md: ModelDeploymentSpec,
-    pool: LlmPoolSpec,
-    *,
-    builtin_replicas: int | None = None,
-    balancer_url: str | None = None,
-    hpa_scale_to_zero: bool = True,
-) -> MdPlan:
-    """Agent Deployment (+ HPA or ScaledObject) of a ModelDeployment, and its desired state.
-
-    ``builtin_replicas`` is the Builtin scaler's answer (see :func:`builtin_scale`);
-    it is used only when ``autoscaling.mode`` is ``Builtin``. ``balancer_url`` is where
-    KEDA's metrics-api trigger reads the pool's management API (:func:`metrics_url` of the
-    operator's ``--balancer-url-template``; default: the cluster-IP management Service).
-    ``hpa_scale_to_zero``: the cluster's HPA accepts ``minReplicas: 0`` (see
-    :func:`hpa_min_replicas`).
-    """
+def agent_container(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+    """The agent container, for every engine: ``paddler agent`` with its health port and probes."""
     pool_name = md.pool_ref.name
-    labels = {**_labels(owner, pool_name, "agent", "paddler-agent"), MD_LABEL: owner.name}
-    selector = {MD_LABEL: owner.name, COMPONENT_LABEL: "agent"}
     cache = pool.agent.model_cache
     container: Obj = {
         "name": "agent",
@@ -589,6 +597,8 @@ def plan_model_deployment(
             {"name": "HF_HOME", "value": f"{cache.mount_path}/huggingface"},
             *management_token_env(pool_name, pool),
         ],
+        "ports": [{"name": "health", "containerPort": AGENT_HEALTH_PORT, "protocol": "TCP"}],
+        **agent_probes(md),
         "resources": agent_resources(md, pool),
         "securityContext": _container_security(),
         "volumeMounts": [
@@ -596,7 +606,6 @@ def plan_model_deployment(
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
-    containers = [container]
     if md.engine == EngineKind.LLAMA_SERVER:
         # The agent forwards to llama-server on the pod's loopback; it needs no llama.cpp,
         # so it runs from the (small) balancer image, which has the same `paddler` command.
@@ -609,20 +618,92 @@ def plan_model_deployment(
             f"http://127.0.0.1:{md.llama_server.port}",
         ]
         container["resources"] = AGENT_BESIDE_SERVER_RESOURCES.to_kube()
-        container["readinessProbe"] = llama_server_readiness_probe(md.llama_server.port)
-        containers.append(llama_server_container(md, pool))
+    return container
+
+
+def llama_server_sidecar(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+    """llama-server as a native sidecar (an init container with ``restartPolicy: Always``): it starts
+    before the agent, is restarted if it exits, and is stopped only after the agent container has
+    exited, so it serves the agent's requests for the whole drain. No probes of its own: it listens
+    on the pod's loopback, out of the kubelet's reach; the agent's ``/ready`` asks its ``/health``."""
+    return {**llama_server_container(md, pool), "restartPolicy": "Always"}
+
+
+def spread_over_nodes(selector: dict[str, str]) -> list[Obj]:
+    """Pods of one Deployment spread over the nodes (at most one more on any node than on another)
+    when the scheduler can, never left Pending for it (``ScheduleAnyway``: one node still runs them
+    all). ``pod-template-hash`` counts each revision apart, so a rollout's new pods spread too."""
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector},
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+    ]
+
+
+def agent_pod_spec(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+    selector = {MD_LABEL: owner.name, COMPONENT_LABEL: "agent"}
     pod_spec: Obj = {
         "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
-        # An agent finishes its in-flight requests before it exits.
-        "terminationGracePeriodSeconds": 60,
-        "containers": containers,
-        "volumes": [cache.volume(), {"name": "tmp", "emptyDir": {}}],
+        # An agent finishes its in-flight requests (drainTimeoutSeconds) before it exits.
+        "terminationGracePeriodSeconds": agent_grace_seconds(md),
+        "topologySpreadConstraints": spread_over_nodes(selector),
+        "containers": [agent_container(owner, md, pool)],
+        "volumes": [pool.agent.model_cache.volume(), {"name": "tmp", "emptyDir": {}}],
     }
+    if md.engine == EngineKind.LLAMA_SERVER:
+        pod_spec["initContainers"] = [llama_server_sidecar(md, pool)]
     if pool.agent.node_selector:
         pod_spec["nodeSelector"] = dict(pool.agent.node_selector)
     if pool.agent.tolerations:
         pod_spec["tolerations"] = [t.to_kube() for t in pool.agent.tolerations]
+    return pod_spec
+
+
+def agent_pdb(owner: Owner, md: ModelDeploymentSpec, labels: dict[str, str], selector: dict[str, str]) -> Obj:
+    """Voluntary evictions (node drains) take at most ``disruption.maxUnavailable`` agents at a time. The
+    maxUnavailable form allows evictions at 0 replicas and whatever count an autoscaler sets; an agent that
+    is not Ready may always be evicted (``AlwaysAllow``): it serves nothing, and a group of agents that
+    cannot load their model must not block a node drain."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(owner, agent_name(owner.name), labels),
+        "spec": {
+            "maxUnavailable": md.disruption.max_unavailable,
+            "selector": {"matchLabels": selector},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def plan_model_deployment(
+    owner: Owner,
+    md: ModelDeploymentSpec,
+    pool: LlmPoolSpec,
+    *,
+    builtin_replicas: int | None = None,
+    balancer_url: str | None = None,
+    hpa_scale_to_zero: bool = True,
+) -> MdPlan:
+    """Agent Deployment, its PodDisruptionBudget (+ HPA or ScaledObject) of a ModelDeployment, and its
+    desired state.
+
+    ``builtin_replicas`` is the Builtin scaler's answer (see :func:`builtin_scale`);
+    it is used only when ``autoscaling.mode`` is ``Builtin``. ``balancer_url`` is where
+    KEDA's metrics-api trigger reads the pool's management API (:func:`metrics_url` of the
+    operator's ``--balancer-url-template``; default: the cluster-IP management Service).
+    ``hpa_scale_to_zero``: the cluster's HPA accepts ``minReplicas: 0`` (see
+    :func:`hpa_min_replicas`).
+    """
+    pool_name = md.pool_ref.name
+    labels = {**_labels(owner, pool_name, "agent", "paddler-agent"), MD_LABEL: owner.name}
+    selector = {MD_LABEL: owner.name, COMPONENT_LABEL: "agent"}
+    pod_spec = agent_pod_spec(owner, md, pool)
 
     mode = md.autoscaling.mode
     replicas: int | None
@@ -635,6 +716,9 @@ def plan_model_deployment(
         replicas = None
     deployment_spec: Obj = {
         "selector": {"matchLabels": selector},
+        # A replaced agent counts as available only once Ready (model loaded) for this long: a
+        # pod-template rollout takes the next maxUnavailable agents down only after that.
+        "minReadySeconds": md.rollout.min_ready_seconds,
         "strategy": {
             "type": "RollingUpdate",
             "rollingUpdate": {
@@ -669,13 +753,14 @@ def plan_model_deployment(
             f"http://{management_service_name(pool_name)}.{owner.namespace}.svc:{pool.balancer.service.management_port}"
         )
         needs_token = token_ref is not None and md.autoscaling.keda.trigger == KedaTrigger.METRICS_API
-        objects.append(_scaled_object(owner, name, labels, md.autoscaling, base, needs_token))
+        objects.append(_scaled_object(owner, name, labels, md.autoscaling, spa, base, needs_token))
         if needs_token and token_ref is not None:
             objects.append(_trigger_authentication(owner, name, labels, token_ref))
         else:
             absent.append(trigger_auth_ref)
     else:
         absent += [keda_ref, trigger_auth_ref]
+    objects.append(agent_pdb(owner, md, labels, selector))
     return MdPlan(
         objects=objects,
         absent=absent,
@@ -700,10 +785,21 @@ def parked(owner: Owner) -> tuple[ObjRef, Obj, list[ObjRef]]:
     )
 
 
+def _busy_slots_milli(autoscaling: AutoscalingSpec, slots: int) -> int:
+    """Average busy slots per agent pod that the autoscaler keeps, in thousandths."""
+    return max(1, slots * autoscaling.target_slot_utilization * 10)  # slots * percent / 100 * 1000
+
+
 def busy_slots_target(autoscaling: AutoscalingSpec, slots: int) -> str:
-    """Average busy slots per agent pod that the autoscaler keeps (a quantity)."""
-    milli = max(1, slots * autoscaling.target_slot_utilization * 10)  # slots * percent / 100 * 1000
+    """:func:`_busy_slots_milli` as a quantity (HPA)."""
+    milli = _busy_slots_milli(autoscaling, slots)
     return f"{milli}m" if milli % 1000 else str(milli // 1000)
+
+
+def busy_slots_threshold(autoscaling: AutoscalingSpec, slots: int) -> str:
+    """The same target as :func:`busy_slots_target` as a plain decimal (KEDA reads its triggers'
+    thresholds as floats: ``3.2``, not ``3200m``)."""
+    return f"{_busy_slots_milli(autoscaling, slots) / 1000:g}"
 
 
 def hpa_min_replicas(a: AutoscalingSpec, scale_to_zero: bool) -> int:
@@ -799,43 +895,75 @@ def buffered_query(group: str, namespace: str) -> str:
     return f'sum(paddler_requests_buffered{{model_group="{group}",namespace="{namespace}"}})'
 
 
-def keda_trigger(owner: Owner, a: AutoscalingSpec, balancer_base_url: str, authentication: str | None) -> Obj:
-    """The ScaledObject's trigger on the group's buffered requests (``autoscaling.keda.trigger``):
-    active (0 -> 1) as soon as one request is buffered, one agent per ``targetBufferedRequests``.
-    ``authentication``: the TriggerAuthentication holding the balancer's management token, if any."""
-    target = str(a.target_buffered_requests)
+def busy_query(group: str, namespace: str) -> str:
+    """PromQL of the second prometheus trigger: this group's busy slots (each replica's own requests, summed)."""
+    return f'sum(paddler_slots_processing{{model_group="{group}",namespace="{namespace}"}})'
+
+
+def keda_triggers(owner: Owner, a: AutoscalingSpec, slots: int, balancer_base_url: str, auth: str | None) -> list[Obj]:
+    """The ScaledObject's two triggers (``autoscaling.keda.trigger``), the same pair of metrics as mode HPA:
+
+    * the group's buffered requests: active (0 -> 1) as soon as one request waits, one agent per
+      ``targetBufferedRequests``;
+    * the group's busy slots: active while any slot serves, one agent per ``slots x targetSlotUtilization``.
+
+    KEDA scales to the larger of the two and to zero only when both are idle for ``cooldownPeriod``: on
+    buffered requests alone, a group whose agents keep up (nothing waits) would be scaled in under load.
+    ``auth``: the TriggerAuthentication holding the balancer's management token, if any."""
+    buffered_target, busy_target = str(a.target_buffered_requests), busy_slots_threshold(a, slots)
     if a.keda.trigger == KedaTrigger.PROMETHEUS:
-        return {
-            "type": "prometheus",
-            "metadata": {
-                "serverAddress": a.keda.prometheus_server_address,
-                "query": buffered_query(owner.name, owner.namespace),
-                "threshold": target,
-                "activationThreshold": "0",
-                "ignoreNullValues": "true",  # no series yet (nothing scraped): 0, not an error
-            },
-        }
+        return [
+            _prometheus_trigger(a, buffered_query(owner.name, owner.namespace), buffered_target),
+            _prometheus_trigger(a, busy_query(owner.name, owner.namespace), busy_target),
+        ]
+    # The balancer's own JSON: no Prometheus needed. scope=pool: the replica that answers sums the
+    # group's buffered requests over its peers, and reports the group's busy slots.
+    url = f"{balancer_base_url}/api/v1/buffered_requests?model_group={owner.name}&scope=pool"
+    return [
+        _metrics_api_trigger(url, "buffered_requests_current", buffered_target, auth),
+        _metrics_api_trigger(url, "slots_processing", busy_target, auth),
+    ]
+
+
+def _prometheus_trigger(a: AutoscalingSpec, query: str, threshold: str) -> Obj:
+    return {
+        "type": "prometheus",
+        "metadata": {
+            "serverAddress": a.keda.prometheus_server_address,
+            "query": query,
+            "threshold": threshold,
+            "activationThreshold": "0",
+            "ignoreNullValues": "true",  # no series yet (nothing scraped): 0, not an error
+        },
+    }
+
+
+def _metrics_api_trigger(url: str, value_location: str, target: str, auth: str | None) -> Obj:
     trigger: Obj = {
-        # The balancer's own JSON, this group's count: no Prometheus needed.
         "type": "metrics-api",
         "metadata": {
-            # scope=pool: the replica that answers sums the group's buffered requests over its peers.
-            "url": f"{balancer_base_url}/api/v1/buffered_requests?model_group={owner.name}&scope=pool",
-            "valueLocation": "buffered_requests_current",
+            "url": url,
+            "valueLocation": value_location,
             "targetValue": target,
             "activationTargetValue": "0",
         },
     }
-    if authentication is not None:
+    if auth is not None:
         trigger["metadata"]["authMode"] = "bearer"
-        trigger["authenticationRef"] = {"name": authentication}
+        trigger["authenticationRef"] = {"name": auth}
     return trigger
 
 
 def _scaled_object(
-    owner: Owner, name: str, labels: dict[str, str], a: AutoscalingSpec, balancer_base_url: str, with_token: bool
+    owner: Owner,
+    name: str,
+    labels: dict[str, str],
+    a: AutoscalingSpec,
+    slots: int,
+    balancer_base_url: str,
+    with_token: bool,
 ) -> Obj:
-    trigger = keda_trigger(owner, a, balancer_base_url, name if with_token else None)
+    triggers = keda_triggers(owner, a, slots, balancer_base_url, name if with_token else None)
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -853,7 +981,7 @@ def _scaled_object(
                     "behavior": {"scaleDown": {"stabilizationWindowSeconds": min(a.scale_down_delay_seconds, 3600)}}
                 }
             },
-            "triggers": [trigger],
+            "triggers": triggers,
         },
     }
 

@@ -619,8 +619,11 @@ def test_llama_server_engine_runs_the_server_beside_the_agent_in_one_pod(
     operators.start(ns)
     cluster.apply(POOL + "---" + LLAMA_SERVER_MODEL, namespace=ns)
     deployment = wait_object(cluster, ns, "deployment/m-agent")
-    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    template = deployment["spec"]["template"]["spec"]
+    # llama-server is a native sidecar: an init container that restarts, stopped after the agent.
+    containers = {c["name"]: c for c in [*template["containers"], *template["initContainers"]]}
     assert list(containers) == ["agent", "llama-server"]
+    assert containers["llama-server"]["restartPolicy"] == "Always"
     agent, server = containers["agent"], containers["llama-server"]
     assert (flag(agent["args"], "--engine"), flag(agent["args"], "--llama-server-url")) == (
         "llama-server", "http://127.0.0.1:8080",
@@ -635,4 +638,5 @@ def test_llama_server_engine_runs_the_server_beside_the_agent_in_one_pod(
         cluster, ns, "pods", lambda o: any(p["metadata"]["name"].startswith("m-agent") for p in o["items"])
     )
     pod = next(p for p in pods["items"] if p["metadata"]["name"].startswith("m-agent"))
-    assert [c["name"] for c in pod["spec"]["containers"]] == ["agent", "llama-server"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["agent"]
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["llama-server"]

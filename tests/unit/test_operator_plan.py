@@ -194,7 +194,7 @@ def test_config_change_rolls_the_balancer_pod() -> None:
 def test_model_deployment_plan_defaults() -> None:
     p = plan.plan_model_deployment(MD, md_spec(), pool_spec())
     objs = by_kind(p.objects)
-    assert list(objs) == ["Deployment/m-agent"]
+    assert list(objs) == ["Deployment/m-agent", "PodDisruptionBudget/m-agent"]
     d = objs["Deployment/m-agent"]
     c = container(d)
     assert d["spec"]["replicas"] == 1
@@ -216,6 +216,10 @@ def test_model_deployment_plan_defaults() -> None:
         "$(POD_NAME)",
         "--model-cache-dir",
         "/var/cache/paddler/models",
+        "--health-addr",
+        "0.0.0.0:8086",
+        "--drain-timeout",
+        "60s",
     ]
     assert d["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
     assert [str(r) for r in p.absent] == [
@@ -301,18 +305,18 @@ def test_model_cache_is_one_volume_kind() -> None:
         pool_spec(agent={"modelCache": cache})
 
 
-HPA, SO, TA = "HorizontalPodAutoscaler", "ScaledObject", "TriggerAuthentication"
+HPA, SO, TA, PDB = "HorizontalPodAutoscaler", "ScaledObject", "TriggerAuthentication", "PodDisruptionBudget"
 
 
 @pytest.mark.parametrize(
     ("autoscaling", "builtin", "kinds", "absent", "replicas"),
     [
-        ({"mode": "None"}, None, ["Deployment"], [HPA, SO, TA], 1),
-        ({"mode": "HPA", "minReplicas": 0}, None, ["Deployment", HPA], [SO, TA], None),
-        ({"mode": "KEDA"}, None, ["Deployment", SO, TA], [HPA], None),
-        ({"mode": "Builtin", "minReplicas": 0}, None, ["Deployment"], [HPA, SO, TA], 0),
-        ({"mode": "Builtin", "maxReplicas": 3}, 7, ["Deployment"], [HPA, SO, TA], 3),
-        ({"mode": "Builtin", "minReplicas": 2}, 1, ["Deployment"], [HPA, SO, TA], 2),
+        ({"mode": "None"}, None, ["Deployment", PDB], [HPA, SO, TA], 1),
+        ({"mode": "HPA", "minReplicas": 0}, None, ["Deployment", HPA, PDB], [SO, TA], None),
+        ({"mode": "KEDA"}, None, ["Deployment", SO, TA, PDB], [HPA], None),
+        ({"mode": "Builtin", "minReplicas": 0}, None, ["Deployment", PDB], [HPA, SO, TA], 0),
+        ({"mode": "Builtin", "maxReplicas": 3}, 7, ["Deployment", PDB], [HPA, SO, TA], 3),
+        ({"mode": "Builtin", "minReplicas": 2}, 1, ["Deployment", PDB], [HPA, SO, TA], 2),
     ],
 )
 def test_autoscaling_modes(
@@ -393,6 +397,24 @@ def test_keda_reads_the_groups_buffered_requests_from_the_balancer_json() -> Non
     }
 
 
+def test_keda_keeps_a_group_whose_slots_are_busy_with_nothing_buffered() -> None:
+    """The second metrics-api trigger: the group's busy slots from the same pool-wide JSON, one
+    agent per slots x targetSlotUtilization, active while any slot serves (so KEDA's cooldown
+    never scales a group in while it streams)."""
+    spec = md_spec(autoscaling={"mode": "KEDA", "minReplicas": 0, "targetSlotUtilization": 50}, slotsPerAgent=4)
+    so = plan.plan_model_deployment(MD, spec, pool_spec()).objects[1]
+    buffered, busy = so["spec"]["triggers"]
+    assert busy["type"] == "metrics-api"
+    assert busy["metadata"] == {
+        "url": buffered["metadata"]["url"],
+        "valueLocation": "slots_processing",
+        "targetValue": "2",
+        "activationTargetValue": "0",
+        "authMode": "bearer",
+    }
+    assert busy["authenticationRef"] == buffered["authenticationRef"]
+
+
 def test_keda_metrics_api_trigger_reads_where_the_operator_reaches_the_balancer() -> None:
     spec = md_spec(autoscaling={"mode": "KEDA"})
     so = plan.plan_model_deployment(MD, spec, pool_spec(), balancer_url="http://127.0.0.1:4321").objects[1]
@@ -418,10 +440,20 @@ def test_keda_prometheus_trigger_queries_the_group_in_its_namespace() -> None:
                 "activationThreshold": "0",
                 "ignoreNullValues": "true",
             },
-        }
+        },
+        {
+            "type": "prometheus",
+            "metadata": {
+                "serverAddress": "http://prom.mon.svc:9090",
+                "query": 'sum(paddler_slots_processing{model_group="m",namespace="ns"})',
+                "threshold": "3.2",  # 4 slots x 80 %, a float for KEDA
+                "activationThreshold": "0",
+                "ignoreNullValues": "true",
+            },
+        },
     ]
     # Prometheus needs no management token from KEDA: no TriggerAuthentication.
-    assert [o["kind"] for o in p.objects] == ["Deployment", "ScaledObject"]
+    assert [o["kind"] for o in p.objects] == ["Deployment", "ScaledObject", "PodDisruptionBudget"]
     assert "TriggerAuthentication" in [r.kind for r in p.absent]
 
 
@@ -436,6 +468,16 @@ def test_keda_trigger_kind_is_validated() -> None:
 )
 def test_busy_slots_target(slots: int, percent: int, target: str) -> None:
     assert plan.busy_slots_target(AutoscalingSpec(target_slot_utilization=percent), slots) == target
+
+
+@pytest.mark.parametrize(
+    ("slots", "percent", "threshold"),
+    [(4, 80, "3.2"), (4, 100, "4"), (1, 50, "0.5"), (10, 10, "1"), (3, 33, "0.99"), (1, 1, "0.01")],
+)
+def test_keda_busy_slot_threshold_is_a_plain_decimal(slots: int, percent: int, threshold: str) -> None:
+    value = plan.busy_slots_threshold(AutoscalingSpec(target_slot_utilization=percent), slots)
+    assert value == threshold
+    float(value)  # what KEDA does with it
 
 
 @pytest.mark.parametrize(
@@ -773,7 +815,7 @@ def test_a_pool_with_its_own_token_secret_or_none() -> None:
     assert {"name": "PADDLER_MANAGEMENT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}} in own_env
     assert all(e["name"] != "PADDLER_MANAGEMENT_TOKEN" for e in off_env)
     keda = plan.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), off)
-    assert [o["kind"] for o in keda.objects] == ["Deployment", "ScaledObject"]
+    assert [o["kind"] for o in keda.objects] == ["Deployment", "ScaledObject", "PodDisruptionBudget"]
     assert "authenticationRef" not in keda.objects[1]["spec"]["triggers"][0]
 
 

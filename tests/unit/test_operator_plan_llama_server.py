@@ -20,10 +20,12 @@ def md_spec(**spec: Any) -> ModelDeploymentSpec:
 
 
 def containers(md: ModelDeploymentSpec, pool: LlmPoolSpec | None = None) -> dict[str, dict[str, Any]]:
+    """The pod's containers by name, the native sidecars (init containers) first."""
     planned = plan.plan_model_deployment(MD, md, pool or LlmPoolSpec())
     deployment = planned.objects[0]
     assert deployment["kind"] == "Deployment"
-    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    pod = deployment["spec"]["template"]["spec"]
+    return {c["name"]: c for c in [*pod.get("initContainers", []), *pod["containers"]]}
 
 
 def flag(args: list[str], name: str) -> str | None:
@@ -34,9 +36,23 @@ def test_default_engine_is_the_agent_alone() -> None:
     assert list(containers(md_spec())) == ["agent"]
 
 
+def test_llama_server_is_a_native_sidecar_that_outlives_the_agents_drain() -> None:
+    planned = plan.plan_model_deployment(MD, md_spec(engine="llamaServer"), LlmPoolSpec())
+    pod = planned.objects[0]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["agent"]
+    assert [(c["name"], c["restartPolicy"]) for c in pod["initContainers"]] == [("llama-server", "Always")]
+
+
+def test_llama_server_pod_grace_covers_the_agents_drain_and_the_servers_stop() -> None:
+    planned = plan.plan_model_deployment(
+        MD, md_spec(engine="llamaServer", rollout={"drainTimeoutSeconds": 90}), LlmPoolSpec()
+    )
+    assert planned.objects[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 100
+
+
 def test_llama_server_engine_adds_the_server_beside_the_agent_on_pod_loopback() -> None:
     found = containers(md_spec(engine="llamaServer", slotsPerAgent=3))
-    assert list(found) == ["agent", "llama-server"]
+    assert list(found) == ["llama-server", "agent"]
     agent, server = found["agent"], found["llama-server"]
     assert flag(agent["args"], "--engine") == "llama-server"
     assert flag(agent["args"], "--llama-server-url") == "http://127.0.0.1:8080"
@@ -47,11 +63,9 @@ def test_llama_server_engine_adds_the_server_beside_the_agent_on_pod_loopback() 
     assert flag(args, "--model") == "/models/smollm2.gguf"
     assert server["image"] == "ghcr.io/paddler-k8s/llama-server:0.1.0"
     # Probed from inside the pod (the kubelet's HTTP probes come from the node, which cannot
-    # reach the pod's loopback), by the agent container's Python.
+    # reach the pod's loopback): the agent's own /ready asks llama-server's /health.
     assert "readinessProbe" not in server
-    probe = agent["readinessProbe"]["exec"]["command"]
-    assert probe[:2] == ["python", "-c"]
-    assert "http://127.0.0.1:8080/health" in probe[2]
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     assert {m["name"] for m in server["volumeMounts"]} == {"models", "tmp"}
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from paddler_cli.main import build_parser
 from paddler_operator import plan
 from paddler_operator.balancer_views import (
     AgentView,
@@ -97,6 +98,7 @@ def test_pod_disruption_budget_lets_one_replica_go_at_a_time() -> None:
                     "topologyKey": "kubernetes.io/hostname",
                     "whenUnsatisfiable": "ScheduleAnyway",
                     "labelSelector": {"matchLabels": SELECTOR},
+                    "matchLabelKeys": ["pod-template-hash"],
                 }
             ],
         ),
@@ -341,3 +343,17 @@ def test_partial_pass_degrades_a_model_deployment() -> None:
     degraded = next(c for c in status.conditions if c.type == "Degraded")
     assert (degraded.status, degraded.reason) == ("True", "BalancerReplicasUnreachable")
     assert "b: refused" in degraded.message
+
+
+@pytest.mark.parametrize(
+    ("routing", "flag"), [({}, "prefix"), ({"routing": "prefix"}, "prefix"), ({"routing": "leastBusy"}, "least-busy")]
+)
+def test_the_pools_routing_reaches_every_balancer_replica_as_its_flag(routing: dict[str, Any], flag: str) -> None:
+    container = objects(**routing)["Deployment/p-balancer"]["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert str(args.routing) == flag
+
+
+def test_an_unknown_routing_is_rejected_by_the_schema() -> None:
+    with pytest.raises(ValidationError, match="routing"):
+        LlmPoolSpec.model_validate({"balancer": {"routing": "random"}})
