@@ -1,10 +1,10 @@
-"""Fixtures of the cluster tier: the project's images on a real single-node cluster.
+"""Fixtures of the cluster tier: the project's images on a real two-node cluster.
 
 ``cluster`` (session scope) runs ``make images`` (Docker daemon, base image, the
 portable llama wheel, the cached llama-server, five images), builds the tier's client image (curl + the
 ``openai`` SDK), then ``make cluster-up``: the control plane of ``scripts/k8s/up.sh``
-plus a real node (containerd, CNI bridge, kubelet, kube-proxy, CoreDNS) with the
-images loaded. ``make cluster-down`` stops all of it afterwards, whatever happened,
+plus two real nodes (each its own containerd, CNI bridge and kubelet; kube-proxy and
+CoreDNS once) with the images loaded into both. ``make cluster-down`` stops all of it afterwards, whatever happened,
 unless the cluster was already up before the session (then it is left running).
 """
 
@@ -23,6 +23,8 @@ from tests.kubectl import Kubectl
 REPO = Path(__file__).resolve().parents[2]
 STATE = REPO / ".k8s" / "cluster"
 NODE_NAME = "paddler-node"
+NODE_NAMES = (NODE_NAME, "paddler-node-2")
+"""The real nodes of ``make cluster-up`` (K8S_NODES=2)."""
 VERSION = next(
     line.split(":", 1)[1].strip().strip('"')
     for line in (REPO / "charts" / "paddler" / "Chart.yaml").read_text().splitlines()
@@ -63,7 +65,11 @@ def _make(*targets: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-def _node_ready(kubectl: Path) -> bool:
+def _nodes_ready(kubectl: Path) -> bool:
+    return all(_node_ready(kubectl, name) for name in NODE_NAMES)
+
+
+def _node_ready(kubectl: Path, name: str) -> bool:
     if not (STATE / "kubeconfig").exists():
         return False
     proc = subprocess.run(
@@ -74,7 +80,7 @@ def _node_ready(kubectl: Path) -> bool:
             "--request-timeout=5s",
             "get",
             "node",
-            NODE_NAME,
+            name,
             "-o",
             'jsonpath={.status.conditions[?(@.type=="Ready")].status}',
         ],
@@ -121,7 +127,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     kubectl = STATE / "bin" / "kubectl"
-    was_up = kubectl.exists() and _node_ready(kubectl)
+    was_up = kubectl.exists() and _nodes_ready(kubectl)
     up_ok = False
     try:
         images = _make("images")

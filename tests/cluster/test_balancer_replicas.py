@@ -23,7 +23,7 @@ import pytest
 
 from tests.kubectl import wait_until
 
-from .clients import ClientRun, client_pod
+from .clients import ClientRun, client_pod, stream_load_script, wait_for_client
 from .conftest import MODEL_IMAGE, MODEL_PATH, Cluster
 from .test_inference_in_cluster import ready_condition, record
 
@@ -134,39 +134,9 @@ print(json.dumps(out))
 def load_script(pool: HaPool, tag: str, max_seconds: float = 400) -> str:
     """WORKERS threads streaming chats back to back until /tmp/stop-<tag> appears, with the
     SDK's default retries; one JSON line per request: ok, wall-clock start/first/end."""
-    return f"""
-import json, os, threading, time
-from openai import OpenAI
-client = OpenAI(base_url="{pool.inference_url}/v1", api_key="unused", timeout=120)
-stop_file, deadline = "/tmp/stop-{tag}", time.monotonic() + {max_seconds}
-lock = threading.Lock()
-def emit(answer):
-    with lock:
-        print(json.dumps(answer), flush=True)
-def worker(w):
-    n = 0
-    while not os.path.exists(stop_file) and time.monotonic() < deadline:
-        n += 1
-        t0, first, chunks = time.time(), None, 0
-        try:
-            stream = client.chat.completions.create(
-                model="{GROUP}",
-                messages=[{{"role": "user", "content": f"Worker {{w}}, request {{n}}: count to ten."}}],
-                max_tokens={MAX_TOKENS}, temperature=0, stream=True,
-            )
-            for chunk in stream:
-                chunks += 1
-                first = first or time.time()
-            emit({{"w": w, "n": n, "ok": chunks > 0, "t0": t0, "first": first, "end": time.time()}})
-        except Exception as err:
-            failed = {{"ok": False, "error": repr(err)[:300], "t0": t0, "first": first, "end": time.time()}}
-            emit({{"w": w, "n": n, **failed}})
-threads = [threading.Thread(target=worker, args=(w,)) for w in range({WORKERS})]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-"""
+    return stream_load_script(
+        pool.inference_url, GROUP, tag, workers=WORKERS, max_tokens=MAX_TOKENS, max_seconds=max_seconds
+    )
 
 
 @dataclass
@@ -204,7 +174,7 @@ def ha(cluster: Cluster, release: str) -> Iterator[HaPool]:
             timeout=300,
             what="ModelDeployment Ready (2 balancers, 2 agents, model loaded)",
         )
-        cluster.kubectl_run("-n", namespace, "wait", "--for=condition=Ready", "pod/client", "--timeout=120s")
+        wait_for_client(cluster, namespace)
         pool = HaPool(cluster, namespace)
         wait_until(pool.settled, timeout=120, what="both replicas holding both agents")
         yield pool

@@ -22,13 +22,13 @@ from paddler_client.inference_message import parse_inference_client_message
 
 from tests.kubectl import wait_until
 
-from .clients import ClientRun, client_pod
+from .clients import ClientRun, client_pod, stream_load_script, wait_for_client
 from .conftest import (
     BALANCER_IMAGE,
     LLAMA_SERVER_MODEL_IMAGE,
     MODEL_IMAGE,
     MODEL_PATH,
-    NODE_NAME,
+    NODE_NAMES,
     RELEASE,
     RELEASE_NS,
     STATE,
@@ -123,7 +123,7 @@ def pool(cluster: Cluster, release: str) -> Iterator[Pool]:
             timeout=300,
             what="ModelDeployment Ready (balancer and agent pods up, model loaded)",
         )
-        cluster.kubectl_run("-n", namespace, "wait", "--for=condition=Ready", "pod/client", "--timeout=120s")
+        wait_for_client(cluster, namespace)
         yield Pool(cluster, namespace)
     finally:
         # The operator (still installed) removes its finalizers; the namespace goes.
@@ -159,7 +159,7 @@ def test_helm_runs_the_operator_on_the_node_under_the_chart_rbac(cluster: Cluste
     assert lease["spec"]["holderIdentity"] in {p["metadata"]["name"] for p in pods}
     pod = pods[0]
     assert pod["status"]["phase"] == "Running"
-    assert pod["spec"]["nodeName"] == NODE_NAME
+    assert pod["spec"]["nodeName"] in NODE_NAMES
     assert pod["spec"]["containers"][0]["image"] == BALANCER_IMAGE  # the chart's default image
     assert pod["spec"]["serviceAccountName"] == RELEASE
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
@@ -199,7 +199,7 @@ def test_pool_and_model_deployment_report_ready_with_four_slots(pool: Pool) -> N
     assert md[1:5] == [POOL, "True", "1/1", "4/4"], printed
     assert md[6] == MODEL_PATH, printed
     for p in pool.cluster.get_json("-n", pool.namespace, "pods")["items"]:
-        assert p["spec"]["nodeName"] == NODE_NAME
+        assert p["spec"]["nodeName"] in NODE_NAMES
         assert p["status"]["phase"] == "Running"
 
 
@@ -289,16 +289,24 @@ spec:
             found: list[dict[str, Any]] = cluster.get_json("-n", ns, "pods", "-l", f"{MD_LABEL}={group}")["items"]
             return [p for p in found if not p["metadata"].get("deletionTimestamp")]
 
-        # The kubelet's readiness probe of llama-server (every 5 s) may trail the agent's
-        # own look at /health, which made the group Ready.
+        # The kubelet's readiness probe of the agent (/ready, which asks llama-server's /health;
+        # every 5 s) may trail the agent's own report, which made the group Ready.
         (pod,) = wait_until(
             lambda: [p for p in pods() if all(c["ready"] for c in p["status"].get("containerStatuses", [{}]))],
             timeout=60,
-            what="both containers of the pod ready",
+            what="the agent container ready",
         )
         name = pod["metadata"]["name"]
         images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
-        assert images == {"agent": BALANCER_IMAGE, "llama-server": LLAMA_SERVER_MODEL_IMAGE}
+        assert images == {"agent": BALANCER_IMAGE}
+        # llama-server is a native sidecar: started before the agent, stopped after its drain.
+        (sidecar,) = pod["spec"]["initContainers"]
+        assert (sidecar["name"], sidecar["image"], sidecar["restartPolicy"]) == (
+            "llama-server",
+            LLAMA_SERVER_MODEL_IMAGE,
+            "Always",
+        )
+        assert [s["started"] for s in pod["status"]["initContainerStatuses"]] == [True]
         row = next(
             line.split()
             for line in cluster.kubectl_run("-n", ns, "get", "md", group).stdout.splitlines()
@@ -340,6 +348,34 @@ with urllib.request.urlopen(request, timeout=120) as r:
         assert answer["completion"]
         assert answer["completion"] == direct
         assert "Paris" in answer["chat"], answer
+
+        # The pod deleted mid-stream: the agent drains the request while its sidecar keeps
+        # serving it (Kubernetes stops llama-server only after the agent container exited).
+        streaming = ClientRun.start(
+            cluster,
+            ns,
+            stream_load_script(
+                pool.inference_url, group, "sidecar", workers=1, max_tokens=160, max_seconds=240, each=1
+            ),
+        )
+        watch = f"""
+import json, time, urllib.request
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    request = urllib.request.Request(
+        "{pool.management_url}/api/v1/agents", headers={{"Authorization": "Bearer {pool.management_token()}"}}
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        if any(a["name"] == "{name}" and a["slots_in_flight"] >= 1 for a in json.load(r)["agents"]):
+            print("in flight")
+            break
+    time.sleep(0.1)
+"""
+        assert "in flight" in pool.in_client(watch, timeout=150)
+        cluster.kubectl_run("-n", ns, "delete", "pod", name, "--wait=false")
+        (drained,) = streaming.finish(timeout=180)
+        record("engine: llamaServer, pod deleted mid-stream", json.dumps(drained))
+        assert drained["ok"], drained
     finally:
         cluster.kubectl_run("-n", ns, "delete", "md", group, "--wait=false", check=False)
         wait_until(
@@ -441,7 +477,7 @@ while time.monotonic() < deadline:
     time.sleep(0.1)
 """
         assert "in flight" in pool.in_client(watch, timeout=150), (in_flight.results, in_flight.stderr())
-        cluster.kubectl_run("cordon", NODE_NAME)
+        cluster.kubectl_run("cordon", *NODE_NAMES)
         cordoned = True
         cluster.kubectl_run("-n", pool.namespace, "delete", "pod", old_name, "--wait=false")
         # The killed agent takes no new request (it reports no slots at once, then leaves).
@@ -460,7 +496,7 @@ while time.monotonic() < deadline:
         (pending,) = [p for p in pool.agent_pods() if p["metadata"]["name"] != old_name]
         assert pending["status"]["phase"] == "Pending"  # not scheduled: nothing served them yet
         assert waiters.count() == 0
-        cluster.kubectl_run("uncordon", NODE_NAME)
+        cluster.kubectl_run("uncordon", *NODE_NAMES)
         cordoned = False
         wait_until(
             lambda: any(
@@ -476,7 +512,7 @@ while time.monotonic() < deadline:
         first = in_flight.finish(timeout=120)
     finally:
         if cordoned:
-            cluster.kubectl_run("uncordon", NODE_NAME, check=False)
+            cluster.kubectl_run("uncordon", *NODE_NAMES, check=False)
         in_flight.stop()
         if waiters is not None:
             waiters.stop()
