@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Processes
+from tests.tier_guard import TierGuard
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(TierGuard(Path(__file__).parent), "tier-guard")
 
 
 @pytest.fixture
