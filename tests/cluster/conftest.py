@@ -1,6 +1,7 @@
 """Fixtures of the cluster tier: the project's images on a real two-node cluster.
 
-``cluster`` (session scope) runs ``make images`` (Docker daemon, base image, the
+``cluster`` (package scope: set up for the tier's first test, stopped after its last,
+so no node daemon runs beside the later, timing-sensitive tiers) runs ``make images`` (Docker daemon, base image, the
 portable llama wheel, the cached llama-server, five images), builds the tier's client image (curl + the
 ``openai`` SDK), then ``make cluster-up``: the control plane of ``scripts/k8s/up.sh``
 plus two real nodes (each its own containerd, CNI bridge and kubelet; kube-proxy and
@@ -124,7 +125,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT_S + 900), append=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster() -> Iterator[Cluster]:
     kubectl = STATE / "bin" / "kubectl"
     was_up = kubectl.exists() and _nodes_ready(kubectl)
@@ -145,7 +146,7 @@ def cluster() -> Iterator[Cluster]:
                 raise AssertionError(f"make cluster-down failed:\n{down.stderr[-3000:]}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def release(cluster: Cluster) -> Iterator[str]:
     """`helm install` of charts/paddler with its defaults: the operator in-cluster, one
     release for the whole tier (each module makes its own pool in its own namespace)."""
