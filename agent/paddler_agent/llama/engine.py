@@ -263,6 +263,12 @@ class LlamaEngine(Engine):
         worker = self._worker
         return worker.heartbeat if worker is not None else None
 
+    def decode_steps(self) -> int:
+        """``llama_decode`` calls since the model loaded (0 without one): sequences decoded
+        together share a step, which is what slots buy."""
+        worker = self._worker
+        return worker.steps if worker is not None else 0
+
     def _loop_stopped(self, error: str) -> None:
         """The decode loop died: say so (an issue, not Applied, no slots) instead of
         taking requests it can only fail. A new desired state reloads the model."""
