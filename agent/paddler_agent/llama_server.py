@@ -68,6 +68,7 @@ from paddler_agent.chat_template import ChatTemplateError, render_chat
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_agent.llama.errors import RequestError
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls, prompt_opens_reasoning
+from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import (
     BalancerDesiredState,
     InferenceParameters,
@@ -104,10 +105,7 @@ STREAM_READ_TIMEOUT_S = 600.0
 """No byte from the server for this long ends a request (the balancer's own item
 timeout, 30 s by default, normally fires first)."""
 
-ISSUE_UNREACHABLE = "LlamaServerUnreachable"
-ISSUE_NOT_READY = "LlamaServerNotReady"
-ISSUE_MODEL = "ModelNotApplicableToLlamaServer"
-_SERVER_ISSUES = {ISSUE_UNREACHABLE, ISSUE_NOT_READY}
+_SERVER_ISSUES = {AgentIssueVariant.LLAMA_SERVER_UNREACHABLE, AgentIssueVariant.LLAMA_SERVER_NOT_READY}
 
 Payload = ResponsePayload
 FINAL_FIELDS = ("content", "stop", "stop_type", "tokens_predicted", "tokens_evaluated", "tokens_cached")
@@ -655,7 +653,7 @@ class LlamaServerEngine(Engine):
         props = self.props
         if props is None:
             return  # judged once the server has answered /props
-        board.issues = [i for i in board.issues if i.variant != ISSUE_MODEL]
+        board.issues = [i for i in board.issues if i.variant != AgentIssueVariant.MODEL_NOT_APPLICABLE_TO_LLAMA_SERVER]
         source = self._desired_model
         if model_matches(source, props.model_path):
             board.state_application_status = StateApplicationStatus.APPLIED
@@ -665,7 +663,9 @@ class LlamaServerEngine(Engine):
                 f"llama-server at {self.url}, which serves {props.model_path!r}. Change the server's --model "
                 "(or the desired state) instead; the server's model keeps serving"
             )
-            board.issues.append(AgentIssue(variant=ISSUE_MODEL, params={"message": message}))
+            board.issues.append(
+                AgentIssue(variant=AgentIssueVariant.MODEL_NOT_APPLICABLE_TO_LLAMA_SERVER, params={"message": message})
+            )
             board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
             log.warning("desired model not applicable desired=%s served=%s", source.describe(), props.model_path)
         self.host.status_changed()
@@ -699,14 +699,18 @@ class LlamaServerEngine(Engine):
             async with self._session.get(f"{self.url}/health", timeout=_probe_timeout()) as response:
                 if response.status != 200:
                     detail = error_of_response(response.status, await response.text()).message
-                    self._server_down(ISSUE_NOT_READY, f"llama-server at {self.url} is not ready: {detail}")
+                    self._server_down(
+                        AgentIssueVariant.LLAMA_SERVER_NOT_READY, f"llama-server at {self.url} is not ready: {detail}"
+                    )
                     return
             if self.props is None or self.board.slots_total == 0:
                 self._server_up(await self._read_props())
             if self.props is not None and self.props.slots_endpoint:
                 await self._read_slots()
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
-            self._server_down(ISSUE_UNREACHABLE, f"llama-server at {self.url} is unreachable: {_describe(e)}")
+            self._server_down(
+                AgentIssueVariant.LLAMA_SERVER_UNREACHABLE, f"llama-server at {self.url} is unreachable: {_describe(e)}"
+            )
 
     async def _read_props(self) -> ServerProps:
         async with self._session.get(f"{self.url}/props", timeout=_probe_timeout()) as response:
@@ -747,7 +751,7 @@ class LlamaServerEngine(Engine):
         self._judge_model()
         self.host.status_changed()
 
-    def _server_down(self, variant: str, message: str) -> None:
+    def _server_down(self, variant: AgentIssueVariant, message: str) -> None:
         board = self.board
         known = [i for i in board.issues if i.variant in _SERVER_ISSUES]
         if board.slots_total == 0 and known and known[0].variant == variant:

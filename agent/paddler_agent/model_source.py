@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 
+from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import ModelSource, UrlModelReference
 from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy, path_is_under
 from paddler_core.protocol import AgentIssue
@@ -54,28 +55,6 @@ DEFAULT_DOWNLOAD_RETRIES = 3
 """Attempts after the first for transient failures (connection lost, truncated body, 5xx)."""
 DEFAULT_RETRY_DELAY_S = 1.0
 
-# Agent-issue variants this module reports.
-# Paddler 4.1's AgentIssue variants (params ``{"model_path": ...}``, plus our
-# ``message`` for people).
-MODEL_FILE_DOES_NOT_EXIST = "ModelFileDoesNotExist"
-MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
-"""Paddler's one variant for a file that is there but unusable: unreadable or not GGUF
-(:class:`FileProblem` says which)."""
-MODEL_DOES_NOT_EXIST_AT_URL = "ModelDoesNotExistAtUrl"
-DOWNLOAD_SERVER_DENIED_ACCESS = "DownloadServerDeniedAccess"
-DOWNLOAD_SERVER_ERRORED = "DownloadServerErrored"
-DOWNLOAD_SERVER_IS_UNREACHABLE = "DownloadServerIsUnreachable"
-DOWNLOAD_SERVER_REJECTED_REQUEST = "DownloadServerRejectedRequest"
-DOWNLOAD_URL_IS_MALFORMED = "DownloadUrlIsMalformed"
-DOWNLOAD_INTERRUPTED = "DownloadInterrupted"
-CACHE_DIRECTORY_IS_NOT_WRITABLE = "CacheDirectoryIsNotWritable"
-MODEL_DOWNLOAD_FAILED = "ModelDownloadFailed"
-"""Ours: a Hugging Face download failure Paddler has no closer name for."""
-MODEL_CHECKSUM_MISMATCH = "ModelChecksumMismatch"
-MODEL_SOURCE_IS_NONE = "ModelSourceIsNone"
-HUGGINGFACE_MODEL_DOES_NOT_EXIST = "HuggingFaceModelDoesNotExist"
-HUGGINGFACE_PERMISSIONS = "HuggingFacePermissions"
-MODEL_SOURCE_NOT_ALLOWED = "ModelSourceNotAllowed"
 MAX_REDIRECTS = 10
 
 
@@ -95,7 +74,7 @@ ProgressCallback = Callable[[DownloadProgress], None]
 class ModelSourceError(Exception):
     """The model could not be resolved; ``variant`` names the agent issue."""
 
-    def __init__(self, variant: str, message: str, **details: str) -> None:
+    def __init__(self, variant: AgentIssueVariant, message: str, **details: str) -> None:
         super().__init__(message)
         self.variant = variant
         self.message = message
@@ -127,7 +106,9 @@ class ModelFileUnusable(ModelSourceError):
     """A local model file is missing or unusable; ``problem`` says why and ``reason`` is
     the operating system's word for an unreadable one."""
 
-    def __init__(self, problem: FileProblem, variant: str, message: str, *, path: str, reason: str = "") -> None:
+    def __init__(
+        self, problem: FileProblem, variant: AgentIssueVariant, message: str, *, path: str, reason: str = ""
+    ) -> None:
         super().__init__(variant, message, path=path)
         self.problem = problem
         self.reason = reason
@@ -173,13 +154,17 @@ class ModelAccess:
         try:
             self.url_policy.check_url(url)
         except ModelAccessDenied as e:
-            raise ModelSourceError(MODEL_SOURCE_NOT_ALLOWED, f"This agent refuses {e}", url=url) from e
+            raise ModelSourceError(
+                AgentIssueVariant.MODEL_SOURCE_NOT_ALLOWED, f"This agent refuses {e}", url=url
+            ) from e
 
     def check_address(self, url: str, address: str) -> None:
         try:
             self.url_policy.check_address(url, address)
         except ModelAccessDenied as e:
-            raise ModelSourceError(MODEL_SOURCE_NOT_ALLOWED, f"This agent refuses {e}", url=url) from e
+            raise ModelSourceError(
+                AgentIssueVariant.MODEL_SOURCE_NOT_ALLOWED, f"This agent refuses {e}", url=url
+            ) from e
 
     def check_local(self, path: Path) -> Path:
         if not self.local_roots:
@@ -188,7 +173,7 @@ class ModelAccess:
         roots = tuple(os.path.realpath(r) for r in self.local_roots)
         if not path.is_absolute() or not path_is_under(os.path.realpath(path), roots):
             raise ModelSourceError(
-                MODEL_SOURCE_NOT_ALLOWED,
+                AgentIssueVariant.MODEL_SOURCE_NOT_ALLOWED,
                 f"Model path {shown} is outside this agent's model roots ({', '.join(self.local_roots)}); "
                 "add a root with --model-local-root.",
                 path=shown,
@@ -243,7 +228,7 @@ async def resolve_model(
     if source.kind == "HuggingFace" and source.huggingface is not None:
         ref = source.huggingface
         return await _resolve_huggingface(ref.repo_id, ref.filename, ref.revision, hf_cache_dir(cache_dir), progress)
-    raise ModelSourceError(MODEL_SOURCE_IS_NONE, "No model is configured for this agent.")
+    raise ModelSourceError(AgentIssueVariant.MODEL_SOURCE_IS_NONE, "No model is configured for this agent.")
 
 
 # ---- local files -------------------------------------------------------------------------
@@ -255,14 +240,14 @@ def check_local_gguf(path: Path) -> Path:
     if not path.exists():
         raise ModelFileUnusable(
             FileProblem.MISSING,
-            MODEL_FILE_DOES_NOT_EXIST,
+            AgentIssueVariant.MODEL_FILE_DOES_NOT_EXIST,
             f"Model file {shown} does not exist on the agent.",
             path=shown,
         )
     if not path.is_file():
         raise ModelFileUnusable(
             FileProblem.NOT_A_FILE,
-            MODEL_FILE_DOES_NOT_EXIST,
+            AgentIssueVariant.MODEL_FILE_DOES_NOT_EXIST,
             f"Model path {shown} exists on the agent but is not a regular file.",
             path=shown,
         )
@@ -273,7 +258,7 @@ def check_local_gguf(path: Path) -> Path:
         reason = str(e.strerror or e)
         raise ModelFileUnusable(
             FileProblem.UNREADABLE,
-            MODEL_CANNOT_BE_LOADED,
+            AgentIssueVariant.MODEL_CANNOT_BE_LOADED,
             f"Model file {shown} cannot be read: {reason}.",
             path=shown,
             reason=reason,
@@ -281,7 +266,7 @@ def check_local_gguf(path: Path) -> Path:
     if head != GGUF_MAGIC:
         raise ModelFileUnusable(
             FileProblem.NOT_GGUF,
-            MODEL_CANNOT_BE_LOADED,
+            AgentIssueVariant.MODEL_CANNOT_BE_LOADED,
             f"Model file {shown} is not a GGUF file (it does not start with the GGUF signature).",
             path=shown,
         )
@@ -325,7 +310,7 @@ async def _resolve_url(
         return await asyncio.to_thread(_resolve_file_url, ref)
     if scheme not in ("http", "https"):
         raise ModelSourceError(
-            DOWNLOAD_URL_IS_MALFORMED, f"Unsupported URL scheme {scheme!r} in {ref.url}.", url=ref.url
+            AgentIssueVariant.DOWNLOAD_URL_IS_MALFORMED, f"Unsupported URL scheme {scheme!r} in {ref.url}.", url=ref.url
         )
     target = url_cache_path(ref.url, cache_dir)
     try:
@@ -333,7 +318,7 @@ async def _resolve_url(
             return await _resolve_http(ref, target, progress, retries, retry_delay_s, access)
     except OSError as e:
         raise ModelSourceError(
-            CACHE_DIRECTORY_IS_NOT_WRITABLE,
+            AgentIssueVariant.CACHE_DIRECTORY_IS_NOT_WRITABLE,
             f"Cannot store the model from {ref.url} in the cache {cache_dir}: {e}",
             url=ref.url,
         ) from e
@@ -415,7 +400,7 @@ def _resolve_file_url(ref: UrlModelReference) -> Path:
     parts = urllib.parse.urlsplit(ref.url)
     if parts.netloc not in ("", "localhost"):
         raise ModelSourceError(
-            DOWNLOAD_URL_IS_MALFORMED,
+            AgentIssueVariant.DOWNLOAD_URL_IS_MALFORMED,
             f"file:// URL {ref.url} names host {parts.netloc!r}; only local files are supported.",
             url=ref.url,
         )
@@ -471,14 +456,14 @@ def _finish_download(part: Path, target: Path, ref: UrlModelReference) -> None:
             head = f.read(len(GGUF_MAGIC))
     except OSError as e:
         raise ModelSourceError(
-            MODEL_CANNOT_BE_LOADED,
+            AgentIssueVariant.MODEL_CANNOT_BE_LOADED,
             f"Downloaded model from {ref.url} cannot be read: {e}.",
             url=ref.url,
         ) from e
     if head != GGUF_MAGIC:
         part.unlink(missing_ok=True)
         raise ModelSourceError(
-            MODEL_CANNOT_BE_LOADED,
+            AgentIssueVariant.MODEL_CANNOT_BE_LOADED,
             f"The file at {ref.url} is not a GGUF model (it does not start with the GGUF signature).",
             url=ref.url,
         )
@@ -498,7 +483,7 @@ def _finish_download(part: Path, target: Path, ref: UrlModelReference) -> None:
 
 def _checksum_error(ref: UrlModelReference, actual: str) -> ModelSourceError:
     return ModelSourceError(
-        MODEL_CHECKSUM_MISMATCH,
+        AgentIssueVariant.MODEL_CHECKSUM_MISMATCH,
         f"The model from {ref.url} has sha256 {actual}, but {ref.sha256} was expected; the file was discarded.",
         url=ref.url,
     )
@@ -531,7 +516,9 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
         return None
 
 
-def _download_error(url: str, message: str, variant: str = DOWNLOAD_INTERRUPTED) -> ModelSourceError:
+def _download_error(
+    url: str, message: str, variant: AgentIssueVariant = AgentIssueVariant.DOWNLOAD_INTERRUPTED
+) -> ModelSourceError:
     return ModelSourceError(variant, message, url=url)
 
 
@@ -586,13 +573,15 @@ async def _download(url: str, target: Path, progress: ProgressCallback, access: 
         raise _http_error(url, e.status, e.message) from e
     except aiohttp.ClientConnectorError as e:
         raise _Transient(
-            _download_error(url, f"Downloading {url} failed: {_describe(e)}.", DOWNLOAD_SERVER_IS_UNREACHABLE)
+            _download_error(
+                url, f"Downloading {url} failed: {_describe(e)}.", AgentIssueVariant.DOWNLOAD_SERVER_IS_UNREACHABLE
+            )
         ) from e
     except (aiohttp.ClientError, TimeoutError) as e:
         raise _Transient(_download_error(url, f"Downloading {url} failed: {_describe(e)}.")) from e
     except OSError as e:
         raise _download_error(
-            url, f"Cannot write the model to {part.parent}: {e}.", CACHE_DIRECTORY_IS_NOT_WRITABLE
+            url, f"Cannot write the model to {part.parent}: {e}.", AgentIssueVariant.CACHE_DIRECTORY_IS_NOT_WRITABLE
         ) from e
     if total is not None and received != total:
         raise _Transient(
@@ -678,13 +667,17 @@ def _http_error(url: str, status: int, reason: str | None) -> ModelSourceError |
     5xx DownloadServerErrored (retried), other 4xx DownloadServerRejectedRequest
     (408/429 retried)."""
     if status == 404:
-        return _download_error(url, f"Model URL {url} was not found (HTTP 404).", MODEL_DOES_NOT_EXIST_AT_URL)
+        return _download_error(
+            url, f"Model URL {url} was not found (HTTP 404).", AgentIssueVariant.MODEL_DOES_NOT_EXIST_AT_URL
+        )
     if status in (401, 403):
-        return _download_error(url, f"Access to {url} was refused (HTTP {status}).", DOWNLOAD_SERVER_DENIED_ACCESS)
+        return _download_error(
+            url, f"Access to {url} was refused (HTTP {status}).", AgentIssueVariant.DOWNLOAD_SERVER_DENIED_ACCESS
+        )
     message = f"Downloading {url} failed: HTTP {status} {reason or ''}".strip()
     if status >= 500:
-        return _Transient(_download_error(url, message, DOWNLOAD_SERVER_ERRORED))
-    error = _download_error(url, message, DOWNLOAD_SERVER_REJECTED_REQUEST)
+        return _Transient(_download_error(url, message, AgentIssueVariant.DOWNLOAD_SERVER_ERRORED))
+    error = _download_error(url, message, AgentIssueVariant.DOWNLOAD_SERVER_REJECTED_REQUEST)
     return _Transient(error) if status in (408, 429) else error
 
 
@@ -786,7 +779,7 @@ async def _resolve_huggingface(
         import huggingface_hub
     except ImportError as e:
         raise ModelSourceError(
-            MODEL_DOWNLOAD_FAILED,
+            AgentIssueVariant.MODEL_DOWNLOAD_FAILED,
             "This agent cannot download from Hugging Face: the huggingface_hub package is "
             "not installed (install the 'agent' extra).",
         ) from e
@@ -840,19 +833,19 @@ def hub_file_error(error: ModelFileUnusable, where: str) -> ModelSourceError:
     match error.problem:
         case FileProblem.NOT_GGUF:
             return ModelSourceError(
-                MODEL_CANNOT_BE_LOADED,
+                AgentIssueVariant.MODEL_CANNOT_BE_LOADED,
                 f"{where} on Hugging Face is not a GGUF model file (it does not start with the GGUF signature).",
                 path=path,
             )
         case FileProblem.UNREADABLE:
             return ModelSourceError(
-                MODEL_CANNOT_BE_LOADED,
+                AgentIssueVariant.MODEL_CANNOT_BE_LOADED,
                 f"{where} was downloaded from Hugging Face, but the agent cannot read its file {path}: {error.reason}.",
                 path=path,
             )
         case FileProblem.MISSING | FileProblem.NOT_A_FILE:
             return ModelSourceError(
-                MODEL_DOWNLOAD_FAILED,
+                AgentIssueVariant.MODEL_DOWNLOAD_FAILED,
                 f"Downloading {where} from Hugging Face left no model file at {path}.",
                 path=path,
             )
@@ -865,41 +858,45 @@ def _map_hub_error(error: Exception, where: str) -> ModelSourceError:
 
     if isinstance(error, hf.GatedRepoError):
         return ModelSourceError(
-            HUGGINGFACE_PERMISSIONS,
+            AgentIssueVariant.HUGGINGFACE_PERMISSIONS,
             f"{where} is a gated repository: accept its terms on Hugging Face and give the "
             "agent a token (HF_TOKEN) with access.",
         )
     if isinstance(error, hf.RepositoryNotFoundError):
         return ModelSourceError(
-            HUGGINGFACE_MODEL_DOES_NOT_EXIST,
+            AgentIssueVariant.HUGGINGFACE_MODEL_DOES_NOT_EXIST,
             f"Hugging Face repository for {where} does not exist, or it is private and the "
             "agent's token (HF_TOKEN) cannot see it.",
         )
     if isinstance(error, hf.RevisionNotFoundError):
         return ModelSourceError(
-            HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Revision of {where} does not exist on Hugging Face."
+            AgentIssueVariant.HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Revision of {where} does not exist on Hugging Face."
         )
     if isinstance(error, hf.RemoteEntryNotFoundError):
         return ModelSourceError(
-            HUGGINGFACE_MODEL_DOES_NOT_EXIST,
+            AgentIssueVariant.HUGGINGFACE_MODEL_DOES_NOT_EXIST,
             f"File {where} does not exist in that Hugging Face repository.",
         )
     if isinstance(error, hf.LocalEntryNotFoundError):
         return ModelSourceError(
-            MODEL_DOWNLOAD_FAILED,
+            AgentIssueVariant.MODEL_DOWNLOAD_FAILED,
             f"{where} is not in the local Hugging Face cache and the hub cannot be reached (or HF_HUB_OFFLINE is set).",
         )
     if isinstance(error, hf.HFValidationError):
-        return ModelSourceError(HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Invalid Hugging Face reference {where}: {error}")
+        return ModelSourceError(
+            AgentIssueVariant.HUGGINGFACE_MODEL_DOES_NOT_EXIST, f"Invalid Hugging Face reference {where}: {error}"
+        )
     if isinstance(error, hf.HfHubHTTPError):
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status in (401, 403):
             return ModelSourceError(
-                HUGGINGFACE_PERMISSIONS,
+                AgentIssueVariant.HUGGINGFACE_PERMISSIONS,
                 f"Hugging Face refused access to {where} (HTTP {status}); check HF_TOKEN.",
             )
-        return ModelSourceError(MODEL_DOWNLOAD_FAILED, f"Downloading {where} from Hugging Face failed: {error}")
+        return ModelSourceError(
+            AgentIssueVariant.MODEL_DOWNLOAD_FAILED, f"Downloading {where} from Hugging Face failed: {error}"
+        )
     return ModelSourceError(
-        MODEL_DOWNLOAD_FAILED,
+        AgentIssueVariant.MODEL_DOWNLOAD_FAILED,
         f"Downloading {where} from Hugging Face failed: {_describe(error)}",
     )

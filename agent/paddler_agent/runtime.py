@@ -33,7 +33,8 @@ from paddler_agent.links import (
     Credentials,
     LinkSet,
 )
-from paddler_agent.model_source import MODEL_SOURCE_NOT_ALLOWED, ModelAccess, ModelSourceError
+from paddler_agent.model_source import ModelAccess, ModelSourceError
+from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import BalancerDesiredState, StateOffer, judge_state_offer, state_revision
 from paddler_core.inference import ErrorKind, GenerationError, ResponsePayload, generated_error_payload
 from paddler_core.model_access import ModelUrlPolicy
@@ -58,8 +59,6 @@ from paddler_core.protocol import (
 
 log = logging.getLogger(__name__)
 
-INVALID_DESIRED_STATE = "InvalidDesiredState"
-"""Agent-issue variant of a desired state this agent refuses (out of bounds)."""
 DRAIN_TIMEOUT_S = 50.0
 """On stop (SIGTERM), how long in-flight requests may take to finish by default (``--drain-timeout``;
 the operator renders the ModelDeployment's ``rollout.drainTimeoutSeconds``)."""
@@ -376,7 +375,9 @@ class AgentRuntime:
     def _refuse_invalid_state(self, err: ValidationError) -> None:
         """A desired state out of bounds (an older balancer let it through): an issue."""
         log.error("desired state refused error=%s", err)
-        issue = AgentIssue(variant=INVALID_DESIRED_STATE, params={"message": f"The desired state is invalid: {err}"})
+        issue = AgentIssue(
+            variant=AgentIssueVariant.INVALID_DESIRED_STATE, params={"message": f"The desired state is invalid: {err}"}
+        )
         self.board.issues = [i for i in self.board.issues if i.variant != issue.variant] + [issue]
         self.board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
         self._first_application_ended = True
@@ -416,7 +417,7 @@ class AgentRuntime:
         if self._desired == state and self._apply_task is not None:
             return
         self._desired = state
-        self.board.issues = [i for i in self.board.issues if i.variant != INVALID_DESIRED_STATE]
+        self.board.issues = [i for i in self.board.issues if i.variant != AgentIssueVariant.INVALID_DESIRED_STATE]
         self.board.uses_chat_template_override = bool(state.use_chat_template_override and state.chat_template_override)
         previous = self._apply_task
 
@@ -447,13 +448,17 @@ class AgentRuntime:
         """A model source this agent's limits refuse: keep serving what it serves and say why."""
         log.warning("desired state refused issue=%s message=%s", err.variant, err.message)
         board = self.board
-        board.issues = [i for i in board.issues if i.variant != MODEL_SOURCE_NOT_ALLOWED] + [err.to_issue()]
+        board.issues = [i for i in board.issues if i.variant != AgentIssueVariant.MODEL_SOURCE_NOT_ALLOWED] + [
+            err.to_issue()
+        ]
         board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
         self.status_changed()
 
     def _clear_refusal(self) -> None:
-        if any(i.variant == MODEL_SOURCE_NOT_ALLOWED for i in self.board.issues):
-            self.board.issues = [i for i in self.board.issues if i.variant != MODEL_SOURCE_NOT_ALLOWED]
+        if any(i.variant == AgentIssueVariant.MODEL_SOURCE_NOT_ALLOWED for i in self.board.issues):
+            self.board.issues = [
+                i for i in self.board.issues if i.variant != AgentIssueVariant.MODEL_SOURCE_NOT_ALLOWED
+            ]
             self.status_changed()
 
     async def _cancel_apply(self) -> None:

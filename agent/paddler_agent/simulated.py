@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
+from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import BalancerDesiredState, ModelSource
 from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
@@ -61,7 +62,6 @@ VOCABULARY = (
     ".",
 )
 EMBEDDING_DIMENSION = 16
-MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
 
 
 @dataclass(eq=False)
@@ -120,7 +120,9 @@ class SimulatedEngine(Engine):
             problem = await asyncio.to_thread(_load_problem, state.model)
             if problem is not None:
                 log.warning("model cannot be loaded model=%s problem=%s", model_path, problem)
-                board.issues = [AgentIssue(variant=MODEL_CANNOT_BE_LOADED, params={"message": problem})]
+                board.issues = [
+                    AgentIssue(variant=AgentIssueVariant.MODEL_CANNOT_BE_LOADED, params={"message": problem})
+                ]
                 board.state_application_status = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
                 self._serve()  # the old model keeps serving
                 return

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from paddler_agent.engine import StatusBoard
-from paddler_agent.llama_server import ISSUE_NOT_READY, ISSUE_UNREACHABLE, LlamaServerEngine
+from paddler_agent.llama_server import LlamaServerEngine
 from paddler_core.inference import ErrorKind, ResponsePayload
 from paddler_core.protocol import GenerateMessage, parse_generate_message
 
@@ -148,7 +148,7 @@ async def test_slots_come_from_props_and_leave_while_the_server_is_not_ready(rig
     assert rig.board.issues == []
     rig.stand_in.healthy = False
     await until(lambda: rig.board.slots_total == 0, "slots gone")
-    assert [i.variant for i in rig.board.issues] == [ISSUE_NOT_READY]
+    assert [i.variant for i in rig.board.issues] == ["LlamaServerNotReady"]
     assert "Loading model" in rig.board.issues[0].message
     rig.stand_in.healthy = True
     await until(lambda: rig.board.slots_total == 3, "slots back")
@@ -159,7 +159,7 @@ async def test_a_server_that_goes_away_is_unreachable(rig: Rig) -> None:
     await until(lambda: rig.board.slots_total == 3, "slots from /props")
     await rig.runner.cleanup()
     await until(lambda: rig.board.slots_total == 0, "slots gone")
-    assert [i.variant for i in rig.board.issues] == [ISSUE_UNREACHABLE]
+    assert [i.variant for i in rig.board.issues] == ["LlamaServerUnreachable"]
 
 
 async def test_stream_becomes_tokens_and_done_and_a_context_stop_becomes_an_error(rig: Rig) -> None:

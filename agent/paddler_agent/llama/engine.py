@@ -20,6 +20,7 @@ from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.jobs import Emit, Settings, StatusDelta, template_for
 from paddler_agent.llama.native import MAX_SLOTS, LoadConfig, ModelLoadError, NativeModel, Runtime
 from paddler_agent.model_source import DownloadProgress, ModelAccess, ModelSourceError, resolve_model
+from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import (
     BalancerDesiredState,
     InferenceParameters,
@@ -38,15 +39,6 @@ from paddler_core.protocol import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-MODEL_CANNOT_BE_LOADED = "ModelCannotBeLoaded"
-"""Agent-issue variant of a model file that llama.cpp refuses to load."""
-DECODE_LOOP_STOPPED = "DecodeLoopStopped"
-"""Agent-issue variant of an inference loop that died (a bug): nothing is served."""
-MULTIMODAL_PROJECTION_CANNOT_BE_LOADED = "MultimodalProjectionCannotBeLoaded"
-"""Agent-issue variant (Paddler's) of a ``multimodal_projection`` that cannot be resolved
-or loaded: the model serves text, image requests are refused."""
 
 
 def default_threads() -> int:
@@ -274,7 +266,7 @@ class LlamaEngine(Engine):
         taking requests it can only fail. A new desired state reloads the model."""
         logger.error("decode loop stopped; the agent serves nothing until the model is reloaded error=%s", error)
         self._fail(
-            DECODE_LOOP_STOPPED,
+            AgentIssueVariant.DECODE_LOOP_STOPPED,
             f"The inference loop stopped after an error ({error}); apply the desired state again to reload the model.",
         )
         self._serving = False
@@ -305,7 +297,7 @@ class LlamaEngine(Engine):
             await self._apply_unguarded(state)
         except Exception as e:
             logger.exception("applying desired state failed")
-            self._fail("StateApplicationFailed", f"Applying the desired state failed: {e}")
+            self._fail(AgentIssueVariant.STATE_APPLICATION_FAILED, f"Applying the desired state failed: {e}")
         self._applying = False
         self._answer_held_if_nothing_serves()
 
@@ -365,7 +357,7 @@ class LlamaEngine(Engine):
         try:
             await asyncio.to_thread(_probe_model_file, config.path)
         except ModelLoadError as e:
-            self._fail(MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
+            self._fail(AgentIssueVariant.MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
             return False
         return True
 
@@ -375,7 +367,7 @@ class LlamaEngine(Engine):
         try:
             await self._load(config, settings)
         except ModelLoadError as e:
-            self._fail(MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
+            self._fail(AgentIssueVariant.MODEL_CANNOT_BE_LOADED, str(e), path=config.path)
             if old_config is not None:
                 await self._restore(old_config)
             return
@@ -495,7 +487,7 @@ class LlamaEngine(Engine):
             return projector_issue(runtime.config.projector, runtime.projector_error)
         return None
 
-    def _fail(self, variant: str, message: str, **details: str) -> None:
+    def _fail(self, variant: AgentIssueVariant, message: str, **details: str) -> None:
         logger.warning("desired state not appliable issue=%s message=%s", variant, message)
         board = self.board
         issue = ModelSourceError(variant, message, **details).to_issue()
@@ -532,7 +524,7 @@ def projector_issue(model_path: str, message: str) -> AgentIssue:
     """Paddler 4.1's ``MultimodalProjectionCannotBeLoaded {model_path}`` (and our
     ``message``)."""
     return AgentIssue(
-        variant=MULTIMODAL_PROJECTION_CANNOT_BE_LOADED,
+        variant=AgentIssueVariant.MULTIMODAL_PROJECTION_CANNOT_BE_LOADED,
         params={"model_path": model_path, "message": f"The multimodal projection cannot be loaded: {message}"},
     )
 
@@ -541,7 +533,7 @@ def slot_cannot_start(slots: int) -> AgentIssue:
     """Paddler 4.1's ``SlotCannotStart {error, slot_index}``: the first slot beyond
     llama.cpp's sequence limit."""
     error = f"llama.cpp runs at most {MAX_SLOTS} sequences per context; this agent was started with {slots} slots"
-    return AgentIssue(variant="SlotCannotStart", params={"error": error, "slot_index": MAX_SLOTS})
+    return AgentIssue(variant=AgentIssueVariant.SLOT_CANNOT_START, params={"error": error, "slot_index": MAX_SLOTS})
 
 
 def _template_issue(template: str | None, model_path: str | None) -> AgentIssue | None:
@@ -554,7 +546,7 @@ def _template_issue(template: str | None, model_path: str | None) -> AgentIssue 
     except ChatTemplateError as e:
         logger.warning("chat template override does not compile: %s", e)
         params = {"error": str(e), "model_path": {"model_path": model_path or ""}, "template_content": template}
-        return AgentIssue(variant="ChatTemplateDoesNotCompile", params=params)
+        return AgentIssue(variant=AgentIssueVariant.CHAT_TEMPLATE_DOES_NOT_COMPILE, params=params)
     return None
 
 
