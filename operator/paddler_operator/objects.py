@@ -1,6 +1,6 @@
 """Kubernetes objects as plain JSON: their references, and comparing two of them.
 
-Pure (no I/O): :mod:`paddler_operator.kube` writes objects, :mod:`paddler_operator.plan`
+Pure (no I/O): :mod:`paddler_operator.kube` writes objects, :mod:`paddler_operator.plan` (and its ``plan_*`` siblings)
 builds them, :mod:`paddler_operator.reconcile` skips status writes that change nothing.
 """
 

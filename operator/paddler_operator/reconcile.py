@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, state_revision
-from paddler_operator import plan
+from paddler_operator import plan, plan_agents, plan_autoscaling, plan_pool, plan_status
 from paddler_operator.balancer_client import BalancerClient, BalancerRejected, BalancerUnreachable
 from paddler_operator.balancer_views import BalancerSnapshot
 from paddler_operator.crd_models import (
@@ -165,7 +165,7 @@ class Reconciler:
         if self._hpa_gate is not None:
             return self._hpa_gate
         try:
-            await self.kube.dry_run_create(plan.hpa_gate_probe(namespace))
+            await self.kube.dry_run_create(plan_autoscaling.hpa_gate_probe(namespace))
             self._hpa_gate = True
         except KubeError as err:
             if err.status != 422:
@@ -270,7 +270,7 @@ class Reconciler:
         message = f"invalid spec: {_validation_message(err)}"
         previous = _conditions(obj)
         gen = int(obj["metadata"].get("generation") or 1)
-        conds = plan.merge_conditions(
+        conds = plan_status.merge_conditions(
             previous,
             [
                 Condition(type="Ready", status="False", reason="InvalidSpec", message=message),
@@ -296,7 +296,7 @@ class Reconciler:
         except ValidationError as err:
             return await self._invalid(obj, "LlmPool", err)
         owner = _owner(obj)
-        errors = await self.apply(obj, plan.plan_pool(owner, spec), plan.pool_absent(owner, spec))
+        errors = await self.apply(obj, plan_pool.plan_pool(owner, spec), plan_pool.pool_absent(owner, spec))
         balancers_ready = await self._ready_balancers(namespace, name)
         url = self.balancer_url(name, namespace, spec)
         token_error = await self._management_token(url, namespace, name, spec, create_for=obj)
@@ -310,7 +310,7 @@ class Reconciler:
         if snapshot is not None:
             await self._remove_orphan_groups(obj, url, snapshot, members)
         previous = _conditions(obj)
-        status = plan.pool_status(
+        status = plan_status.pool_status(
             spec,
             generation=owner.generation,
             snapshot=snapshot,
@@ -426,7 +426,7 @@ class Reconciler:
             previous_pool = None
         if pool_spec is None:
             await self._park(obj, owner)
-            status = plan.model_deployment_status(
+            status = plan_status.model_deployment_status(
                 name,
                 spec,
                 generation=owner.generation,
@@ -457,10 +457,14 @@ class Reconciler:
             current = await self.kube.get(deployment_ref)
         if spec.autoscaling.mode == AutoscalingMode.BUILTIN:
             replicas_now = int(((current or {}).get("spec") or {}).get("replicas") or 0)
-            load = plan.load_of(snapshot.in_group(name), snapshot.buffered_by_group.get(name, 0)) if snapshot else None
-            decision = plan.builtin_scale(
+            load = (
+                plan_autoscaling.load_of(snapshot.in_group(name), snapshot.buffered_by_group.get(name, 0))
+                if snapshot
+                else None
+            )
+            decision = plan_autoscaling.builtin_scale(
                 spec.autoscaling,
-                plan.slots_per_agent(spec, pool_spec),
+                plan_agents.slots_per_agent(spec, pool_spec),
                 replicas_now,
                 load,
                 _parse_timestamp((obj.get("status") or {}).get("lowDemandSince")),
@@ -473,7 +477,7 @@ class Reconciler:
         hpa_gate = True
         if spec.autoscaling.mode == AutoscalingMode.HPA:
             hpa_gate = await self.hpa_scale_to_zero(namespace)
-        md_plan = plan.plan_model_deployment(
+        md_plan = plan_agents.plan_model_deployment(
             owner,
             spec,
             pool_spec,
@@ -482,7 +486,7 @@ class Reconciler:
             hpa_scale_to_zero=hpa_gate,
         )
         errors = await self.apply(obj, md_plan.objects, md_plan.absent)
-        if current is not None and plan.hpa_wakes(
+        if current is not None and plan_autoscaling.hpa_wakes(
             spec.autoscaling,
             hpa_gate,
             int((current.get("spec") or {}).get("replicas") or 0),
@@ -509,7 +513,7 @@ class Reconciler:
         rollout = snapshot.group_rollouts.get(name) if snapshot is not None else None
         if rollout is not None and rollout.get("revision") != state_revision(md_plan.desired_state):
             rollout = None  # a rollout of some other state (e.g. one set by hand)
-        status = plan.model_deployment_status(
+        status = plan_status.model_deployment_status(
             name,
             spec,
             generation=owner.generation,
@@ -602,7 +606,7 @@ class Reconciler:
 
     async def _park(self, obj: Obj, owner: Owner) -> None:
         """The pool is gone: scale the agents to zero and drop the autoscaler until it is back."""
-        ref, patch, absent = plan.parked(owner)
+        ref, patch, absent = plan_agents.parked(owner)
         try:
             have = await self.kube.get(ref)
             if have is not None and _controller_uid(have) == owner.uid and (have.get("spec") or {}).get("replicas"):

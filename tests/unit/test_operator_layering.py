@@ -39,9 +39,17 @@ def test_only_kube_reads_kubernetes_credentials(module: str) -> None:
     assert talks == (module == "kube"), module
 
 
-def test_plan_is_pure() -> None:
+PLANNERS = [m for m in MODULES if m == "plan" or m.startswith("plan_")]
+
+
+def test_the_plan_is_split_by_what_it_renders() -> None:
+    assert PLANNERS == ["plan", "plan_agents", "plan_autoscaling", "plan_pool", "plan_status"]
+
+
+@pytest.mark.parametrize("module", PLANNERS)
+def test_plan_is_pure(module: str) -> None:
     io = {"asyncio", "aiohttp", "time", "datetime", "os", "subprocess", "socket", "random"}
-    names = imports("plan")
+    names = imports(module)
     assert not {n for n in names if n.split(".")[0] in io}
     assert not {n for n in names if n.startswith(("paddler_operator.kube", "paddler_operator.balancer_client"))}
 

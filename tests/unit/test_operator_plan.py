@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from paddler_operator import plan
+from paddler_operator import plan, plan_agents, plan_autoscaling, plan_pool, plan_status
 from paddler_operator.balancer_views import AgentView, BalancerSnapshot
 from paddler_operator.crd_models import (
     AutoscalingSpec,
@@ -14,8 +14,9 @@ from paddler_operator.crd_models import (
     LlmPoolSpec,
     ModelDeploymentSpec,
 )
-from paddler_operator.objects import differences, status_patch
-from paddler_operator.plan import Load, Owner
+from paddler_operator.objects import ObjRef, differences, status_patch
+from paddler_operator.plan import Owner
+from paddler_operator.plan_autoscaling import Load
 
 POOL = Owner(kind="LlmPool", namespace="ns", name="p", uid="pool-uid", generation=3)
 MD = Owner(kind="ModelDeployment", namespace="ns", name="m", uid="md-uid", generation=2)
@@ -47,7 +48,7 @@ def arg(args: list[str], flag: str) -> str | None:
 
 
 def test_pool_plan_objects_names_and_owner_references() -> None:
-    objects = plan.plan_pool(POOL, pool_spec())
+    objects = plan_pool.plan_pool(POOL, pool_spec())
     assert sorted(by_kind(objects)) == [
         "ConfigMap/p-balancer",
         "Deployment/p-balancer",
@@ -96,7 +97,7 @@ def test_pool_plan_objects_names_and_owner_references() -> None:
     ],
 )
 def test_balancer_args(spec: dict[str, Any], flag: str, value: str | None) -> None:
-    deployment = by_kind(plan.plan_pool(POOL, pool_spec(**spec)))["Deployment/p-balancer"]
+    deployment = by_kind(plan_pool.plan_pool(POOL, pool_spec(**spec)))["Deployment/p-balancer"]
     c = container(deployment)
     assert c["command"] == ["paddler"]
     assert "balancer" in c["args"]
@@ -119,7 +120,7 @@ def test_balancer_reads_each_rendered_duration_as_the_seconds_the_spec_means(
     operator renders must say its unit, or a 5 s drain becomes 5 ms."""
     from paddler_balancer.settings import parse_duration
 
-    deployment = by_kind(plan.plan_pool(POOL, pool_spec(**spec)))["Deployment/p-balancer"]
+    deployment = by_kind(plan_pool.plan_pool(POOL, pool_spec(**spec)))["Deployment/p-balancer"]
     rendered = arg(container(deployment)["args"], flag)
     assert rendered is not None
     assert parse_duration(rendered) == seconds
@@ -151,13 +152,13 @@ def test_balancer_reads_each_rendered_duration_as_the_seconds_the_spec_means(
     ],
 )
 def test_pool_services(spec: dict[str, Any], service: str, check: Any) -> None:
-    svc = by_kind(plan.plan_pool(POOL, pool_spec(**spec)))[f"Service/{service}"]
+    svc = by_kind(plan_pool.plan_pool(POOL, pool_spec(**spec)))[f"Service/{service}"]
     assert svc["spec"]["selector"] == {"paddler.dev/pool": "p", "paddler.dev/component": "balancer"}
     assert check(svc)
 
 
 def test_balancer_pod_is_non_root_read_only_with_probes() -> None:
-    deployment = by_kind(plan.plan_pool(POOL, pool_spec()))["Deployment/p-balancer"]
+    deployment = by_kind(plan_pool.plan_pool(POOL, pool_spec()))["Deployment/p-balancer"]
     pod = deployment["spec"]["template"]["spec"]
     c = container(deployment)
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -172,13 +173,13 @@ def test_balancer_pod_is_non_root_read_only_with_probes() -> None:
 
 def test_balancer_auth_secret_becomes_env() -> None:
     spec = pool_spec(balancer={"authSecretRef": {"name": "keys"}})
-    env = container(by_kind(plan.plan_pool(POOL, spec))["Deployment/p-balancer"])["env"]
+    env = container(by_kind(plan_pool.plan_pool(POOL, spec))["Deployment/p-balancer"])["env"]
     assert {"name": "PADDLER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}} in env
 
 
 def test_config_change_rolls_the_balancer_pod() -> None:
     def annotation(spec: LlmPoolSpec) -> str:
-        d = by_kind(plan.plan_pool(POOL, spec))["Deployment/p-balancer"]
+        d = by_kind(plan_pool.plan_pool(POOL, spec))["Deployment/p-balancer"]
         value: str = d["spec"]["template"]["metadata"]["annotations"][plan.CONFIG_HASH_ANNOTATION]
         return value
 
@@ -192,7 +193,7 @@ def test_config_change_rolls_the_balancer_pod() -> None:
 
 
 def test_model_deployment_plan_defaults() -> None:
-    p = plan.plan_model_deployment(MD, md_spec(), pool_spec())
+    p = plan_agents.plan_model_deployment(MD, md_spec(), pool_spec())
     objs = by_kind(p.objects)
     assert list(objs) == ["Deployment/m-agent", "PodDisruptionBudget/m-agent"]
     d = objs["Deployment/m-agent"]
@@ -240,7 +241,7 @@ def test_model_deployment_plan_defaults() -> None:
     ],
 )
 def test_slots_per_agent(md: dict[str, Any], pool: dict[str, Any], slots: str) -> None:
-    p = plan.plan_model_deployment(MD, md_spec(**md), pool_spec(**pool))
+    p = plan_agents.plan_model_deployment(MD, md_spec(**md), pool_spec(**pool))
     assert arg(container(p.objects[0])["args"], "--slots") == slots
 
 
@@ -264,7 +265,7 @@ def test_slots_per_agent(md: dict[str, Any], pool: dict[str, Any], slots: str) -
     ],
 )
 def test_agent_container_fields(md: dict[str, Any], pool: dict[str, Any], field: str, expected: Any) -> None:
-    p = plan.plan_model_deployment(MD, md_spec(**md), pool_spec(**pool))
+    p = plan_agents.plan_model_deployment(MD, md_spec(**md), pool_spec(**pool))
     assert container(p.objects[0])[field] == expected
 
 
@@ -295,7 +296,7 @@ def test_agent_container_fields(md: dict[str, Any], pool: dict[str, Any], field:
     ],
 )
 def test_agent_pod_fields(pool: dict[str, Any], field: str, expected: Any) -> None:
-    p = plan.plan_model_deployment(MD, md_spec(), pool_spec(**pool))
+    p = plan_agents.plan_model_deployment(MD, md_spec(), pool_spec(**pool))
     assert p.objects[0]["spec"]["template"]["spec"].get(field) == expected
 
 
@@ -322,7 +323,7 @@ HPA, SO, TA, PDB = "HorizontalPodAutoscaler", "ScaledObject", "TriggerAuthentica
 def test_autoscaling_modes(
     autoscaling: dict[str, Any], builtin: int | None, kinds: list[str], absent: list[str], replicas: int | None
 ) -> None:
-    p = plan.plan_model_deployment(MD, md_spec(autoscaling=autoscaling), pool_spec(), builtin_replicas=builtin)
+    p = plan_agents.plan_model_deployment(MD, md_spec(autoscaling=autoscaling), pool_spec(), builtin_replicas=builtin)
     assert [o["kind"] for o in p.objects] == kinds
     assert [r.kind for r in p.absent] == absent
     assert p.replicas == replicas
@@ -331,7 +332,7 @@ def test_autoscaling_modes(
 
 def test_hpa_scales_on_buffered_and_busy_slots() -> None:
     spec = md_spec(autoscaling={"mode": "HPA", "minReplicas": 0, "maxReplicas": 5, "scaleDownDelaySeconds": 60})
-    hpa = plan.plan_model_deployment(MD, spec, pool_spec()).objects[1]
+    hpa = plan_agents.plan_model_deployment(MD, spec, pool_spec()).objects[1]
     assert hpa["spec"]["minReplicas"] == 0
     assert hpa["spec"]["maxReplicas"] == 5
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "m-agent"}
@@ -347,9 +348,9 @@ def test_hpa_min_replicas_without_the_scale_to_zero_gate_is_at_least_one(
     min_replicas: int, gate: bool, expected: int
 ) -> None:
     spec = md_spec(autoscaling={"mode": "HPA", "minReplicas": min_replicas, "maxReplicas": 5})
-    hpa = plan.plan_model_deployment(MD, spec, pool_spec(), hpa_scale_to_zero=gate).objects[1]
+    hpa = plan_agents.plan_model_deployment(MD, spec, pool_spec(), hpa_scale_to_zero=gate).objects[1]
     assert hpa["spec"]["minReplicas"] == expected
-    assert "replicas" not in plan.plan_model_deployment(MD, spec, pool_spec()).objects[0]["spec"]
+    assert "replicas" not in plan_agents.plan_model_deployment(MD, spec, pool_spec()).objects[0]["spec"]
 
 
 @pytest.mark.parametrize(
@@ -368,11 +369,11 @@ def test_operator_wakes_an_hpa_group_only_where_the_hpa_cannot(
     autoscaling: dict[str, Any], gate: bool, replicas_now: int | None, buffered: int, wakes: bool
 ) -> None:
     a = md_spec(autoscaling=autoscaling).autoscaling
-    assert plan.hpa_wakes(a, gate, replicas_now, buffered) is wakes
+    assert plan_autoscaling.hpa_wakes(a, gate, replicas_now, buffered) is wakes
 
 
 def test_scale_to_zero_probe_is_an_hpa_with_min_replicas_zero() -> None:
-    probe = plan.hpa_gate_probe("team-a")
+    probe = plan_autoscaling.hpa_gate_probe("team-a")
     assert (probe["kind"], probe["metadata"]["namespace"], probe["spec"]["minReplicas"]) == (
         "HorizontalPodAutoscaler", "team-a", 0,
     )  # fmt: skip
@@ -380,7 +381,7 @@ def test_scale_to_zero_probe_is_an_hpa_with_min_replicas_zero() -> None:
 
 def test_keda_reads_the_groups_buffered_requests_from_the_balancer_json() -> None:
     spec = md_spec(autoscaling={"mode": "KEDA", "minReplicas": 0, "scaleDownDelaySeconds": 60})
-    so = plan.plan_model_deployment(MD, spec, pool_spec()).objects[1]
+    so = plan_agents.plan_model_deployment(MD, spec, pool_spec()).objects[1]
     trigger = so["spec"]["triggers"][0]
     assert so["spec"]["minReplicaCount"] == 0
     assert (so["spec"]["cooldownPeriod"], so["spec"]["pollingInterval"]) == (60, 5)
@@ -402,7 +403,7 @@ def test_keda_keeps_a_group_whose_slots_are_busy_with_nothing_buffered() -> None
     agent per slots x targetSlotUtilization, active while any slot serves (so KEDA's cooldown
     never scales a group in while it streams)."""
     spec = md_spec(autoscaling={"mode": "KEDA", "minReplicas": 0, "targetSlotUtilization": 50}, slotsPerAgent=4)
-    so = plan.plan_model_deployment(MD, spec, pool_spec()).objects[1]
+    so = plan_agents.plan_model_deployment(MD, spec, pool_spec()).objects[1]
     buffered, busy = so["spec"]["triggers"]
     assert busy["type"] == "metrics-api"
     assert busy["metadata"] == {
@@ -417,7 +418,7 @@ def test_keda_keeps_a_group_whose_slots_are_busy_with_nothing_buffered() -> None
 
 def test_keda_metrics_api_trigger_reads_where_the_operator_reaches_the_balancer() -> None:
     spec = md_spec(autoscaling={"mode": "KEDA"})
-    so = plan.plan_model_deployment(MD, spec, pool_spec(), balancer_url="http://127.0.0.1:4321").objects[1]
+    so = plan_agents.plan_model_deployment(MD, spec, pool_spec(), balancer_url="http://127.0.0.1:4321").objects[1]
     assert (
         so["spec"]["triggers"][0]["metadata"]["url"]
         == "http://127.0.0.1:4321/api/v1/buffered_requests?model_group=m&scope=pool"
@@ -427,7 +428,7 @@ def test_keda_metrics_api_trigger_reads_where_the_operator_reaches_the_balancer(
 def test_keda_prometheus_trigger_queries_the_group_in_its_namespace() -> None:
     keda = {"trigger": "prometheus", "prometheusServerAddress": "http://prom.mon.svc:9090", "pollingIntervalSeconds": 2}
     spec = md_spec(autoscaling={"mode": "KEDA", "targetBufferedRequests": 2, "keda": keda})
-    p = plan.plan_model_deployment(MD, spec, pool_spec())
+    p = plan_agents.plan_model_deployment(MD, spec, pool_spec())
     so = p.objects[1]
     assert so["spec"]["pollingInterval"] == 2
     assert so["spec"]["triggers"] == [
@@ -467,7 +468,7 @@ def test_keda_trigger_kind_is_validated() -> None:
     [(4, 80, "3200m"), (4, 100, "4"), (1, 50, "500m"), (10, 10, "1")],
 )
 def test_busy_slots_target(slots: int, percent: int, target: str) -> None:
-    assert plan.busy_slots_target(AutoscalingSpec(target_slot_utilization=percent), slots) == target
+    assert plan_autoscaling.busy_slots_target(AutoscalingSpec(target_slot_utilization=percent), slots) == target
 
 
 @pytest.mark.parametrize(
@@ -475,7 +476,7 @@ def test_busy_slots_target(slots: int, percent: int, target: str) -> None:
     [(4, 80, "3.2"), (4, 100, "4"), (1, 50, "0.5"), (10, 10, "1"), (3, 33, "0.99"), (1, 1, "0.01")],
 )
 def test_keda_busy_slot_threshold_is_a_plain_decimal(slots: int, percent: int, threshold: str) -> None:
-    value = plan.busy_slots_threshold(AutoscalingSpec(target_slot_utilization=percent), slots)
+    value = plan_autoscaling.busy_slots_threshold(AutoscalingSpec(target_slot_utilization=percent), slots)
     assert value == threshold
     float(value)  # what KEDA does with it
 
@@ -494,7 +495,7 @@ def test_desired_state_json(
     spec = ModelDeploymentSpec.model_validate(
         {"poolRef": {"name": "p"}, "model": model, "inferenceParameters": {"temperature": 0.1}, **extra}
     )
-    state = plan.plan_model_deployment(MD, spec, pool_spec()).desired_state.to_json_dict()
+    state = plan_agents.plan_model_deployment(MD, spec, pool_spec()).desired_state.to_json_dict()
     assert state["model"] == expected_model
     assert state["inference_parameters"]["temperature"] == 0.1
     assert state["inference_parameters"]["context_size"] == 8192
@@ -511,12 +512,14 @@ def test_desired_state_carries_the_multimodal_projection_and_none_without_it() -
             "inferenceParameters": {"imageResizeToFit": 512},
         }
     )
-    state = plan.plan_model_deployment(MD, with_projector, pool_spec()).desired_state.to_json_dict()
+    state = plan_agents.plan_model_deployment(MD, with_projector, pool_spec()).desired_state.to_json_dict()
     assert state["multimodal_projection"] == {"Url": {"url": "https://x.invalid/mmproj.gguf"}}
     assert state["inference_parameters"]["image_resize_to_fit"] == 512
     text_only = ModelDeploymentSpec.model_validate({"poolRef": {"name": "p"}, "model": {"localPath": "/m.gguf"}})
     assert (
-        plan.plan_model_deployment(MD, text_only, pool_spec()).desired_state.to_json_dict()["multimodal_projection"]
+        plan_agents.plan_model_deployment(MD, text_only, pool_spec()).desired_state.to_json_dict()[
+            "multimodal_projection"
+        ]
         == "None"
     )
 
@@ -585,14 +588,14 @@ A = AutoscalingSpec(min_replicas=0, max_replicas=4, target_slot_utilization=100,
 def test_builtin_scale(
     current: int, reading: Load | None, low_since: float | None, now: float, replicas: int, new_low_since: float | None
 ) -> None:
-    decision = plan.builtin_scale(A, 4, current, reading, low_since, now)
+    decision = plan_autoscaling.builtin_scale(A, 4, current, reading, low_since, now)
     assert (decision.replicas, decision.low_since) == (replicas, new_low_since)
 
 
 def test_builtin_scale_respects_min_and_utilization() -> None:
     a = AutoscalingSpec(min_replicas=1, max_replicas=10, target_slot_utilization=50)
-    assert plan.builtin_scale(a, 4, 0, load(), None, 0.0).replicas == 1
-    assert plan.builtin_scale(a, 4, 1, load(busy=4), None, 0.0).replicas == 2  # 4 busy / (4 * 50 %) = 2
+    assert plan_autoscaling.builtin_scale(a, 4, 0, load(), None, 0.0).replicas == 1
+    assert plan_autoscaling.builtin_scale(a, 4, 1, load(busy=4), None, 0.0).replicas == 2  # 4 busy / (4 * 50 %) = 2
 
 
 # --- status -------------------------------------------------------------------------
@@ -627,7 +630,7 @@ def md_conditions(**kw: Any) -> dict[str, tuple[str, str]]:
         "now": "2026-01-01T00:00:00Z",
     }
     args.update(kw)
-    status = plan.model_deployment_status("m", md_spec(), **args)
+    status = plan_status.model_deployment_status("m", md_spec(), **args)
     return {c.type: (c.status, c.reason) for c in status.conditions}
 
 
@@ -684,7 +687,7 @@ def test_model_deployment_conditions(
 
 def test_rollout_progress_and_failure_are_in_the_condition_messages() -> None:
     def message(rollout: dict[str, Any], type_: str) -> str:
-        status = plan.model_deployment_status(
+        status = plan_status.model_deployment_status(
             "m", md_spec(), generation=1, pool_found=True, desired_replicas=2, snapshot=snapshot(agent()),
             balancer_error=None, desired_state_error=None, apply_errors=[], previous=[], now="t", rollout=rollout,
         )  # fmt: skip
@@ -699,7 +702,7 @@ def test_rollout_progress_and_failure_are_in_the_condition_messages() -> None:
 
 def test_model_deployment_status_counts_only_its_group() -> None:
     snap = snapshot(agent(busy=1), agent(state="Fresh", total=0), agent(group="other", total=8), buffered=2)
-    status = plan.model_deployment_status(
+    status = plan_status.model_deployment_status(
         "m", md_spec(), generation=5, pool_found=True, desired_replicas=2, snapshot=snap, balancer_error=None,
         desired_state_error=None, apply_errors=[], previous=[], now="t",
     )  # fmt: skip
@@ -734,7 +737,7 @@ def test_pool_conditions(kw: dict[str, Any], ready: tuple[str, str]) -> None:
     }
     args.update(kw)
     spec = args.pop("spec")
-    status = plan.pool_status(spec, **args)
+    status = plan_status.pool_status(spec, **args)
     conds = {c.type: (c.status, c.reason) for c in status.conditions}
     assert conds["Ready"] == ready
     if ready[0] == "True":
@@ -751,7 +754,7 @@ def test_merge_conditions_keeps_transition_time_while_status_holds() -> None:
         Condition(type="Degraded", status="True", reason="C"),
         Condition(type="Progressing", status="False", reason="D"),
     ]
-    merged = {c.type: c for c in plan.merge_conditions(before, now, "t1", 7)}
+    merged = {c.type: c for c in plan_status.merge_conditions(before, now, "t1", 7)}
     assert merged["Ready"].last_transition_time == "t0"
     assert merged["Degraded"].last_transition_time == "t1"
     assert merged["Progressing"].last_transition_time == "t1"
@@ -794,8 +797,8 @@ TOKEN_ENV = {
 
 
 def test_management_token_reaches_the_balancer_the_agents_and_keda() -> None:
-    balancer = by_kind(plan.plan_pool(POOL, pool_spec()))["Deployment/p-balancer"]
-    keda = plan.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), pool_spec())
+    balancer = by_kind(plan_pool.plan_pool(POOL, pool_spec()))["Deployment/p-balancer"]
+    keda = plan_agents.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), pool_spec())
     objs = by_kind(keda.objects)
     trigger = objs["ScaledObject/m-agent"]["spec"]["triggers"][0]
     assert TOKEN_ENV in container(balancer)["env"]
@@ -810,11 +813,11 @@ def test_management_token_reaches_the_balancer_the_agents_and_keda() -> None:
 def test_a_pool_with_its_own_token_secret_or_none() -> None:
     own = pool_spec(balancer={"managementAuth": {"secretName": "mine", "secretKey": "t"}})
     off = pool_spec(balancer={"managementAuth": {"enabled": False}})
-    own_env = container(by_kind(plan.plan_pool(POOL, own))["Deployment/p-balancer"])["env"]
-    off_env = container(by_kind(plan.plan_pool(POOL, off))["Deployment/p-balancer"])["env"]
+    own_env = container(by_kind(plan_pool.plan_pool(POOL, own))["Deployment/p-balancer"])["env"]
+    off_env = container(by_kind(plan_pool.plan_pool(POOL, off))["Deployment/p-balancer"])["env"]
     assert {"name": "PADDLER_MANAGEMENT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}} in own_env
     assert all(e["name"] != "PADDLER_MANAGEMENT_TOKEN" for e in off_env)
-    keda = plan.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), off)
+    keda = plan_agents.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), off)
     assert [o["kind"] for o in keda.objects] == ["Deployment", "ScaledObject", "PodDisruptionBudget"]
     assert "authenticationRef" not in keda.objects[1]["spec"]["triggers"][0]
 
@@ -824,8 +827,8 @@ def test_pool_model_access_and_cors_become_flags() -> None:
         balancer={"corsAllowedOrigins": ["https://app.example"]},
         modelAccess={"urlAllow": ["https://", "http://models.ns.svc:8080/"], "localRoots": ["/models"]},
     )
-    balancer_args = container(by_kind(plan.plan_pool(POOL, spec))["Deployment/p-balancer"])["args"]
-    agent_args = container(plan.plan_model_deployment(MD, md_spec(), spec).objects[0])["args"]
+    balancer_args = container(by_kind(plan_pool.plan_pool(POOL, spec))["Deployment/p-balancer"])["args"]
+    agent_args = container(plan_agents.plan_model_deployment(MD, md_spec(), spec).objects[0])["args"]
     assert balancer_args[-6:] == [
         "--inference-cors-allowed-host", "https://app.example",
         "--model-url-allow", "https://",
@@ -841,10 +844,10 @@ def test_pool_model_access_and_cors_become_flags() -> None:
 def test_every_object_the_plans_name_has_an_api_path() -> None:
     from paddler_operator.kube import collection_path
 
-    refs = [plan.ObjRef.of(o) for o in plan.plan_pool(POOL, pool_spec())]
-    refs.append(plan.ObjRef.of(plan.management_secret(POOL, pool_spec(), "t")))
+    refs = [ObjRef.of(o) for o in plan_pool.plan_pool(POOL, pool_spec())]
+    refs.append(ObjRef.of(plan.management_secret(POOL, pool_spec(), "t")))
     for mode in ("None", "HPA", "KEDA", "Builtin"):
-        md_plan = plan.plan_model_deployment(MD, md_spec(autoscaling={"mode": mode}), pool_spec())
-        refs += [plan.ObjRef.of(o) for o in md_plan.objects] + list(md_plan.absent)
+        md_plan = plan_agents.plan_model_deployment(MD, md_spec(autoscaling={"mode": mode}), pool_spec())
+        refs += [ObjRef.of(o) for o in md_plan.objects] + list(md_plan.absent)
     for ref in refs:
         assert collection_path(ref.api_version, ref.kind, "ns").endswith(f"/namespaces/ns/{ref.kind.lower()}s")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from paddler_cli.main import build_parser
-from paddler_operator import plan
+from paddler_operator import plan_agents
 from paddler_operator.crd_models import LlmPoolSpec, ModelDeploymentSpec
 from paddler_operator.plan import Owner
 
@@ -22,7 +22,7 @@ def md_spec(**spec: Any) -> ModelDeploymentSpec:
 
 
 def objects(**spec: Any) -> dict[str, dict[str, Any]]:
-    planned = plan.plan_model_deployment(MD, md_spec(**spec), LlmPoolSpec())
+    planned = plan_agents.plan_model_deployment(MD, md_spec(**spec), LlmPoolSpec())
     return {o["kind"]: o for o in planned.objects}
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from paddler_operator import plan
+from paddler_operator import plan_agents
 from paddler_operator.crd_models import LlmPoolSpec, ModelDeploymentSpec
 from paddler_operator.plan import Owner
 
@@ -21,7 +21,7 @@ def md_spec(**spec: Any) -> ModelDeploymentSpec:
 
 def containers(md: ModelDeploymentSpec, pool: LlmPoolSpec | None = None) -> dict[str, dict[str, Any]]:
     """The pod's containers by name, the native sidecars (init containers) first."""
-    planned = plan.plan_model_deployment(MD, md, pool or LlmPoolSpec())
+    planned = plan_agents.plan_model_deployment(MD, md, pool or LlmPoolSpec())
     deployment = planned.objects[0]
     assert deployment["kind"] == "Deployment"
     pod = deployment["spec"]["template"]["spec"]
@@ -37,14 +37,14 @@ def test_default_engine_is_the_agent_alone() -> None:
 
 
 def test_llama_server_is_a_native_sidecar_that_outlives_the_agents_drain() -> None:
-    planned = plan.plan_model_deployment(MD, md_spec(engine="llamaServer"), LlmPoolSpec())
+    planned = plan_agents.plan_model_deployment(MD, md_spec(engine="llamaServer"), LlmPoolSpec())
     pod = planned.objects[0]["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["agent"]
     assert [(c["name"], c["restartPolicy"]) for c in pod["initContainers"]] == [("llama-server", "Always")]
 
 
 def test_llama_server_pod_grace_covers_the_agents_drain_and_the_servers_stop() -> None:
-    planned = plan.plan_model_deployment(
+    planned = plan_agents.plan_model_deployment(
         MD, md_spec(engine="llamaServer", rollout={"drainTimeoutSeconds": 90}), LlmPoolSpec()
     )
     assert planned.objects[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 100
@@ -130,7 +130,7 @@ def test_server_gpus_and_resources_override_the_pools() -> None:
 
 
 def test_desired_state_of_a_llama_server_deployment_names_the_servers_model() -> None:
-    planned = plan.plan_model_deployment(MD, md_spec(engine="llamaServer"), LlmPoolSpec())
+    planned = plan_agents.plan_model_deployment(MD, md_spec(engine="llamaServer"), LlmPoolSpec())
     assert planned.desired_state.model.describe() == "/models/smollm2.gguf"
 
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from paddler_cli.main import build_parser
-from paddler_operator import plan
+from paddler_operator import plan, plan_pool, plan_status
 from paddler_operator.balancer_views import (
     AgentView,
     BalancerSnapshot,
@@ -32,7 +32,7 @@ def pool_spec(**balancer: Any) -> LlmPoolSpec:
 
 
 def objects(**balancer: Any) -> dict[str, dict[str, Any]]:
-    return {f"{o['kind']}/{o['metadata']['name']}": o for o in plan.plan_pool(POOL, pool_spec(**balancer))}
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in plan_pool.plan_pool(POOL, pool_spec(**balancer))}
 
 
 def pod(**balancer: Any) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def test_drain_timeout_is_not_negative(timeout: int, valid: bool) -> None:
 )
 def test_pod_disruption_budget_only_from_two_replicas(replicas: int, has_pdb: bool, absent: list[ObjRef]) -> None:
     assert ("PodDisruptionBudget/p-balancer" in objects(replicas=replicas)) == has_pdb
-    assert plan.pool_absent(POOL, pool_spec(replicas=replicas)) == absent
+    assert plan_pool.pool_absent(POOL, pool_spec(replicas=replicas)) == absent
 
 
 def test_pod_disruption_budget_lets_one_replica_go_at_a_time() -> None:
@@ -275,7 +275,7 @@ def test_partial_names_the_replicas_missed(
 
 
 def pool_status(spec: LlmPoolSpec, snapshot: BalancerSnapshot | None, ready: int, errors: list[str]) -> Any:
-    return plan.pool_status(
+    return plan_status.pool_status(
         spec,
         generation=1,
         snapshot=snapshot,
@@ -327,7 +327,7 @@ def test_partial_pass_degrades_a_model_deployment() -> None:
     from paddler_operator.crd_models import ModelDeploymentSpec
 
     md = ModelDeploymentSpec.model_validate({"poolRef": {"name": "p"}, "model": {"localPath": "/m.gguf"}})
-    status = plan.model_deployment_status(
+    status = plan_status.model_deployment_status(
         "m",
         md,
         generation=1,

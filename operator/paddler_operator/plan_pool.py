@@ -1,0 +1,224 @@
+"""Pure planning of an LlmPool: the balancer's Deployment, Services, PDB and args."""
+
+from __future__ import annotations
+
+import json
+
+from paddler_operator.crd_models import (
+    ADMIN_PANEL_PORT,
+    INFERENCE_PORT,
+    MANAGEMENT_PORT,
+    LlmPoolSpec,
+)
+from paddler_operator.objects import Obj, ObjRef
+from paddler_operator.plan import (
+    COMPONENT_LABEL,
+    CONFIG_HASH_ANNOTATION,
+    POOL_LABEL,
+    TERMINATION_SLACK_SECONDS,
+    Owner,
+    balancer_name,
+    balancer_pdb_name,
+    component_labels,
+    config_hash,
+    container_security,
+    inference_service_name,
+    management_addr,
+    management_service_name,
+    management_token_env,
+    object_meta,
+    peers_service_name,
+    pod_security,
+    spread_over_nodes,
+)
+
+# --- LlmPool -------------------------------------------------------------------------
+
+
+DRAIN_DELAY_SECONDS = 5
+"""Seconds a stopping balancer keeps serving with readiness off (``--drain-delay``), so that
+endpoints and kube-proxy stop sending it new connections before it stops accepting."""
+
+
+def balancer_grace_seconds(spec: LlmPoolSpec) -> int:
+    """The balancer pod's ``terminationGracePeriodSeconds``: drain delay + drain timeout + slack."""
+    return DRAIN_DELAY_SECONDS + spec.balancer.drain_timeout_seconds + TERMINATION_SLACK_SECONDS
+
+
+def balancer_args(spec: LlmPoolSpec, pool: str = "", namespace: str = "") -> list[str]:
+    """``paddler balancer``'s flags; with ``pool`` and ``namespace``, its peers (every replica of the pool)."""
+    b = spec.balancer
+    args = [
+        "--log-level",
+        b.log_level,
+        "balancer",
+        "--management-addr",
+        f"0.0.0.0:{MANAGEMENT_PORT}",
+        "--inference-addr",
+        f"0.0.0.0:{INFERENCE_PORT}",
+        "--max-buffered-requests",
+        str(b.max_buffered_requests),
+        "--buffered-request-timeout",
+        b.buffered_request_timeout,
+        "--inference-item-timeout",
+        b.inference_item_timeout,
+        "--drain-delay",
+        f"{DRAIN_DELAY_SECONDS}s",  # the balancer reads a bare number as milliseconds
+        "--drain-timeout",
+        f"{b.drain_timeout_seconds}s",
+        "--routing",
+        b.routing.flag(),
+    ]
+    if pool:
+        args += ["--peer-management-addr", management_addr(pool, namespace, spec)]
+    if b.admin_panel.enabled:
+        args += ["--web-admin-panel-addr", f"0.0.0.0:{ADMIN_PANEL_PORT}"]
+    for origin in b.cors_allowed_origins:
+        args += ["--inference-cors-allowed-host", origin]
+    for entry in spec.model_access.url_allow:
+        args += ["--model-url-allow", entry]
+    return args
+
+
+def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
+    """ConfigMap, balancer Deployment, inference and management Services of a pool."""
+    pool = owner.name
+    b = spec.balancer
+    labels = component_labels(owner, pool, "balancer", "paddler-balancer")
+    selector = {POOL_LABEL: pool, COMPONENT_LABEL: "balancer"}
+    config = {
+        # Only the balancer's settings: an agent-side change must not restart the balancer
+        # (its pod template carries this data's hash), which would drop every agent and buffered request.
+        "balancer.json": json.dumps(
+            spec.balancer.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True
+        ),
+        "management-addr": management_addr(pool, owner.namespace, spec),
+        "inference-url": (f"http://{inference_service_name(pool)}.{owner.namespace}.svc:{b.service.inference_port}"),
+    }
+    config_map: Obj = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(owner, balancer_name(pool), labels),
+        "data": config,
+    }
+    env: list[Obj] = [
+        # --replica-name (the balancer's default): says which replica answers, in logs and peer sums.
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *management_token_env(pool, spec),
+    ]
+    if b.auth_secret_ref is not None:
+        env.append(
+            {
+                "name": "PADDLER_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": b.auth_secret_ref.name, "key": b.auth_secret_ref.key}},
+            }
+        )
+    ports = [
+        {"name": "management", "containerPort": MANAGEMENT_PORT, "protocol": "TCP"},
+        {"name": "inference", "containerPort": INFERENCE_PORT, "protocol": "TCP"},
+    ]
+    if b.admin_panel.enabled:
+        ports.append({"name": "admin", "containerPort": ADMIN_PANEL_PORT, "protocol": "TCP"})
+    timing = {"periodSeconds": 5, "timeoutSeconds": 2}
+    container: Obj = {
+        "name": "balancer",
+        "image": b.image,
+        "imagePullPolicy": b.image_pull_policy.value,
+        "command": ["paddler"],
+        "args": balancer_args(spec, pool, owner.namespace),
+        "env": env,
+        "ports": ports,
+        # /ready answers 503 while the replica drains: Services stop sending it requests at once.
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "management"}, **timing},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "management"}, **timing, "failureThreshold": 6},
+        "resources": b.resources.to_kube(),
+        "securityContext": container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    deployment: Obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(owner, balancer_name(pool), labels),
+        "spec": {
+            "replicas": b.replicas,
+            "selector": {"matchLabels": selector},
+            # A new replica is Ready (agents connected to it) before an old one drains away.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config)}},
+                "spec": {
+                    "securityContext": pod_security(),
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": balancer_grace_seconds(spec),
+                    "topologySpreadConstraints": spread_over_nodes(selector),
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+    inference_ports = [
+        {"name": "inference", "port": b.service.inference_port, "targetPort": "inference", "protocol": "TCP"}
+    ]
+    if b.admin_panel.enabled:
+        inference_ports.append(
+            {"name": "admin", "port": b.service.admin_panel_port, "targetPort": "admin", "protocol": "TCP"}
+        )
+    inference_service: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(owner, inference_service_name(pool), labels, dict(b.service.annotations) or None),
+        "spec": {"type": b.service.type.value, "selector": selector, "ports": inference_ports},
+    }
+    management_service: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(owner, management_service_name(pool), labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {
+                    "name": "management",
+                    "port": b.service.management_port,
+                    "targetPort": "management",
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+    peers_service: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(owner, peers_service_name(pool), labels),
+        "spec": {
+            "clusterIP": "None",
+            # Agents join a starting replica before it turns Ready (Ready waits for them).
+            "publishNotReadyAddresses": True,
+            "selector": selector,
+            "ports": [{"name": "management", "port": MANAGEMENT_PORT, "targetPort": "management", "protocol": "TCP"}],
+        },
+    }
+    objects = [config_map, deployment, inference_service, management_service, peers_service]
+    if b.replicas >= 2:
+        objects.append(balancer_pdb(owner, labels, selector))
+    return objects
+
+
+def balancer_pdb(owner: Owner, labels: dict[str, str], selector: dict[str, str]) -> Obj:
+    """Voluntary evictions (node drains) take one balancer replica at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(owner, balancer_pdb_name(owner.name), labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+
+
+def pool_absent(owner: Owner, spec: LlmPoolSpec) -> list[ObjRef]:
+    """Objects of a pool that must not exist: the balancer's PodDisruptionBudget below 2 replicas
+    (with one replica it would block every node drain)."""
+    if spec.balancer.replicas >= 2:
+        return []
+    return [ObjRef("policy/v1", "PodDisruptionBudget", owner.namespace, balancer_pdb_name(owner.name))]
