@@ -11,7 +11,6 @@ from paddler_operator.crd_models import (
     AGENT_HEALTH_PORT,
     AutoscalingMode,
     EngineKind,
-    KedaTrigger,
     LlmPoolSpec,
     ModelDeploymentSpec,
     ModelSourceSpec,
@@ -28,14 +27,14 @@ from paddler_operator.plan import (
     component_labels,
     container_security,
     management_addr,
-    management_service_name,
     management_token_env,
-    management_token_ref,
     object_meta,
     pod_security,
     spread_over_nodes,
 )
-from paddler_operator.plan_autoscaling import horizontal_pod_autoscaler, scaled_object, trigger_authentication
+from paddler_operator.plan_autoscaling import (
+    autoscaler_objects,
+)
 
 # --- ModelDeployment -------------------------------------------------------------------
 
@@ -311,20 +310,44 @@ def plan_model_deployment(
     ``hpa_scale_to_zero``: the cluster's HPA accepts ``minReplicas: 0`` (see
     :func:`hpa_min_replicas`).
     """
-    pool_name = md.pool_ref.name
-    labels = {**component_labels(owner, pool_name, "agent", "paddler-agent"), MD_LABEL: owner.name}
+    labels = {**component_labels(owner, md.pool_ref.name, "agent", "paddler-agent"), MD_LABEL: owner.name}
     selector = {MD_LABEL: owner.name, COMPONENT_LABEL: "agent"}
-    pod_spec = agent_pod_spec(owner, md, pool)
+    replicas = agent_replicas(md, builtin_replicas)
+    spa = slots_per_agent(md, pool)
+    scaler_objects, absent = autoscaler_objects(owner, md, pool, labels, spa, balancer_url, hpa_scale_to_zero)
+    return MdPlan(
+        objects=[
+            agent_deployment(owner, md, pool, labels, selector, replicas),
+            *scaler_objects,
+            agent_pdb(owner, md, labels, selector),
+        ],
+        absent=absent,
+        desired_state=md.desired_state(),
+        replicas=replicas,
+        slots_per_agent=spa,
+    )
 
+
+def agent_replicas(md: ModelDeploymentSpec, builtin_replicas: int | None) -> int | None:
+    """The agent Deployment's ``replicas``: the spec's, the Builtin scaler's answer within its
+    bounds, or None where HPA or KEDA owns the field."""
     mode = md.autoscaling.mode
-    replicas: int | None
     if mode == AutoscalingMode.NONE:
-        replicas = md.replicas
-    elif mode == AutoscalingMode.BUILTIN:
+        return md.replicas
+    if mode == AutoscalingMode.BUILTIN:
         low, high = md.autoscaling.min_replicas, md.autoscaling.max_replicas
-        replicas = min(high, max(low, builtin_replicas if builtin_replicas is not None else low))
-    else:
-        replicas = None
+        return min(high, max(low, builtin_replicas if builtin_replicas is not None else low))
+    return None
+
+
+def agent_deployment(
+    owner: Owner,
+    md: ModelDeploymentSpec,
+    pool: LlmPoolSpec,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    replicas: int | None,
+) -> Obj:
     deployment_spec: Obj = {
         "selector": {"matchLabels": selector},
         # A replaced agent counts as available only once Ready (model loaded) for this long: a
@@ -337,48 +360,16 @@ def plan_model_deployment(
                 "maxSurge": md.rollout.max_surge,
             },
         },
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": labels}, "spec": agent_pod_spec(owner, md, pool)},
     }
     if replicas is not None:
         deployment_spec = {"replicas": replicas, **deployment_spec}
-    name = agent_name(owner.name)
-    deployment: Obj = {
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": object_meta(owner, name, labels),
+        "metadata": object_meta(owner, agent_name(owner.name), labels),
         "spec": deployment_spec,
     }
-    objects = [deployment]
-    hpa_ref = ObjRef("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, name)
-    keda_ref = ObjRef("keda.sh/v1alpha1", "ScaledObject", owner.namespace, name)
-    absent = []
-    spa = slots_per_agent(md, pool)
-    if mode == AutoscalingMode.HPA:
-        objects.append(horizontal_pod_autoscaler(owner, name, labels, md.autoscaling, spa, hpa_scale_to_zero))
-    else:
-        absent.append(hpa_ref)
-    trigger_auth_ref = ObjRef("keda.sh/v1alpha1", "TriggerAuthentication", owner.namespace, name)
-    token_ref = management_token_ref(pool_name, pool)
-    if mode == AutoscalingMode.KEDA:
-        base = balancer_url or (
-            f"http://{management_service_name(pool_name)}.{owner.namespace}.svc:{pool.balancer.service.management_port}"
-        )
-        needs_token = token_ref is not None and md.autoscaling.keda.trigger == KedaTrigger.METRICS_API
-        objects.append(scaled_object(owner, name, labels, md.autoscaling, spa, base, needs_token))
-        if needs_token and token_ref is not None:
-            objects.append(trigger_authentication(owner, name, labels, token_ref))
-        else:
-            absent.append(trigger_auth_ref)
-    else:
-        absent += [keda_ref, trigger_auth_ref]
-    objects.append(agent_pdb(owner, md, labels, selector))
-    return MdPlan(
-        objects=objects,
-        absent=absent,
-        desired_state=md.desired_state(),
-        replicas=replicas,
-        slots_per_agent=spa,
-    )
 
 
 def parked(owner: Owner) -> tuple[ObjRef, Obj, list[ObjRef]]:

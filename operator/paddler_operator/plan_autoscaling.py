@@ -12,9 +12,17 @@ from paddler_operator.crd_models import (
     AutoscalingMode,
     AutoscalingSpec,
     KedaTrigger,
+    LlmPoolSpec,
+    ModelDeploymentSpec,
 )
-from paddler_operator.objects import Obj
-from paddler_operator.plan import Owner, object_meta
+from paddler_operator.objects import Obj, ObjRef
+from paddler_operator.plan import (
+    Owner,
+    agent_name,
+    management_service_name,
+    management_token_ref,
+    object_meta,
+)
 
 
 def _busy_slots_milli(autoscaling: AutoscalingSpec, slots: int) -> int:
@@ -283,3 +291,42 @@ def builtin_scale(
     if now - low_since >= a.scale_down_delay_seconds:
         return ScaleDecision(wanted, None, f"scale down: demand fits {wanted} for {a.scale_down_delay_seconds}s")
     return ScaleDecision(current_clamped, low_since, f"demand fits {wanted}; waiting")
+
+
+def autoscaler_objects(
+    owner: Owner,
+    md: ModelDeploymentSpec,
+    pool: LlmPoolSpec,
+    labels: dict[str, str],
+    slots: int,
+    balancer_url: str | None,
+    hpa_scale_to_zero: bool,
+) -> tuple[list[Obj], list[ObjRef]]:
+    """The HPA, or KEDA's ScaledObject (and its TriggerAuthentication when the metrics-api
+    trigger needs the management token), of a ModelDeployment's mode; and the others, which
+    must not exist (a mode changed away from them)."""
+    name = agent_name(owner.name)
+    mode = md.autoscaling.mode
+    hpa_ref = ObjRef("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, name)
+    keda_ref = ObjRef("keda.sh/v1alpha1", "ScaledObject", owner.namespace, name)
+    trigger_auth_ref = ObjRef("keda.sh/v1alpha1", "TriggerAuthentication", owner.namespace, name)
+    objects: list[Obj] = []
+    absent: list[ObjRef] = []
+    if mode == AutoscalingMode.HPA:
+        objects.append(horizontal_pod_autoscaler(owner, name, labels, md.autoscaling, slots, hpa_scale_to_zero))
+    else:
+        absent.append(hpa_ref)
+    if mode != AutoscalingMode.KEDA:
+        return objects, [*absent, keda_ref, trigger_auth_ref]
+    pool_name = md.pool_ref.name
+    base = balancer_url or (
+        f"http://{management_service_name(pool_name)}.{owner.namespace}.svc:{pool.balancer.service.management_port}"
+    )
+    token_ref = management_token_ref(pool_name, pool)
+    needs_token = token_ref is not None and md.autoscaling.keda.trigger == KedaTrigger.METRICS_API
+    objects.append(scaled_object(owner, name, labels, md.autoscaling, slots, base, needs_token))
+    if needs_token and token_ref is not None:
+        objects.append(trigger_authentication(owner, name, labels, token_ref))
+    else:
+        absent.append(trigger_auth_ref)
+    return objects, absent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from paddler_operator.crd_models import (
     ADMIN_PANEL_PORT,
@@ -81,26 +82,42 @@ def balancer_args(spec: LlmPoolSpec, pool: str = "", namespace: str = "") -> lis
 
 
 def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
-    """ConfigMap, balancer Deployment, inference and management Services of a pool."""
+    """ConfigMap, balancer Deployment, inference, management and peers Services of a
+    pool (and its PodDisruptionBudget from two replicas on)."""
     pool = owner.name
-    b = spec.balancer
     labels = component_labels(owner, pool, "balancer", "paddler-balancer")
     selector = {POOL_LABEL: pool, COMPONENT_LABEL: "balancer"}
-    config = {
-        # Only the balancer's settings: an agent-side change must not restart the balancer
-        # (its pod template carries this data's hash), which would drop every agent and buffered request.
-        "balancer.json": json.dumps(
-            spec.balancer.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True
-        ),
-        "management-addr": management_addr(pool, owner.namespace, spec),
-        "inference-url": (f"http://{inference_service_name(pool)}.{owner.namespace}.svc:{b.service.inference_port}"),
-    }
+    config = balancer_config(owner, spec)
     config_map: Obj = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": object_meta(owner, balancer_name(pool), labels),
         "data": config,
     }
+    objects = [
+        config_map,
+        balancer_deployment(owner, spec, labels, selector, config),
+        *balancer_services(owner, spec, labels, selector),
+    ]
+    if spec.balancer.replicas >= 2:
+        objects.append(balancer_pdb(owner, labels, selector))
+    return objects
+
+
+def balancer_config(owner: Owner, spec: LlmPoolSpec) -> dict[str, str]:
+    """The pool's ConfigMap data. Only the balancer's settings: an agent-side change must not
+    restart the balancer (its pod template carries this data's hash), which would drop every
+    agent and buffered request."""
+    pool, b = owner.name, spec.balancer
+    return {
+        "balancer.json": json.dumps(b.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True),
+        "management-addr": management_addr(pool, owner.namespace, spec),
+        "inference-url": f"http://{inference_service_name(pool)}.{owner.namespace}.svc:{b.service.inference_port}",
+    }
+
+
+def balancer_container(owner: Owner, spec: LlmPoolSpec) -> Obj:
+    pool, b = owner.name, spec.balancer
     env: list[Obj] = [
         # --replica-name (the balancer's default): says which replica answers, in logs and peer sums.
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -121,7 +138,7 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
     if b.admin_panel.enabled:
         ports.append({"name": "admin", "containerPort": ADMIN_PANEL_PORT, "protocol": "TCP"})
     timing = {"periodSeconds": 5, "timeoutSeconds": 2}
-    container: Obj = {
+    return {
         "name": "balancer",
         "image": b.image,
         "imagePullPolicy": b.image_pull_policy.value,
@@ -136,12 +153,17 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
         "securityContext": container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    deployment: Obj = {
+
+
+def balancer_deployment(
+    owner: Owner, spec: LlmPoolSpec, labels: dict[str, str], selector: dict[str, str], config: Mapping[str, str]
+) -> Obj:
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": object_meta(owner, balancer_name(pool), labels),
+        "metadata": object_meta(owner, balancer_name(owner.name), labels),
         "spec": {
-            "replicas": b.replicas,
+            "replicas": spec.balancer.replicas,
             "selector": {"matchLabels": selector},
             # A new replica is Ready (agents connected to it) before an old one drains away.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -152,12 +174,18 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": balancer_grace_seconds(spec),
                     "topologySpreadConstraints": spread_over_nodes(selector),
-                    "containers": [container],
+                    "containers": [balancer_container(owner, spec)],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },
             },
         },
     }
+
+
+def balancer_services(owner: Owner, spec: LlmPoolSpec, labels: dict[str, str], selector: dict[str, str]) -> list[Obj]:
+    """Inference (clients; the admin panel beside it), management (the operator, dashboards)
+    and the headless peers Service (agents dial every replica)."""
+    pool, b = owner.name, spec.balancer
     inference_ports = [
         {"name": "inference", "port": b.service.inference_port, "targetPort": "inference", "protocol": "TCP"}
     ]
@@ -165,45 +193,39 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
         inference_ports.append(
             {"name": "admin", "port": b.service.admin_panel_port, "targetPort": "admin", "protocol": "TCP"}
         )
-    inference_service: Obj = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": object_meta(owner, inference_service_name(pool), labels, dict(b.service.annotations) or None),
-        "spec": {"type": b.service.type.value, "selector": selector, "ports": inference_ports},
+    management_port = {
+        "name": "management",
+        "port": b.service.management_port,
+        "targetPort": "management",
+        "protocol": "TCP",
     }
-    management_service: Obj = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": object_meta(owner, management_service_name(pool), labels),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector,
-            "ports": [
-                {
-                    "name": "management",
-                    "port": b.service.management_port,
-                    "targetPort": "management",
-                    "protocol": "TCP",
-                }
-            ],
+    peers_port = {"name": "management", "port": MANAGEMENT_PORT, "targetPort": "management", "protocol": "TCP"}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": object_meta(owner, inference_service_name(pool), labels, dict(b.service.annotations) or None),
+            "spec": {"type": b.service.type.value, "selector": selector, "ports": inference_ports},
         },
-    }
-    peers_service: Obj = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": object_meta(owner, peers_service_name(pool), labels),
-        "spec": {
-            "clusterIP": "None",
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": object_meta(owner, management_service_name(pool), labels),
+            "spec": {"type": "ClusterIP", "selector": selector, "ports": [management_port]},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": object_meta(owner, peers_service_name(pool), labels),
             # Agents join a starting replica before it turns Ready (Ready waits for them).
-            "publishNotReadyAddresses": True,
-            "selector": selector,
-            "ports": [{"name": "management", "port": MANAGEMENT_PORT, "targetPort": "management", "protocol": "TCP"}],
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": selector,
+                "ports": [peers_port],
+            },
         },
-    }
-    objects = [config_map, deployment, inference_service, management_service, peers_service]
-    if b.replicas >= 2:
-        objects.append(balancer_pdb(owner, labels, selector))
-    return objects
+    ]
 
 
 def balancer_pdb(owner: Owner, labels: dict[str, str], selector: dict[str, str]) -> Obj:

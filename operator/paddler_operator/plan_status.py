@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from paddler_operator.balancer_views import BalancerSnapshot
+from paddler_operator.balancer_views import AgentView, BalancerSnapshot
 from paddler_operator.crd_models import (
     Condition,
     LlmPoolSpec,
@@ -13,7 +13,7 @@ from paddler_operator.crd_models import (
     ModelDeploymentSpec,
     ModelDeploymentStatus,
 )
-from paddler_operator.plan_autoscaling import load_of
+from paddler_operator.plan_autoscaling import Load, load_of
 
 # --- status -------------------------------------------------------------------------
 REPLICAS_UNREACHABLE = "BalancerReplicasUnreachable"
@@ -117,59 +117,10 @@ def model_deployment_status(
     problems = list(apply_errors)
     if desired_state_error:
         problems.append(f"balancer refused the desired state: {desired_state_error}")
-    stuck = [a for a in agents if a.state in ("Stuck", "AttemptedAndNotAppliable")]
-    issues = [f"{a.name or a.id}: {i}" for a in agents for i in a.issues]
-
-    if not pool_found:
-        msg = f"LlmPool {spec.pool_ref.name!r} not found in this namespace; waiting for it"
-        ready = _cond("Ready", False, "PoolNotFound", msg)
-        progressing = _cond("Progressing", False, "PoolNotFound", msg)
-    elif snapshot is None:
-        msg = f"balancer management API unreachable: {balancer_error or 'unknown error'}; retrying"
-        ready = _cond("Ready", False, "BalancerUnreachable", msg)
-        progressing = _cond("Progressing", True, "BalancerUnreachable", msg)
-    elif rollout is not None and rollout.get("phase") == "Failed":
-        msg = (
-            f"rollout of {spec.model.to_core().describe()} stopped at {rollout.get('applied')}/{rollout.get('total')} "
-            "agents; the others keep serving the previous desired state"
-        )
-        ready = _cond("Ready", False, "RolloutFailed", msg)
-        progressing = _cond("Progressing", False, "RolloutFailed", str(rollout.get("message") or msg))
-    elif rollout is not None and rollout.get("phase") == "Progressing":
-        msg = (
-            f"rolling out {spec.model.to_core().describe()}: {rollout.get('applied')}/{rollout.get('total')} agents "
-            f"switched, at most {rollout.get('max_unavailable')} at a time"
-        )
-        ready = _cond("Ready", False, "RollingOut", msg)
-        progressing = _cond("Progressing", True, "RollingOut", msg)
-    elif desired_replicas == 0:
-        ready = _cond("Ready", True, "ScaledToZero", "0 agent replicas; buffered requests wake the pool")
-        progressing = _cond("Progressing", False, "Complete")
-    elif applied and load.ready >= desired_replicas:
-        msg = f"{load.ready}/{desired_replicas} agents serve {spec.model.to_core().describe()}"
-        ready = _cond("Ready", True, "AgentsReady", msg)
-        progressing = _cond("Progressing", False, "Complete", msg)
-    else:
-        msg = f"{load.ready}/{desired_replicas} agents ready"
-        if not applied:
-            msg += "; desired state not yet on the balancer"
-        ready = _cond("Ready", False, "AgentsNotReady", msg)
-        progressing = _cond("Progressing", True, "WaitingForAgents", msg)
-    partial = snapshot.partial if snapshot is not None else None
-    if problems:
-        degraded = _cond("Degraded", True, "ApplyFailed", "; ".join(problems))
-    elif partial is not None:
-        degraded = _cond("Degraded", True, REPLICAS_UNREACHABLE, f"{partial}; counts are partial, retrying")
-    elif rollout is not None and rollout.get("phase") == "Failed":
-        degraded = _cond("Degraded", True, "RolloutFailed", str(rollout.get("message") or "rollout failed")[:1000])
-    elif stuck:
-        degraded = _cond(
-            "Degraded", True, "ModelNotAppliable", ", ".join(f"{a.name or a.id}: {a.state}" for a in stuck)
-        )
-    elif issues:
-        degraded = _cond("Degraded", True, "AgentIssues", "; ".join(issues)[:1000])
-    else:
-        degraded = _cond("Degraded", False, "AsExpected")
+    ready, progressing = _md_ready_and_progressing(
+        spec, pool_found, desired_replicas, snapshot, balancer_error, rollout, applied, load
+    )
+    degraded = _md_degraded(agents, problems, snapshot, rollout)
     return ModelDeploymentStatus(
         observed_generation=generation,
         conditions=merge_conditions(previous, [ready, progressing, degraded], now, generation),
@@ -185,3 +136,70 @@ def model_deployment_status(
         desired_state_applied=applied,
         low_demand_since=low_demand_since,
     )
+
+
+def _md_ready_and_progressing(
+    spec: ModelDeploymentSpec,
+    pool_found: bool,
+    desired_replicas: int,
+    snapshot: BalancerSnapshot | None,
+    balancer_error: str | None,
+    rollout: Mapping[str, Any] | None,
+    applied: bool,
+    load: Load,
+) -> tuple[Condition, Condition]:
+    """``Ready`` and ``Progressing``: the first of these that holds decides both."""
+    model = spec.model.to_core().describe()
+    if not pool_found:
+        msg = f"LlmPool {spec.pool_ref.name!r} not found in this namespace; waiting for it"
+        return _cond("Ready", False, "PoolNotFound", msg), _cond("Progressing", False, "PoolNotFound", msg)
+    if snapshot is None:
+        msg = f"balancer management API unreachable: {balancer_error or 'unknown error'}; retrying"
+        return _cond("Ready", False, "BalancerUnreachable", msg), _cond("Progressing", True, "BalancerUnreachable", msg)
+    phase = rollout.get("phase") if rollout is not None else None
+    if rollout is not None and phase == "Failed":
+        msg = (
+            f"rollout of {model} stopped at {rollout.get('applied')}/{rollout.get('total')} "
+            "agents; the others keep serving the previous desired state"
+        )
+        detail = str(rollout.get("message") or msg)
+        return _cond("Ready", False, "RolloutFailed", msg), _cond("Progressing", False, "RolloutFailed", detail)
+    if rollout is not None and phase == "Progressing":
+        msg = (
+            f"rolling out {model}: {rollout.get('applied')}/{rollout.get('total')} agents "
+            f"switched, at most {rollout.get('max_unavailable')} at a time"
+        )
+        return _cond("Ready", False, "RollingOut", msg), _cond("Progressing", True, "RollingOut", msg)
+    if desired_replicas == 0:
+        msg = "0 agent replicas; buffered requests wake the pool"
+        return _cond("Ready", True, "ScaledToZero", msg), _cond("Progressing", False, "Complete")
+    if applied and load.ready >= desired_replicas:
+        msg = f"{load.ready}/{desired_replicas} agents serve {model}"
+        return _cond("Ready", True, "AgentsReady", msg), _cond("Progressing", False, "Complete", msg)
+    msg = f"{load.ready}/{desired_replicas} agents ready"
+    if not applied:
+        msg += "; desired state not yet on the balancer"
+    return _cond("Ready", False, "AgentsNotReady", msg), _cond("Progressing", True, "WaitingForAgents", msg)
+
+
+def _md_degraded(
+    agents: Sequence[AgentView],
+    problems: Sequence[str],
+    snapshot: BalancerSnapshot | None,
+    rollout: Mapping[str, Any] | None,
+) -> Condition:
+    """``Degraded``: the first problem found, in order of what an operator must fix first."""
+    partial = snapshot.partial if snapshot is not None else None
+    stuck = [a for a in agents if a.state in ("Stuck", "AttemptedAndNotAppliable")]
+    issues = [f"{a.name or a.id}: {i}" for a in agents for i in a.issues]
+    if problems:
+        return _cond("Degraded", True, "ApplyFailed", "; ".join(problems))
+    if partial is not None:
+        return _cond("Degraded", True, REPLICAS_UNREACHABLE, f"{partial}; counts are partial, retrying")
+    if rollout is not None and rollout.get("phase") == "Failed":
+        return _cond("Degraded", True, "RolloutFailed", str(rollout.get("message") or "rollout failed")[:1000])
+    if stuck:
+        return _cond("Degraded", True, "ModelNotAppliable", ", ".join(f"{a.name or a.id}: {a.state}" for a in stuck))
+    if issues:
+        return _cond("Degraded", True, "AgentIssues", "; ".join(issues)[:1000])
+    return _cond("Degraded", False, "AsExpected")
