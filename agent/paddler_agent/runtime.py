@@ -33,7 +33,7 @@ from paddler_agent.links import (
     Credentials,
     LinkSet,
 )
-from paddler_agent.model_source import ModelAccess, ModelSourceError
+from paddler_agent.model_files import ModelAccess, ModelSourceError
 from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import BalancerDesiredState, StateOffer, judge_state_offer, state_revision
 from paddler_core.inference import ErrorKind, GenerationError, ResponsePayload, generated_error_payload

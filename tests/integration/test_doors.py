@@ -22,7 +22,8 @@ from paddler_client.continue_from_raw_prompt_params import ContinueFromRawPrompt
 from paddler_client.conversation_message import ConversationMessage
 from paddler_client.error import HttpError
 
-from paddler_agent.model_source import ModelAccess, ModelSourceError, _CheckingResolver, resolve_model
+from paddler_agent.model_files import CheckingResolver, ModelAccess, ModelSourceError
+from paddler_agent.model_source import resolve_model
 from paddler_core.desired_state import ModelSource, UrlModelReference
 from paddler_core.model_access import ModelUrlPolicy
 from tests.harness import Balancer, Processes, wait_until
@@ -433,7 +434,7 @@ async def test_agent_download_follows_an_allowed_redirect(tmp_path: Path) -> Non
 async def test_agent_resolver_refuses_a_name_that_resolves_to_loopback() -> None:
     # A host name the allow-list lets through (any http host) that resolves to 127.0.0.1: the
     # connection would go inside the machine, so the resolver refuses before anything is dialled.
-    resolver = _CheckingResolver(ModelAccess(ModelUrlPolicy.from_entries(["http://"])))
+    resolver = CheckingResolver(ModelAccess(ModelUrlPolicy.from_entries(["http://"])))
     resolver.url = "http://localhost/m.gguf"
     try:
         with pytest.raises(ModelSourceError) as refused:

@@ -14,15 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from paddler_agent.model_source import (
-    DownloadProgress,
-    FileProblem,
-    ModelFileUnusable,
-    ModelSourceError,
-    hub_file_error,
-    resolve_model,
-    url_cache_path,
-)
+from paddler_agent.model_download import url_cache_path
+from paddler_agent.model_files import DownloadProgress, FileProblem, ModelFileUnusable, ModelSourceError
+from paddler_agent.model_hub import hub_file_error
+from paddler_agent.model_source import resolve_model
 from paddler_core.desired_state import ModelSource
 
 FAKE_GGUF = b"GGUF" + b"\x03\x00\x00\x00" + bytes(range(256)) * 4096  # ~1 MiB

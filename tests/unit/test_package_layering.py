@@ -41,7 +41,7 @@ EDGES = {
     "kopf": "operator/paddler_operator/handlers.py",
     "kubernetes_asyncio": "operator/paddler_operator/kube.py",
     "prometheus_client": "balancer/paddler_balancer/metrics.py",
-    "huggingface_hub": "agent/paddler_agent/model_source.py",
+    "huggingface_hub": "agent/paddler_agent/model_hub.py",
     "PIL": "agent/paddler_agent/images.py",
     "jinja2": "agent/paddler_agent/chat_template.py",
     "jsonschema": "core/paddler_core/tool_schema.py",

@@ -19,7 +19,8 @@ from paddler_agent.llama.decode_worker import DecodeWorker, NativeThread
 from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.jobs import Emit, Settings, StatusDelta, template_for
 from paddler_agent.llama.native import MAX_SLOTS, LoadConfig, ModelLoadError, NativeModel, Runtime
-from paddler_agent.model_source import DownloadProgress, ModelAccess, ModelSourceError, resolve_model
+from paddler_agent.model_files import DownloadProgress, ModelAccess, ModelSourceError
+from paddler_agent.model_source import resolve_model
 from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import (
     BalancerDesiredState,
