@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.workload import Streamed, balancer_stream, chat_prompt, llama_server_stream, story_prompts  # noqa: E402
-from paddler_agent.llama_server import sampling_fields  # noqa: E402
+from paddler_agent.llama_server_wire import sampling_fields  # noqa: E402
 from paddler_core.desired_state import InferenceParameters  # noqa: E402
 from tests.harness import Processes, wait_until  # noqa: E402
 from tests.llama_server.conftest import LlamaServers  # noqa: E402

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from paddler_agent.llama_server import (
+from paddler_agent.llama_server_wire import (
     EmbeddingError,
     LlamaServerError,
     PreparedRequest,
@@ -297,7 +297,7 @@ async def test_sse_events_reads_lines_longer_than_aiohttps_line_limit() -> None:
     import aiohttp
     from aiohttp import web
 
-    from paddler_agent.llama_server import sse_events
+    from paddler_agent.llama_server_wire import sse_events
 
     long_text = "x" * 200_000
 
