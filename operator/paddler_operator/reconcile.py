@@ -413,67 +413,18 @@ class Reconciler:
             return await self._invalid(obj, "ModelDeployment", err)
         owner = _owner(obj)
         previous = _conditions(obj)
-        pool_obj = await self.kube.get(_ref("LlmPool", namespace, spec.pool_ref.name))
-        pool_spec: LlmPoolSpec | None = None
-        if pool_obj is not None:
-            try:
-                pool_spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
-            except ValidationError:
-                pool_spec = None  # the pool reports its own InvalidSpec
-        previous_pool = (obj.get("status") or {}).get("pool")
-        if previous_pool and previous_pool != spec.pool_ref.name:
-            await self._leave_pool(obj, previous_pool)
-            previous_pool = None
+        pool_spec, previous_pool = await self._md_pool(obj, spec)
         if pool_spec is None:
-            await self._park(obj, owner)
-            status = plan_status.model_deployment_status(
-                name,
-                spec,
-                generation=owner.generation,
-                pool_found=False,
-                desired_replicas=0,
-                snapshot=None,
-                balancer_error=None,
-                desired_state_error=None,
-                apply_errors=[],
-                previous=previous,
-                now=_now(),
-            )
-            status = status.model_copy(update={"pool": previous_pool})
-            await self._write_status(
-                obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
-            )
-            # Woken when the pool appears (handlers wake a namespace's deployments on pool events).
-            return Outcome(ok=False, retry=False, message="pool not found")
+            return await self._md_without_pool(obj, owner, spec, previous, previous_pool)
 
         url = self.balancer_url(spec.pool_ref.name, namespace, pool_spec)
         await self._management_token(url, namespace, spec.pool_ref.name, pool_spec)
         snapshot, balancer_error = await self._snapshot(url, name)
         deployment_ref = ObjRef("apps/v1", "Deployment", namespace, plan.agent_name(name))
-        builtin: int | None = None
-        low_demand_since: str | None = None
         current: Obj | None = None
         if spec.autoscaling.mode != AutoscalingMode.NONE:
             current = await self.kube.get(deployment_ref)
-        if spec.autoscaling.mode == AutoscalingMode.BUILTIN:
-            replicas_now = int(((current or {}).get("spec") or {}).get("replicas") or 0)
-            load = (
-                plan_autoscaling.load_of(snapshot.in_group(name), snapshot.buffered_by_group.get(name, 0))
-                if snapshot
-                else None
-            )
-            decision = plan_autoscaling.builtin_scale(
-                spec.autoscaling,
-                plan_agents.slots_per_agent(spec, pool_spec),
-                replicas_now,
-                load,
-                _parse_timestamp((obj.get("status") or {}).get("lowDemandSince")),
-                self.clock(),
-            )
-            builtin = decision.replicas
-            low_demand_since = _timestamp(decision.low_since) if decision.low_since is not None else None
-            if decision.replicas != replicas_now and current is not None:
-                log.info("builtin scale md=%s/%s %d->%d %s", namespace, name, replicas_now, builtin, decision.reason)
+        builtin, low_demand_since = self._builtin_scale(obj, spec, pool_spec, snapshot, current)
         hpa_gate = True
         if spec.autoscaling.mode == AutoscalingMode.HPA:
             hpa_gate = await self.hpa_scale_to_zero(namespace)
@@ -486,19 +437,8 @@ class Reconciler:
             hpa_scale_to_zero=hpa_gate,
         )
         errors = await self.apply(obj, md_plan.objects, md_plan.absent)
-        if current is not None and plan_autoscaling.hpa_wakes(
-            spec.autoscaling,
-            hpa_gate,
-            int((current.get("spec") or {}).get("replicas") or 0),
-            snapshot.buffered_by_group.get(name, 0) if snapshot else 0,
-        ):
-            # No HPAScaleToZero: the HPA cannot leave 0; the operator's one step (docs/scaling.md).
-            try:
-                await self.kube.patch(deployment_ref, {"spec": {"replicas": 1}})
-                log.info("hpa wake md=%s/%s 0->1: requests buffered, HPA cannot scale from zero", namespace, name)
-                await self.kube.event(obj, "Normal", "ScaledFromZero", "Requests buffered: agent replicas 0 -> 1")
-            except KubeError as err:
-                errors.append(f"Deployment {deployment_ref.name}: {err.message}")
+        buffered = snapshot.buffered_by_group.get(name, 0) if snapshot else 0
+        errors += await self._wake_hpa_from_zero(obj, spec, hpa_gate, current, buffered, deployment_ref)
 
         desired_state_error: str | None = None
         if snapshot is not None:
@@ -510,9 +450,7 @@ class Reconciler:
         if desired_replicas is None:  # HPA / KEDA own the count
             current = await self.kube.get(deployment_ref)
             desired_replicas = int(((current or {}).get("spec") or {}).get("replicas") or 0)
-        rollout = snapshot.group_rollouts.get(name) if snapshot is not None else None
-        if rollout is not None and rollout.get("revision") != state_revision(md_plan.desired_state):
-            rollout = None  # a rollout of some other state (e.g. one set by hand)
+        rollout = _rollout_of(snapshot, name, md_plan.desired_state)
         status = plan_status.model_deployment_status(
             name,
             spec,
@@ -535,19 +473,122 @@ class Reconciler:
             obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
         transient = bool(errors) or snapshot is None or desired_state_error is not None or snapshot.partial is not None
-        # Builtin scaling and a running rollout are watched closely (status shows its progress).
-        # So is an HPA-mode group that only the operator can wake (no HPAScaleToZero).
-        poll = (
-            spec.autoscaling.mode == AutoscalingMode.BUILTIN
-            or (rollout or {}).get("phase") == "Progressing"
-            or (spec.autoscaling.mode == AutoscalingMode.HPA and not hpa_gate and spec.autoscaling.min_replicas == 0)
-        )
         return Outcome(
             ok=not transient,
             retry=transient,
             message=balancer_error or desired_state_error or "; ".join(errors),
-            resync_after=self.settings.builtin_poll_interval if poll else None,
+            resync_after=self.settings.builtin_poll_interval if _watched_closely(spec, rollout, hpa_gate) else None,
         )
+
+    async def _md_pool(self, obj: Obj, spec: ModelDeploymentSpec) -> tuple[LlmPoolSpec | None, str | None]:
+        """The pool's spec (None: missing or invalid; the pool reports its own InvalidSpec) and the
+        pool the status names; a ModelDeployment moved to another pool leaves the old one first."""
+        namespace = obj["metadata"]["namespace"]
+        pool_obj = await self.kube.get(_ref("LlmPool", namespace, spec.pool_ref.name))
+        pool_spec: LlmPoolSpec | None = None
+        if pool_obj is not None:
+            with contextlib.suppress(ValidationError):
+                pool_spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
+        previous_pool = (obj.get("status") or {}).get("pool")
+        if previous_pool and previous_pool != spec.pool_ref.name:
+            await self._leave_pool(obj, previous_pool)
+            previous_pool = None
+        return pool_spec, previous_pool
+
+    async def _md_without_pool(
+        self,
+        obj: Obj,
+        owner: Owner,
+        spec: ModelDeploymentSpec,
+        previous: list[Condition],
+        previous_pool: str | None,
+    ) -> Outcome:
+        """No pool to serve in: agents parked at 0, the status says so."""
+        await self._park(obj, owner)
+        status = plan_status.model_deployment_status(
+            owner.name,
+            spec,
+            generation=owner.generation,
+            pool_found=False,
+            desired_replicas=0,
+            snapshot=None,
+            balancer_error=None,
+            desired_state_error=None,
+            apply_errors=[],
+            previous=previous,
+            now=_now(),
+        )
+        status = status.model_copy(update={"pool": previous_pool})
+        await self._write_status(
+            obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
+        )
+        # Woken when the pool appears (handlers wake a namespace's deployments on pool events).
+        return Outcome(ok=False, retry=False, message="pool not found")
+
+    def _builtin_scale(
+        self,
+        obj: Obj,
+        spec: ModelDeploymentSpec,
+        pool_spec: LlmPoolSpec,
+        snapshot: BalancerSnapshot | None,
+        current: Obj | None,
+    ) -> tuple[int | None, str | None]:
+        """The Builtin scaler's replicas and the start of its low-demand timer (both None in
+        other modes); the timer lives in the status, so it survives an operator restart."""
+        if spec.autoscaling.mode != AutoscalingMode.BUILTIN:
+            return None, None
+        name = obj["metadata"]["name"]
+        replicas_now = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+        load = (
+            plan_autoscaling.load_of(snapshot.in_group(name), snapshot.buffered_by_group.get(name, 0))
+            if snapshot
+            else None
+        )
+        decision = plan_autoscaling.builtin_scale(
+            spec.autoscaling,
+            plan_agents.slots_per_agent(spec, pool_spec),
+            replicas_now,
+            load,
+            _parse_timestamp((obj.get("status") or {}).get("lowDemandSince")),
+            self.clock(),
+        )
+        if decision.replicas != replicas_now and current is not None:
+            log.info(
+                "builtin scale md=%s/%s %d->%d %s",
+                obj["metadata"]["namespace"],
+                name,
+                replicas_now,
+                decision.replicas,
+                decision.reason,
+            )
+        low_demand_since = _timestamp(decision.low_since) if decision.low_since is not None else None
+        return decision.replicas, low_demand_since
+
+    async def _wake_hpa_from_zero(
+        self,
+        obj: Obj,
+        spec: ModelDeploymentSpec,
+        hpa_gate: bool,
+        current: Obj | None,
+        buffered: int,
+        deployment_ref: ObjRef,
+    ) -> list[str]:
+        """Without HPAScaleToZero the HPA cannot leave 0: the operator takes the one step
+        (docs/scaling.md). Returns the errors of the write."""
+        replicas_now = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+        if current is None or not plan_autoscaling.hpa_wakes(spec.autoscaling, hpa_gate, replicas_now, buffered):
+            return []
+        try:
+            await self.kube.patch(deployment_ref, {"spec": {"replicas": 1}})
+        except KubeError as err:
+            return [f"Deployment {deployment_ref.name}: {err.message}"]
+        log.info(
+            "hpa wake md=%s/%s 0->1: requests buffered, HPA cannot scale from zero",
+            deployment_ref.namespace,
+            obj["metadata"]["name"],
+        )
+        await self.kube.event(obj, "Normal", "ScaledFromZero", "Requests buffered: agent replicas 0 -> 1")
+        return []
 
     async def _push_desired_state(
         self,
@@ -735,3 +776,25 @@ class Workers:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await wake.wait()
+
+
+def _rollout_of(
+    snapshot: BalancerSnapshot | None, group: str, desired: BalancerDesiredState
+) -> Mapping[str, Any] | None:
+    """The balancer's rollout of ``desired`` in ``group``; None for none, or for a rollout of
+    some other state (e.g. one set by hand)."""
+    rollout = snapshot.group_rollouts.get(group) if snapshot is not None else None
+    if rollout is not None and rollout.get("revision") != state_revision(desired):
+        return None
+    return rollout
+
+
+def _watched_closely(spec: ModelDeploymentSpec, rollout: Mapping[str, Any] | None, hpa_gate: bool) -> bool:
+    """Builtin scaling and a running rollout are polled (status shows their progress); so is
+    an HPA-mode group that only the operator can wake (no HPAScaleToZero)."""
+    a = spec.autoscaling
+    return (
+        a.mode == AutoscalingMode.BUILTIN
+        or (rollout or {}).get("phase") == "Progressing"
+        or (a.mode == AutoscalingMode.HPA and not hpa_gate and a.min_replicas == 0)
+    )
