@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from textual.widgets import DataTable, Static
 
-from paddler_cli.dashboard import make_app
+from paddler_cli.dashboard_app import DashboardApp
 from tests.harness import Balancer, Processes
 
 SIZE = (130, 36)
@@ -45,7 +45,7 @@ def start_pool(paddler: Processes) -> Balancer:
 
 async def test_dashboard_shows_agents_slots_and_buffered_requests_live(paddler: Processes) -> None:
     balancer = start_pool(paddler)
-    app = make_app(balancer.management_addr)
+    app = DashboardApp(balancer.management_addr)
     async with app.run_test(size=SIZE) as pilot, httpx.AsyncClient(timeout=30) as http:
         await until(pilot, lambda: len(table_rows(app)) == 2, "two agents")
         assert [row[0] for row in table_rows(app)] == ["alpha", "bravo"]
@@ -75,7 +75,7 @@ async def test_dashboard_sorts_selects_an_agent_and_quits_with_the_keyboard(padd
         state = {"model": {"LocalToAgent": "/models/tiny.gguf"}}
         put = await http.put(balancer.management_url + "/api/v1/model_groups/default/desired_state", json=state)
         assert put.status_code == 204
-    app = make_app(balancer.management_addr)
+    app = DashboardApp(balancer.management_addr)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: len(table_rows(app)) == 2, "two agents")
         await until(pilot, lambda: "default" in str(app.query_one("#groups", DataTable).get_row_at(0)[0]), "group")
@@ -100,7 +100,7 @@ async def test_dashboard_says_the_balancer_is_unreachable_and_recovers_when_it_i
     with socket.socket() as probe:  # a port with nothing listening on it
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
-    app = make_app(address)
+    app = DashboardApp(address)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: "unreachable" in text_of(app, "#banner"), "unreachable banner")
         assert "cannot connect" in text_of(app, "#banner")
@@ -116,7 +116,7 @@ async def test_dashboard_says_the_balancer_is_unreachable_and_recovers_when_it_i
 
 async def test_dashboard_keeps_the_last_data_marked_stale_when_the_balancer_dies(paddler: Processes) -> None:
     balancer = start_pool(paddler)
-    app = make_app(balancer.management_addr)
+    app = DashboardApp(balancer.management_addr)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: len(table_rows(app)) == 2, "two agents")
         balancer.process.kill()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paddler_cli.dashboard import DashboardState, agent_detail, agent_rows, group_rows, slot_bar
+from paddler_cli.dashboard_view import DashboardState, agent_detail, agent_rows, group_rows, slot_bar
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ EDGES = {
     "referencing": "core/paddler_core/tool_schema.py",
     "jsonschema_specifications": "core/paddler_core/tool_schema.py",
     "re2": "core/paddler_core/tool_schema.py",
-    "textual": "cli/paddler_cli/dashboard.py",
+    "textual": "cli/paddler_cli/dashboard_app.py",
 }
 """Each outside library and the one module (or subpackage, ending in ``/``) that may import it."""
 
