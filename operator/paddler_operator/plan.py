@@ -19,11 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from paddler_operator.crd_models import (
-    API_VERSION,
-    MANAGEMENT_PORT,
-    LlmPoolSpec,
-)
+from paddler_operator.crd_models import API_VERSION, MANAGEMENT_PORT
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import Obj
 
 MANAGED_BY = "paddler-operator"

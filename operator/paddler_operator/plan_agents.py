@@ -7,15 +7,9 @@ import math
 from dataclasses import dataclass
 
 from paddler_core.desired_state import BalancerDesiredState, PoolingType
-from paddler_operator.crd_models import (
-    AGENT_HEALTH_PORT,
-    AutoscalingMode,
-    EngineKind,
-    LlmPoolSpec,
-    ModelDeploymentSpec,
-    ModelSourceSpec,
-    ResourceRequirements,
-)
+from paddler_operator.crd_model_deployment import AutoscalingMode, EngineKind, ModelDeploymentSpec, ModelSourceSpec
+from paddler_operator.crd_models import AGENT_HEALTH_PORT, ResourceRequirements
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import Obj, ObjRef
 from paddler_operator.plan import (
     COMPONENT_LABEL,

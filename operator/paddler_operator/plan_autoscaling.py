@@ -8,13 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from paddler_operator.balancer_views import AgentView
-from paddler_operator.crd_models import (
-    AutoscalingMode,
-    AutoscalingSpec,
-    KedaTrigger,
-    LlmPoolSpec,
-    ModelDeploymentSpec,
-)
+from paddler_operator.crd_model_deployment import AutoscalingMode, AutoscalingSpec, KedaTrigger, ModelDeploymentSpec
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import Obj, ObjRef
 from paddler_operator.plan import (
     Owner,

@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from paddler_operator.crd_models import (
-    ADMIN_PANEL_PORT,
-    INFERENCE_PORT,
-    MANAGEMENT_PORT,
-    LlmPoolSpec,
-)
+from paddler_operator.crd_models import ADMIN_PANEL_PORT, INFERENCE_PORT, MANAGEMENT_PORT
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import Obj, ObjRef
 from paddler_operator.plan import (
     COMPONENT_LABEL,

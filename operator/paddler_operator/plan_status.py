@@ -6,13 +6,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from paddler_operator.balancer_views import AgentView, BalancerSnapshot
-from paddler_operator.crd_models import (
-    Condition,
-    LlmPoolSpec,
-    LlmPoolStatus,
-    ModelDeploymentSpec,
-    ModelDeploymentStatus,
-)
+from paddler_operator.crd_model_deployment import ModelDeploymentSpec
+from paddler_operator.crd_models import Condition, LlmPoolStatus, ModelDeploymentStatus
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.plan_autoscaling import Load, load_of
 
 # --- status -------------------------------------------------------------------------

@@ -31,13 +31,9 @@ from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, sta
 from paddler_operator import plan, plan_agents, plan_autoscaling, plan_pool, plan_status
 from paddler_operator.balancer_client import BalancerClient, BalancerRejected, BalancerUnreachable
 from paddler_operator.balancer_views import BalancerSnapshot
-from paddler_operator.crd_models import (
-    API_VERSION,
-    AutoscalingMode,
-    Condition,
-    LlmPoolSpec,
-    ModelDeploymentSpec,
-)
+from paddler_operator.crd_model_deployment import AutoscalingMode, ModelDeploymentSpec
+from paddler_operator.crd_models import API_VERSION, Condition
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.kube import KubeApi, KubeError
 from paddler_operator.objects import Obj, ObjRef, status_patch
 from paddler_operator.plan import Owner

@@ -11,7 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from paddler_operator import gen_crds
-from paddler_operator.crd_models import LlmPoolSpec, ModelDeploymentSpec
+from paddler_operator.crd_model_deployment import ModelDeploymentSpec
+from paddler_operator.crd_pool import LlmPoolSpec
 
 REPO = Path(__file__).resolve().parents[2]
 

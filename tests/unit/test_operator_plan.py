@@ -8,12 +8,9 @@ import pytest
 
 from paddler_operator import plan, plan_agents, plan_autoscaling, plan_pool, plan_status
 from paddler_operator.balancer_views import AgentView, BalancerSnapshot
-from paddler_operator.crd_models import (
-    AutoscalingSpec,
-    Condition,
-    LlmPoolSpec,
-    ModelDeploymentSpec,
-)
+from paddler_operator.crd_model_deployment import AutoscalingSpec, ModelDeploymentSpec
+from paddler_operator.crd_models import Condition
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import ObjRef, differences, status_patch
 from paddler_operator.plan import Owner
 from paddler_operator.plan_autoscaling import Load

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from paddler_operator import plan_agents
-from paddler_operator.crd_models import LlmPoolSpec, ModelDeploymentSpec
+from paddler_operator.crd_model_deployment import ModelDeploymentSpec
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.plan import Owner
 
 MD = Owner(kind="ModelDeployment", namespace="ns", name="m", uid="md-uid", generation=2)

@@ -18,7 +18,7 @@ from paddler_operator.balancer_views import (
     combine_rollouts,
     combine_snapshots,
 )
-from paddler_operator.crd_models import LlmPoolSpec
+from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import ObjRef
 from paddler_operator.plan import Owner
 
@@ -324,7 +324,7 @@ def test_pool_status_counts_the_replicas_reached() -> None:
 
 
 def test_partial_pass_degrades_a_model_deployment() -> None:
-    from paddler_operator.crd_models import ModelDeploymentSpec
+    from paddler_operator.crd_model_deployment import ModelDeploymentSpec
 
     md = ModelDeploymentSpec.model_validate({"poolRef": {"name": "p"}, "model": {"localPath": "/m.gguf"}})
     status = plan_status.model_deployment_status(
