@@ -28,8 +28,9 @@ from paddler_operator.crd_models import API_VERSION, GROUP, VERSION
 from paddler_operator.kube import KubeApi, KubeConfigError, KubeError, KubeSettings, login
 from paddler_operator.leader import LeaderElector
 from paddler_operator.plan import MANAGED_BY
-from paddler_operator.reconcile import Key, Kind, Reconciler, Workers
+from paddler_operator.reconcile import Reconciler
 from paddler_operator.settings import OperatorSettings
+from paddler_operator.workers import Key, Kind, Workers
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class _Runtime:
     settings: OperatorSettings
     kube: KubeApi | None = None
     balancers: BalancerClient | None = None
-    workers: Workers | None = None
+    workers: Workers[Reconciler] | None = None
     """The reconcile workers; None while this replica is a standby."""
     elector: LeaderElector | None = None
     seeding: asyncio.Task[None] | None = None
@@ -68,7 +69,7 @@ def run(settings: OperatorSettings) -> None:
     )
 
 
-def _workers() -> Workers | None:
+def _workers() -> Workers[Reconciler] | None:
     """The reconcile workers; None on a standby, whose events change nothing (a new leader lists)."""
     if _runtime is None:
         raise kopf.PermanentError("operator not started")
@@ -100,7 +101,7 @@ async def _step_down() -> None:
         await workers.stop()
 
 
-async def _seed(kube: KubeApi, settings: OperatorSettings, workers: Workers) -> None:
+async def _seed(kube: KubeApi, settings: OperatorSettings, workers: Workers[Reconciler]) -> None:
     """A worker for every LlmPool and ModelDeployment in the watched namespaces (each reconciles at
     once). Events keep touching ``workers`` meanwhile: what the list misses, they bring."""
     failures = 0

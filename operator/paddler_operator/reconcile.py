@@ -13,21 +13,18 @@ to balancers only through :class:`~paddler_operator.balancer_client.BalancerClie
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import dataclasses
-import datetime as dt
 import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
-from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, state_revision
+from paddler_core.desired_state import BalancerDesiredState
 from paddler_operator import plan, plan_agents, plan_autoscaling, plan_pool, plan_status
 from paddler_operator.balancer_client import BalancerClient, BalancerRejected, BalancerUnreachable
 from paddler_operator.balancer_views import BalancerSnapshot
@@ -37,106 +34,29 @@ from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.kube import KubeApi, KubeError
 from paddler_operator.objects import Obj, ObjRef, status_patch
 from paddler_operator.plan import Owner
+from paddler_operator.resource_reads import (
+    conditions_of,
+    controller_uid,
+    custom_resource_ref,
+    find_condition,
+    format_timestamp,
+    max_unavailable_text,
+    owner_of,
+    parse_timestamp,
+    pool_members,
+    resource_version_of,
+    rollout_of,
+    utc_now_text,
+    validation_message,
+    watched_closely,
+)
 from paddler_operator.settings import OperatorSettings
+from paddler_operator.workers import Key, Kind, Outcome
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["LlmPool", "ModelDeployment"]
-Key = tuple[Kind, str, str]
-"""(kind, namespace, name)"""
-
 WARNING_REASONS = frozenset({"BalancerUnreachable", "PoolNotFound", "InvalidSpec", "RolloutFailed"})
 """Ready=False reasons that deserve a Warning event (the rest are normal progress)."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    ok: bool
-    retry: bool = False
-    """A transient failure: try again after the backoff, not the resync interval."""
-    message: str = ""
-    resync_after: float | None = None
-    """Seconds until the next pass when it should come sooner than the resync interval."""
-
-
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime(TIMESTAMP_FORMAT)
-
-
-def _timestamp(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime(TIMESTAMP_FORMAT)
-
-
-def _parse_timestamp(text: Any) -> float | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return dt.datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=dt.UTC).timestamp()
-    except ValueError:
-        return None
-
-
-def _max_unavailable(value: int | str) -> str:
-    """The balancer's spelling of ``rollout.maxUnavailable`` (it refuses what does not parse)."""
-    try:
-        return str(MaxUnavailable.parse(value))
-    except ValueError:
-        return str(value)
-
-
-def _ref(kind: Kind, namespace: str, name: str) -> ObjRef:
-    return ObjRef(API_VERSION, kind, namespace, name)
-
-
-def _owner(obj: Mapping[str, Any]) -> Owner:
-    meta = obj["metadata"]
-    return Owner(
-        kind=obj["kind"],
-        namespace=meta["namespace"],
-        name=meta["name"],
-        uid=meta["uid"],
-        generation=int(meta.get("generation") or 1),
-    )
-
-
-def _conditions(obj: Mapping[str, Any]) -> list[Condition]:
-    out = []
-    for raw in (obj.get("status") or {}).get("conditions") or []:
-        with contextlib.suppress(ValidationError):
-            out.append(Condition.model_validate(raw))
-    return out
-
-
-def _condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
-    return next((c for c in conditions if c.type == type_), None)
-
-
-def _validation_message(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors())
-
-
-def _resource_version(obj: Mapping[str, Any]) -> str | None:
-    version = (obj.get("metadata") or {}).get("resourceVersion")
-    return str(version) if version is not None else None
-
-
-def _members(model_deployments: Sequence[Obj], pool: str) -> list[str]:
-    """Names of the ModelDeployments that name ``pool``."""
-    return sorted(
-        i["metadata"]["name"]
-        for i in model_deployments
-        if ((i.get("spec") or {}).get("poolRef") or {}).get("name") == pool
-    )
-
-
-def _controller_uid(obj: Mapping[str, Any]) -> str | None:
-    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return str(ref.get("uid"))
-    return None
 
 
 class Reconciler:
@@ -182,7 +102,7 @@ class Reconciler:
             ref = ObjRef.of(want)
             try:
                 have = await self.kube.get(ref)
-                controller = _controller_uid(have) if have is not None else None
+                controller = controller_uid(have) if have is not None else None
                 if controller is not None and controller != uid:
                     errors.append(f"{ref} exists and is controlled by another object (uid {controller})")
                     continue
@@ -190,7 +110,7 @@ class Reconciler:
                 if have is None:
                     log.info("created object=%s owner=%s", ref, owner_obj["metadata"]["name"])
                     await self.kube.event(owner_obj, "Normal", "Created", f"Created {ref.kind} {ref.name}")
-                elif _resource_version(applied) != _resource_version(have):
+                elif resource_version_of(applied) != resource_version_of(have):
                     log.info("updated object=%s owner=%s", ref, owner_obj["metadata"]["name"])
                     await self.kube.event(owner_obj, "Normal", "Updated", f"Updated {ref.kind} {ref.name}")
             except KubeError as err:
@@ -202,7 +122,7 @@ class Reconciler:
         for ref in absent:
             try:
                 have = await self.kube.get(ref)
-                if have is not None and _controller_uid(have) == uid and await self.kube.delete(ref):
+                if have is not None and controller_uid(have) == uid and await self.kube.delete(ref):
                     log.info("deleted object=%s", ref)
                     await self.kube.event(owner_obj, "Normal", "Deleted", f"Deleted {ref.kind} {ref.name}")
             except KubeError as err:
@@ -213,7 +133,7 @@ class Reconciler:
     async def _write_status(
         self, obj: Obj, kind: Kind, status: Mapping[str, Any], previous_conditions: Sequence[Condition]
     ) -> None:
-        ref = _ref(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        ref = custom_resource_ref(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
         new = dict(status)
         previous = obj.get("status") or {}
         if status_patch(obj.get("status"), new) is not None:
@@ -230,7 +150,7 @@ class Reconciler:
     async def _condition_events(self, obj: Obj, before: Sequence[Condition], after: Sequence[Condition]) -> None:
         """An Event when Ready changes (a warning for what needs a human) or Degraded turns True."""
         meta = obj["metadata"]
-        old, new = _condition(before, "Ready"), _condition(after, "Ready")
+        old, new = find_condition(before, "Ready"), find_condition(after, "Ready")
         if new is not None and (old is None or (old.status, old.reason) != (new.status, new.reason)):
             kind = "Warning" if new.reason in WARNING_REASONS else "Normal"
             await self.kube.event(obj, kind, new.reason, new.message or new.reason)
@@ -238,7 +158,7 @@ class Reconciler:
                 "condition object=%s/%s Ready=%s reason=%s message=%s",
                 meta["namespace"], meta["name"], new.status, new.reason, new.message,
             )  # fmt: skip
-        old, new = _condition(before, "Degraded"), _condition(after, "Degraded")
+        old, new = find_condition(before, "Degraded"), find_condition(after, "Degraded")
         if (
             new is not None
             and new.status == "True"
@@ -263,8 +183,8 @@ class Reconciler:
         return plan.metrics_url(self.settings.balancer_url_template, pool, namespace, spec)
 
     async def _invalid(self, obj: Obj, kind: Kind, err: ValidationError) -> Outcome:
-        message = f"invalid spec: {_validation_message(err)}"
-        previous = _conditions(obj)
+        message = f"invalid spec: {validation_message(err)}"
+        previous = conditions_of(obj)
         gen = int(obj["metadata"].get("generation") or 1)
         conds = plan_status.merge_conditions(
             previous,
@@ -273,7 +193,7 @@ class Reconciler:
                 Condition(type="Progressing", status="False", reason="InvalidSpec", message=message),
                 Condition(type="Degraded", status="True", reason="InvalidSpec", message=message),
             ],
-            _now(),
+            utc_now_text(),
             gen,
         )
         status = {**(obj.get("status") or {}), "observedGeneration": gen}
@@ -284,14 +204,14 @@ class Reconciler:
     # --- LlmPool ---------------------------------------------------------------------
 
     async def reconcile_pool(self, namespace: str, name: str) -> Outcome:
-        obj = await self.kube.get(_ref("LlmPool", namespace, name))
+        obj = await self.kube.get(custom_resource_ref("LlmPool", namespace, name))
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return Outcome(ok=True, message="gone")
         try:
             spec = LlmPoolSpec.model_validate(obj.get("spec") or {})
         except ValidationError as err:
             return await self._invalid(obj, "LlmPool", err)
-        owner = _owner(obj)
+        owner = owner_of(obj)
         errors = await self.apply(obj, plan_pool.plan_pool(owner, spec), plan_pool.pool_absent(owner, spec))
         balancers_ready = await self._ready_balancers(namespace, name)
         url = self.balancer_url(name, namespace, spec)
@@ -302,10 +222,10 @@ class Reconciler:
         if spec.balancer.replicas > 0:
             snapshot, balancer_error = await self._snapshot(url)
         model_deployments = await self.kube.list(API_VERSION, "ModelDeployment", namespace)
-        members = _members(model_deployments, name)
+        members = pool_members(model_deployments, name)
         if snapshot is not None:
             await self._remove_orphan_groups(obj, url, snapshot, members)
-        previous = _conditions(obj)
+        previous = conditions_of(obj)
         status = plan_status.pool_status(
             spec,
             generation=owner.generation,
@@ -317,7 +237,7 @@ class Reconciler:
             f"{spec.balancer.service.inference_port}",
             management_url=url,
             previous=previous,
-            now=_now(),
+            now=utc_now_text(),
             balancers_ready=balancers_ready,
         )
         await self._write_status(
@@ -351,7 +271,7 @@ class Reconciler:
         try:
             secret = await self.kube.get(secret_ref)
             if secret is None and generated and create_for is not None:
-                want = plan.management_secret(_owner(create_for), spec, secrets.token_urlsafe(32))
+                want = plan.management_secret(owner_of(create_for), spec, secrets.token_urlsafe(32))
                 try:
                     secret = await self.kube.create(want)
                     log.info("created object=%s owner=%s", secret_ref, pool)
@@ -400,15 +320,15 @@ class Reconciler:
     # --- ModelDeployment ---------------------------------------------------------------
 
     async def reconcile_model_deployment(self, namespace: str, name: str) -> Outcome:
-        obj = await self.kube.get(_ref("ModelDeployment", namespace, name))
+        obj = await self.kube.get(custom_resource_ref("ModelDeployment", namespace, name))
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return Outcome(ok=True, message="gone")
         try:
             spec = ModelDeploymentSpec.model_validate(obj.get("spec") or {})
         except ValidationError as err:
             return await self._invalid(obj, "ModelDeployment", err)
-        owner = _owner(obj)
-        previous = _conditions(obj)
+        owner = owner_of(obj)
+        previous = conditions_of(obj)
         pool_spec, previous_pool = await self._md_pool(obj, spec)
         if pool_spec is None:
             return await self._md_without_pool(obj, owner, spec, previous, previous_pool)
@@ -439,14 +359,14 @@ class Reconciler:
         desired_state_error: str | None = None
         if snapshot is not None:
             desired_state_error, snapshot, push_error = await self._push_desired_state(
-                obj, url, name, md_plan.desired_state, snapshot, _max_unavailable(spec.rollout.max_unavailable)
+                obj, url, name, md_plan.desired_state, snapshot, max_unavailable_text(spec.rollout.max_unavailable)
             )
             balancer_error = balancer_error or push_error
         desired_replicas = md_plan.replicas
         if desired_replicas is None:  # HPA / KEDA own the count
             current = await self.kube.get(deployment_ref)
             desired_replicas = int(((current or {}).get("spec") or {}).get("replicas") or 0)
-        rollout = _rollout_of(snapshot, name, md_plan.desired_state)
+        rollout = rollout_of(snapshot, name, md_plan.desired_state)
         status = plan_status.model_deployment_status(
             name,
             spec,
@@ -458,7 +378,7 @@ class Reconciler:
             desired_state_error=desired_state_error,
             apply_errors=errors,
             previous=previous,
-            now=_now(),
+            now=utc_now_text(),
             rollout=rollout,
             low_demand_since=low_demand_since,
         )
@@ -473,14 +393,14 @@ class Reconciler:
             ok=not transient,
             retry=transient,
             message=balancer_error or desired_state_error or "; ".join(errors),
-            resync_after=self.settings.builtin_poll_interval if _watched_closely(spec, rollout, hpa_gate) else None,
+            resync_after=self.settings.builtin_poll_interval if watched_closely(spec, rollout, hpa_gate) else None,
         )
 
     async def _md_pool(self, obj: Obj, spec: ModelDeploymentSpec) -> tuple[LlmPoolSpec | None, str | None]:
         """The pool's spec (None: missing or invalid; the pool reports its own InvalidSpec) and the
         pool the status names; a ModelDeployment moved to another pool leaves the old one first."""
         namespace = obj["metadata"]["namespace"]
-        pool_obj = await self.kube.get(_ref("LlmPool", namespace, spec.pool_ref.name))
+        pool_obj = await self.kube.get(custom_resource_ref("LlmPool", namespace, spec.pool_ref.name))
         pool_spec: LlmPoolSpec | None = None
         if pool_obj is not None:
             with contextlib.suppress(ValidationError):
@@ -512,7 +432,7 @@ class Reconciler:
             desired_state_error=None,
             apply_errors=[],
             previous=previous,
-            now=_now(),
+            now=utc_now_text(),
         )
         status = status.model_copy(update={"pool": previous_pool})
         await self._write_status(
@@ -545,7 +465,7 @@ class Reconciler:
             plan_agents.slots_per_agent(spec, pool_spec),
             replicas_now,
             load,
-            _parse_timestamp((obj.get("status") or {}).get("lowDemandSince")),
+            parse_timestamp((obj.get("status") or {}).get("lowDemandSince")),
             self.clock(),
         )
         if decision.replicas != replicas_now and current is not None:
@@ -557,7 +477,7 @@ class Reconciler:
                 decision.replicas,
                 decision.reason,
             )
-        low_demand_since = _timestamp(decision.low_since) if decision.low_since is not None else None
+        low_demand_since = format_timestamp(decision.low_since) if decision.low_since is not None else None
         return decision.replicas, low_demand_since
 
     async def _wake_hpa_from_zero(
@@ -646,7 +566,7 @@ class Reconciler:
         ref, patch, absent = plan_agents.parked(owner)
         try:
             have = await self.kube.get(ref)
-            if have is not None and _controller_uid(have) == owner.uid and (have.get("spec") or {}).get("replicas"):
+            if have is not None and controller_uid(have) == owner.uid and (have.get("spec") or {}).get("replicas"):
                 await self.kube.patch(ref, patch)
                 log.info("parked object=%s pool=%s", ref, (obj.get("spec") or {}).get("poolRef"))
                 await self.kube.event(
@@ -666,7 +586,7 @@ class Reconciler:
         """Best effort on deletion: drop the model group's desired state from the balancer."""
         if not pool:
             return
-        pool_obj = await self.kube.get(_ref("LlmPool", namespace, pool))
+        pool_obj = await self.kube.get(custom_resource_ref("LlmPool", namespace, pool))
         spec = None
         if pool_obj is not None:
             with contextlib.suppress(ValidationError):
@@ -685,112 +605,3 @@ class Reconciler:
         if kind == "LlmPool":
             return await self.reconcile_pool(namespace, name)
         return await self.reconcile_model_deployment(namespace, name)
-
-
-@dataclass
-class _Worker:
-    task: asyncio.Task[None]
-    wake: asyncio.Event
-    generation: int | None = None
-
-
-@dataclass
-class Workers:
-    """One reconcile loop per custom resource; woken by events, resynced by a timer."""
-
-    reconciler: Reconciler
-    _workers: dict[Key, _Worker] = field(default_factory=dict)
-    _failures: dict[Key, int] = field(default_factory=dict)
-
-    def keys(self) -> list[Key]:
-        return list(self._workers)
-
-    def touch(self, key: Key, generation: int | None = None) -> bool:
-        """Make sure ``key`` has a worker; wake it if it is new or its generation moved.
-        True if it was woken (status-only changes do not wake it)."""
-        worker = self._workers.get(key)
-        if worker is None:
-            wake = asyncio.Event()
-            wake.set()
-            task = asyncio.create_task(self._loop(key, wake), name=f"reconcile {key[0]}/{key[1]}/{key[2]}")
-            self._workers[key] = _Worker(task, wake, generation)
-            return True
-        if generation is None or generation != worker.generation:
-            worker.generation = generation
-            worker.wake.set()
-            return True
-        return False
-
-    def wake(self, key: Key) -> None:
-        worker = self._workers.get(key)
-        if worker is not None:
-            worker.wake.set()
-
-    def wake_namespace(self, kind: Kind, namespace: str) -> None:
-        for key, worker in self._workers.items():
-            if key[0] == kind and key[1] == namespace:
-                worker.wake.set()
-
-    async def forget(self, key: Key) -> None:
-        worker = self._workers.pop(key, None)
-        self._failures.pop(key, None)
-        if worker is not None:
-            worker.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker.task
-
-    async def stop(self) -> None:
-        for key in list(self._workers):
-            await self.forget(key)
-
-    async def _loop(self, key: Key, wake: asyncio.Event) -> None:
-        settings = self.reconciler.settings
-        first = True
-        while True:
-            wake.clear()
-            try:
-                outcome = await self.reconciler.reconcile(key)
-            except asyncio.CancelledError:
-                raise
-            except KubeError as err:
-                outcome = Outcome(ok=False, retry=True, message=str(err))
-                log.warning("reconcile failed object=%s/%s/%s err=%s", *key, err)
-            except Exception:  # a bug: log it, keep the loop (and the operator) alive
-                log.exception("reconcile crashed object=%s/%s/%s", *key)
-                outcome = Outcome(ok=False, retry=True, message="internal error")
-            level = logging.INFO if first else logging.DEBUG  # the first pass says the object is handled
-            log.log(level, "reconciled object=%s/%s/%s ok=%s retry=%s", *key, outcome.ok, outcome.retry)
-            first = False
-            if outcome.retry:
-                failures = self._failures.get(key, 0) + 1
-                self._failures[key] = failures
-                delay = settings.retry_delay(failures)
-                log.debug("retry object=%s/%s/%s in=%.1fs reason=%s", *key, delay, outcome.message)
-            else:
-                self._failures.pop(key, None)
-                delay = min(settings.resync_interval, outcome.resync_after or settings.resync_interval)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await wake.wait()
-
-
-def _rollout_of(
-    snapshot: BalancerSnapshot | None, group: str, desired: BalancerDesiredState
-) -> Mapping[str, Any] | None:
-    """The balancer's rollout of ``desired`` in ``group``; None for none, or for a rollout of
-    some other state (e.g. one set by hand)."""
-    rollout = snapshot.group_rollouts.get(group) if snapshot is not None else None
-    if rollout is not None and rollout.get("revision") != state_revision(desired):
-        return None
-    return rollout
-
-
-def _watched_closely(spec: ModelDeploymentSpec, rollout: Mapping[str, Any] | None, hpa_gate: bool) -> bool:
-    """Builtin scaling and a running rollout are polled (status shows their progress); so is
-    an HPA-mode group that only the operator can wake (no HPAScaleToZero)."""
-    a = spec.autoscaling
-    return (
-        a.mode == AutoscalingMode.BUILTIN
-        or (rollout or {}).get("phase") == "Progressing"
-        or (a.mode == AutoscalingMode.HPA and not hpa_gate and a.min_replicas == 0)
-    )

@@ -17,8 +17,9 @@ import pytest
 from paddler_operator.balancer_client import BalancerClient, BalancerClientSettings
 from paddler_operator.kube import KubeError
 from paddler_operator.objects import Obj, ObjRef, differences
-from paddler_operator.reconcile import Reconciler, Workers
+from paddler_operator.reconcile import Reconciler
 from paddler_operator.settings import OperatorSettings
+from paddler_operator.workers import Workers
 from tests.harness import Processes
 from tests.harness import wait_until as async_wait_until
 
