@@ -10,12 +10,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from paddler_agent.images import DecodedImage
 from paddler_agent.kv_cache import KvLedger
+from paddler_agent.llama.commands import Cancel, Command, Embed, Generate
 from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.jobs import (
     Deliver,
@@ -175,13 +175,12 @@ class DecodeWorker:
         """Two steps in a row could do nothing: sleep until a command arrives (a guard
         against spinning; admission always has room once nothing runs)."""
         self._embeds: deque[EmbedJob | EmbedMessage] = deque()
-        self._inbox: deque[tuple[str, Any]] = deque()
+        self._inbox: deque[Command] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._out: list[Emit] = []
         self._busy_reported = 0
         self._hashes_reported: list[str] = []
-        self._rendered: dict[str, tuple[str, list[DecodedImage] | None]] = {}
         self._kv_reported = 0
         self.steps = 0
         self.heartbeat = time.monotonic()
@@ -207,21 +206,22 @@ class DecodeWorker:
         """Queue a request; ``rendered`` is a conversation's prompt, rendered beforehand
         (templates never run on this thread), with its decoded ``images`` in the order
         of the projector's markers in it."""
-        if rendered is not None:
-            self._post("rendered", (message.request_id, (rendered, images)))
-        self._post("embed" if isinstance(message, EmbedMessage) else "generate", message)
+        if isinstance(message, EmbedMessage):
+            self._post(Embed(message))
+        else:
+            self._post(Generate(message, rendered, images))
 
     def cancel(self, request_id: str) -> None:
-        self._post("cancel", request_id)
+        self._post(Cancel(request_id))
 
     def request_stop(self) -> None:
         with self._wake:
             self._closing = True
             self._wake.notify()
 
-    def _post(self, kind: str, item: Any) -> None:
+    def _post(self, command: Command) -> None:
         with self._wake:
-            self._inbox.append((kind, item))
+            self._inbox.append(command)
             self._wake.notify()
 
     # -- the decode thread --------------------------------------------------------------------
@@ -267,8 +267,8 @@ class DecodeWorker:
         if inbox:
             self._stalled = False
             self._empty_steps = 0
-        for kind, item in inbox:
-            self._handle_command(kind, item)
+        for command in inbox:
+            self._handle_command(command)
         return True
 
     def _has_work(self) -> bool:
@@ -276,19 +276,16 @@ class DecodeWorker:
             return False
         return bool(self._embeds) or bool(self._waiting) or any(s.seq is not None for s in self._slots)
 
-    def _handle_command(self, kind: str, item: Any) -> None:
-        if kind == "generate":
-            self._queue(item)
-        elif kind == "rendered":
-            request_id, text = item
-            self._rendered[request_id] = text
-        elif kind == "embed":
-            self._embeds.append(item)
-        elif kind == "cancel":
-            self._cancel(item)
+    def _handle_command(self, command: Command) -> None:
+        match command:
+            case Generate():
+                self._queue(command)
+            case Embed(message):
+                self._embeds.append(message)
+            case Cancel(request_id):
+                self._cancel(request_id)
 
     def _cancel(self, request_id: str) -> None:
-        self._rendered.pop(request_id, None)
         for job in self._waiting:
             if job.request_id == request_id:
                 job.free_media()
@@ -367,12 +364,12 @@ class DecodeWorker:
 
     # -- admission ----------------------------------------------------------------------------
 
-    def _queue(self, message: GenerateMessage) -> None:
+    def _queue(self, command: Generate) -> None:
         """Prepare a request when it arrives, so one that can never run (a prompt longer
         than the whole KV cache, a broken template) is answered before it waits."""
+        message = command.message
         try:
-            rendered, images = self._rendered.pop(message.request_id, (None, None))
-            job = self._preparer.prepare(message, rendered, images)
+            job = self._preparer.prepare(message, command.rendered, command.images)
         except RequestError as e:
             self._reject_request(message.request_id, e)
             return
