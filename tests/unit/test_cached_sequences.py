@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from paddler_agent.llama.decode_worker import DecodeWorker
 from paddler_agent.llama.jobs import Slot
+from paddler_agent.llama.kv_policy import pick_slot
 from paddler_agent.llama.native import LoadConfig
 from paddler_balancer.metrics import GroupGauges
 
@@ -33,7 +33,7 @@ def slots(*caches: tuple[list[int], float]) -> list[Slot]:
     ],
 )
 def test_pick_slot(caches: tuple[tuple[list[int], float], ...], prompt: list[int], chosen: int, shared: int) -> None:
-    slot, held = DecodeWorker._pick_slot(prompt, slots(*caches))
+    slot, held = pick_slot(prompt, slots(*caches))
     assert (slot.index, held) == (chosen, shared)
 
 

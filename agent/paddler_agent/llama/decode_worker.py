@@ -11,8 +11,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-import numpy as np
-
 from paddler_agent.images import DecodedImage
 from paddler_agent.kv_cache import KvLedger
 from paddler_agent.llama.commands import Cancel, Command, Embed, Generate
@@ -28,6 +26,7 @@ from paddler_agent.llama.jobs import (
     SlotSequence,
     StatusDelta,
 )
+from paddler_agent.llama.kv_policy import cells_to_start, eviction_order, pick_slot, prefix_plan
 from paddler_agent.llama.multimodal import (
     ImageChunk,
     is_placeholder,
@@ -57,27 +56,6 @@ logger = logging.getLogger(__name__)
 MAX_PREFIX_HASHES = 4096
 HEARTBEAT_INTERVAL_S = 1.0
 """An idle decode loop wakes this often to stamp ``DecodeWorker.heartbeat`` (the agent's ``/live``)."""
-COPY_MIN_TOKENS = 1
-"""Share another slot's cached prefix when it holds at least this many more prompt
-tokens than the chosen slot (sharing cells of the unified cache costs no memory and
-no compute)."""
-
-
-CONTINUE_MAX_DROP = 32
-"""A request continues an idle sequence's cache in place when that drops at most this
-many of its cached tokens (a chat template may render the last answer's tail otherwise
-than it was generated); a request that would drop more takes another sequence and
-copies the shared prefix, so the cached conversation stays."""
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    left = np.asarray(a[:n], dtype=np.int64)
-    right = np.asarray(b[:n], dtype=np.int64)
-    mismatch = np.flatnonzero(left != right)
-    return int(mismatch[0]) if mismatch.size else n
 
 
 class NativeThread:
@@ -421,7 +399,7 @@ class DecodeWorker:
     def _start(self, job: Job, free: list[Slot]) -> bool:
         """Start ``job`` in one of the ``free`` slots; False when the KV cache has no room
         for its prompt yet (nothing changed then, but idle slots' caches may be gone)."""
-        slot, shared = self._pick_slot(job.prompt, free)
+        slot, shared = pick_slot(job.prompt, free)
         donor, reuse = self._prefix_plan(job.prompt, slot, shared)
         if not self._room_for(job.prompt, slot, donor, reuse):
             return False
@@ -461,20 +439,7 @@ class DecodeWorker:
         return True
 
     def _prefix_plan(self, prompt: Sequence[int], slot: Slot, shared: int) -> tuple[Slot | None, int]:
-        """(donor, reuse): keep the longest cached prefix of ``prompt`` for ``slot``: its
-        own (``shared`` tokens), or another slot's (busy or not) when that is longer by
-        COPY_MIN_TOKENS; ``reuse`` prompt tokens need no evaluation (at least one is
-        always evaluated)."""
-        donor = max(
-            (s for s in self._slots if s is not slot),
-            key=lambda s: common_prefix_length(s.tokens, prompt),
-            default=None,
-        )
-        if donor is not None:
-            donor_shared = min(common_prefix_length(donor.tokens, prompt), len(prompt) - 1)
-            if donor_shared >= shared + COPY_MIN_TOKENS:
-                return donor, donor_shared
-        return None, min(shared, len(prompt) - 1)
+        return prefix_plan(prompt, self._slots, slot, shared)
 
     def _apply_prefix(self, slot: Slot, donor: Slot | None, reuse: int) -> None:
         if donor is not None:
@@ -513,8 +478,7 @@ class DecodeWorker:
         token. Evicts idle slots' cached prefixes, least recently used first, while that
         is not enough (an idle donor keeps the prefix it lends)."""
         ledger = self._ledger
-        headroom = 1 if len(tokens) < ledger.capacity else 0
-        needed = len(tokens) - reuse + headroom + sum(len(q.pending) + 1 for q in self._running())
+        needed = cells_to_start(len(tokens), reuse, ledger.capacity, self._running())
         own_keep = 0 if donor is not None else reuse
 
         def fits() -> bool:
@@ -522,8 +486,7 @@ class DecodeWorker:
 
         if fits():
             return True
-        idle = [s for s in self._slots if s.seq is None and s is not slot and s.tokens]
-        for other in sorted(idle, key=lambda s: s.last_used):
+        for other in eviction_order(self._slots, keep=slot):
             self._evict(other, reuse if other is donor else 0)
             if fits():
                 return True
@@ -593,20 +556,6 @@ class DecodeWorker:
             reuse,
         )
         return True
-
-    @staticmethod
-    def _pick_slot(prompt: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:
-        """The idle sequence to run ``prompt`` in, and the tokens it already holds: the one
-        whose cache the prompt continues (it drops at most CONTINUE_MAX_DROP cached
-        tokens: a conversation's next turn); else an empty one, else the least recently
-        used, so other cached conversations stay (``_prefix_plan`` copies a shared prefix
-        such as a system prompt from whichever sequence holds it)."""
-        shared = {s.index: common_prefix_length(s.tokens, prompt) for s in free}
-        best = max(free, key=lambda s: (shared[s.index], -s.last_used))
-        if shared[best.index] and len(best.tokens) - shared[best.index] <= CONTINUE_MAX_DROP:
-            return best, shared[best.index]
-        target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
-        return target, shared[target.index]
 
     # -- one step -----------------------------------------------------------------------------
 
