@@ -93,15 +93,23 @@ class Reconciler:
 
     # --- apply -----------------------------------------------------------------------
 
-    async def apply(self, owner_obj: Obj, desired: Sequence[Obj], absent: Sequence[ObjRef] = ()) -> list[str]:
+    async def apply(
+        self,
+        owner_obj: Obj,
+        desired: Sequence[Obj],
+        absent: Sequence[ObjRef] = (),
+        read: Mapping[ObjRef, Obj | None] | None = None,
+    ) -> list[str]:
         """Server-side apply what should exist (the API server writes only what differs), delete what
-        must not exist; returns error messages."""
+        must not exist; returns error messages. ``read``: objects this pass has read already (not
+        read again)."""
         errors: list[str] = []
         uid = owner_obj["metadata"]["uid"]
+        read = read or {}
         for want in desired:
             ref = ObjRef.of(want)
             try:
-                have = await self.kube.get(ref)
+                have = read[ref] if ref in read else await self.kube.get(ref)
                 controller = controller_uid(have) if have is not None else None
                 if controller is not None and controller != uid:
                     errors.append(f"{ref} exists and is controlled by another object (uid {controller})")
@@ -352,9 +360,11 @@ class Reconciler:
             balancer_url=self.metrics_url(spec.pool_ref.name, namespace, pool_spec),
             hpa_scale_to_zero=hpa_gate,
         )
-        errors = await self.apply(obj, md_plan.objects, md_plan.absent)
+        read = {deployment_ref: current} if spec.autoscaling.mode != AutoscalingMode.NONE else {}
+        errors = await self.apply(obj, md_plan.objects, md_plan.absent, read)
         buffered = snapshot.buffered_by_group.get(name, 0) if snapshot else 0
-        errors += await self._wake_hpa_from_zero(obj, spec, hpa_gate, current, buffered, deployment_ref)
+        woke, wake_errors = await self._wake_hpa_from_zero(obj, spec, hpa_gate, current, buffered, deployment_ref)
+        errors += wake_errors
 
         desired_state_error: str | None = None
         if snapshot is not None:
@@ -363,9 +373,10 @@ class Reconciler:
             )
             balancer_error = balancer_error or push_error
         desired_replicas = md_plan.replicas
-        if desired_replicas is None:  # HPA / KEDA own the count
-            current = await self.kube.get(deployment_ref)
-            desired_replicas = int(((current or {}).get("spec") or {}).get("replicas") or 0)
+        if desired_replicas is None:  # HPA / KEDA own the count: as read above (one read a pass)
+            if current is None:  # created by this pass: the API server's default
+                current = await self.kube.get(deployment_ref)
+            desired_replicas = 1 if woke else int(((current or {}).get("spec") or {}).get("replicas") or 0)
         rollout = rollout_of(snapshot, name, md_plan.desired_state)
         status = plan_status.model_deployment_status(
             name,
@@ -488,23 +499,23 @@ class Reconciler:
         current: Obj | None,
         buffered: int,
         deployment_ref: ObjRef,
-    ) -> list[str]:
+    ) -> tuple[bool, list[str]]:
         """Without HPAScaleToZero the HPA cannot leave 0: the operator takes the one step
-        (docs/scaling.md). Returns the errors of the write."""
+        (docs/scaling.md). Returns whether it did, and the errors of the write."""
         replicas_now = int(((current or {}).get("spec") or {}).get("replicas") or 0)
         if current is None or not plan_autoscaling.hpa_wakes(spec.autoscaling, hpa_gate, replicas_now, buffered):
-            return []
+            return False, []
         try:
             await self.kube.patch(deployment_ref, {"spec": {"replicas": 1}})
         except KubeError as err:
-            return [f"Deployment {deployment_ref.name}: {err.message}"]
+            return False, [f"Deployment {deployment_ref.name}: {err.message}"]
         log.info(
             "hpa wake md=%s/%s 0->1: requests buffered, HPA cannot scale from zero",
             deployment_ref.namespace,
             obj["metadata"]["name"],
         )
         await self.kube.event(obj, "Normal", "ScaledFromZero", "Requests buffered: agent replicas 0 -> 1")
-        return []
+        return True, []
 
     async def _push_desired_state(
         self,

@@ -47,6 +47,8 @@ class FakeKube:
         self.objects: dict[ObjRef, Obj] = {}
         self.events: list[tuple[str, str, str]] = []
         self.calls: list[tuple[str, str]] = []
+        self.reads: list[tuple[str, str]] = []
+        """Every get and list, in order (a steady pass makes as few as it can)."""
         self._uids = itertools.count(1)
         self._versions = itertools.count(1)
         self.hpa_scale_to_zero = True
@@ -66,10 +68,12 @@ class FakeKube:
         return obj
 
     async def get(self, ref: ObjRef) -> Obj | None:
+        self.reads.append(("get", str(ref)))
         found = self.objects.get(ref)
         return copy.deepcopy(found) if found is not None else None
 
     async def list(self, api_version: str, kind: str, namespace: str, label_selector: str | None = None) -> list[Obj]:
+        self.reads.append(("list", f"{kind}/{namespace}"))
         return [
             copy.deepcopy(o)
             for r, o in self.objects.items()
@@ -596,3 +600,38 @@ async def balancers_of(url: str) -> Any:
         return await client.snapshot(url)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("mode", ["None", "HPA", "KEDA"])
+async def test_a_steady_pass_reads_each_object_once_and_writes_nothing(
+    paddler: Processes, balancers: BalancerClient, mode: str
+) -> None:
+    balancer = paddler.balancer()
+    paddler.agent(balancer, slots=2, name="a1", extra=("--model-group", "m"))
+    kube = FakeKube()
+    kube.add(pool())
+    kube.add(model_deployment(autoscaling={"mode": mode, "minReplicas": 1}))
+    r = reconciler(kube, balancers, balancer.management_url)
+    assert (await r.reconcile_pool(NS, "p")).ok
+
+    async def settled() -> bool:
+        before = len(kube.calls)
+        outcome = await r.reconcile_model_deployment(NS, "m")
+        # Ready (AgentsReady; for HPA/KEDA here ScaledToZero: this fake API server leaves a
+        # Deployment created without replicas at none, where a real one defaults them to 1).
+        ready = kube.condition("ModelDeployment", "m")[0] == "True"
+        return outcome.ok and ready and len(kube.calls) == before
+
+    await async_wait_until(settled, timeout=15, what="a pass that changes nothing")
+    kube.calls.clear()
+    kube.reads.clear()
+    events = len(kube.events)
+    assert (await r.reconcile_model_deployment(NS, "m")).ok
+    assert kube.calls == []  # no create, apply, patch, delete or status write
+    assert len(kube.events) == events
+    reads = [ref for _, ref in kube.reads]
+    assert len(reads) == len(set(reads)), reads  # nothing read twice
+    expected = {f"ModelDeployment/{NS}/m", f"LlmPool/{NS}/p"}
+    if mode != "None":
+        expected.add(f"Deployment/{NS}/m-agent")  # the autoscaler's replicas
+    assert expected <= set(reads), reads
