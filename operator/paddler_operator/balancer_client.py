@@ -33,6 +33,7 @@ from paddler_operator.balancer_views import (
     AgentView,
     BalancerSnapshot,
     ReplicaRead,
+    RolloutView,
     combine_rollouts,
     combine_snapshots,
 )
@@ -192,7 +193,7 @@ class BalancerClient:
             buffered_total=_count(buffered),
             buffered_by_group={group: _count(in_group[0])} if group is not None else {},
             group_states={g["name"]: g.get("desired_state") or {} for g in rows},
-            group_rollouts={g["name"]: g["rollout"] for g in rows if g.get("rollout") is not None},
+            group_rollouts={g["name"]: r for g in rows if (r := RolloutView.parse(g.get("rollout"))) is not None},
             group_owners={g["name"]: g.get("owner") for g in rows},
         )
 
@@ -233,24 +234,24 @@ class BalancerClient:
         _raise_failures(results)
         return {url: str(r) for url, r in results if isinstance(r, Exception)}
 
-    async def rollout(self, base_url: str, group: str) -> dict[str, Any] | None:
+    async def rollout(self, base_url: str, group: str) -> RolloutView | None:
         """The group's rollout (phase, applied/total, message) over the replicas, as far as the least
         advanced one (:func:`combine_rollouts`), or None if none has had one."""
         base = base_url.rstrip("/")
         auth = self._auth(base)
 
-        async def read(replica: str) -> dict[str, Any] | None:
+        async def read(replica: str) -> RolloutView | None:
             try:
                 body = await self._request("GET", f"{replica}/api/v1/model_groups/{quote(group)}/rollout", headers=auth)
             except BalancerRejected as err:
                 if err.status == 404:
                     return None
                 raise
-            return body if isinstance(body, dict) else None
+            return RolloutView.parse(body)
 
         results = await self._each(await self.replicas(base), read)
         _raise_failures(results)
-        return combine_rollouts([r for _, r in results if isinstance(r, dict)])
+        return combine_rollouts([r for _, r in results if isinstance(r, RolloutView)])
 
     async def delete_desired_state(self, base_url: str, group: str) -> bool:
         """Drop the group's state from every replica. True if a replica had it; False if none that

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 
 @dataclass(frozen=True)
 class AgentView:
@@ -48,6 +50,43 @@ class AgentView:
         return self.state == "Applied" and self.slots_total > 0
 
 
+class RolloutView(BaseModel):
+    """A balancer's rollout of a model group's last desired state change
+    (``GET /api/v1/model_groups/{group}/rollout``, and in ``/api/v1/model_groups``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    phase: str = "Complete"
+    """Progressing, Complete or Failed."""
+    applied: int = 0
+    """Agents switched to the new state."""
+    total: int = 0
+    max_unavailable: str | None = None
+    """At most this many agents (or percent) switch at a time, as the balancer was asked."""
+    message: str | None = None
+    """Why a Failed rollout stopped (the agents' issues)."""
+    revision: str | None = None
+    """:func:`paddler_core.desired_state.state_revision` of the state rolled out."""
+
+    @property
+    def progressing(self) -> bool:
+        return self.phase == "Progressing"
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed"
+
+    @classmethod
+    def parse(cls, body: Any) -> RolloutView | None:
+        """The rollout in a balancer's JSON; None for none, or for one this operator cannot read."""
+        if not isinstance(body, Mapping):
+            return None
+        try:
+            return cls.model_validate(body)
+        except ValidationError:
+            return None
+
+
 @dataclass(frozen=True)
 class BalancerSnapshot:
     """What the operator read from a pool's balancer in one pass."""
@@ -58,9 +97,8 @@ class BalancerSnapshot:
     """Buffered requests of the model groups asked for (the balancer's JSON count per group)."""
     group_states: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     """Model group -> desired state JSON the balancer holds."""
-    group_rollouts: Mapping[str, dict[str, Any]] = field(default_factory=dict)
-    """Model group -> the balancer's rollout of its last desired state change
-    (``revision``, ``phase``: Progressing/Complete/Failed, ``applied``, ``total``, ``message``)."""
+    group_rollouts: Mapping[str, RolloutView] = field(default_factory=dict)
+    """Model group -> the balancer's rollout of its last desired state change."""
 
     group_owners: Mapping[str, str | None] = field(default_factory=dict)
     """Model group -> who set its desired state (the ``X-Paddler-Owner`` header), None if nobody said."""
@@ -95,13 +133,12 @@ _PHASE_RANK = {"Failed": 2, "Progressing": 1}
 """A pool's rollout is as far as its least advanced replica: Failed over Progressing over Complete."""
 
 
-def combine_rollouts(rollouts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+def combine_rollouts(rollouts: Sequence[RolloutView]) -> RolloutView | None:
     """One model group's rollout over the replicas that report one: the worst phase, and among
     equals the one with the fewest agents switched. None when no replica reports one."""
     if not rollouts:
         return None
-    worst = max(rollouts, key=lambda r: (_PHASE_RANK.get(str(r.get("phase")), 0), -int(r.get("applied") or 0)))
-    return dict(worst)
+    return max(rollouts, key=lambda r: (_PHASE_RANK.get(r.phase, 0), -r.applied))
 
 
 def _merge_agents(snapshots: Sequence[BalancerSnapshot]) -> tuple[AgentView, ...]:
@@ -141,7 +178,7 @@ def combine_snapshots(reads: Sequence[ReplicaRead]) -> BalancerSnapshot | None:
         return None
     by_group: dict[str, int] = {}
     owners: dict[str, str | None] = {}
-    rollouts: dict[str, list[Mapping[str, Any]]] = {}
+    rollouts: dict[str, list[RolloutView]] = {}
     for snap in snaps:
         for group, count in snap.buffered_by_group.items():
             by_group[group] = by_group.get(group, 0) + count

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from paddler_operator.balancer_views import AgentView, BalancerSnapshot
+from paddler_operator.balancer_views import AgentView, BalancerSnapshot, RolloutView
 from paddler_operator.crd_model_deployment import ModelDeploymentSpec
 from paddler_operator.crd_models import Condition, LlmPoolStatus, ModelDeploymentStatus
 from paddler_operator.crd_pool import LlmPoolSpec
@@ -102,7 +101,7 @@ def model_deployment_status(
     apply_errors: Sequence[str],
     previous: Sequence[Condition],
     now: str,
-    rollout: Mapping[str, Any] | None = None,
+    rollout: RolloutView | None = None,
     low_demand_since: str | None = None,
 ) -> ModelDeploymentStatus:
     """``rollout`` is the balancer's rollout of this spec's desired state (None when it
@@ -140,7 +139,7 @@ def _md_ready_and_progressing(
     desired_replicas: int,
     snapshot: BalancerSnapshot | None,
     balancer_error: str | None,
-    rollout: Mapping[str, Any] | None,
+    rollout: RolloutView | None,
     applied: bool,
     load: Load,
 ) -> tuple[Condition, Condition]:
@@ -152,18 +151,17 @@ def _md_ready_and_progressing(
     if snapshot is None:
         msg = f"balancer management API unreachable: {balancer_error or 'unknown error'}; retrying"
         return _cond("Ready", False, "BalancerUnreachable", msg), _cond("Progressing", True, "BalancerUnreachable", msg)
-    phase = rollout.get("phase") if rollout is not None else None
-    if rollout is not None and phase == "Failed":
+    if rollout is not None and rollout.failed:
         msg = (
-            f"rollout of {model} stopped at {rollout.get('applied')}/{rollout.get('total')} "
+            f"rollout of {model} stopped at {rollout.applied}/{rollout.total} "
             "agents; the others keep serving the previous desired state"
         )
-        detail = str(rollout.get("message") or msg)
+        detail = rollout.message or msg
         return _cond("Ready", False, "RolloutFailed", msg), _cond("Progressing", False, "RolloutFailed", detail)
-    if rollout is not None and phase == "Progressing":
+    if rollout is not None and rollout.progressing:
         msg = (
-            f"rolling out {model}: {rollout.get('applied')}/{rollout.get('total')} agents "
-            f"switched, at most {rollout.get('max_unavailable')} at a time"
+            f"rolling out {model}: {rollout.applied}/{rollout.total} agents "
+            f"switched, at most {rollout.max_unavailable} at a time"
         )
         return _cond("Ready", False, "RollingOut", msg), _cond("Progressing", True, "RollingOut", msg)
     if desired_replicas == 0:
@@ -182,7 +180,7 @@ def _md_degraded(
     agents: Sequence[AgentView],
     problems: Sequence[str],
     snapshot: BalancerSnapshot | None,
-    rollout: Mapping[str, Any] | None,
+    rollout: RolloutView | None,
 ) -> Condition:
     """``Degraded``: the first problem found, in order of what an operator must fix first."""
     partial = snapshot.partial if snapshot is not None else None
@@ -192,8 +190,8 @@ def _md_degraded(
         return _cond("Degraded", True, "ApplyFailed", "; ".join(problems))
     if partial is not None:
         return _cond("Degraded", True, REPLICAS_UNREACHABLE, f"{partial}; counts are partial, retrying")
-    if rollout is not None and rollout.get("phase") == "Failed":
-        return _cond("Degraded", True, "RolloutFailed", str(rollout.get("message") or "rollout failed")[:1000])
+    if rollout is not None and rollout.failed:
+        return _cond("Degraded", True, "RolloutFailed", (rollout.message or "rollout failed")[:1000])
     if stuck:
         return _cond("Degraded", True, "ModelNotAppliable", ", ".join(f"{a.name or a.id}: {a.state}" for a in stuck))
     if issues:

@@ -532,7 +532,7 @@ class Reconciler:
         want = desired.to_json_dict()
         have = snapshot.group_states.get(group)
         rollout_have = snapshot.group_rollouts.get(group)
-        if have is not None and (rollout_have is None or rollout_have.get("max_unavailable") == max_unavailable):
+        if have is not None and (rollout_have is None or rollout_have.max_unavailable == max_unavailable):
             try:
                 if BalancerDesiredState.model_validate(have).to_json_dict() == want:
                     return None, snapshot, None

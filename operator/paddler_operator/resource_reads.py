@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from paddler_core.desired_state import BalancerDesiredState, MaxUnavailable, state_revision
-from paddler_operator.balancer_views import BalancerSnapshot
+from paddler_operator.balancer_views import BalancerSnapshot, RolloutView
 from paddler_operator.crd_model_deployment import AutoscalingMode, ModelDeploymentSpec
 from paddler_operator.crd_models import API_VERSION, Condition
 from paddler_operator.objects import Obj, ObjRef
@@ -100,23 +100,21 @@ def controller_uid(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-def rollout_of(
-    snapshot: BalancerSnapshot | None, group: str, desired: BalancerDesiredState
-) -> Mapping[str, Any] | None:
+def rollout_of(snapshot: BalancerSnapshot | None, group: str, desired: BalancerDesiredState) -> RolloutView | None:
     """The balancer's rollout of ``desired`` in ``group``; None for none, or for a rollout of
     some other state (e.g. one set by hand)."""
     rollout = snapshot.group_rollouts.get(group) if snapshot is not None else None
-    if rollout is not None and rollout.get("revision") != state_revision(desired):
+    if rollout is not None and rollout.revision != state_revision(desired):
         return None
     return rollout
 
 
-def watched_closely(spec: ModelDeploymentSpec, rollout: Mapping[str, Any] | None, hpa_gate: bool) -> bool:
+def watched_closely(spec: ModelDeploymentSpec, rollout: RolloutView | None, hpa_gate: bool) -> bool:
     """Builtin scaling and a running rollout are polled (status shows their progress); so is
     an HPA-mode group that only the operator can wake (no HPAScaleToZero)."""
     a = spec.autoscaling
     return (
         a.mode == AutoscalingMode.BUILTIN
-        or (rollout or {}).get("phase") == "Progressing"
+        or (rollout is not None and rollout.progressing)
         or (a.mode == AutoscalingMode.HPA and not hpa_gate and a.min_replicas == 0)
     )

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from paddler_operator import plan, plan_agents, plan_autoscaling, plan_pool, plan_status
-from paddler_operator.balancer_views import AgentView, BalancerSnapshot
+from paddler_operator.balancer_views import AgentView, BalancerSnapshot, RolloutView
 from paddler_operator.crd_model_deployment import AutoscalingSpec, ModelDeploymentSpec
 from paddler_operator.crd_models import Condition
 from paddler_operator.crd_pool import LlmPoolSpec
@@ -627,6 +627,8 @@ def md_conditions(**kw: Any) -> dict[str, tuple[str, str]]:
         "now": "2026-01-01T00:00:00Z",
     }
     args.update(kw)
+    if isinstance(args.get("rollout"), dict):  # the table writes rollouts as the balancer's JSON
+        args["rollout"] = RolloutView.model_validate(args["rollout"])
     status = plan_status.model_deployment_status("m", md_spec(), **args)
     return {c.type: (c.status, c.reason) for c in status.conditions}
 
@@ -686,7 +688,8 @@ def test_rollout_progress_and_failure_are_in_the_condition_messages() -> None:
     def message(rollout: dict[str, Any], type_: str) -> str:
         status = plan_status.model_deployment_status(
             "m", md_spec(), generation=1, pool_found=True, desired_replicas=2, snapshot=snapshot(agent()),
-            balancer_error=None, desired_state_error=None, apply_errors=[], previous=[], now="t", rollout=rollout,
+            balancer_error=None, desired_state_error=None, apply_errors=[], previous=[], now="t",
+            rollout=RolloutView.model_validate(rollout),
         )  # fmt: skip
         return next(c.message for c in status.conditions if c.type == type_)
 

@@ -513,14 +513,14 @@ async def test_desired_state_put_carries_max_unavailable_and_status_shows_the_ro
     await r.reconcile_model_deployment(NS, "m")
     rollout = await balancers.rollout(balancer.management_url, "m")
     assert rollout is not None
-    assert rollout["max_unavailable"] == "50%"
-    assert rollout["phase"] == "Complete"  # no agent yet: nothing to switch
+    assert rollout.max_unavailable == "50%"
+    assert rollout.phase == "Complete"  # no agent yet: nothing to switch
 
     kube.objects[ObjRef("paddler.dev/v1alpha1", "ModelDeployment", NS, "m")]["spec"]["rollout"] = {"maxUnavailable": 2}
     await r.reconcile_model_deployment(NS, "m")
     rollout = await balancers.rollout(balancer.management_url, "m")
     assert rollout is not None
-    assert rollout["max_unavailable"] == "2"
+    assert rollout.max_unavailable == "2"
 
 
 async def test_pool_reconcile_removes_groups_of_model_deployments_that_no_longer_exist(

@@ -15,6 +15,7 @@ from paddler_operator.balancer_views import (
     AgentView,
     BalancerSnapshot,
     ReplicaRead,
+    RolloutView,
     combine_rollouts,
     combine_snapshots,
 )
@@ -252,9 +253,9 @@ def test_combine_snapshots_of_no_answer_is_none() -> None:
 def test_combine_rollouts_shows_the_least_advanced_replica(
     rollouts: list[dict[str, Any]], phase: str | None, applied: int | None
 ) -> None:
-    combined = combine_rollouts(rollouts)
-    assert (combined or {}).get("phase") == phase
-    assert (combined or {}).get("applied") == applied
+    combined = combine_rollouts([RolloutView.model_validate(r) for r in rollouts])
+    assert (combined.phase if combined else None) == phase
+    assert (combined.applied if combined else None) == applied
 
 
 @pytest.mark.parametrize(
