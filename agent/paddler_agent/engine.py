@@ -8,7 +8,9 @@ engine reports back through :class:`EngineHost` and by writing its fields on the
 shared :class:`StatusBoard`.
 
 Requests reach an engine validated: the runtime parses each ``generate`` /
-``embed`` message once, where it enters the agent, and answers an invalid one itself.
+``embed`` message where it enters the agent, and answers an invalid one itself. (A
+conversation's messages and tools are validated once more in the chat-template
+renderer's child process, which reads them as JSON from a pipe.)
 
 Threading rule: every method here is called on the event loop thread, and an
 engine calls ``host.emit`` / ``host.status_changed`` on the event loop thread

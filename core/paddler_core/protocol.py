@@ -335,7 +335,9 @@ _GENERATE_MESSAGE: TypeAdapter[GenerateRawPrompt | GenerateConversation] = TypeA
 
 def parse_generate_message(message: Any) -> GenerateRawPrompt | GenerateConversation:
     """Validate a ``generate`` message (a dict from the wire); raises ValidationError.
-    The agent does this once, where a message enters it; its engines get the models."""
+    The agent does this where a message enters it; its engines get the models (the
+    chat-template renderer's child process validates a conversation's messages and tools
+    again, from the JSON it is piped)."""
     parsed = _GENERATE_MESSAGE.validate_python(message)
     parsed._prefix_keys = request_prefix_keys(parsed.variant, message["params"])
     return parsed
