@@ -16,7 +16,7 @@ PACKAGES = ("core", "agent", "balancer", "operator", "cli")
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 600
 RATCHET = {
-    "agent/paddler_agent/llama/decode_worker.py": 897,
+    "agent/paddler_agent/llama/decode_worker.py": 817,
     "operator/paddler_operator/reconcile.py": 618,
 }
 """Modules over MAX_MODULE_LINES, at most as long as this (lower the number when they shrink)."""

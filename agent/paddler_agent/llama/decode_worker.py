@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from paddler_agent.images import DecodedImage
 from paddler_agent.kv_cache import KvLedger
 from paddler_agent.llama.commands import Cancel, Command, Embed, Generate
+from paddler_agent.llama.embedding_queue import EmbeddingQueue
 from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.jobs import (
     Deliver,
-    EmbedJob,
     Emit,
     Job,
     Payload,
@@ -31,12 +31,11 @@ from paddler_agent.llama.multimodal import (
     ImageChunk,
     is_placeholder,
 )
-from paddler_agent.llama.native import EMBEDDING_MAX_SEQS, EmbedContext, LoadConfig, Runtime
+from paddler_agent.llama.native import LoadConfig, Runtime
 from paddler_agent.llama.prompts import JobPreparer
 from paddler_agent.llama.sampling import FastSampler, GrammarSampler, Sampler
 from paddler_agent.llama.text_stream import TextStream
 from paddler_agent.tool_calls import OutputClassifier, parse_tool_calls
-from paddler_core.embeddings import normalize_embedding
 from paddler_core.inference import (
     ErrorKind,
     GenerationError,
@@ -152,7 +151,7 @@ class DecodeWorker:
         self._stalled = False
         """Two steps in a row could do nothing: sleep until a command arrives (a guard
         against spinning; admission always has room once nothing runs)."""
-        self._embeds: deque[EmbedJob | EmbedMessage] = deque()
+        self._embeds = EmbeddingQueue(runtime, self._emit)
         self._inbox: deque[Command] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -268,7 +267,7 @@ class DecodeWorker:
             if job.request_id == request_id:
                 job.free_media()
         self._waiting = deque(m for m in self._waiting if m.request_id != request_id)
-        self._embeds = deque(e for e in self._embeds if e.request_id != request_id)
+        self._embeds.cancel(request_id)
         for slot in self._slots:
             if slot.seq is not None and slot.seq.job.request_id == request_id:
                 logger.info(
@@ -280,7 +279,7 @@ class DecodeWorker:
         self._admit_waiting()
         embedded = bool(self._embeds)
         if embedded:
-            self._embed_one_batch()
+            self._embeds.run_one_batch()
         self._make_room()
         entries = self._fill_batch()
         if not entries:
@@ -816,82 +815,3 @@ class DecodeWorker:
 
     def _emit(self, request_id: str, payload: Payload, final: bool, error_kind: ErrorKind | None = None) -> None:
         self._out.append((request_id, payload, final, error_kind))
-
-    # -- embeddings ---------------------------------------------------------------------------
-
-    def _embed_one_batch(self) -> None:
-        item = self._embeds[0]
-        emb = self.runtime.emb
-        try:
-            if emb is None:
-                raise RuntimeError(
-                    "embeddings are not enabled for this model; set enable_embeddings in the inference parameters"
-                )
-            job = item if isinstance(item, EmbedJob) else self._prepare_embed(item, emb)
-            self._embeds[0] = job
-            self._run_embed_batch(job, emb)
-        except (RequestError, RuntimeError) as e:
-            text = e.message if isinstance(e, RequestError) else str(e)
-            logger.info("embedding failed request_id=%s error=%s", item.request_id, text)
-            self._emit(item.request_id, {"Embedding": {"Error": text}}, True)
-            self._embeds.popleft()
-
-    def _prepare_embed(self, message: EmbedMessage, emb: EmbedContext) -> EmbedJob:
-        """Tokenize the batch. A document over ``n_batch`` tokens is reported on its own
-        (Paddler 4.1's ``DocumentExceedsBatchSize``) and the others are embedded."""
-        params = message.params
-        limit = min(emb.capacity, self.runtime.config.n_batch)
-        documents: list[tuple[str, list[int]]] = []
-        for doc in params.input_batch:
-            tokens = self.model.tokenize(doc.content, add_special=True, parse_special=False)
-            if not tokens:
-                tokens = [max(self.model.bos, 0)]
-            if len(tokens) > limit:
-                logger.info(
-                    "embedding document exceeds n_batch request_id=%s document=%s tokens=%d n_batch=%d",
-                    message.request_id,
-                    doc.id,
-                    len(tokens),
-                    limit,
-                )
-                oversized = {"document_tokens": len(tokens), "n_batch": limit, "source_document_id": doc.id}
-                self._emit(message.request_id, {"Embedding": {"DocumentExceedsBatchSize": oversized}}, False)
-                continue
-            documents.append((doc.id, tokens))
-        pooling = self.runtime.config.pooling_type
-        return EmbedJob(message.request_id, documents, params.normalization_method, pooling.value)
-
-    def _run_embed_batch(self, job: EmbedJob, emb: EmbedContext) -> None:
-        if not job.documents:  # every document was oversized (each already reported)
-            self._emit(job.request_id, {"Embedding": "Done"}, True)
-            self._embeds.popleft()
-            return
-        group: list[tuple[str, list[int]]] = []
-        total = 0
-        for doc_id, tokens in job.documents[job.next_index :]:
-            if group and (total + len(tokens) > emb.batch_tokens or len(group) >= EMBEDDING_MAX_SEQS):
-                break
-            group.append((doc_id, tokens))
-            total += len(tokens)
-        vectors = emb.embed([tokens for _, tokens in group])
-        normalization = job.normalization.model_dump(mode="json")
-        for (doc_id, _), vector in zip(group, vectors, strict=True):
-            values = normalize_embedding(vector.tolist(), job.normalization)
-            self._emit(
-                job.request_id,
-                {
-                    "Embedding": {
-                        "Embedding": {
-                            "embedding": values,
-                            "normalization_method": normalization,
-                            "pooling_type": job.pooling_label,
-                            "source_document_id": doc_id,
-                        }
-                    }
-                },
-                False,
-            )
-        job.next_index += len(group)
-        if job.next_index >= len(job.documents):
-            self._emit(job.request_id, {"Embedding": "Done"}, True)
-            self._embeds.popleft()
