@@ -47,8 +47,8 @@ from paddler_balancer.openai.output import (
     chat_completion,
     completion_id,
     embeddings_response,
-    forced_tool_calls,
     now,
+    settle_forced_call,
     text_completion,
 )
 from paddler_balancer.openai.request_models import (
@@ -221,8 +221,7 @@ async def collect_chat(run: ChatRun, outcome: Outcome) -> Accumulated:
     """Run a conversation to its end; a forced tool call is parsed from its output."""
     acc = Accumulated()
     await collect(run.runner, acc)
-    if run.forced and not acc.tool_calls:
-        acc.tool_calls.extend(forced_tool_calls(acc.text, run.forced))
+    settle_forced_call(acc, run.forced)
     outcome.tokens = acc.tokens
     return acc
 

@@ -56,6 +56,17 @@ def forced_tool_calls(text: str, forced: list[ToolDefinition]) -> list[dict[str,
     return [openai_tool_call(call, 0)]
 
 
+def settle_forced_call(acc: Accumulated, forced: list[ToolDefinition]) -> list[dict[str, Any]] | None:
+    """At the end of a run whose tool call the grammar forced: the call parsed from its
+    text, recorded in ``acc`` ([] when the text is no complete call: the caller sends it
+    as content). None when no call was forced, or the model already made one."""
+    if not forced or acc.tool_calls:
+        return None
+    calls = forced_tool_calls(acc.text, forced)
+    acc.tool_calls.extend(calls)
+    return calls
+
+
 def completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from paddler_balancer.openai.errors import OpenAIError
 from paddler_balancer.openai.events import Accumulated, Token, ToolCalls
-from paddler_balancer.openai.output import finish_reason, forced_tool_calls, usage_block
+from paddler_balancer.openai.output import finish_reason, settle_forced_call, usage_block
 from paddler_balancer.openai.request_models import (
     ToolDefinition,
 )
@@ -262,9 +262,8 @@ class ResponsesStream:
 
     def closing(self) -> list[dict[str, Any]]:
         events = []
-        if self.forced and not self.acc.tool_calls:
-            calls = forced_tool_calls(self.acc.text, self.forced)
-            self.acc.tool_calls.extend(calls)
+        calls = settle_forced_call(self.acc, self.forced)
+        if calls is not None:
             events += self._calls(calls) if calls else self._text("message", self.acc.text)
         events += self._close()
         response = self.header.finished(self.acc, self.max_tokens, self.output)

@@ -33,7 +33,7 @@ from paddler_balancer.openai.output import (
     chat_chunk,
     chat_delta,
     finish_reason,
-    forced_tool_calls,
+    settle_forced_call,
     text_chunk,
     usage_block,
 )
@@ -125,9 +125,8 @@ class ChatRenderer(DoneTerminated):
 
     def closing(self) -> list[dict[str, Any]]:
         chunks = []
-        if self.forced and not self.acc.tool_calls:
-            calls = forced_tool_calls(self.acc.text, self.forced)
-            self.acc.tool_calls.extend(calls)
+        calls = settle_forced_call(self.acc, self.forced)
+        if calls is not None:
             chunks.append(self._chunk({"tool_calls": calls} if calls else {"content": self.acc.text}))
         chunks.append(self._chunk({}, finish_reason(self.acc, self.max_tokens)))
         if self.include_usage:
