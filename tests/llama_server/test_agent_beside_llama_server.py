@@ -89,7 +89,10 @@ async def test_paddler_client_gets_an_answer_from_llama_server(stack: Stack) -> 
                 assert message.is_token, f"request failed: {message}"
     finally:
         await inference.close()
-    assert "Paris" in text
+    # The pool's default sampling (temperature > 0) on a 135M model: which words come is
+    # chance (CI once got "L'Alcazaba is the capital city of Spain"); that an answer comes
+    # is the point. Greedy output is compared with the server's own in the next test.
+    assert text.strip()
     assert usage is not None
     assert usage.prompt_tokens > 10
     assert 0 < usage.content_tokens <= 24
