@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from paddler_operator.balancer_views import AgentView, BalancerSnapshot, RolloutView
 from paddler_operator.crd_model_deployment import ModelDeploymentSpec
@@ -72,12 +73,7 @@ def pool_status(
     return LlmPoolStatus(
         observed_generation=generation,
         conditions=merge_conditions(previous, [ready, progressing, degraded], now, generation),
-        ready_agents=load.ready,
-        agents=load.agents,
-        slots_free=load.slots_free,
-        slots_total=load.slots_total,
-        slots=f"{load.slots_free}/{load.slots_total}",
-        buffered_requests=load.buffered,
+        **_load_fields(load),
         inference_url=inference_url,
         management_url=management_url,
         model_deployments=model_deployments,
@@ -119,12 +115,7 @@ def model_deployment_status(
     return ModelDeploymentStatus(
         observed_generation=generation,
         conditions=merge_conditions(previous, [ready, progressing, degraded], now, generation),
-        ready_agents=load.ready,
-        agents=load.agents,
-        slots_free=load.slots_free,
-        slots_total=load.slots_total,
-        slots=f"{load.slots_free}/{load.slots_total}",
-        buffered_requests=load.buffered,
+        **_load_fields(load),
         replicas=desired_replicas,
         agents_summary=f"{load.ready}/{desired_replicas}",
         model=spec.model.to_core().describe(),
@@ -197,3 +188,15 @@ def _md_degraded(
     if issues:
         return _cond("Degraded", True, "AgentIssues", "; ".join(issues)[:1000])
     return _cond("Degraded", False, "AsExpected")
+
+
+def _load_fields(load: Load) -> dict[str, Any]:
+    """The status fields a pool and a ModelDeployment both report from the balancers' load."""
+    return {
+        "ready_agents": load.ready,
+        "agents": load.agents,
+        "slots_free": load.slots_free,
+        "slots_total": load.slots_total,
+        "slots": f"{load.slots_free}/{load.slots_total}",
+        "buffered_requests": load.buffered,
+    }

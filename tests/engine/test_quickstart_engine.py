@@ -5,7 +5,6 @@ real ``openai`` SDK, stopped cleanly by Ctrl-C."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import REPO
+from tests.harness import REPO, free_port
 
 pytestmark = pytest.mark.engine
 
@@ -23,14 +22,8 @@ PADDLER = Path(sys.executable).parent / "paddler"
 """The console script ``make run`` calls (``.venv/bin/paddler``)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_quickstart_serves_the_default_model_with_the_real_engine() -> None:
-    inference, management, panel = _free_port(), _free_port(), _free_port()
+    inference, management, panel = free_port(), free_port(), free_port()
     process = subprocess.Popen(
         [
             str(PADDLER), "quickstart",

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
-from tests.harness import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.harness import REPO, free_port
 
 
 def test_quickstart_serves_requests_and_stops_on_ctrl_c() -> None:
