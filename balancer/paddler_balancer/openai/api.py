@@ -55,6 +55,7 @@ from paddler_balancer.openai.request_models import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    SamplingRequest,
     ToolDefinition,
 )
 from paddler_balancer.openai.stream import ChatRenderer, Renderer, TextRenderer, collect, inference_error, stream_sse
@@ -191,34 +192,64 @@ async def stream(request: web.Request, runner: Runner, renderer: Renderer, outco
 
 
 @dataclass
-class ChatRun:
-    """A conversation generation, resolved and mapped, not started yet."""
+class GenerationRun:
+    """A generation, resolved and mapped, not started yet."""
 
     runner: Runner
     group: str
     max_tokens: int
     forced: list[ToolDefinition]
+    """The tools whose call the grammar forces (none for a text completion)."""
 
 
-def start_chat(request: web.Request, req: ChatCompletionRequest, outcome: Outcome) -> ChatRun:
-    """Resolve the model group and map ``req`` to a native conversation request (also
-    what ``/v1/responses`` runs); raises OpenAIError for a bad request."""
+Mapped = tuple[dict[str, Any], list[ToolDefinition]]
+"""A request's native params (as JSON) and its forced tools."""
+
+
+def start_generation(
+    request: web.Request,
+    req: SamplingRequest,
+    outcome: Outcome,
+    variant: RequestKind,
+    mapped: Callable[[BalancerDesiredState], Mapped],
+) -> GenerationRun:
+    """Resolve the model group and map ``req`` (by ``mapped``, given the group's desired
+    state) to a native request of ``variant``; raises OpenAIError for a bad request."""
     balancer = request.app[BALANCER_KEY]
     group, state = resolve_group(balancer, req.model, outcome)
-    params, forced = chat_params(req, state.inference_parameters.context_size)
+    params, forced = mapped(state)
     runner = run_generation(
         balancer,
         model_group=group,
-        variant=RequestKind.CONVERSATION.value,
+        variant=variant.value,
         params=params,
         request_id=uuid.uuid4().hex,
         overrides=sampling_overrides(req),
     )
-    return ChatRun(runner, group, int(params["max_tokens"]), forced)
+    return GenerationRun(runner, group, int(params["max_tokens"]), forced)
 
 
-async def collect_chat(run: ChatRun, outcome: Outcome) -> Accumulated:
-    """Run a conversation to its end; a forced tool call is parsed from its output."""
+def start_chat(request: web.Request, req: ChatCompletionRequest, outcome: Outcome) -> GenerationRun:
+    """A conversation generation (also what ``/v1/responses`` runs), at most the
+    context's size long by default."""
+
+    def mapped(state: BalancerDesiredState) -> Mapped:
+        return chat_params(req, state.inference_parameters.context_size)
+
+    return start_generation(request, req, outcome, RequestKind.CONVERSATION, mapped)
+
+
+def start_text(request: web.Request, req: CompletionRequest, outcome: Outcome) -> GenerationRun:
+    """A raw prompt generation, OpenAI's default 16 tokens long."""
+
+    def mapped(_state: BalancerDesiredState) -> Mapped:
+        return completion_params(req, COMPLETIONS_DEFAULT_MAX_TOKENS), []
+
+    return start_generation(request, req, outcome, RequestKind.RAW_PROMPT, mapped)
+
+
+async def collect_run(run: GenerationRun, outcome: Outcome) -> Accumulated:
+    """Run a generation to its end; a forced tool call is parsed from its output."""
     acc = Accumulated()
     await collect(run.runner, acc)
     settle_forced_call(acc, run.forced)
@@ -226,40 +257,49 @@ async def collect_chat(run: ChatRun, outcome: Outcome) -> Accumulated:
     return acc
 
 
+@dataclass(frozen=True)
+class CompletionKind:
+    """What a chat and a text completion answer with, streamed or not."""
+
+    id_prefix: str
+    renderer: Callable[[str, str, int, bool, GenerationRun], Renderer]
+    """The stream's renderer, from its id, model, creation time, include_usage and run."""
+    body: Callable[[str, str, int, Accumulated, int | None], dict[str, Any]]
+    """The non-streamed body, from its id, model, creation time, output and token limit."""
+
+
+def _chat_renderer(response_id: str, model: str, created: int, usage: bool, run: GenerationRun) -> Renderer:
+    return ChatRenderer(response_id, model, created, usage, run.max_tokens, run.forced, Accumulated())
+
+
+def _text_renderer(response_id: str, model: str, created: int, usage: bool, run: GenerationRun) -> Renderer:
+    return TextRenderer(response_id, model, created, usage, run.max_tokens, Accumulated())
+
+
+CHAT = CompletionKind("chatcmpl", _chat_renderer, chat_completion)
+TEXT = CompletionKind("cmpl", _text_renderer, text_completion)
+
+
+async def answer(
+    request: web.Request, req: SamplingRequest, run: GenerationRun, kind: CompletionKind, outcome: Outcome
+) -> web.StreamResponse:
+    """Stream ``run`` as SSE, or run it to its end and answer with the whole body."""
+    model, created, response_id = req.model or run.group, now(), completion_id(kind.id_prefix)
+    if req.stream:
+        renderer = kind.renderer(response_id, model, created, req.include_usage, run)
+        return await stream(request, run.runner, renderer, outcome)
+    acc = await collect_run(run, outcome)
+    return web.json_response(kind.body(response_id, model, created, acc, run.max_tokens))
+
+
 async def chat_completions(request: web.Request, outcome: Outcome) -> web.StreamResponse:
     req = validate(ChatCompletionRequest, await request_body(request))
-    run = start_chat(request, req, outcome)
-    model, created, response_id = req.model or run.group, now(), completion_id("chatcmpl")
-    if req.stream:
-        acc = Accumulated()
-        renderer = ChatRenderer(response_id, model, created, req.include_usage, run.max_tokens, run.forced, acc)
-        return await stream(request, run.runner, renderer, outcome)
-    acc = await collect_chat(run, outcome)
-    return web.json_response(chat_completion(response_id, model, created, acc, run.max_tokens))
+    return await answer(request, req, start_chat(request, req, outcome), CHAT, outcome)
 
 
 async def completions(request: web.Request, outcome: Outcome) -> web.StreamResponse:
     req = validate(CompletionRequest, await request_body(request))
-    balancer = request.app[BALANCER_KEY]
-    group, _state = resolve_group(balancer, req.model, outcome)
-    params = completion_params(req, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    runner = run_generation(
-        balancer,
-        model_group=group,
-        variant=RequestKind.RAW_PROMPT.value,
-        params=params,
-        request_id=uuid.uuid4().hex,
-        overrides=sampling_overrides(req),
-    )
-    model, created, response_id = req.model or group, now(), completion_id("cmpl")
-    max_tokens: int = params["max_tokens"]
-    acc = Accumulated()
-    if req.stream:
-        renderer = TextRenderer(response_id, model, created, req.include_usage, max_tokens, acc)
-        return await stream(request, runner, renderer, outcome)
-    await collect(runner, acc)
-    outcome.tokens = acc.tokens
-    return web.json_response(text_completion(response_id, model, created, acc, max_tokens))
+    return await answer(request, req, start_text(request, req, outcome), TEXT, outcome)
 
 
 # ---- embeddings -----------------------------------------------------------------------------

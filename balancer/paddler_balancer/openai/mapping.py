@@ -166,7 +166,7 @@ def chat_params(req: ChatCompletionRequest, default_max_tokens: int) -> tuple[di
 
 
 def completion_params(req: CompletionRequest, default_max_tokens: int) -> dict[str, Any]:
-    params = ContinueFromRawPromptParams(raw_prompt=req.prompt_text, max_tokens=req.max_tokens or default_max_tokens)
+    params = ContinueFromRawPromptParams(raw_prompt=req.prompt_text, max_tokens=req.token_limit or default_max_tokens)
     return params.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 

@@ -84,28 +84,48 @@ def chat_message(acc: Accumulated) -> dict[str, Any]:
     return message
 
 
-def chat_completion(
-    response_id: str, model: str, created: int, acc: Accumulated, max_tokens: int | None
+def completion_choice(key: str, value: Any, finish: str | None) -> dict[str, Any]:
+    """The choice of either endpoint, whole or streamed: its ``message``, ``delta`` or
+    ``text``, no logprobs, the finish reason."""
+    return {key: value, "logprobs": None, "finish_reason": finish}
+
+
+def _completion(
+    object_name: str, response_id: str, model: str, created: int, choice: dict[str, Any], acc: Accumulated
 ) -> dict[str, Any]:
+    """The non-streamed body of either endpoint, with its one choice."""
     return {
         "id": response_id,
-        "object": "chat.completion",
+        "object": object_name,
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": chat_message(acc),
-                "logprobs": None,
-                "finish_reason": finish_reason(acc, max_tokens),
-            }
-        ],
+        "choices": [{"index": 0, **choice}],
         "usage": usage_block(acc.usage, acc.tokens),
     }
 
 
-def _stream_chunk(
+def chat_completion(
+    response_id: str, model: str, created: int, acc: Accumulated, max_tokens: int | None
+) -> dict[str, Any]:
+    choice = completion_choice("message", chat_message(acc), finish_reason(acc, max_tokens))
+    return _completion("chat.completion", response_id, model, created, choice, acc)
+
+
+def text_completion(
+    response_id: str, model: str, created: int, acc: Accumulated, max_tokens: int | None
+) -> dict[str, Any]:
+    choice = completion_choice("text", acc.text, finish_reason(acc, max_tokens))
+    return _completion("text_completion", response_id, model, created, choice, acc)
+
+
+CHAT_CHUNK = "chat.completion.chunk"
+"""The ``object`` of a streamed chat completion chunk."""
+TEXT_CHUNK = "text_completion"
+"""The ``object`` of a streamed text completion chunk (the body's own)."""
+
+
+def completion_chunk(
     object_name: str,
     response_id: str,
     model: str,
@@ -138,8 +158,8 @@ def chat_chunk(
     include_usage: StrictBool = False,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk``; ``delta=None`` is the usage-only chunk (no choices)."""
-    choice = None if delta is None else {"delta": delta, "logprobs": None, "finish_reason": finish}
-    return _stream_chunk("chat.completion.chunk", response_id, model, created, choice, usage, include_usage)
+    choice = None if delta is None else completion_choice("delta", delta, finish)
+    return completion_chunk(CHAT_CHUNK, response_id, model, created, choice, usage, include_usage)
 
 
 def chat_delta(event: Token) -> dict[str, Any] | None:
@@ -149,20 +169,6 @@ def chat_delta(event: Token) -> dict[str, Any] | None:
     if event.kind == "reasoning":
         return {"reasoning_content": event.text}
     return None
-
-
-def text_completion(
-    response_id: str, model: str, created: int, acc: Accumulated, max_tokens: int | None
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": acc.text, "logprobs": None, "finish_reason": finish_reason(acc, max_tokens)}],
-        "usage": usage_block(acc.usage, acc.tokens),
-    }
 
 
 def text_chunk(
@@ -175,8 +181,8 @@ def text_chunk(
     include_usage: StrictBool = False,
 ) -> dict[str, Any]:
     """One streamed ``text_completion``; ``text=None`` is the usage-only chunk."""
-    choice = None if text is None else {"text": text, "logprobs": None, "finish_reason": finish}
-    return _stream_chunk("text_completion", response_id, model, created, choice, usage, include_usage)
+    choice = None if text is None else completion_choice("text", text, finish)
+    return completion_chunk(TEXT_CHUNK, response_id, model, created, choice, usage, include_usage)
 
 
 def encode_embedding(vector: list[float], encoding: str) -> list[float] | str:

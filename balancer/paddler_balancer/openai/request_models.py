@@ -1,5 +1,10 @@
 """The request bodies of ``/v1/chat/completions``, ``/v1/completions`` and
-``/v1/embeddings`` (pydantic; unknown or unsupported fields are a 400)."""
+``/v1/embeddings`` (pydantic; unsupported fields are a 400, unknown ones ignored).
+
+Chat and text completions share their body's base (:class:`SamplingRequest`); the
+Responses API's tools, tool choice and text format (``responses_request``) are built
+on the chat ones here, and so are its limits (:data:`TokenLimit`, :data:`Temperature`,
+:data:`TopP`)."""
 
 from __future__ import annotations
 
@@ -75,8 +80,14 @@ class FunctionDefinition(OpenAIModel):
     _valid_parameters = field_validator("parameters")(checked_parameters)
 
 
-class ToolDefinition(OpenAIModel):
+class FunctionTyped(OpenAIModel):
+    """The ``type: "function"`` tag, first field of a tool, a tool choice, and of the
+    Responses API's flat forms of both (``responses_request``)."""
+
     type: Literal["function"]
+
+
+class ToolDefinition(FunctionTyped):
     function: FunctionDefinition
 
 
@@ -84,20 +95,32 @@ class NamedFunction(OpenAIModel):
     name: str
 
 
-class NamedToolChoice(OpenAIModel):
-    type: Literal["function"]
+class NamedToolChoice(FunctionTyped):
     function: NamedFunction
 
 
-class JsonSchemaFormat(OpenAIModel):
+class SchemaFormat(OpenAIModel):
+    """A JSON-schema output format: chat's ``response_format.json_schema``, and the
+    Responses API's ``text.format`` (whose ``schema`` is checked when it is mapped)."""
+
     name: str = "response"
     description: str | None = None
-    schema_value: Annotated[dict[str, Any], Field(alias="schema")]
+    schema_value: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
     strict: bool | None = None
 
 
-class ResponseFormat(OpenAIModel):
+class JsonSchemaFormat(SchemaFormat):
+    schema_value: Annotated[dict[str, Any], Field(alias="schema")]
+
+
+class FormatTyped(OpenAIModel):
+    """The ``type`` of an output format, first field of chat's ``response_format`` and of
+    the Responses API's ``text.format``."""
+
     type: Literal["text", "json_object", "json_schema"]
+
+
+class ResponseFormat(FormatTyped):
     json_schema: JsonSchemaFormat | None = None
 
 
@@ -105,11 +128,20 @@ class StreamOptions(OpenAIModel):
     include_usage: StrictBool = False
 
 
+TokenLimit = Annotated[StrictInt | None, Field(ge=1)]
+"""``max_tokens``, ``max_completion_tokens`` and the Responses API's ``max_output_tokens``."""
+Temperature = Annotated[float | None, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float | None, Field(gt=0.0, le=1.0)]
+
+
 class SamplingRequest(OpenAIModel):
+    """The body that chat completions and (legacy) text completions share: the model,
+    the token limit, sampling (``mapping.sampling_overrides``), ``n`` and streaming."""
+
     model: str | None = None
-    max_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
-    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
-    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    max_tokens: TokenLimit = None
+    temperature: Temperature = None
+    top_p: TopP = None
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
@@ -129,10 +161,15 @@ class SamplingRequest(OpenAIModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens to generate, None for the endpoint's default."""
+        return self.max_tokens
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
+    max_completion_tokens: TokenLimit = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     response_format: ResponseFormat | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from paddler_balancer.openai.api import Outcome, collect_chat, endpoint, request_body, start_chat, stream, validate
+from paddler_balancer.openai.api import Outcome, collect_run, endpoint, request_body, start_chat, stream, validate
 from paddler_balancer.openai.events import Accumulated
 from paddler_balancer.openai.output import now
 from paddler_balancer.openai.responses_output import ResponseHeader, ResponsesStream, new_id, output_items
@@ -30,5 +30,5 @@ async def create_response(request: web.Request, outcome: Outcome) -> web.StreamR
     if req.stream:
         renderer = ResponsesStream(header, run.max_tokens, run.forced, Accumulated())
         return await stream(request, run.runner, renderer, outcome)
-    acc = await collect_chat(run, outcome)
+    acc = await collect_run(run, outcome)
     return web.json_response(header.finished(acc, run.max_tokens, output_items(acc, bool(run.forced))))

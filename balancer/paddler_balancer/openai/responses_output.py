@@ -11,9 +11,7 @@ from typing import Any, Literal
 from paddler_balancer.openai.errors import OpenAIError
 from paddler_balancer.openai.events import Accumulated, Token, ToolCalls
 from paddler_balancer.openai.output import finish_reason, settle_forced_call, usage_block
-from paddler_balancer.openai.request_models import (
-    ToolDefinition,
-)
+from paddler_balancer.openai.request_models import ToolDefinition
 from paddler_balancer.openai.responses_request import FunctionToolChoice, ResponsesRequest
 
 # ---- responses ------------------------------------------------------------------------------

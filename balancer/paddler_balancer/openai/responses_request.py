@@ -26,8 +26,10 @@ from paddler_balancer.openai.request_models import (
     ChatCompletionRequest,
     ChatMessage,
     ContentPart,
+    FormatTyped,
     FunctionCall,
     FunctionDefinition,
+    FunctionTyped,
     ImagePart,
     ImageUrlSpec,
     JsonSchemaFormat,
@@ -35,10 +37,13 @@ from paddler_balancer.openai.request_models import (
     NamedToolChoice,
     OpenAIModel,
     ResponseFormat,
+    SchemaFormat,
+    Temperature,
     TextPart,
+    TokenLimit,
     ToolCall,
     ToolDefinition,
-    checked_parameters,
+    TopP,
 )
 from paddler_core.inference import DataImageUrl
 
@@ -119,27 +124,35 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(OpenAIModel):
-    type: Literal["function"]
-    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+class FunctionTool(FunctionDefinition, FunctionTyped):
+    """A function tool: chat's function definition with its ``type`` beside it (the
+    fields in that order: ``type``, ``name``, ``description``...)."""
 
-    _valid_parameters = field_validator("parameters")(checked_parameters)
-
-
-class FunctionToolChoice(OpenAIModel):
-    type: Literal["function"]
-    name: str
+    def chat_tool(self) -> ToolDefinition:
+        # A FunctionDefinition already (validated): pydantic keeps the instance.
+        return ToolDefinition(type="function", function=self)
 
 
-class TextFormat(OpenAIModel):
-    type: Literal["text", "json_object", "json_schema"]
-    name: str = "response"
-    description: str | None = None
-    schema_value: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
-    strict: bool | None = None
+class FunctionToolChoice(NamedFunction, FunctionTyped):
+    """A named function to call: chat's ``{"type", "function": {"name"}}``, flat."""
+
+    def chat_choice(self) -> NamedToolChoice:
+        return NamedToolChoice(type="function", function=self)
+
+
+class TextFormat(SchemaFormat, FormatTyped):
+    """Chat's ``response_format`` with its JSON schema's fields beside ``type``."""
+
+    def response_format(self) -> ResponseFormat | None:
+        """As chat's ``response_format`` (None for text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat(type="json_object")
+        if self.schema_value is None:
+            raise OpenAIError(400, 'text.format "json_schema" needs a schema', param="text.format.schema")
+        schema = JsonSchemaFormat.model_validate(self.model_dump(by_alias=True, exclude={"type"}))
+        return ResponseFormat(type="json_schema", json_schema=schema)
 
 
 class TextConfig(OpenAIModel):
@@ -153,9 +166,9 @@ class ResponsesRequest(OpenAIModel):
     model: str | None = None
     input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
-    max_output_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
-    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
-    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    max_output_tokens: TokenLimit = None
+    temperature: Temperature = None
+    top_p: TopP = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -238,35 +251,10 @@ def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
     return messages
 
 
-def _response_format(fmt: TextFormat | None) -> ResponseFormat | None:
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return ResponseFormat(type="json_object")
-    if fmt.schema_value is None:
-        raise OpenAIError(400, 'text.format "json_schema" needs a schema', param="text.format.schema")
-    schema = JsonSchemaFormat.model_validate(
-        {"name": fmt.name, "description": fmt.description, "schema": fmt.schema_value, "strict": fmt.strict}
-    )
-    return ResponseFormat(type="json_schema", json_schema=schema)
-
-
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion that generates this response."""
-    choice: Literal["none", "auto", "required"] | NamedToolChoice | None
-    if isinstance(req.tool_choice, FunctionToolChoice):
-        choice = NamedToolChoice(type="function", function=NamedFunction(name=req.tool_choice.name))
-    else:
-        choice = req.tool_choice
-    tools = [
-        ToolDefinition(
-            type="function",
-            function=FunctionDefinition(
-                name=t.name, description=t.description, parameters=t.parameters, strict=t.strict
-            ),
-        )
-        for t in req.tools or []
-    ]
+    choice = req.tool_choice.chat_choice() if isinstance(req.tool_choice, FunctionToolChoice) else req.tool_choice
+    tools = [t.chat_tool() for t in req.tools or []]
     return ChatCompletionRequest(
         model=req.model,
         messages=chat_messages(req),
@@ -275,5 +263,5 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         top_p=req.top_p,
         tools=tools or None,
         tool_choice=choice,
-        response_format=_response_format(req.format),
+        response_format=req.format.response_format() if req.format is not None else None,
     )

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from aiohttp import web
 
@@ -30,11 +30,13 @@ from paddler_balancer.openai.events import (
     is_length_stop,
 )
 from paddler_balancer.openai.output import (
-    chat_chunk,
+    CHAT_CHUNK,
+    TEXT_CHUNK,
     chat_delta,
+    completion_choice,
+    completion_chunk,
     finish_reason,
     settle_forced_call,
-    text_chunk,
     usage_block,
 )
 from paddler_balancer.openai.request_models import ToolDefinition
@@ -100,65 +102,82 @@ class DoneTerminated:
 
 
 @dataclass
-class ChatRenderer(DoneTerminated):
+class CompletionRenderer(DoneTerminated):
+    """What chat and text completion streams share: the chunks' envelope, and their end
+    (the chunk with the finish reason, then the usage-only chunk when asked for)."""
+
     response_id: str
     model: str
     created: int
     include_usage: bool
     max_tokens: int
+
+    object_name: ClassVar[str]
+    """The chunks' ``object``."""
+    choice_key: ClassVar[str]
+    """What a chunk's choice carries: ``delta`` or ``text``."""
+
+    def _chunk(self, choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        return completion_chunk(
+            self.object_name, self.response_id, self.model, self.created, choice, usage, self.include_usage
+        )
+
+    def _shown(self, value: Any) -> dict[str, Any]:
+        """A chunk that shows ``value`` (a delta, or text) and no finish reason yet."""
+        return self._chunk(completion_choice(self.choice_key, value, None))
+
+    def _ending(self, acc: Accumulated, last: Any) -> list[dict[str, Any]]:
+        """The chunk showing ``last`` with the finish reason, then usage if asked for."""
+        chunks = [self._chunk(completion_choice(self.choice_key, last, finish_reason(acc, self.max_tokens)))]
+        if self.include_usage:
+            chunks.append(self._chunk(None, usage_block(acc.usage, acc.tokens)))
+        return chunks
+
+
+@dataclass
+class ChatRenderer(CompletionRenderer):
     forced: list[ToolDefinition]
     acc: Accumulated
 
-    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-        return chat_chunk(self.response_id, self.model, self.created, delta, finish, None, self.include_usage)
+    object_name: ClassVar[str] = CHAT_CHUNK
+    choice_key: ClassVar[str] = "delta"
 
     def opening(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._shown({"role": "assistant", "content": ""})]
 
     def on_event(self, event: Token | ToolCalls) -> list[dict[str, Any]]:
         if isinstance(event, ToolCalls):
-            return [self._chunk({"tool_calls": event.calls})]
+            return [self._shown({"tool_calls": event.calls})]
         if self.forced:
             return []  # the forced call is parsed and sent as tool_calls at the end
         delta = chat_delta(event)
-        return [self._chunk(delta)] if delta is not None else []
+        return [self._shown(delta)] if delta is not None else []
 
     def closing(self) -> list[dict[str, Any]]:
         chunks = []
         calls = settle_forced_call(self.acc, self.forced)
         if calls is not None:
-            chunks.append(self._chunk({"tool_calls": calls} if calls else {"content": self.acc.text}))
-        chunks.append(self._chunk({}, finish_reason(self.acc, self.max_tokens)))
-        if self.include_usage:
-            usage = usage_block(self.acc.usage, self.acc.tokens)
-            chunks.append(chat_chunk(self.response_id, self.model, self.created, None, None, usage, True))
-        return chunks
+            chunks.append(self._shown({"tool_calls": calls} if calls else {"content": self.acc.text}))
+        return chunks + self._ending(self.acc, {})
 
 
 @dataclass
-class TextRenderer(DoneTerminated):
-    response_id: str
-    model: str
-    created: int
-    include_usage: bool
-    max_tokens: int
+class TextRenderer(CompletionRenderer):
     acc: Accumulated
+
+    object_name: ClassVar[str] = TEXT_CHUNK
+    choice_key: ClassVar[str] = "text"
 
     def opening(self) -> list[dict[str, Any]]:
         return []
 
     def on_event(self, event: Token | ToolCalls) -> list[dict[str, Any]]:
         if isinstance(event, Token) and event.kind == "content":
-            return [text_chunk(self.response_id, self.model, self.created, event.text, None, None, self.include_usage)]
+            return [self._shown(event.text)]
         return []
 
     def closing(self) -> list[dict[str, Any]]:
-        finish = finish_reason(self.acc, self.max_tokens)
-        chunks = [text_chunk(self.response_id, self.model, self.created, "", finish, None, self.include_usage)]
-        if self.include_usage:
-            usage = usage_block(self.acc.usage, self.acc.tokens)
-            chunks.append(text_chunk(self.response_id, self.model, self.created, None, None, usage, True))
-        return chunks
+        return self._ending(self.acc, "")
 
 
 Absorbed = tuple[list[Token | ToolCalls], OpenAIError | None, bool]
