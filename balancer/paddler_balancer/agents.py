@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paddler_balancer.streams import ResponseStream
+from paddler_core.management_wire import AgentSnapshot
 from paddler_core.protocol import AgentStatus
 
 log = logging.getLogger(__name__)
@@ -117,18 +118,18 @@ class AgentController:
         slots = min(1, self.status.slots_total) if self.probation else self.status.slots_total
         return max(0, slots - self.busy_slots)
 
-    def snapshot(self) -> dict[str, Any]:
-        """Paddler's AgentControllerSnapshot JSON, plus ``model_group`` and the
-        balancer's own ``slots_in_flight``."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "model_group": self.model_group,
-            "slots_in_flight": self.in_flight,
-            "unresponsive": self.unresponsive,
-            "draining": self.draining,
-            **self.status.model_dump(mode="json", exclude={"version", "prefix_hashes"}),
-        }
+    def snapshot(self) -> AgentSnapshot:
+        """Paddler's AgentControllerSnapshot, plus ``model_group`` and the balancer's own
+        ``slots_in_flight`` (:mod:`paddler_core.management_wire`)."""
+        return AgentSnapshot(
+            id=self.id,
+            name=self.name,
+            model_group=self.model_group,
+            slots_in_flight=self.in_flight,
+            unresponsive=self.unresponsive,
+            draining=self.draining,
+            status=self.status,
+        )
 
 
 class AgentPool:

@@ -24,6 +24,7 @@ from paddler_balancer.keys import BALANCER_KEY
 from paddler_balancer.peers import PeerOutcome, peer_buffered, peer_session
 from paddler_balancer.service import Balancer, Readiness
 from paddler_core.desired_state import DEFAULT_MODEL_GROUP, BalancerDesiredState, MaxUnavailable
+from paddler_core.management_wire import AgentsSnapshot
 from paddler_core.model_access import ModelAccessDenied, ModelUrlPolicy
 from paddler_core.owner import OWNER_HEADER
 
@@ -132,7 +133,7 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
 
 def _agents_body(balancer: Balancer) -> dict[str, Any]:
     ordered = sorted(balancer.pool.agents.values(), key=lambda a: a.order)
-    return {"agents": [a.snapshot() for a in ordered]}
+    return AgentsSnapshot(agents=[a.snapshot() for a in ordered]).model_dump(mode="json")
 
 
 def _buffered_body(balancer: Balancer) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class Position(StrEnum):
 
 
 @dataclass(frozen=True)
-class AgentView:
+class RolloutAgent:
     """What a rollout decides on for one agent: its report (the same on every replica)
     and the revision this replica last sent it (its report lags a send by a moment; an
     agent that reports no held revision, an older agent, is judged by it too)."""
@@ -83,7 +83,7 @@ class AgentView:
     busy: int = 0
 
     @classmethod
-    def of(cls, agent: AgentController) -> AgentView:
+    def of(cls, agent: AgentController) -> RolloutAgent:
         status = agent.status
         return cls(
             id=agent.id,
@@ -112,7 +112,7 @@ class AgentView:
         return self.holds is not None and (self.applied_revision != self.holds or not settled)
 
 
-def position(agent: AgentView, revision: str, version: int) -> Position:
+def position(agent: RolloutAgent, revision: str, version: int) -> Position:
     if agent.held_version is not None and agent.held_version > version and agent.held_revision != revision:
         return Position.AHEAD
     if agent.applied_revision == revision and agent.holds in (revision, None):
@@ -142,7 +142,7 @@ class RolloutPlan:
 
 
 def plan_rollout(
-    revision: str, version: int, agents: Sequence[AgentView], max_unavailable: MaxUnavailable, *, sending: bool
+    revision: str, version: int, agents: Sequence[RolloutAgent], max_unavailable: MaxUnavailable, *, sending: bool
 ) -> RolloutPlan:
     """Pure: who switches now. Every switching agent counts against ``max_unavailable``;
     pending agents that serve nothing switch at once, then agents in the middle of
@@ -298,7 +298,7 @@ class Rollouts:
             self._ticking = False
 
     def _plan(self, rollout: Rollout, agents: list[AgentController]) -> RolloutPlan:
-        views = [AgentView.of(a) for a in agents]
+        views = [RolloutAgent.of(a) for a in agents]
         sending = rollout.phase == RolloutPhase.PROGRESSING
         return plan_rollout(rollout.revision, rollout.version, views, rollout.max_unavailable, sending=sending)
 

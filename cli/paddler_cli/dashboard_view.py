@@ -22,6 +22,9 @@ from typing import Any
 
 import aiohttp
 
+from paddler_core.management_wire import AgentSnapshot, AgentsSnapshot
+from paddler_core.protocol import AgentIssue, AgentStatus
+
 log = logging.getLogger(__name__)
 
 SORT_ORDERS = ("name", "group", "busy", "issues")
@@ -47,14 +50,18 @@ def slot_bar(busy: int, total: int, width: int = BAR_WIDTH) -> str:
     return BUSY * filled + FREE * (width - filled) + f" {busy}/{total}"
 
 
-def _issue_text(issue: Any) -> str:
-    if isinstance(issue, str):
-        return issue
-    if isinstance(issue, dict) and len(issue) == 1:
-        ((variant, params),) = issue.items()
-        message = params.get("message") if isinstance(params, dict) else params
-        return f"{variant}: {message}" if message else str(variant)
-    return json.dumps(issue)
+def _issue_text(issue: AgentIssue) -> str:
+    message = issue.params.get("message")
+    return f"{issue.variant}: {message}" if message else issue.variant
+
+
+def _download_text(status: AgentStatus) -> str:
+    """``model.gguf 42%`` while the agent downloads (no percent when the size is unknown)."""
+    if not status.download_filename:
+        return ""
+    total = status.download_total
+    percent = f" {100 * status.download_current // total}%" if total else ""
+    return f"{status.download_filename}{percent}"
 
 
 @dataclass
@@ -71,23 +78,18 @@ class AgentView:
     download: str
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AgentView:
-        total = int(data.get("download_total") or 0)
-        current = int(data.get("download_current") or 0)
-        download = ""
-        if data.get("download_filename"):
-            percent = f" {100 * current // total}%" if total else ""
-            download = f"{data['download_filename']}{percent}"
+    def of(cls, agent: AgentSnapshot) -> AgentView:
+        status = agent.status
         return cls(
-            id=str(data.get("id", "")),
-            name=str(data.get("name") or data.get("id", "")[:8]),
-            group=str(data.get("model_group", "default")),
-            slots_total=int(data.get("slots_total") or 0),
-            busy=int(data.get("slots_in_flight") or 0),
-            model=str(data.get("model_path") or "-"),
-            status=str(data.get("state_application_status", "")),
-            issues=[_issue_text(i) for i in data.get("issues") or []],
-            download=download,
+            id=agent.id,
+            name=agent.name or agent.id[:8],
+            group=agent.model_group,
+            slots_total=status.slots_total,
+            busy=agent.slots_in_flight,
+            model=status.model_path or "-",
+            status=status.state_application_status.value,
+            issues=[_issue_text(i) for i in status.issues],
+            download=_download_text(status),
         )
 
 
@@ -113,7 +115,7 @@ class DashboardState:
     sort: str = SORT_ORDERS[0]
 
     def apply_agents(self, body: dict[str, Any]) -> None:
-        self.agents = [AgentView.from_json(a) for a in body.get("agents", [])]
+        self.agents = [AgentView.of(a) for a in AgentsSnapshot.model_validate(body).agents]
         self._fresh()
 
     def apply_buffered(self, body: dict[str, Any]) -> None:

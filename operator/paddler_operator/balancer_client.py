@@ -189,7 +189,7 @@ class BalancerClient:
         groups, buffered, *in_group = await asyncio.gather(*reads)
         rows = (groups or {}).get("model_groups", [])
         return BalancerSnapshot(
-            agents=tuple(AgentView.from_json(a) for a in (agents or {}).get("agents", [])),
+            agents=AgentView.all_of(agents),
             buffered_total=_count(buffered),
             buffered_by_group={group: _count(in_group[0])} if group is not None else {},
             group_states={g["name"]: g.get("desired_state") or {} for g in rows},

@@ -15,6 +15,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from paddler_core.management_wire import AgentSnapshot, AgentsSnapshot
+from paddler_core.protocol import AgentIssue
+
+
+def issue_text(issue: AgentIssue) -> str:
+    """An agent issue as the conditions show it: ``Variant``, or its JSON (keys sorted)."""
+    return json.dumps(issue.model_dump(), sort_keys=True) if issue.params else issue.variant
+
 
 @dataclass(frozen=True)
 class AgentView:
@@ -30,20 +38,28 @@ class AgentView:
     model_path: str | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> AgentView:
-        issues = []
-        for issue in data.get("issues") or []:
-            issues.append(json.dumps(issue, sort_keys=True) if not isinstance(issue, str) else issue)
+    def of(cls, agent: AgentSnapshot) -> AgentView:
+        status = agent.status
         return cls(
-            id=str(data.get("id", "")),
-            name=data.get("name"),
-            model_group=str(data.get("model_group", "default")),
-            slots_total=int(data.get("slots_total") or 0),
-            slots_in_flight=int(data.get("slots_in_flight") or 0),
-            state=str(data.get("state_application_status", "Fresh")),
-            issues=tuple(issues),
-            model_path=data.get("model_path"),
+            id=agent.id,
+            name=agent.name,
+            model_group=agent.model_group,
+            slots_total=status.slots_total,
+            slots_in_flight=agent.slots_in_flight,
+            state=status.state_application_status.value,
+            issues=tuple(issue_text(i) for i in status.issues),
+            model_path=status.model_path,
         )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AgentView:
+        """One entry of the agents JSON (:class:`~paddler_core.management_wire.AgentSnapshot`)."""
+        return cls.of(AgentSnapshot.model_validate(data))
+
+    @classmethod
+    def all_of(cls, body: Any) -> tuple[AgentView, ...]:
+        """Every agent of a ``GET /api/v1/agents`` body (None: no agents)."""
+        return tuple(cls.of(a) for a in AgentsSnapshot.model_validate(body).agents)
 
     @property
     def ready(self) -> bool:

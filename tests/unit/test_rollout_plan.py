@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from paddler_balancer.agents import AgentController, AgentPool
-from paddler_balancer.rollout import AgentView, Position, Rollouts, plan_rollout, position
+from paddler_balancer.rollout import Position, RolloutAgent, Rollouts, plan_rollout, position
 from paddler_balancer.service import Balancer
 from paddler_balancer.settings import BalancerSettings
 from paddler_balancer.state_store import GroupState, StateStore
@@ -29,13 +29,13 @@ FRESH = StateApplicationStatus.FRESH
 FAILED = StateApplicationStatus.ATTEMPTED_AND_NOT_APPLIABLE
 
 
-def serving(agent_id: str, revision: str = R_OLD, version: int = 1, slots: int = 2) -> AgentView:
-    return AgentView(agent_id, revision, version, None, revision, APPLIED, slots)
+def serving(agent_id: str, revision: str = R_OLD, version: int = 1, slots: int = 2) -> RolloutAgent:
+    return RolloutAgent(agent_id, revision, version, None, revision, APPLIED, slots)
 
 
-def switching(agent_id: str, revision: str = R_NEW, version: int = 2) -> AgentView:
+def switching(agent_id: str, revision: str = R_NEW, version: int = 2) -> RolloutAgent:
     """Holds ``revision`` (whichever replica sent it), still applying it."""
-    return AgentView(agent_id, revision, version, None, R_OLD, APPLIED, 0)
+    return RolloutAgent(agent_id, revision, version, None, R_OLD, APPLIED, 0)
 
 
 @pytest.mark.parametrize(
@@ -45,17 +45,19 @@ def switching(agent_id: str, revision: str = R_NEW, version: int = 2) -> AgentVi
         pytest.param(serving("a", R_NEW, 2), Position.DONE, id="serves-the-new-state"),
         pytest.param(switching("a"), Position.SWITCHING, id="holds-it-sent-by-any-replica"),
         pytest.param(
-            AgentView("a", R_OLD, 1, R_NEW, R_OLD, APPLIED, 2), Position.SWITCHING, id="just-sent-report-lags"
+            RolloutAgent("a", R_OLD, 1, R_NEW, R_OLD, APPLIED, 2), Position.SWITCHING, id="just-sent-report-lags"
         ),
-        pytest.param(AgentView("a", R_NEW, 2, None, R_NEW, FAILED, 0), Position.FAILED, id="could-not-apply"),
+        pytest.param(RolloutAgent("a", R_NEW, 2, None, R_NEW, FAILED, 0), Position.FAILED, id="could-not-apply"),
         pytest.param(serving("a", "newer", 3), Position.AHEAD, id="holds-a-newer-version"),
         pytest.param(serving("a", R_NEW, 3), Position.DONE, id="same-content-newer-version-is-done"),
         pytest.param(
-            AgentView("a", None, None, R_NEW, R_NEW, APPLIED, 2), Position.DONE, id="agent-that-reports-no-held-state"
+            RolloutAgent("a", None, None, R_NEW, R_NEW, APPLIED, 2),
+            Position.DONE,
+            id="agent-that-reports-no-held-state",
         ),
     ],
 )
-def test_position_of_an_agent(agent: AgentView, expected: Position) -> None:
+def test_position_of_an_agent(agent: RolloutAgent, expected: Position) -> None:
     assert position(agent, R_NEW, 2) == expected
 
 
@@ -79,7 +81,7 @@ def test_position_of_an_agent(agent: AgentView, expected: Position) -> None:
             [serving("a", "newer", 3), serving("b")], "1", ("b",), {"b"}, id="ahead-agent-is-never-drained-or-sent"
         ),
         pytest.param(
-            [AgentView("a", R_OLD, 1, None, R_OLD, APPLIED, 0), serving("b"), serving("c")],
+            [RolloutAgent("a", R_OLD, 1, None, R_OLD, APPLIED, 0), serving("b"), serving("c")],
             "1",
             ("a", "b"),
             {"b"},
@@ -88,20 +90,20 @@ def test_position_of_an_agent(agent: AgentView, expected: Position) -> None:
     ],
 )
 def test_plan_picks_agents_by_id_within_max_unavailable(
-    agents: list[AgentView], max_unavailable: str, send: tuple[str, ...], drain: set[str]
+    agents: list[RolloutAgent], max_unavailable: str, send: tuple[str, ...], drain: set[str]
 ) -> None:
     plan = plan_rollout(R_NEW, 2, agents, MaxUnavailable.parse(max_unavailable), sending=True)
     assert (plan.send, set(plan.drain)) == (send, drain)
 
 
 def test_agents_serving_the_same_content_under_an_older_version_get_the_newer_one() -> None:
-    agents = [serving("a", R_NEW, 1), serving("b", R_NEW, 2), AgentView("c", None, None, R_NEW, R_NEW, APPLIED, 2)]
+    agents = [serving("a", R_NEW, 1), serving("b", R_NEW, 2), RolloutAgent("c", None, None, R_NEW, R_NEW, APPLIED, 2)]
     plan = plan_rollout(R_NEW, 2, agents, MaxUnavailable.parse("1"), sending=True)
     assert (plan.stamp, plan.send, set(plan.drain)) == (("a",), (), set())
 
 
 def test_a_failed_rollout_sends_nothing_more() -> None:
-    agents = [AgentView("a", R_NEW, 2, None, R_NEW, FAILED, 0), serving("b")]
+    agents = [RolloutAgent("a", R_NEW, 2, None, R_NEW, FAILED, 0), serving("b")]
     plan = plan_rollout(R_NEW, 2, agents, MaxUnavailable.parse("1"), sending=False)
     assert plan.send == ()
 
