@@ -6,6 +6,10 @@ owns) or until the resync interval (or, after a failure, the retry backoff)
 passes. One worker per object serialises its reconciles; a reconcile reads
 everything fresh, so any number of wake-ups collapse into one pass.
 
+A pass observes (the resource, what it owns, its pool's balancers), decides (the pure
+``plan*`` modules) and acts: owned objects, status and Events are written by
+:class:`~paddler_operator.object_writer.ObjectWriter`, the balancers' desired states here.
+
 This module never imports kopf: :mod:`paddler_operator.handlers` feeds it events.
 It talks to Kubernetes only through :class:`~paddler_operator.kube.KubeApi` and
 to balancers only through :class:`~paddler_operator.balancer_client.BalancerClient`.
@@ -19,8 +23,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -32,19 +35,18 @@ from paddler_operator.crd_model_deployment import AutoscalingMode, ModelDeployme
 from paddler_operator.crd_models import API_VERSION, Condition
 from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.kube import KubeApi, KubeError
-from paddler_operator.objects import Obj, ObjRef, status_patch
+from paddler_operator.object_writer import ObjectWriter
+from paddler_operator.objects import Obj, ObjRef
 from paddler_operator.plan import Owner
 from paddler_operator.resource_reads import (
     conditions_of,
     controller_uid,
     custom_resource_ref,
-    find_condition,
     format_timestamp,
     max_unavailable_text,
     owner_of,
     parse_timestamp,
     pool_members,
-    resource_version_of,
     rollout_of,
     utc_now_text,
     validation_message,
@@ -54,9 +56,6 @@ from paddler_operator.settings import OperatorSettings
 from paddler_operator.workers import Key, Kind, Outcome
 
 log = logging.getLogger(__name__)
-
-WARNING_REASONS = frozenset({"BalancerUnreachable", "PoolNotFound", "InvalidSpec", "RolloutFailed"})
-"""Ready=False reasons that deserve a Warning event (the rest are normal progress)."""
 
 
 class Reconciler:
@@ -68,6 +67,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.kube = kube
+        self.writer = ObjectWriter(kube)
         self.balancers = balancers
         self.settings = settings
         self.clock = clock
@@ -90,91 +90,6 @@ class Reconciler:
             self._hpa_gate = False
         log.info("HPA scale to zero (feature gate HPAScaleToZero): %s", "on" if self._hpa_gate else "off")
         return self._hpa_gate
-
-    # --- apply -----------------------------------------------------------------------
-
-    async def apply(
-        self,
-        owner_obj: Obj,
-        desired: Sequence[Obj],
-        absent: Sequence[ObjRef] = (),
-        read: Mapping[ObjRef, Obj | None] | None = None,
-    ) -> list[str]:
-        """Server-side apply what should exist (the API server writes only what differs), delete what
-        must not exist; returns error messages. ``read``: objects this pass has read already (not
-        read again)."""
-        errors: list[str] = []
-        uid = owner_obj["metadata"]["uid"]
-        read = read or {}
-        for want in desired:
-            ref = ObjRef.of(want)
-            try:
-                have = read[ref] if ref in read else await self.kube.get(ref)
-                controller = controller_uid(have) if have is not None else None
-                if controller is not None and controller != uid:
-                    errors.append(f"{ref} exists and is controlled by another object (uid {controller})")
-                    continue
-                applied = await self.kube.apply(want)
-                if have is None:
-                    log.info("created object=%s owner=%s", ref, owner_obj["metadata"]["name"])
-                    await self.kube.event(owner_obj, "Normal", "Created", f"Created {ref.kind} {ref.name}")
-                elif resource_version_of(applied) != resource_version_of(have):
-                    log.info("updated object=%s owner=%s", ref, owner_obj["metadata"]["name"])
-                    await self.kube.event(owner_obj, "Normal", "Updated", f"Updated {ref.kind} {ref.name}")
-            except KubeError as err:
-                log.warning("apply failed object=%s err=%s", ref, err)
-                message = err.message
-                if err.status == 404:  # the collection itself is missing: a CRD that is not installed
-                    message = f"{ref.api_version} {ref.kind} is not served by this cluster (is its CRD installed?)"
-                errors.append(f"{ref.kind} {ref.name}: {message}")
-        for ref in absent:
-            try:
-                have = await self.kube.get(ref)
-                if have is not None and controller_uid(have) == uid and await self.kube.delete(ref):
-                    log.info("deleted object=%s", ref)
-                    await self.kube.event(owner_obj, "Normal", "Deleted", f"Deleted {ref.kind} {ref.name}")
-            except KubeError as err:
-                if err.status not in (403, 404):  # kind not installed (e.g. KEDA) or not allowed
-                    errors.append(f"{ref.kind} {ref.name}: {err.message}")
-        return errors
-
-    async def _write_status(
-        self, obj: Obj, kind: Kind, status: Mapping[str, Any], previous_conditions: Sequence[Condition]
-    ) -> None:
-        ref = custom_resource_ref(kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
-        new = dict(status)
-        previous = obj.get("status") or {}
-        if status_patch(obj.get("status"), new) is not None:
-            # A merge patch keeps keys it does not mention: drop the ones no longer set.
-            patch = {**{k: None for k in previous if k not in new}, **new}
-            try:
-                await self.kube.patch_status(ref, patch)
-            except KubeError as err:
-                if not err.not_found:
-                    raise
-                return
-        await self._condition_events(obj, previous_conditions, [Condition.model_validate(c) for c in new["conditions"]])
-
-    async def _condition_events(self, obj: Obj, before: Sequence[Condition], after: Sequence[Condition]) -> None:
-        """An Event when Ready changes (a warning for what needs a human) or Degraded turns True."""
-        meta = obj["metadata"]
-        old, new = find_condition(before, "Ready"), find_condition(after, "Ready")
-        if new is not None and (old is None or (old.status, old.reason) != (new.status, new.reason)):
-            kind = "Warning" if new.reason in WARNING_REASONS else "Normal"
-            await self.kube.event(obj, kind, new.reason, new.message or new.reason)
-            log.info(
-                "condition object=%s/%s Ready=%s reason=%s message=%s",
-                meta["namespace"], meta["name"], new.status, new.reason, new.message,
-            )  # fmt: skip
-        old, new = find_condition(before, "Degraded"), find_condition(after, "Degraded")
-        if (
-            new is not None
-            and new.status == "True"
-            and (old is None or (old.status, old.reason) != ("True", new.reason))
-        ):
-            await self.kube.event(obj, "Warning", new.reason, new.message or new.reason)
-            log.warning("degraded object=%s/%s reason=%s message=%s", meta["namespace"], meta["name"], new.reason,
-                        new.message)  # fmt: skip
 
     async def _snapshot(self, url: str, group: str | None = None) -> tuple[BalancerSnapshot | None, str | None]:
         try:
@@ -206,7 +121,7 @@ class Reconciler:
         )
         status = {**(obj.get("status") or {}), "observedGeneration": gen}
         status["conditions"] = [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conds]
-        await self._write_status(obj, kind, status, previous)
+        await self.writer.write_status(obj, kind, status, previous)
         return Outcome(ok=False, message=message)
 
     # --- LlmPool ---------------------------------------------------------------------
@@ -220,7 +135,7 @@ class Reconciler:
         except ValidationError as err:
             return await self._invalid(obj, "LlmPool", err)
         owner = owner_of(obj)
-        errors = await self.apply(obj, plan_pool.plan_pool(owner, spec), plan_pool.pool_absent(owner, spec))
+        errors = await self.writer.apply(obj, plan_pool.plan_pool(owner, spec), plan_pool.pool_absent(owner, spec))
         balancers_ready = await self._ready_balancers(namespace, name)
         url = self.balancer_url(name, namespace, spec)
         token_error = await self._management_token(url, namespace, name, spec, create_for=obj)
@@ -248,7 +163,7 @@ class Reconciler:
             now=utc_now_text(),
             balancers_ready=balancers_ready,
         )
-        await self._write_status(
+        await self.writer.write_status(
             obj, "LlmPool", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
         partial = snapshot.partial if snapshot is not None else None
@@ -361,7 +276,7 @@ class Reconciler:
             hpa_scale_to_zero=hpa_gate,
         )
         read = {deployment_ref: current} if spec.autoscaling.mode != AutoscalingMode.NONE else {}
-        errors = await self.apply(obj, md_plan.objects, md_plan.absent, read)
+        errors = await self.writer.apply(obj, md_plan.objects, md_plan.absent, read)
         buffered = snapshot.buffered_by_group.get(name, 0) if snapshot else 0
         woke, wake_errors = await self._wake_hpa_from_zero(obj, spec, hpa_gate, current, buffered, deployment_ref)
         errors += wake_errors
@@ -396,7 +311,7 @@ class Reconciler:
         status = status.model_copy(
             update={"pool": spec.pool_ref.name if status.desired_state_applied else previous_pool}
         )
-        await self._write_status(
+        await self.writer.write_status(
             obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
         transient = bool(errors) or snapshot is None or desired_state_error is not None or snapshot.partial is not None
@@ -446,7 +361,7 @@ class Reconciler:
             now=utc_now_text(),
         )
         status = status.model_copy(update={"pool": previous_pool})
-        await self._write_status(
+        await self.writer.write_status(
             obj, "ModelDeployment", status.model_dump(mode="json", by_alias=True, exclude_none=True), previous
         )
         # Woken when the pool appears (handlers wake a namespace's deployments on pool events).
@@ -585,7 +500,7 @@ class Reconciler:
                 )
         except KubeError as err:
             log.warning("park failed object=%s err=%s", ref, err)
-        await self.apply(obj, [], absent)
+        await self.writer.apply(obj, [], absent)
 
     async def _leave_pool(self, obj: Obj, old_pool: str) -> None:
         """poolRef changed: the old pool's balancer forgets this model group (best effort)."""
