@@ -82,12 +82,8 @@ from paddler_core.desired_state import (
     ModelSource,
 )
 from paddler_core.embeddings import normalize_embedding
-from paddler_core.inference import (
-    EmbeddingPayload,
-    ErrorKind,
-    GenerationError,
-    generated_error_payload,
-)
+from paddler_core.generated_output import embedding, embedding_done, embedding_error, generation_error
+from paddler_core.inference import ErrorKind, GenerationError
 from paddler_core.protocol import AgentIssue, EmbedMessage, GenerateMessage, StateApplicationStatus
 
 log = logging.getLogger(__name__)
@@ -204,12 +200,12 @@ class LlamaServerEngine(Engine):
             self._emit(rid, last, True, translator.error_kind)
         except LlamaServerError as e:
             log.info("request failed request_id=%s kind=%s error=%s", rid, e.kind, e.message)
-            self._emit(rid, generated_error_payload(e.kind, e.message), True, e.error_kind)
+            self._emit(rid, generation_error(e.kind, e.message), True, e.error_kind)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("llama-server stream broke request_id=%s error=%r", rid, e)
             self._wake.set()
             text = f"llama-server at {self.url} failed during the request: {_describe(e)}"
-            self._emit(rid, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True)
+            self._emit(rid, generation_error(GenerationError.SAMPLER_ERROR, text), True)
 
     async def _embed(self, message: EmbedMessage) -> None:
         rid = message.request_id
@@ -228,24 +224,15 @@ class LlamaServerEngine(Engine):
                 raise EmbeddingError(f"llama-server answered something that is not JSON: {e}") from e
             vectors = embedding_vectors(decoded, len(documents))
             method = params.normalization_method
+            pooling = self._defaults.pooling_type.value
             for doc, vector in zip(documents, vectors, strict=True):
-                payload: EmbeddingPayload = {
-                    "Embedding": {
-                        "Embedding": {
-                            "embedding": normalize_embedding(vector, method),
-                            "normalization_method": method.model_dump(),
-                            "pooling_type": self._defaults.pooling_type.value,
-                            "source_document_id": doc.id,
-                        }
-                    }
-                }
-                self._emit(rid, payload, False)
-            self._emit(rid, {"Embedding": "Done"}, True)
+                self._emit(rid, embedding(doc.id, normalize_embedding(vector, method), method, pooling), False)
+            self._emit(rid, embedding_done(), True)
         except (EmbeddingError, LlamaServerError) as e:
-            self._emit(rid, {"Embedding": {"Error": e.message}}, True)
+            self._emit(rid, embedding_error(e.message), True)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             self._wake.set()
-            self._emit(rid, {"Embedding": {"Error": f"llama-server at {self.url} failed: {_describe(e)}"}}, True)
+            self._emit(rid, embedding_error(f"llama-server at {self.url} failed: {_describe(e)}"), True)
 
     def _serving_props(self) -> ServerProps:
         props = self.props

@@ -23,6 +23,7 @@ from paddler_core.desired_state import (
     InferenceParameters,
     ModelSource,
 )
+from paddler_core.generated_output import TokenCounts, TokenKind, done, generated_token, generation_error
 from paddler_core.inference import (
     ContinueFromConversationHistoryParams,
     ContinueFromRawPromptParams,
@@ -33,10 +34,6 @@ from paddler_core.inference import (
     JsonSchemaGrammar,
     ResponsePayload,
     Tool,
-    done_payload,
-    generated_error_payload,
-    token_payload,
-    usage_dict,
 )
 from paddler_core.protocol import GenerateMessage
 
@@ -285,7 +282,7 @@ class StreamTranslator:
 
     prepared: PreparedRequest
     classifier: OutputClassifier | None = None
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: TokenCounts = field(default_factory=TokenCounts)
     predicted: int = 0
     """``tokens_predicted`` of the last chunk: the server's own count."""
     final: dict[str, Any] | None = None
@@ -319,15 +316,11 @@ class StreamTranslator:
 
     def _classify(self, text: str, tokens: int) -> list[Payload]:
         if self.classifier is None:
-            self._count("ContentToken", tokens)
-            return [token_payload(text)] if text else []
+            self.counts.add(TokenKind.CONTENT, tokens)
+            return [generated_token(text)] if text else []
         pieces = self.classifier.feed(text) if text else []
-        self._count(pieces[0][0] if pieces else self.classifier.kind, tokens)
-        return [token_payload(piece, kind) for kind, piece in pieces]
-
-    def _count(self, kind: str, tokens: int) -> None:
-        if tokens:
-            self.counts[kind] = self.counts.get(kind, 0) + tokens
+        self.counts.add(pieces[0][0] if pieces else self.classifier.kind, tokens)
+        return [generated_token(piece, kind) for kind, piece in pieces]
 
     def finish(self) -> list[Payload]:
         """The held-back text, parsed tool calls and the terminal payload."""
@@ -335,31 +328,25 @@ class StreamTranslator:
         out: list[Payload] = []
         classifier = self.classifier
         if classifier is not None:
-            out += [token_payload(piece, kind) for kind, piece in classifier.finish()]
+            out += [generated_token(piece, kind) for kind, piece in classifier.finish()]
             if classifier.saw_tool_call:
                 out.append(parse_tool_calls(classifier.tool_call_text, self.prepared.tools or []).payload)
         evaluated = int(final.get("tokens_evaluated") or 0)
         cached = int(final.get("tokens_cached") or 0)
-        usage = usage_dict(
-            prompt_tokens=evaluated,
-            cached_prompt_tokens=min(cached, evaluated),
-            content_tokens=self.counts.get("ContentToken", 0),
-            reasoning_tokens=self.counts.get("ReasoningToken", 0),
-            tool_call_tokens=self.counts.get("ToolCallToken", 0),
-        )
+        usage = self.counts.usage(prompt_tokens=evaluated, cached_prompt_tokens=min(cached, evaluated))
         stopped_by_context = (
             final.get("stop_type") == "limit" and self.predicted < self.prepared.max_tokens and bool(final)
         )
         if stopped_by_context:
             self.error_kind = ErrorKind.CONTEXT_FULL
             out.append(
-                generated_error_payload(
+                generation_error(
                     GenerationError.SAMPLER_ERROR,
                     f"context full: the server's slot context was used up after {self.predicted} generated tokens",
                 )
             )
         else:
-            out.append(done_payload(usage))
+            out.append(done(usage))
         return out
 
 

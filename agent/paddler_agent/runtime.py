@@ -36,7 +36,8 @@ from paddler_agent.links import (
 from paddler_agent.model_files import ModelAccess, ModelSourceError
 from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import BalancerDesiredState, StateOffer, judge_state_offer, state_revision
-from paddler_core.inference import ErrorKind, GenerationError, ResponsePayload, generated_error_payload
+from paddler_core.generated_output import RequestFamily, request_failed
+from paddler_core.inference import ErrorKind, ResponsePayload
 from paddler_core.model_access import ModelUrlPolicy
 from paddler_core.protocol import (
     MAX_AGENT_SLOTS,
@@ -300,10 +301,10 @@ class AgentRuntime:
             link.send(RefusedMessage(request_id=request_id, reason=RefusalReason.NO_FREE_SLOT).model_dump(mode="json"))
             return
         self._active[request_id] = link
-        if message["type"] == "embed":
-            self.emit(request_id, {"Embedding": {"Error": text}}, True)
+        if message["type"] == "embed":  # the balancer reads an error kind of generations only
+            self.emit(request_id, request_failed(RequestFamily.EMBEDDING, text), True)
         else:
-            self.emit(request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True, error_kind)
+            self.emit(request_id, request_failed(RequestFamily.GENERATION, text), True, error_kind)
 
     def _handle_unguarded(self, link: BalancerLink, message: dict[str, Any]) -> None:
         kind = message.get("type")

@@ -31,14 +31,8 @@ from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_core.agent_issues import AgentIssueVariant
 from paddler_core.desired_state import BalancerDesiredState, ModelSource
 from paddler_core.embeddings import normalize_embedding
-from paddler_core.inference import (
-    ContinueFromRawPromptParams,
-    DoneBody,
-    GrammarConstraint,
-    JsonSchemaGrammar,
-    token_payload,
-    usage_dict,
-)
+from paddler_core.generated_output import TokenCounts, done, embedding, embedding_done, generated_token
+from paddler_core.inference import ContinueFromRawPromptParams, GrammarConstraint, JsonSchemaGrammar
 from paddler_core.protocol import AgentIssue, EmbedMessage, GenerateMessage, StateApplicationStatus
 
 log = logging.getLogger(__name__)
@@ -192,21 +186,8 @@ class SimulatedEngine(Engine):
         method = params.normalization_method
         for doc in params.input_batch:
             vector = normalize_embedding(_embedding_of(doc.content), method)
-            self.host.emit(
-                message.request_id,
-                {
-                    "Embedding": {
-                        "Embedding": {
-                            "embedding": vector,
-                            "normalization_method": method.model_dump(),
-                            "pooling_type": "Mean",
-                            "source_document_id": doc.id,
-                        }
-                    }
-                },
-                False,
-            )
-        self.host.emit(message.request_id, {"Embedding": "Done"}, True)
+            self.host.emit(message.request_id, embedding(doc.id, vector, method, "Mean"), False)
+        self.host.emit(message.request_id, embedding_done(), True)
 
     def model_metadata(self) -> dict[str, str]:
         return {
@@ -248,15 +229,14 @@ class SimulatedEngine(Engine):
             seq.produced += 1
             if seq.first_token_ns is None:
                 seq.first_token_ns = now
-            self.host.emit(seq.request_id, token_payload(text), False)
+            self.host.emit(seq.request_id, generated_token(text), False)
             if seq.produced >= seq.limit:
                 finished.append(seq)
         for seq in finished:
             del self.active[seq.request_id]
             self.counters.completed += 1
-            usage = usage_dict(prompt_tokens=seq.prompt_tokens, content_tokens=seq.produced)
-            done: DoneBody = {"usage": usage, "timings": _timings(seq)}
-            self.host.emit(seq.request_id, {"GeneratedToken": {"Done": done}}, True)
+            usage = TokenCounts(content=seq.produced).usage(prompt_tokens=seq.prompt_tokens, cached_prompt_tokens=0)
+            self.host.emit(seq.request_id, done(usage, _timings(seq)), True)
         if finished:
             self._slots_changed()
             self._admit_waiting()

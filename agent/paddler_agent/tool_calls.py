@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
+from paddler_core.generated_output import tool_call_result
 from paddler_core.inference import GeneratedTokenPayload, Tool
 from paddler_core.tool_schema import tool_arguments_problems
 from paddler_core.tool_schema import tool_call_schema as core_tool_call_schema
@@ -345,7 +346,7 @@ class ToolCallOutcome:
             body = list(self.errors)
         else:
             body = "; ".join(self.errors)
-        return {"GeneratedToken": {self.kind: body}}
+        return tool_call_result(self.kind, body)
 
 
 def new_call_id() -> str:

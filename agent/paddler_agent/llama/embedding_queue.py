@@ -1,8 +1,8 @@
 """Embedding requests on the decode thread: a queue of them, a batch of documents a step.
 
 :class:`EmbeddingQueue` belongs to the :class:`~paddler_agent.llama.decode_worker.DecodeWorker`
-and runs on its thread, between generation steps; payloads leave through the worker's
-``emit`` (Paddler 4.1's ``Embedding`` variants).
+and runs on its thread, between generation steps; payloads (Paddler 4.1's ``Embedding``
+variants, built by :mod:`paddler_core.generated_output`) leave through the worker's outbox.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.jobs import EmbedJob
 from paddler_agent.llama.native import EMBEDDING_MAX_SEQS, EmbedContext, Runtime
 from paddler_core.embeddings import normalize_embedding
+from paddler_core.generated_output import document_exceeds_batch_size, embedding, embedding_done, embedding_error
 from paddler_core.inference import ResponsePayload
 from paddler_core.protocol import EmbedMessage
 
@@ -55,7 +56,7 @@ class EmbeddingQueue:
         except (RequestError, RuntimeError) as e:
             text = e.message if isinstance(e, RequestError) else str(e)
             logger.info("embedding failed request_id=%s error=%s", item.request_id, text)
-            self.emit(item.request_id, {"Embedding": {"Error": text}}, True)
+            self.emit(item.request_id, embedding_error(text), True)
             self.queue.popleft()
 
     def _prepare(self, message: EmbedMessage, emb: EmbedContext) -> EmbedJob:
@@ -76,8 +77,7 @@ class EmbeddingQueue:
                     len(tokens),
                     limit,
                 )
-                oversized = {"document_tokens": len(tokens), "n_batch": limit, "source_document_id": doc.id}
-                self.emit(message.request_id, {"Embedding": {"DocumentExceedsBatchSize": oversized}}, False)
+                self.emit(message.request_id, document_exceeds_batch_size(doc.id, len(tokens), limit), False)
                 continue
             documents.append((doc.id, tokens))
         pooling = self.runtime.config.pooling_type
@@ -85,7 +85,7 @@ class EmbeddingQueue:
 
     def _run_batch(self, job: EmbedJob, emb: EmbedContext) -> None:
         if not job.documents:  # every document was oversized (each already reported)
-            self.emit(job.request_id, {"Embedding": "Done"}, True)
+            self.emit(job.request_id, embedding_done(), True)
             self.queue.popleft()
             return
         group: list[tuple[str, list[int]]] = []
@@ -96,24 +96,10 @@ class EmbeddingQueue:
             group.append((doc_id, tokens))
             total += len(tokens)
         vectors = emb.embed([tokens for _, tokens in group])
-        normalization = job.normalization.model_dump(mode="json")
         for (doc_id, _), vector in zip(group, vectors, strict=True):
             values = normalize_embedding(vector.tolist(), job.normalization)
-            self.emit(
-                job.request_id,
-                {
-                    "Embedding": {
-                        "Embedding": {
-                            "embedding": values,
-                            "normalization_method": normalization,
-                            "pooling_type": job.pooling_label,
-                            "source_document_id": doc_id,
-                        }
-                    }
-                },
-                False,
-            )
+            self.emit(job.request_id, embedding(doc_id, values, job.normalization, job.pooling_label), False)
         job.next_index += len(group)
         if job.next_index >= len(job.documents):
-            self.emit(job.request_id, {"Embedding": "Done"}, True)
+            self.emit(job.request_id, embedding_done(), True)
             self.queue.popleft()
