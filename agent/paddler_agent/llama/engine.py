@@ -15,10 +15,11 @@ from typing import Any
 from paddler_agent.chat_template import ChatTemplateError, TemplateRenderer, compile_chat_template
 from paddler_agent.engine import Engine, EngineHost, StatusBoard
 from paddler_agent.images import DecodedImage, ImageError, decode_images, image_urls, with_image_markers
-from paddler_agent.llama.decode_worker import DecodeWorker, NativeThread
+from paddler_agent.llama.decode_worker import DecodeWorker
 from paddler_agent.llama.errors import RequestError
 from paddler_agent.llama.jobs import Emit, Settings, StatusDelta, template_for
 from paddler_agent.llama.native import MAX_SLOTS, LoadConfig, ModelLoadError, NativeModel, Runtime
+from paddler_agent.llama.native_thread import NativeThread
 from paddler_agent.model_files import DownloadProgress, ModelAccess, ModelSourceError
 from paddler_agent.model_source import resolve_model
 from paddler_core.agent_issues import AgentIssueVariant
@@ -27,10 +28,8 @@ from paddler_core.desired_state import (
     InferenceParameters,
     ModelSource,
 )
-from paddler_core.inference import (
-    GenerationError,
-    generated_error_payload,
-)
+from paddler_core.generated_output import RequestFamily, generation_error, request_failed
+from paddler_core.inference import GenerationError
 from paddler_core.protocol import (
     AgentIssue,
     EmbedMessage,
@@ -169,7 +168,7 @@ class LlamaEngine(Engine):
                     else (GenerationError.CHAT_TEMPLATE_ERROR, str(e))
                 )
                 logger.info("request rejected request_id=%s kind=%s message=%s", rid, kind, text_)
-                self._deliver([(rid, generated_error_payload(kind, text_), True, None)], None)
+                self._deliver([(rid, generation_error(kind, text_), True, None)], None)
                 return
         if rid not in self._inflight:
             return  # stopped while rendering
@@ -201,10 +200,8 @@ class LlamaEngine(Engine):
         self._reject(message, "no model is loaded on this agent")
 
     def _reject(self, message: GenerateMessage | EmbedMessage, text: str) -> None:
-        if isinstance(message, EmbedMessage):
-            self.host.emit(message.request_id, {"Embedding": {"Error": text}}, True)
-        else:
-            self.host.emit(message.request_id, generated_error_payload(GenerationError.SAMPLER_ERROR, text), True)
+        family = RequestFamily.EMBEDDING if isinstance(message, EmbedMessage) else RequestFamily.GENERATION
+        self.host.emit(message.request_id, request_failed(family, text), True)
 
     def stop(self, request_id: str) -> None:
         before = len(self._held)

@@ -3,6 +3,7 @@ hands back to the event loop."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from paddler_agent.llama.multimodal import (
 from paddler_agent.llama.native import NativeModel
 from paddler_agent.llama.sampling import FastSampler, Sampler
 from paddler_agent.llama.text_stream import TextStream
+from paddler_agent.llama.token_step import TokenTally
 from paddler_agent.tool_calls import OutputClassifier
 from paddler_core.desired_state import (
     EmbeddingNormalizationMethod,
@@ -26,6 +28,10 @@ from paddler_core.inference import (
     ResponsePayload,
     Tool,
 )
+
+decode_log = logging.getLogger("paddler_agent.llama.decode_worker")
+"""The decode thread's one logger, whichever of its phase modules writes: a request is
+followed through admission, prefill, sampling and finishing on one logger name."""
 
 Payload = ResponsePayload
 Emit = tuple[str, ResponsePayload, bool, ErrorKind | None]
@@ -83,10 +89,8 @@ class SlotSequence:
     classifier: OutputClassifier | None
     next_token: int | None = None
     generated: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
+    tally: TokenTally = field(default_factory=TokenTally)
     """Generated tokens per kind (ContentToken, ReasoningToken, ToolCallToken)."""
-    uncounted: int = 0
-    """Generated tokens whose kind is not known yet (they emitted nothing so far)."""
     started: float = field(default_factory=time.monotonic)
     parked: bool = False
     """Preempted because the KV cache was full: its cells were freed and ``pending``

@@ -2,7 +2,7 @@
 (no llama.cpp): which idle slot a request runs in, whose cached prefix it reuses, which
 idle caches go first when room is short, and how many cells a start needs.
 
-:class:`paddler_agent.llama.decode_worker.DecodeWorker` carries the decisions out
+:class:`paddler_agent.llama.slot_cache.SlotCache` carries the decisions out
 (``seq_cp``, ``seq_rm``) and :class:`paddler_agent.kv_cache.KvLedger` counts the cells.
 """
 
