@@ -1,7 +1,8 @@
 """Code a newcomer can read in one sitting: no function over 80 lines, no module over 600.
 
-Two modules are still over (the decode thread, the reconciler's passes): they sit on a
-ratchet, at their size today, and may only shrink.
+A module that must grow past the limit goes on the ratchet below, at its size that day,
+and may only shrink (none is on it today: the decode thread and the reconciler were split
+by phase).
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("core", "agent", "balancer", "operator", "cli")
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 600
-RATCHET = {
-    "agent/paddler_agent/llama/decode_worker.py": 817,
-    "operator/paddler_operator/reconcile.py": 618,
-}
+RATCHET: dict[str, int] = {}
 """Modules over MAX_MODULE_LINES, at most as long as this (lower the number when they shrink)."""
 
 MODULES = sorted(str(p.relative_to(REPO)) for package in PACKAGES for p in (REPO / package).rglob("*.py"))
@@ -46,6 +44,6 @@ def test_no_module_is_longer_than_600_lines(module: str) -> None:
     assert _lines(module) <= RATCHET.get(module, MAX_MODULE_LINES)
 
 
-@pytest.mark.parametrize("module", sorted(RATCHET))
-def test_the_ratchet_names_only_modules_still_over_the_limit(module: str) -> None:
-    assert _lines(module) > MAX_MODULE_LINES, f"{module} is within the limit now: take it off the ratchet"
+def test_the_ratchet_names_only_modules_still_over_the_limit() -> None:
+    within = [module for module in sorted(RATCHET) if _lines(module) <= MAX_MODULE_LINES]
+    assert within == [], f"within the limit now, take them off the ratchet: {within}"
