@@ -20,7 +20,7 @@ from paddler_core.desired_state import (
     UrlModelReference,
 )
 from paddler_operator.crd_models import (
-    DEFAULT_LLAMA_SERVER_IMAGE,
+    IMAGE_FIELD_NOTE,
     LLAMA_SERVER_PORT,
     CrdSpec,
     ImagePullPolicy,
@@ -28,6 +28,7 @@ from paddler_operator.crd_models import (
     Quantity,
     ResourceRequirements,
 )
+from paddler_operator.crd_pod import PodSettings
 
 
 class PoolRef(CrdSpec):
@@ -112,7 +113,7 @@ class InferenceParametersSpec(InferenceParameters):
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
-        extra="forbid",
+        extra="ignore",
         frozen=True,
         json_schema_extra=_describe_inference_parameters,
     )
@@ -258,7 +259,11 @@ class LlamaServerSpec(CrdSpec):
     then ``args``. The agent container beside it forwards to it and needs no llama.cpp.
     """
 
-    image: str = Field(default=DEFAULT_LLAMA_SERVER_IMAGE, description="Image whose entrypoint is llama-server.")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Image whose entrypoint is llama-server. " + IMAGE_FIELD_NOTE.format(flag="llama-server-image"),
+    )
     image_pull_policy: ImagePullPolicy = Field(default=ImagePullPolicy.IF_NOT_PRESENT, description="Pull policy.")
     args: list[str] = Field(
         default_factory=list, description="Extra llama-server flags, after the ones the operator sets."
@@ -311,6 +316,11 @@ class ModelDeploymentSpec(CrdSpec):
             ),
         ),
     ] = 600
+    pod: PodSettings = Field(
+        default_factory=PodSettings,
+        description="Fields of this deployment's agent pods, over the pool's agent.pod: a field set here "
+        "replaces the pool's, except labels, annotations, nodeSelector (merged by key) and env (merged by name).",
+    )
 
     def desired_state(self) -> BalancerDesiredState:
         """What the balancer pushes to this deployment's agents (its model group)."""

@@ -9,6 +9,15 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in
 Python. Every field has a default, except ``ModelDeployment.spec.poolRef`` and
 ``ModelDeployment.spec.model``: ``spec: {}`` is a valid ``LlmPool``.
 
+Parsing is tolerant: a field the operator does not know (a CRD newer than the operator)
+is ignored, so an upgrade of the CRDs before the operator never stops reconciling. The
+schemas stay closed all the same: the API server prunes fields the installed CRD does not
+declare (``gen_crds`` emits no ``additionalProperties`` for a closed model either way).
+
+Images are not in the schema's defaults (the API server would store a default on create,
+and pools would keep it across operator upgrades): an unset image is the operator's
+(:class:`Images`, from its ``--*-image`` flags); see :func:`resolve_image`.
+
 Rules that the API server must enforce beyond types (exactly one model source,
 ``minReplicas <= maxReplicas``) are CEL ``x-kubernetes-validations`` attached
 with ``json_schema_extra`` and mirrored by pydantic validators, so the operator
@@ -17,6 +26,7 @@ never trusts what the API server may not have checked (e.g. an older CRD).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -30,6 +40,17 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_BALANCER_IMAGE = "ghcr.io/paddler-k8s/balancer:0.1.0"
 DEFAULT_AGENT_IMAGE = "ghcr.io/paddler-k8s/agent:0.1.0"
 DEFAULT_LLAMA_SERVER_IMAGE = "ghcr.io/paddler-k8s/llama-server:0.1.0"
+PREVIOUS_SCHEMA_DEFAULT_IMAGES = (
+    "ghcr.io/paddler-k8s/balancer:0.1.0",
+    "ghcr.io/paddler-k8s/agent:0.1.0",
+    "ghcr.io/paddler-k8s/llama-server:0.1.0",
+)
+"""Images that CRDs up to 0.1.0 wrote into every new object as schema defaults: the API server
+stored them, so such an image in a spec means "unset", not a user's choice (see :func:`resolve_image`)."""
+IMAGE_FIELD_NOTE = (
+    "Unset: the operator's image (its --{flag} flag), which follows operator upgrades. "
+    "An image that an older CRD stored as its default (ghcr.io/paddler-k8s/*:0.1.0) counts as unset."
+)
 LLAMA_SERVER_PORT = 8080
 
 MANAGEMENT_PORT = 8060
@@ -45,10 +66,50 @@ Quantity = int | str
 """A Kubernetes resource quantity (``500m``, ``2Gi``, ``4``): int-or-string in the schema."""
 
 
-class CrdSpec(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields rejected."""
+@dataclass(frozen=True)
+class Images:
+    """The operator's images, used where a spec leaves ``image`` unset (``--balancer-image``,
+    ``--agent-image``, ``--llama-server-image``, ``--image-registry``)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    balancer: str = DEFAULT_BALANCER_IMAGE
+    agent: str = DEFAULT_AGENT_IMAGE
+    llama_server: str = DEFAULT_LLAMA_SERVER_IMAGE
+
+    def with_registry(self, registry: str | None) -> Images:
+        """The built-in default images moved to ``registry`` (a host[:port], optionally with a path);
+        an image the operator was given by flag keeps its registry."""
+        if not registry:
+            return self
+        return Images(
+            balancer=_moved(self.balancer, DEFAULT_BALANCER_IMAGE, registry),
+            agent=_moved(self.agent, DEFAULT_AGENT_IMAGE, registry),
+            llama_server=_moved(self.llama_server, DEFAULT_LLAMA_SERVER_IMAGE, registry),
+        )
+
+
+DEFAULT_IMAGES = Images()
+"""The built-in images (the operator's flags' defaults)."""
+
+
+def _moved(image: str, builtin: str, registry: str) -> str:
+    if image != builtin:
+        return image
+    return f"{registry.rstrip('/')}/{builtin.split('/', 1)[1]}"
+
+
+def resolve_image(written: str | None, operator_default: str) -> str:
+    """The image a container runs: the spec's as written, else the operator's. An image equal to
+    a previous schema default counts as unset: pools created under the old CRD follow the operator."""
+    if written is None or written in PREVIOUS_SCHEMA_DEFAULT_IMAGES:
+        return operator_default
+    return written
+
+
+class CrdSpec(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields ignored (a CRD newer than the
+    operator must not stop reconciling; the API server already prunes fields its CRD lacks)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
 
 class ImagePullPolicy(StrEnum):

@@ -12,9 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from paddler_core.model_access import AllowEntry
 from paddler_operator.crd_models import (
     ADMIN_PANEL_PORT,
-    DEFAULT_AGENT_IMAGE,
-    DEFAULT_BALANCER_IMAGE,
     DURATION_PATTERN,
+    IMAGE_FIELD_NOTE,
     INFERENCE_PORT,
     MANAGEMENT_PORT,
     CrdSpec,
@@ -25,6 +24,7 @@ from paddler_operator.crd_models import (
     SecretKeyRef,
     ServiceType,
 )
+from paddler_operator.crd_pod import PodSettings, Toleration
 
 
 class ServiceSpec(CrdSpec):
@@ -61,8 +61,10 @@ class ManagementAuthSpec(CrdSpec):
         default=None,
         min_length=1,
         description=(
-            "Secret (in the pool's namespace) holding the token under secretKey. Default: "
-            "<pool>-management-token, which the operator creates with a random token and deletes with the pool."
+            "Secret (in the pool's namespace) holding the token under secretKey; the operator reads it by "
+            "this name only (grant it: the chart's rbac.readableSecrets). Default: <pool>-management-<hash>, "
+            "which the operator creates with a token it derives from its key and the pool's uid (it never "
+            "reads it back), owned by the pool."
         ),
     )
     secret_key: Annotated[str, Field(min_length=1, description="Key inside the Secret.")] = "management-token"
@@ -85,7 +87,11 @@ class RoutingPolicy(StrEnum):
 class BalancerSpec(CrdSpec):
     """The pool's balancer: pods (replicas, all active) that buffer requests and route them to agent slots."""
 
-    image: str = Field(default=DEFAULT_BALANCER_IMAGE, description="Balancer image (runs `paddler balancer`).")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Balancer image (runs `paddler balancer`). " + IMAGE_FIELD_NOTE.format(flag="balancer-image"),
+    )
     image_pull_policy: ImagePullPolicy = Field(default=ImagePullPolicy.IF_NOT_PRESENT, description="Pull policy.")
     replicas: Annotated[
         int,
@@ -139,21 +145,11 @@ class BalancerSpec(CrdSpec):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the balancer and of the agents."
     )
-
-
-class Toleration(CrdSpec):
-    """A Pod toleration."""
-
-    key: str | None = Field(default=None, description="Taint key; empty with Exists matches every taint.")
-    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
-    value: str | None = Field(default=None, description="Taint value (operator Equal).")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        default=None, description="Taint effect to match; empty matches all."
+    pod: PodSettings = Field(
+        default_factory=PodSettings,
+        description="Fields of the balancer pods: env, pull secrets, scheduling, volumes, security contexts, "
+        "and a strategic merge patch of the pod template.",
     )
-    toleration_seconds: int | None = Field(default=None, description="NoExecute: how long the pod stays (s).")
-
-    def to_kube(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class PvcRef(CrdSpec):
@@ -210,7 +206,11 @@ class ModelCacheSpec(CrdSpec):
 class AgentDefaults(CrdSpec):
     """Agent pod defaults for every ModelDeployment of the pool."""
 
-    image: str = Field(default=DEFAULT_AGENT_IMAGE, description="Agent image (runs `paddler agent`, llama.cpp).")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Agent image (runs `paddler agent`, llama.cpp). " + IMAGE_FIELD_NOTE.format(flag="agent-image"),
+    )
     image_pull_policy: ImagePullPolicy = Field(default=ImagePullPolicy.IF_NOT_PRESENT, description="Pull policy.")
     slots_per_agent: Annotated[int, Field(ge=1, le=256, description="Concurrent sequences per agent pod.")] = 4
     resources: ResourceRequirements = Field(
@@ -218,9 +218,19 @@ class AgentDefaults(CrdSpec):
     )
     gpus: Annotated[int, Field(ge=0, description="GPUs per agent pod (added to limits).")] = 0
     gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource name of a GPU.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels agent pods require.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Taints agent pods tolerate.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels agent pods require (pod.nodeSelector merges over it)."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints agent pods tolerate (pod.tolerations replaces it when set)."
+    )
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, description="Downloaded models' volume.")
+    pod: PodSettings = Field(
+        default_factory=PodSettings,
+        description="Fields of every agent pod of the pool (env such as HF_TOKEN, pull secrets, scheduling, "
+        "volumes, security contexts, a pod template patch). A ModelDeployment's spec.pod replaces a field, "
+        "except labels, annotations, nodeSelector (merged by key) and env (merged by name).",
+    )
 
 
 class ModelAccessSpec(CrdSpec):

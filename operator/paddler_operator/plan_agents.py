@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from paddler_core.desired_state import BalancerDesiredState, PoolingType
 from paddler_operator.crd_model_deployment import AutoscalingMode, EngineKind, ModelDeploymentSpec, ModelSourceSpec
-from paddler_operator.crd_models import AGENT_HEALTH_PORT, ResourceRequirements
+from paddler_operator.crd_models import AGENT_HEALTH_PORT, DEFAULT_IMAGES, Images, ResourceRequirements, resolve_image
+from paddler_operator.crd_pod import PodSettings, apply_pod_settings
 from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import Obj, ObjRef
 from paddler_operator.plan import (
@@ -175,7 +176,7 @@ def llama_server_args(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> list[str]:
     return [*args, *md.llama_server.args]
 
 
-def llama_server_container(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+def llama_server_container(md: ModelDeploymentSpec, pool: LlmPoolSpec, images: Images = DEFAULT_IMAGES) -> Obj:
     server = md.llama_server
     base: ResourceRequirements = server.resources or md.resources or pool.agent.resources
     gpus = server.gpus if server.gpus is not None else pool.agent.gpus
@@ -183,7 +184,7 @@ def llama_server_container(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
     cache = pool.agent.model_cache
     return {
         "name": LLAMA_SERVER_CONTAINER,
-        "image": server.image,
+        "image": resolve_image(server.image, images.llama_server),
         "imagePullPolicy": server.image_pull_policy.value,
         "args": llama_server_args(md, pool),
         "env": [
@@ -199,13 +200,13 @@ def llama_server_container(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
     }
 
 
-def agent_container(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+def agent_container(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec, images: Images = DEFAULT_IMAGES) -> Obj:
     """The agent container, for every engine: ``paddler agent`` with its health port and probes."""
     pool_name = md.pool_ref.name
     cache = pool.agent.model_cache
     container: Obj = {
         "name": "agent",
-        "image": pool.agent.image,
+        "image": resolve_image(pool.agent.image, images.agent),
         "imagePullPolicy": pool.agent.image_pull_policy.value,
         "command": ["paddler"],
         "args": agent_args(owner, md, pool, pool.balancer.log_level),
@@ -228,7 +229,7 @@ def agent_container(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec) ->
     if md.engine == EngineKind.LLAMA_SERVER:
         # The agent forwards to llama-server on the pod's loopback; it needs no llama.cpp,
         # so it runs from the (small) balancer image, which has the same `paddler` command.
-        container["image"] = pool.balancer.image
+        container["image"] = resolve_image(pool.balancer.image, images.balancer)
         container["imagePullPolicy"] = pool.balancer.image_pull_policy.value
         container["args"] += [
             "--engine",
@@ -240,15 +241,15 @@ def agent_container(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec) ->
     return container
 
 
-def llama_server_sidecar(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+def llama_server_sidecar(md: ModelDeploymentSpec, pool: LlmPoolSpec, images: Images = DEFAULT_IMAGES) -> Obj:
     """llama-server as a native sidecar (an init container with ``restartPolicy: Always``): it starts
     before the agent, is restarted if it exits, and is stopped only after the agent container has
     exited, so it serves the agent's requests for the whole drain. No probes of its own: it listens
     on the pod's loopback, out of the kubelet's reach; the agent's ``/ready`` asks its ``/health``."""
-    return {**llama_server_container(md, pool), "restartPolicy": "Always"}
+    return {**llama_server_container(md, pool, images), "restartPolicy": "Always"}
 
 
-def agent_pod_spec(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec) -> Obj:
+def agent_pod_spec(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec, images: Images = DEFAULT_IMAGES) -> Obj:
     selector = {MD_LABEL: owner.name, COMPONENT_LABEL: "agent"}
     pod_spec: Obj = {
         "securityContext": pod_security(),
@@ -256,16 +257,27 @@ def agent_pod_spec(owner: Owner, md: ModelDeploymentSpec, pool: LlmPoolSpec) -> 
         # An agent finishes its in-flight requests (drainTimeoutSeconds) before it exits.
         "terminationGracePeriodSeconds": agent_grace_seconds(md),
         "topologySpreadConstraints": spread_over_nodes(selector),
-        "containers": [agent_container(owner, md, pool)],
+        "containers": [agent_container(owner, md, pool, images)],
         "volumes": [pool.agent.model_cache.volume(), {"name": "tmp", "emptyDir": {}}],
     }
     if md.engine == EngineKind.LLAMA_SERVER:
-        pod_spec["initContainers"] = [llama_server_sidecar(md, pool)]
+        pod_spec["initContainers"] = [llama_server_sidecar(md, pool, images)]
     if pool.agent.node_selector:
         pod_spec["nodeSelector"] = dict(pool.agent.node_selector)
     if pool.agent.tolerations:
         pod_spec["tolerations"] = [t.to_kube() for t in pool.agent.tolerations]
     return pod_spec
+
+
+AGENT_POD_MAIN_CONTAINERS = ("agent", LLAMA_SERVER_CONTAINER)
+"""The containers of an agent pod that get the pod settings' env, envFrom, volumeMounts and
+securityContext: llama-server too, since it downloads (``--hf-repo``: HF_TOKEN, HTTPS_PROXY) and
+reads (``localPath`` on an extra volume) the model itself."""
+
+
+def agent_pod_settings(md: ModelDeploymentSpec, pool: LlmPoolSpec) -> PodSettings:
+    """The pool's ``agent.pod`` with the ModelDeployment's ``pod`` over it (:meth:`PodSettings.overlay`)."""
+    return pool.agent.pod.overlay(md.pod)
 
 
 def agent_pdb(owner: Owner, md: ModelDeploymentSpec, labels: dict[str, str], selector: dict[str, str]) -> Obj:
@@ -293,6 +305,7 @@ def plan_model_deployment(
     builtin_replicas: int | None = None,
     balancer_url: str | None = None,
     hpa_scale_to_zero: bool = True,
+    images: Images = DEFAULT_IMAGES,
 ) -> MdPlan:
     """Agent Deployment, its PodDisruptionBudget (+ HPA or ScaledObject) of a ModelDeployment, and its
     desired state.
@@ -302,7 +315,7 @@ def plan_model_deployment(
     KEDA's metrics-api trigger reads the pool's management API (:func:`metrics_url` of the
     operator's ``--balancer-url-template``; default: the cluster-IP management Service).
     ``hpa_scale_to_zero``: the cluster's HPA accepts ``minReplicas: 0`` (see
-    :func:`hpa_min_replicas`).
+    :func:`hpa_min_replicas`). ``images``: the operator's, for unset ``image`` fields.
     """
     labels = {**component_labels(owner, md.pool_ref.name, "agent", "paddler-agent"), MD_LABEL: owner.name}
     selector = {MD_LABEL: owner.name, COMPONENT_LABEL: "agent"}
@@ -311,7 +324,7 @@ def plan_model_deployment(
     scaler_objects, absent = autoscaler_objects(owner, md, pool, labels, spa, balancer_url, hpa_scale_to_zero)
     return MdPlan(
         objects=[
-            agent_deployment(owner, md, pool, labels, selector, replicas),
+            agent_deployment(owner, md, pool, labels, selector, replicas, images),
             *scaler_objects,
             agent_pdb(owner, md, labels, selector),
         ],
@@ -341,7 +354,9 @@ def agent_deployment(
     labels: dict[str, str],
     selector: dict[str, str],
     replicas: int | None,
+    images: Images = DEFAULT_IMAGES,
 ) -> Obj:
+    template = {"metadata": {"labels": labels}, "spec": agent_pod_spec(owner, md, pool, images)}
     deployment_spec: Obj = {
         "selector": {"matchLabels": selector},
         # A replaced agent counts as available only once Ready (model loaded) for this long: a
@@ -354,7 +369,7 @@ def agent_deployment(
                 "maxSurge": md.rollout.max_surge,
             },
         },
-        "template": {"metadata": {"labels": labels}, "spec": agent_pod_spec(owner, md, pool)},
+        "template": apply_pod_settings(template, agent_pod_settings(md, pool), main=AGENT_POD_MAIN_CONTAINERS),
     }
     if replicas is not None:
         deployment_spec = {"replicas": replicas, **deployment_spec}

@@ -9,6 +9,7 @@ import pytest
 
 from paddler_operator import plan_agents
 from paddler_operator.crd_model_deployment import ModelDeploymentSpec
+from paddler_operator.crd_models import DEFAULT_BALANCER_IMAGE
 from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.plan import Owner
 
@@ -58,7 +59,7 @@ def test_llama_server_engine_adds_the_server_beside_the_agent_on_pod_loopback() 
     assert flag(agent["args"], "--engine") == "llama-server"
     assert flag(agent["args"], "--llama-server-url") == "http://127.0.0.1:8080"
     assert flag(agent["args"], "--slots") == "3"
-    assert agent["image"] == LlmPoolSpec().balancer.image  # no llama.cpp in the agent container
+    assert agent["image"] == DEFAULT_BALANCER_IMAGE  # no llama.cpp in the agent container
     args = server["args"]
     assert (flag(args, "--host"), flag(args, "--port"), flag(args, "--parallel")) == ("127.0.0.1", "8080", "3")
     assert flag(args, "--model") == "/models/smollm2.gguf"
@@ -140,7 +141,6 @@ def test_desired_state_of_a_llama_server_deployment_names_the_servers_model() ->
     [
         ({"engine": "llamaCpp"}, "engine"),
         ({"engine": "llamaServer", "llamaServer": {"port": 0}}, "port"),
-        ({"engine": "llamaServer", "llamaServer": {"unknown": 1}}, "unknown"),
     ],
 )
 def test_invalid_llama_server_specs_are_rejected(spec: dict[str, Any], message: str) -> None:
