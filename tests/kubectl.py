@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -58,6 +59,14 @@ class Kubectl:
 
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl_run("get", "-o", "json", *args).stdout)
+
+    def pool_management_token(self, namespace: str, pool: str) -> str:
+        """A pool's management token, read (as the test's admin) from the Secret the operator
+        created for it: found by its labels, its name carries the pool's uid."""
+        selector = f"paddler.dev/pool={pool},paddler.dev/component=management-token"
+        found = self.get_json("-n", namespace, "secret", "-l", selector)["items"]
+        assert len(found) == 1, f"{len(found)} management token Secrets of pool {pool}"
+        return base64.b64decode(found[0]["data"]["management-token"]).decode()
 
     def apply(self, manifest: str, namespace: str | None = None) -> None:
         ns = ["-n", namespace] if namespace else []

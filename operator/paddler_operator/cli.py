@@ -14,15 +14,18 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from paddler_operator.crd_models import DEFAULT_IMAGES, Images
 from paddler_operator.settings import (
     BALANCER_URL_TEMPLATE_ENV,
     DEFAULT_LEASE_NAME,
     LeaderElectionSettings,
     OperatorSettings,
+    Switch,
 )
 
 POD_NAME_ENV = "POD_NAME"
 POD_NAMESPACE_ENV = "POD_NAMESPACE"
+TOKEN_KEY_FILE_ENV = "PADDLER_TOKEN_KEY_FILE"
 
 
 def add_subcommand(sub: Any) -> None:
@@ -63,6 +66,8 @@ def add_subcommand(sub: Any) -> None:
         "(ask the API server with a dry-run HPA); off: the operator wakes a group 0 -> 1 and the HPA does 1 <-> N "
         "(env PADDLER_OPERATOR_HPA_SCALE_TO_ZERO)",
     )
+    _add_image_flags(p)
+    _add_token_and_reader_flags(p)
     election = p.add_argument_group("leader election (several replicas, one active)")
     election.add_argument(
         "--leader-election",
@@ -101,6 +106,133 @@ def add_subcommand(sub: Any) -> None:
         help="seconds between renewals, and between a standby's attempts",
     )
     p.set_defaults(run=run)
+
+
+def _add_image_flags(p: argparse.ArgumentParser) -> None:
+    images = p.add_argument_group("images (of pods whose LlmPool / ModelDeployment leaves image unset)")
+    images.add_argument("--balancer-image", default=DEFAULT_IMAGES.balancer, metavar="IMAGE")
+    images.add_argument("--agent-image", default=DEFAULT_IMAGES.agent, metavar="IMAGE")
+    images.add_argument("--llama-server-image", default=DEFAULT_IMAGES.llama_server, metavar="IMAGE")
+    images.add_argument(
+        "--image-registry",
+        type=image_registry,
+        default=None,
+        metavar="HOST[:PORT][/PATH]",
+        help="registry of the built-in default images (a mirror); an image given by flag or written in a spec "
+        "is used as written",
+    )
+
+
+def image_registry(value: str) -> str:
+    """``--image-registry``: a registry host (and optional path), no scheme, no tag."""
+    host = value.strip().rstrip("/")
+    if not host or "://" in host or any(c.isspace() for c in host) or "@" in host:
+        raise argparse.ArgumentTypeError(f"not a registry host: {value!r} (e.g. registry.example.com:5000)")
+    return host
+
+
+def images_from_args(args: argparse.Namespace) -> Images:
+    return Images(
+        balancer=args.balancer_image, agent=args.agent_image, llama_server=args.llama_server_image
+    ).with_registry(args.image_registry)
+
+
+def _add_token_and_reader_flags(p: argparse.ArgumentParser) -> None:
+    """The management token's key, and who reads a pool's management port (issue 20)."""
+    group = p.add_argument_group("management token and monitoring")
+    group.add_argument(
+        "--token-key-file",
+        default=os.environ.get(TOKEN_KEY_FILE_ENV) or None,
+        metavar="PATH",
+        help="key every pool's management token is derived from, at least 32 bytes (the chart mounts a Secret it "
+        f"generates); default outside a pod: made once under $XDG_STATE_HOME/paddler (env {TOKEN_KEY_FILE_ENV})",
+    )
+    group.add_argument(
+        "--pod-monitors",
+        choices=[s.value for s in Switch],
+        default=os.environ.get("PADDLER_OPERATOR_POD_MONITORS", Switch.AUTO.value),
+        help="a PodMonitor per pool scraping its balancers' /metrics with the pool's token; auto: where the "
+        "cluster serves monitoring.coreos.com/v1 PodMonitor (env PADDLER_OPERATOR_POD_MONITORS)",
+    )
+    group.add_argument(
+        "--pod-monitor-label",
+        type=label_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label on each PodMonitor, for a Prometheus' podMonitorSelector (repeatable)",
+    )
+    group.add_argument(
+        "--network-policy",
+        choices=[Switch.ON.value, Switch.OFF.value],
+        default=os.environ.get("PADDLER_OPERATOR_NETWORK_POLICY", Switch.OFF.value),
+        help="a NetworkPolicy per pool: its balancers' management port only from the pool's agents, the "
+        "operator and --monitoring-namespace (env PADDLER_OPERATOR_NETWORK_POLICY)",
+    )
+    group.add_argument(
+        "--monitoring-namespace",
+        action="append",
+        default=None,
+        metavar="NS",
+        help="namespace whose pods may read the management port (repeatable; default: monitoring)",
+    )
+    group.add_argument(
+        "--operator-namespace",
+        default=os.environ.get(POD_NAMESPACE_ENV) or None,
+        metavar="NS",
+        help=f"the operator's namespace, for the NetworkPolicy (env {POD_NAMESPACE_ENV})",
+    )
+    group.add_argument(
+        "--operator-pod-label",
+        type=label_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of the operator's pods, for the NetworkPolicy (repeatable)",
+    )
+
+
+def label_pair(value: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of a label flag."""
+    key, sep, val = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {value!r}")
+    return key.strip(), val.strip()
+
+
+def token_and_readers_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "token_key_file": args.token_key_file,
+        "pod_monitors": Switch(args.pod_monitors),
+        "pod_monitor_labels": tuple(args.pod_monitor_label),
+        "network_policy": Switch(args.network_policy),
+        "monitoring_namespaces": tuple(args.monitoring_namespace or ("monitoring",)),
+        "operator_namespace": args.operator_namespace,
+        "operator_pod_labels": tuple(args.operator_pod_label),
+    }
+
+
+def with_token_key(settings: OperatorSettings, env: Mapping[str, str] | None = None) -> OperatorSettings:
+    """The settings with a token key file that holds a key, else an error. None named: as a pod's
+    ServiceAccount (in a pod, no kubeconfig) that is an error (a key in the pod's own files dies
+    with it, and every pool's token with it); otherwise the local key (made on first use, shared
+    by every local run: the ``k8s`` test tier runs the operator so)."""
+    from paddler_operator import management_token
+
+    env = os.environ if env is None else env
+    path = settings.token_key_file
+    if path is None:
+        if env.get("KUBERNETES_SERVICE_HOST") and not (settings.kubeconfig or env.get("KUBECONFIG")):
+            raise ValueError(f"in a pod, pass --token-key-file (env {TOKEN_KEY_FILE_ENV}): the key of the tokens")
+        local = management_token.local_key_path(env)
+        try:
+            if management_token.create_local_key(local):
+                print(f"made a management token key at {local}", file=sys.stderr)
+        except OSError as err:
+            raise ValueError(f"cannot make a token key at {local}: {err}; pass --token-key-file") from err
+        path = str(local)
+    management_token.load_key(path)
+    return dataclasses.replace(settings, token_key_file=path)
 
 
 def _field_default(cls: type[Any], name: str) -> Any:
@@ -147,13 +279,17 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         liveness_endpoint=args.liveness_endpoint,
         hpa_scale_to_zero={"auto": None, "on": True, "off": False}[args.hpa_scale_to_zero],
         leader_election=leader_election_from_args(args),
+        images=images_from_args(args),
+        **token_and_readers_from_args(args),
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from paddler_operator.management_token import TokenKeyError  # imports the API client: only here
+
     try:
-        settings = settings_from_args(args)
-    except ValueError as err:
+        settings = with_token_key(settings_from_args(args))
+    except (ValueError, TokenKeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from paddler_operator import handlers  # imports kopf: only now, only here

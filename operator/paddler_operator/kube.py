@@ -50,6 +50,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("paddler.dev/v1alpha1", "LlmPool"): "llmpools",
     ("paddler.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
     ("coordination.k8s.io/v1", "Lease"): "leases",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
 }
 FIELD_MANAGER = "paddler-operator"
 REQUEST_TIMEOUT_S = 30.0
@@ -78,10 +80,15 @@ class KubeConfigError(Exception):
     """No usable credentials (no kubeconfig, not in a pod, or the kubeconfig's user cannot log in)."""
 
 
+def group_version_path(api_version: str) -> str:
+    """The discovery document of ``api_version`` (the kinds it serves)."""
+    return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+
+
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
     """The collection of ``kind`` in ``namespace``; None: in every namespace (list only)."""
     plural = PLURALS[(api_version, kind)]
-    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    prefix = group_version_path(api_version)
     return f"{prefix}/{plural}" if namespace is None else f"{prefix}/namespaces/{namespace}/{plural}"
 
 
@@ -343,6 +350,18 @@ class KubeApi:
             item.setdefault("apiVersion", api_version)
             item.setdefault("kind", kind)
         return items
+
+    async def serves(self, api_version: str, kind: str) -> bool:
+        """Does the API server serve ``kind`` of ``api_version`` (e.g. a CRD that is installed)?
+        Discovery, which every authenticated user may read (``system:discovery``): no RBAC rule."""
+        try:
+            found = await self._run("GET", group_version_path(api_version))
+        except KubeError as err:
+            if err.not_found:
+                return False
+            raise
+        resources = (found or {}).get("resources") or []
+        return any(r.get("kind") == kind and "/" not in str(r.get("name", "")) for r in resources)
 
     async def create(self, obj: Obj) -> Obj:
         ref = ObjRef.of(obj)

@@ -6,10 +6,11 @@ tested with tables (``tests/unit/test_operator_plan*.py``). The reconciler
 result through :mod:`paddler_operator.kube` (server-side apply).
 
 This module holds what every plan shares: identities (names, labels, the owner),
-the management token, pod security. What each renders lives beside it:
+the management token's Secret, pod security. What each renders lives beside it:
 :mod:`~paddler_operator.plan_pool` (the balancer), :mod:`~paddler_operator.plan_agents`
 (agents of a ModelDeployment), :mod:`~paddler_operator.plan_autoscaling` (HPA, KEDA,
-the builtin scaler) and :mod:`~paddler_operator.plan_status` (conditions, status).
+the builtin scaler), :mod:`~paddler_operator.plan_monitoring` (a pool's PodMonitor and
+NetworkPolicy) and :mod:`~paddler_operator.plan_status` (conditions, status).
 """
 
 import base64
@@ -107,11 +108,28 @@ def metrics_url(template: str, pool: str, namespace: str, spec: LlmPoolSpec | No
 
 
 MANAGEMENT_TOKEN_ENV = "PADDLER_MANAGEMENT_TOKEN"
+TOKEN_SECRET_COMPONENT = "management-token"
+"""``paddler.dev/component`` of a pool's generated token Secret (``kubectl get secret -l``)."""
 
 
 def management_secret_name(pool: str) -> str:
-    """The Secret the operator creates per pool to hold its management token."""
+    """The placeholder name of a pool's generated token Secret, in a spec planned without its
+    real name. The operator derives the real one from the pool's uid
+    (:func:`paddler_operator.management_token.secret_name`) and writes it into the spec before
+    planning (:func:`with_token_secret`); only tables plan without it. (The operator before
+    issue 20 created a Secret of this name with a random token: such a Secret is left alone.)"""
     return f"{pool}-management-token"
+
+
+def with_token_secret(spec: LlmPoolSpec, secret: str | None) -> LlmPoolSpec:
+    """The pool's spec as its pods see it: the generated token Secret's name in
+    ``managementAuth.secretName`` (unchanged when ``secret`` is None: no token, or the pool's own).
+    The pool's pods, its agents and KEDA's TriggerAuthentication all reference that one name."""
+    auth = spec.balancer.management_auth
+    if secret is None or not auth.enabled or auth.secret_name is not None:
+        return spec
+    named = auth.model_copy(update={"secret_name": secret})
+    return spec.model_copy(update={"balancer": spec.balancer.model_copy(update={"management_auth": named})})
 
 
 def management_token_ref(pool: str, spec: LlmPoolSpec) -> tuple[str, str] | None:
@@ -129,11 +147,10 @@ def management_token_env(pool: str, spec: LlmPoolSpec) -> list[Obj]:
     return [{"name": MANAGEMENT_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref[0], "key": ref[1]}}}]
 
 
-def management_secret(owner: Owner, spec: LlmPoolSpec, token: str) -> Obj:
-    """The pool's generated token Secret (only when the pool names no Secret of its own).
-    Created once with a random token; never patched, so the token stays stable."""
-    name, key = management_secret_name(owner.name), spec.balancer.management_auth.secret_key
-    labels = component_labels(owner, owner.name, "balancer", "paddler-balancer")
+def management_secret(owner: Owner, name: str, key: str, token: str) -> Obj:
+    """The pool's generated token Secret (only when the pool names no Secret of its own). Created,
+    never patched nor read: the operator derives the token again whenever it needs it."""
+    labels = component_labels(owner, owner.name, TOKEN_SECRET_COMPONENT, "paddler-balancer")
     return {
         "apiVersion": "v1",
         "kind": "Secret",

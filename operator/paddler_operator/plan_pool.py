@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from paddler_operator.crd_models import ADMIN_PANEL_PORT, INFERENCE_PORT, MANAGEMENT_PORT
+from paddler_operator.crd_models import (
+    ADMIN_PANEL_PORT,
+    DEFAULT_IMAGES,
+    INFERENCE_PORT,
+    MANAGEMENT_PORT,
+    Images,
+    resolve_image,
+)
+from paddler_operator.crd_pod import apply_pod_settings
 from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.objects import Obj, ObjRef
 from paddler_operator.plan import (
@@ -28,6 +36,7 @@ from paddler_operator.plan import (
     pod_security,
     spread_over_nodes,
 )
+from paddler_operator.plan_monitoring import ManagementReaders, plan_readers
 
 # --- LlmPool -------------------------------------------------------------------------
 
@@ -77,9 +86,10 @@ def balancer_args(spec: LlmPoolSpec, pool: str = "", namespace: str = "") -> lis
     return args
 
 
-def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
+def plan_pool(owner: Owner, spec: LlmPoolSpec, images: Images = DEFAULT_IMAGES) -> list[Obj]:
     """ConfigMap, balancer Deployment, inference, management and peers Services of a
-    pool (and its PodDisruptionBudget from two replicas on)."""
+    pool (and its PodDisruptionBudget from two replicas on). ``images``: the operator's, for
+    an unset ``balancer.image``."""
     pool = owner.name
     labels = component_labels(owner, pool, "balancer", "paddler-balancer")
     selector = {POOL_LABEL: pool, COMPONENT_LABEL: "balancer"}
@@ -92,7 +102,7 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
     }
     objects = [
         config_map,
-        balancer_deployment(owner, spec, labels, selector, config),
+        balancer_deployment(owner, spec, labels, selector, config, images),
         *balancer_services(owner, spec, labels, selector),
     ]
     if spec.balancer.replicas >= 2:
@@ -103,16 +113,18 @@ def plan_pool(owner: Owner, spec: LlmPoolSpec) -> list[Obj]:
 def balancer_config(owner: Owner, spec: LlmPoolSpec) -> dict[str, str]:
     """The pool's ConfigMap data. Only the balancer's settings: an agent-side change must not
     restart the balancer (its pod template carries this data's hash), which would drop every
-    agent and buffered request."""
+    agent and buffered request. ``pod`` is left out: it reaches the pod template itself, and a pool
+    written before it existed keeps its hash (no restart on an operator upgrade)."""
     pool, b = owner.name, spec.balancer
+    settings = b.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"pod"})
     return {
-        "balancer.json": json.dumps(b.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True),
+        "balancer.json": json.dumps(settings, sort_keys=True),
         "management-addr": management_addr(pool, owner.namespace, spec),
         "inference-url": f"http://{inference_service_name(pool)}.{owner.namespace}.svc:{b.service.inference_port}",
     }
 
 
-def balancer_container(owner: Owner, spec: LlmPoolSpec) -> Obj:
+def balancer_container(owner: Owner, spec: LlmPoolSpec, images: Images = DEFAULT_IMAGES) -> Obj:
     pool, b = owner.name, spec.balancer
     env: list[Obj] = [
         # --replica-name (the balancer's default): says which replica answers, in logs and peer sums.
@@ -136,7 +148,7 @@ def balancer_container(owner: Owner, spec: LlmPoolSpec) -> Obj:
     timing = {"periodSeconds": 5, "timeoutSeconds": 2}
     return {
         "name": "balancer",
-        "image": b.image,
+        "image": resolve_image(b.image, images.balancer),
         "imagePullPolicy": b.image_pull_policy.value,
         "command": ["paddler"],
         "args": balancer_args(spec, pool, owner.namespace),
@@ -152,8 +164,24 @@ def balancer_container(owner: Owner, spec: LlmPoolSpec) -> Obj:
 
 
 def balancer_deployment(
-    owner: Owner, spec: LlmPoolSpec, labels: dict[str, str], selector: dict[str, str], config: Mapping[str, str]
+    owner: Owner,
+    spec: LlmPoolSpec,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    config: Mapping[str, str],
+    images: Images = DEFAULT_IMAGES,
 ) -> Obj:
+    template = {
+        "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config)}},
+        "spec": {
+            "securityContext": pod_security(),
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": balancer_grace_seconds(spec),
+            "topologySpreadConstraints": spread_over_nodes(selector),
+            "containers": [balancer_container(owner, spec, images)],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -163,17 +191,7 @@ def balancer_deployment(
             "selector": {"matchLabels": selector},
             # A new replica is Ready (agents connected to it) before an old one drains away.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
-                "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config)}},
-                "spec": {
-                    "securityContext": pod_security(),
-                    "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": balancer_grace_seconds(spec),
-                    "topologySpreadConstraints": spread_over_nodes(selector),
-                    "containers": [balancer_container(owner, spec)],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
-                },
-            },
+            "template": apply_pod_settings(template, spec.balancer.pod, main=("balancer",)),
         },
     }
 
@@ -240,3 +258,12 @@ def pool_absent(owner: Owner, spec: LlmPoolSpec) -> list[ObjRef]:
     if spec.balancer.replicas >= 2:
         return []
     return [ObjRef("policy/v1", "PodDisruptionBudget", owner.namespace, balancer_pdb_name(owner.name))]
+
+
+def pool_plan(
+    owner: Owner, spec: LlmPoolSpec, readers: ManagementReaders, images: Images = DEFAULT_IMAGES
+) -> tuple[list[Obj], list[ObjRef]]:
+    """Everything a pool owns (:func:`plan_pool`, and its PodMonitor and NetworkPolicy as
+    ``readers`` chooses), and what it must not own (:func:`pool_absent`, those turned off)."""
+    watched, unwatched = plan_readers(owner, spec, readers)
+    return [*plan_pool(owner, spec, images), *watched], [*pool_absent(owner, spec), *unwatched]

@@ -17,27 +17,26 @@ to balancers only through :class:`~paddler_operator.balancer_client.BalancerClie
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
 from paddler_core.desired_state import BalancerDesiredState
-from paddler_operator import plan, plan_agents, plan_autoscaling, plan_pool, plan_status
+from paddler_operator import plan, plan_agents, plan_autoscaling, plan_monitoring, plan_pool, plan_status
 from paddler_operator.balancer_client import BalancerClient, BalancerRejected, BalancerUnreachable
 from paddler_operator.balancer_views import BalancerSnapshot
 from paddler_operator.crd_model_deployment import AutoscalingMode, ModelDeploymentSpec
 from paddler_operator.crd_models import API_VERSION, Condition
 from paddler_operator.crd_pool import LlmPoolSpec
 from paddler_operator.kube import KubeApi, KubeError
+from paddler_operator.management_token import ManagementTokens, PoolToken, key_of
 from paddler_operator.object_writer import ObjectWriter
 from paddler_operator.objects import Obj, ObjRef
 from paddler_operator.plan import Owner
+from paddler_operator.plan_monitoring import ManagementReaders, Presence
 from paddler_operator.resource_reads import (
     conditions_of,
     controller_uid,
@@ -52,10 +51,13 @@ from paddler_operator.resource_reads import (
     validation_message,
     watched_closely,
 )
-from paddler_operator.settings import OperatorSettings
+from paddler_operator.settings import OperatorSettings, Switch
 from paddler_operator.workers import Key, Kind, Outcome
 
 log = logging.getLogger(__name__)
+
+Pool = tuple[LlmPoolSpec, PoolToken]
+"""A pool's spec as its pods see it (its token Secret named) and its management token."""
 
 
 class Reconciler:
@@ -74,6 +76,10 @@ class Reconciler:
         """Wall-clock seconds: the Builtin scaler's low-demand timestamp lives in the
         ModelDeployment's status (``lowDemandSince``), so it survives an operator restart."""
         self._hpa_gate: bool | None = settings.hpa_scale_to_zero
+        self.tokens = ManagementTokens(kube, balancers, key_of(settings.token_key_file), clock)
+        self._pod_monitors: Presence | None = {Switch.ON: Presence.WANTED, Switch.OFF: Presence.UNWANTED}.get(
+            settings.pod_monitors
+        )
 
     async def hpa_scale_to_zero(self, namespace: str) -> bool:
         """Does this cluster's HPA accept ``minReplicas: 0``? The setting, else asked once with a
@@ -91,10 +97,34 @@ class Reconciler:
         log.info("HPA scale to zero (feature gate HPAScaleToZero): %s", "on" if self._hpa_gate else "off")
         return self._hpa_gate
 
+    async def readers(self) -> ManagementReaders:
+        """Who reads a pool's management port: the settings, and (``--pod-monitors auto``) whether
+        the cluster serves PodMonitor, asked once (an inconclusive error is asked again next time)."""
+        if self._pod_monitors is None:
+            try:
+                served = await self.kube.serves(*plan_monitoring.POD_MONITOR_API)
+            except KubeError as err:
+                log.warning("PodMonitor discovery failed (none for now): %s", err)
+                served = None
+            if served is not None:
+                self._pod_monitors = Presence.WANTED if served else Presence.UNSERVED
+                log.info("PodMonitors (monitoring.coreos.com/v1): %s", "served" if served else "not served")
+        s = self.settings
+        return ManagementReaders(
+            pod_monitor=self._pod_monitors or Presence.UNSERVED,
+            pod_monitor_labels=s.pod_monitor_labels,
+            network_policy=Presence.WANTED if s.network_policy == Switch.ON else Presence.UNWANTED,
+            operator_namespace=s.operator_namespace,
+            operator_pod_labels=s.operator_pod_labels,
+            monitoring_namespaces=s.monitoring_namespaces,
+        )
+
     async def _snapshot(self, url: str, group: str | None = None) -> tuple[BalancerSnapshot | None, str | None]:
         try:
             return await self.balancers.snapshot(url, group), None
         except (BalancerUnreachable, BalancerRejected) as err:
+            if isinstance(err, BalancerRejected) and err.status == 401:
+                self.tokens.rejected(url)
             return None, str(err)
 
     def balancer_url(self, pool: str, namespace: str, spec: LlmPoolSpec | None) -> str:
@@ -135,10 +165,16 @@ class Reconciler:
         except ValidationError as err:
             return await self._invalid(obj, "LlmPool", err)
         owner = owner_of(obj)
-        errors = await self.writer.apply(obj, plan_pool.plan_pool(owner, spec), plan_pool.pool_absent(owner, spec))
+        spec, token = self.tokens.of(owner, spec)
+        # The token's Secret first: the pods that reference it start without waiting for it.
+        secret_error = await self.tokens.ensure(obj, token)
+        errors = [secret_error] if secret_error else []
+        errors += await self.writer.apply(
+            obj, *plan_pool.pool_plan(owner, spec, await self.readers(), self.settings.images)
+        )
         balancers_ready = await self._ready_balancers(namespace, name)
         url = self.balancer_url(name, namespace, spec)
-        token_error = await self._management_token(url, namespace, name, spec, create_for=obj)
+        token_error = await self.tokens.use(url, token)
         errors += [token_error] if token_error else []
         snapshot: BalancerSnapshot | None = None
         balancer_error: str | None = "balancer.replicas is 0"
@@ -179,41 +215,6 @@ class Reconciler:
             return 0
         return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
 
-    async def _management_token(
-        self, url: str, namespace: str, pool: str, spec: LlmPoolSpec, create_for: Obj | None = None
-    ) -> str | None:
-        """Read the pool's management token (creating its generated Secret when ``create_for``,
-        the pool, is given) and hand it to the balancer client; returns an error message."""
-        ref = plan.management_token_ref(pool, spec)
-        if ref is None:
-            self.balancers.use_token(url, None)
-            return None
-        name, key = ref
-        secret_ref = ObjRef("v1", "Secret", namespace, name)
-        generated = spec.balancer.management_auth.secret_name is None
-        try:
-            secret = await self.kube.get(secret_ref)
-            if secret is None and generated and create_for is not None:
-                want = plan.management_secret(owner_of(create_for), spec, secrets.token_urlsafe(32))
-                try:
-                    secret = await self.kube.create(want)
-                    log.info("created object=%s owner=%s", secret_ref, pool)
-                    await self.kube.event(create_for, "Normal", "Created", f"Created Secret {name}")
-                except KubeError as err:
-                    if err.status != 409:
-                        raise
-                    secret = await self.kube.get(secret_ref)
-        except KubeError as err:
-            return f"Secret {name}: {err.message}"
-        if secret is None:
-            return f"Secret {name} with the management token does not exist"
-        try:
-            token = base64.b64decode((secret.get("data") or {})[key]).decode()
-        except (KeyError, ValueError):
-            return f"Secret {name} has no key {key!r} with the management token"
-        self.balancers.use_token(url, token)
-        return None
-
     async def _remove_orphan_groups(
         self, pool_obj: Obj, url: str, snapshot: BalancerSnapshot, members: Sequence[str]
     ) -> None:
@@ -252,12 +253,11 @@ class Reconciler:
             return await self._invalid(obj, "ModelDeployment", err)
         owner = owner_of(obj)
         previous = conditions_of(obj)
-        pool_spec, previous_pool = await self._md_pool(obj, spec)
-        if pool_spec is None:
+        pool, previous_pool = await self._md_pool(obj, spec)
+        if pool is None:
             return await self._md_without_pool(obj, owner, spec, previous, previous_pool)
-
-        url = self.balancer_url(spec.pool_ref.name, namespace, pool_spec)
-        await self._management_token(url, namespace, spec.pool_ref.name, pool_spec)
+        pool_spec = pool[0]
+        url = await self._reach(namespace, spec.pool_ref.name, pool)
         snapshot, balancer_error = await self._snapshot(url, name)
         deployment_ref = ObjRef("apps/v1", "Deployment", namespace, plan.agent_name(name))
         current: Obj | None = None
@@ -274,6 +274,7 @@ class Reconciler:
             builtin_replicas=builtin,
             balancer_url=self.metrics_url(spec.pool_ref.name, namespace, pool_spec),
             hpa_scale_to_zero=hpa_gate,
+            images=self.settings.images,
         )
         read = {deployment_ref: current} if spec.autoscaling.mode != AutoscalingMode.NONE else {}
         errors = await self.writer.apply(obj, md_plan.objects, md_plan.absent, read)
@@ -322,20 +323,34 @@ class Reconciler:
             resync_after=self.settings.builtin_poll_interval if watched_closely(spec, rollout, hpa_gate) else None,
         )
 
-    async def _md_pool(self, obj: Obj, spec: ModelDeploymentSpec) -> tuple[LlmPoolSpec | None, str | None]:
-        """The pool's spec (None: missing or invalid; the pool reports its own InvalidSpec) and the
-        pool the status names; a ModelDeployment moved to another pool leaves the old one first."""
-        namespace = obj["metadata"]["namespace"]
-        pool_obj = await self.kube.get(custom_resource_ref("LlmPool", namespace, spec.pool_ref.name))
-        pool_spec: LlmPoolSpec | None = None
-        if pool_obj is not None:
-            with contextlib.suppress(ValidationError):
-                pool_spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
+    async def _pool(self, namespace: str, name: str) -> Pool | None:
+        """A pool's spec as its pods see it and its token; None: missing or invalid (the pool
+        reports its own InvalidSpec)."""
+        pool_obj = await self.kube.get(custom_resource_ref("LlmPool", namespace, name))
+        if pool_obj is None:
+            return None
+        try:
+            spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
+        except ValidationError:
+            return None
+        return self.tokens.of(owner_of(pool_obj), spec)
+
+    async def _reach(self, namespace: str, name: str, pool: Pool | None) -> str:
+        """The URL of a pool's balancers, its token handed to the balancer client (pool found)."""
+        url = self.balancer_url(name, namespace, pool[0] if pool else None)
+        if pool is not None:
+            await self.tokens.use(url, pool[1])
+        return url
+
+    async def _md_pool(self, obj: Obj, spec: ModelDeploymentSpec) -> tuple[Pool | None, str | None]:
+        """The pool (None: missing or invalid) and the pool the status names; a ModelDeployment
+        moved to another pool leaves the old one first."""
+        pool = await self._pool(obj["metadata"]["namespace"], spec.pool_ref.name)
         previous_pool = (obj.get("status") or {}).get("pool")
         if previous_pool and previous_pool != spec.pool_ref.name:
             await self._leave_pool(obj, previous_pool)
             previous_pool = None
-        return pool_spec, previous_pool
+        return pool, previous_pool
 
     async def _md_without_pool(
         self,
@@ -512,14 +527,7 @@ class Reconciler:
         """Best effort on deletion: drop the model group's desired state from the balancer."""
         if not pool:
             return
-        pool_obj = await self.kube.get(custom_resource_ref("LlmPool", namespace, pool))
-        spec = None
-        if pool_obj is not None:
-            with contextlib.suppress(ValidationError):
-                spec = LlmPoolSpec.model_validate(pool_obj.get("spec") or {})
-        url = self.balancer_url(pool, namespace, spec)
-        if spec is not None:
-            await self._management_token(url, namespace, pool, spec)
+        url = await self._reach(namespace, pool, await self._pool(namespace, pool))
         try:
             if await self.balancers.delete_desired_state(url, name):
                 log.info("desired state removed group=%s url=%s", name, url)

@@ -5,9 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+
+from paddler_operator.crd_models import DEFAULT_IMAGES, Images
 
 BALANCER_URL_TEMPLATE_ENV = "PADDLER_OPERATOR_BALANCER_URL_TEMPLATE"
 DEFAULT_BALANCER_URL_TEMPLATE = "http://{service}.{namespace}.svc:{port}"
+
+
+class Switch(StrEnum):
+    """An optional behaviour: ``auto`` asks the cluster (where that makes sense)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -38,8 +49,27 @@ class OperatorSettings:
     API server once (a dry-run HPA with ``minReplicas: 0``). Without it, HPA mode writes the HPA with
     ``minReplicas`` at least 1 and the operator itself takes the agent Deployment 0 -> 1 when a request
     is buffered (docs/scaling.md)."""
+    images: Images = DEFAULT_IMAGES
+    """The images of pods whose spec leaves ``image`` unset (``--balancer-image``, ``--agent-image``,
+    ``--llama-server-image``, ``--image-registry``): they follow the operator's version on upgrades."""
     leader_election: LeaderElectionSettings | None = None
     """One active replica among several (a coordination.k8s.io Lease); None: off, this process is active."""
+    token_key_file: str | None = None
+    """The key every pool's management token is derived from (``--token-key-file``); None: a key
+    for this process only (tests). ``paddler operator`` always names one (docs/kubernetes.md)."""
+    pod_monitors: Switch = Switch.AUTO
+    """A PodMonitor per pool: ``auto`` where the API server serves ``monitoring.coreos.com/v1``
+    PodMonitor (asked once)."""
+    pod_monitor_labels: tuple[tuple[str, str], ...] = ()
+    """Extra labels on each PodMonitor (a Prometheus' ``podMonitorSelector``)."""
+    network_policy: Switch = Switch.OFF
+    """A NetworkPolicy per pool on its balancers' management port (``on``/``off``)."""
+    monitoring_namespaces: tuple[str, ...] = ("monitoring",)
+    """Namespaces whose pods the NetworkPolicy lets read the management port."""
+    operator_namespace: str | None = None
+    """The operator's own namespace (NetworkPolicy; default env POD_NAMESPACE)."""
+    operator_pod_labels: tuple[tuple[str, str], ...] = ()
+    """Labels of the operator's pods (NetworkPolicy); none: every pod of its namespace."""
 
     def __post_init__(self) -> None:
         if not self.all_namespaces and not self.namespaces:
@@ -55,6 +85,10 @@ class OperatorSettings:
             self.balancer_url_template.format(pool="p", namespace="n", service="s", port=1)
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"invalid balancer URL template {self.balancer_url_template!r}: {err}") from None
+        if self.network_policy == Switch.AUTO:
+            raise ValueError("--network-policy is on or off")
+        if self.network_policy == Switch.ON and not self.operator_namespace:
+            raise ValueError("--network-policy on needs --operator-namespace (or env POD_NAMESPACE)")
 
     @staticmethod
     def template_from_env(env: Mapping[str, str] | None = None) -> str:

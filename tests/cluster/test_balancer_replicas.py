@@ -11,7 +11,6 @@ Ready replicas that hold every agent.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
@@ -91,8 +90,7 @@ class HaPool:
         return self.cluster.exec_python(self.namespace, "client", script, timeout=timeout)
 
     def token(self) -> str:
-        secret = self.cluster.get_json("-n", self.namespace, "secret", f"{POOL}-management-token")
-        return base64.b64decode(secret["data"]["management-token"]).decode()
+        return self.cluster.pool_management_token(self.namespace, POOL)
 
     def replica_views(self) -> dict[str, dict[str, Any]]:
         """Per Ready balancer pod (by name): its agents (name -> slots) and buffered count,

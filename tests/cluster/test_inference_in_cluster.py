@@ -9,7 +9,6 @@ deleted) run last, in file order.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import uuid
@@ -64,8 +63,7 @@ class Pool:
 
     def management_token(self) -> str:
         """The pool's management token, from the Secret the operator made for it."""
-        secret = self.cluster.get_json("-n", self.namespace, "secret", f"{POOL}-management-token")
-        return base64.b64decode(secret["data"]["management-token"]).decode()
+        return self.cluster.pool_management_token(self.namespace, POOL)
 
     def agent_pods(self) -> list[dict[str, Any]]:
         pods: list[dict[str, Any]] = self.cluster.get_json("-n", self.namespace, "pods", "-l", f"{MD_LABEL}={GROUP}")[

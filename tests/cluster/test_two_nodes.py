@@ -12,7 +12,6 @@ kept in the tier's transcript. One pool for the module, the scenarios in file or
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
@@ -105,8 +104,7 @@ class TwoNodePool:
     def token(self) -> str:
         if not self.auth:
             return "none"
-        secret = self.cluster.get_json("-n", self.namespace, "secret", f"{self.name}-management-token")
-        return base64.b64decode(secret["data"]["management-token"]).decode()
+        return self.cluster.pool_management_token(self.namespace, self.name)
 
     def agent_pods(self, group: str) -> list[dict[str, Any]]:
         pods: list[dict[str, Any]] = self.cluster.get_json("-n", self.namespace, "pods", "-l", f"{MD_LABEL}={group}")[

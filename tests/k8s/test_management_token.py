@@ -1,8 +1,11 @@
-"""The operator turns the management token on by default (issue 10, case 12).
+"""The operator turns the management token on by default (issue 10, case 12), derived from
+its key and never read back (issue 20).
 
-Per LlmPool it creates a Secret with a random token, wires it into the balancer and
-agent pods, and sends it itself: checked against a real local ``paddler balancer``
-that requires the token it reads from that Secret.
+Per LlmPool it creates a Secret named from the pool's uid with the derived token, wires it
+into the balancer and agent pods, and sends the token itself: checked against a real local
+``paddler balancer`` that requires the token this test reads from that Secret. The operator
+runs as a local process without ``--token-key-file``: it uses (and on first use makes) the
+local key under ``$XDG_STATE_HOME/paddler``, which every operator of the session shares.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from .test_operator_cluster import MODEL, POOL, REPO, TIMEOUT, Operators, get, w
 
 pytestmark = pytest.mark.k8s
 
-TOKEN_ENV = {
-    "name": "PADDLER_MANAGEMENT_TOKEN",
-    "valueFrom": {"secretKeyRef": {"name": "p-management-token", "key": "management-token"}},
-}
+LEGACY = """
+apiVersion: v1
+kind: Secret
+metadata: {name: p-management-token}
+stringData: {management-token: the-random-token-of-the-operator-before-issue-20}
+"""
+TOKEN_SECRETS = "-lpaddler.dev/pool=p,paddler.dev/component=management-token"
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +72,32 @@ def groups(url: str, token: str | None) -> dict[str, Any]:
         return {g["name"]: g for g in json.load(resp)["model_groups"]}
 
 
+def token_ref(deployment: Any) -> dict[str, str]:
+    env = env_of(deployment)
+    ref: dict[str, str] = next(e for e in env if e["name"] == "PADDLER_MANAGEMENT_TOKEN")["valueFrom"]["secretKeyRef"]
+    return ref
+
+
 def test_operator_creates_a_token_secret_per_pool_and_uses_it(
     operators: Operators, k8s_namespace: str, paddler: Processes
 ) -> None:
     cluster, ns = operators.cluster, k8s_namespace
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    operators.start(ns, balancer_url=url)
-    cluster.apply(POOL + "---" + MODEL, namespace=ns)
+    first = operators.start(ns, balancer_url=url)
+    cluster.apply(LEGACY + "---" + POOL + "---" + MODEL, namespace=ns)  # a Secret of the previous version
 
-    secret = wait_object(cluster, ns, "secret/p-management-token")
+    ref = token_ref(wait_object(cluster, ns, "deployment/p-balancer"))
+    assert ref["key"] == "management-token"
+    assert ref["name"].startswith("p-management-")
+    assert ref["name"] != "p-management-token"  # the old Secret is not the pool's any more
+    assert token_ref(wait_object(cluster, ns, "deployment/m-agent")) == ref
+    secret = wait_object(cluster, ns, f"secret/{ref['name']}")
     token = base64.b64decode(secret["data"]["management-token"]).decode()
     assert len(token) >= 32
     assert [(o["kind"], o["name"]) for o in secret["metadata"]["ownerReferences"]] == [("LlmPool", "p")]
-    assert TOKEN_ENV in env_of(wait_object(cluster, ns, "deployment/p-balancer"))
-    assert TOKEN_ENV in env_of(wait_object(cluster, ns, "deployment/m-agent"))
+    legacy = get(cluster, ns, "secret/p-management-token")
+    assert base64.b64decode(legacy["data"]["management-token"]).decode().startswith("the-random-token")
 
     # The pool's balancer, as its pod would run it: the token from the Secret, nothing else.
     paddler.balancer("--management-addr", f"127.0.0.1:{port}", "--management-token", token)
@@ -90,9 +107,20 @@ def test_operator_creates_a_token_secret_per_pool_and_uses_it(
     with pytest.raises(urllib.error.HTTPError) as keyless:
         groups(url, None)
     assert keyless.value.code == 401
-    # Reconciles later keep the same token (the Secret is created once, never rewritten).
-    again = get(cluster, ns, "secret/p-management-token")
-    assert again["data"] == secret["data"]
+
+    # Another operator process derives the same token: the same one Secret, the balancer still open to it.
+    first.stop()
+    second = operators.start(ns, balancer_url=url)
+    wait_until(lambda: second.count("reconciled object=") >= 2, timeout=TIMEOUT, what="passes of the new operator")
+    other = '{"spec": {"model": {"localPath": "/models/other.gguf"}}}'
+    cluster.kubectl_run("-n", ns, "patch", "md/m", "--type=merge", "-p", other)
+    wait_until(
+        lambda: groups(url, token)["m"]["desired_state"]["model"] == {"LocalToAgent": "/models/other.gguf"},
+        timeout=TIMEOUT,
+        what="the new operator's push, with the token it derived",
+    )
+    (again,) = get(cluster, ns, "secrets", TOKEN_SECRETS)["items"]
+    assert (again["metadata"]["name"], again["data"]) == (ref["name"], secret["data"])
 
 
 def test_a_pool_can_turn_the_token_off(operators: Operators, k8s_namespace: str) -> None:
@@ -104,4 +132,4 @@ def test_a_pool_can_turn_the_token_off(operators: Operators, k8s_namespace: str)
     agent = wait_object(cluster, ns, "deployment/m-agent")
     balancer = wait_object(cluster, ns, "deployment/p-balancer")
     assert all(e["name"] != "PADDLER_MANAGEMENT_TOKEN" for e in env_of(agent) + env_of(balancer))
-    assert get(cluster, ns, "secret/p-management-token") is None
+    assert get(cluster, ns, "secrets", TOKEN_SECRETS)["items"] == []

@@ -43,7 +43,7 @@ PLANNERS = [m for m in MODULES if m == "plan" or m.startswith("plan_")]
 
 
 def test_the_plan_is_split_by_what_it_renders() -> None:
-    assert PLANNERS == ["plan", "plan_agents", "plan_autoscaling", "plan_pool", "plan_status"]
+    assert PLANNERS == ["plan", "plan_agents", "plan_autoscaling", "plan_monitoring", "plan_pool", "plan_status"]
 
 
 @pytest.mark.parametrize("module", PLANNERS)

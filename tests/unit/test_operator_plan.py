@@ -790,15 +790,17 @@ def test_agent_view_from_balancer_json() -> None:
 
 # --- the management token (issue 10) ------------------------------------------------------
 
+GENERATED_SECRET = "p-management-0123456789"
 TOKEN_ENV = {
     "name": "PADDLER_MANAGEMENT_TOKEN",
-    "valueFrom": {"secretKeyRef": {"name": "p-management-token", "key": "management-token"}},
+    "valueFrom": {"secretKeyRef": {"name": GENERATED_SECRET, "key": "management-token"}},
 }
 
 
 def test_management_token_reaches_the_balancer_the_agents_and_keda() -> None:
-    balancer = by_kind(plan_pool.plan_pool(POOL, pool_spec()))["Deployment/p-balancer"]
-    keda = plan_agents.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), pool_spec())
+    spec = plan.with_token_secret(pool_spec(), GENERATED_SECRET)  # as the reconciler plans (issue 20)
+    balancer = by_kind(plan_pool.plan_pool(POOL, spec))["Deployment/p-balancer"]
+    keda = plan_agents.plan_model_deployment(MD, md_spec(autoscaling={"mode": "KEDA"}), spec)
     objs = by_kind(keda.objects)
     trigger = objs["ScaledObject/m-agent"]["spec"]["triggers"][0]
     assert TOKEN_ENV in container(balancer)["env"]
@@ -806,13 +808,13 @@ def test_management_token_reaches_the_balancer_the_agents_and_keda() -> None:
     assert trigger["authenticationRef"] == {"name": "m-agent"}
     assert trigger["metadata"]["authMode"] == "bearer"
     assert objs["TriggerAuthentication/m-agent"]["spec"]["secretTargetRef"] == [
-        {"parameter": "token", "name": "p-management-token", "key": "management-token"}
+        {"parameter": "token", "name": GENERATED_SECRET, "key": "management-token"}
     ]
 
 
 def test_a_pool_with_its_own_token_secret_or_none() -> None:
-    own = pool_spec(balancer={"managementAuth": {"secretName": "mine", "secretKey": "t"}})
-    off = pool_spec(balancer={"managementAuth": {"enabled": False}})
+    own = plan.with_token_secret(pool_spec(balancer={"managementAuth": {"secretName": "mine", "secretKey": "t"}}), "x")
+    off = plan.with_token_secret(pool_spec(balancer={"managementAuth": {"enabled": False}}), "x")
     own_env = container(by_kind(plan_pool.plan_pool(POOL, own))["Deployment/p-balancer"])["env"]
     off_env = container(by_kind(plan_pool.plan_pool(POOL, off))["Deployment/p-balancer"])["env"]
     assert {"name": "PADDLER_MANAGEMENT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}} in own_env
@@ -845,7 +847,7 @@ def test_every_object_the_plans_name_has_an_api_path() -> None:
     from paddler_operator.kube import collection_path
 
     refs = [ObjRef.of(o) for o in plan_pool.plan_pool(POOL, pool_spec())]
-    refs.append(ObjRef.of(plan.management_secret(POOL, pool_spec(), "t")))
+    refs.append(ObjRef.of(plan.management_secret(POOL, GENERATED_SECRET, "management-token", "t")))
     for mode in ("None", "HPA", "KEDA", "Builtin"):
         md_plan = plan_agents.plan_model_deployment(MD, md_spec(autoscaling={"mode": mode}), pool_spec())
         refs += [ObjRef.of(o) for o in md_plan.objects] + list(md_plan.absent)

@@ -53,6 +53,8 @@ class FakeKube:
         self._versions = itertools.count(1)
         self.hpa_scale_to_zero = True
         """The HPAScaleToZero feature gate: without it an HPA with minReplicas 0 is invalid (422)."""
+        self.served: set[tuple[str, str]] = set()
+        """(apiVersion, kind) of the optional APIs this cluster serves (e.g. PodMonitor)."""
 
     def add(self, obj: Obj) -> Obj:
         obj = copy.deepcopy(obj)
@@ -66,6 +68,10 @@ class FakeKube:
                 c.setdefault("terminationMessagePath", "/dev/termination-log")
         self.objects[ObjRef.of(obj)] = obj
         return obj
+
+    async def serves(self, api_version: str, kind: str) -> bool:
+        self.reads.append(("discovery", f"{api_version}/{kind}"))
+        return (api_version, kind) in self.served
 
     async def get(self, ref: ObjRef) -> Obj | None:
         self.reads.append(("get", str(ref)))
@@ -192,10 +198,12 @@ async def test_pool_objects_are_created_once(balancers: BalancerClient) -> None:
     r = reconciler(kube, balancers)
     outcome = await r.reconcile_pool(NS, "p")
     assert outcome.retry  # the balancer is unreachable: retry with backoff
+    (secret,) = [ref for ref in kube.objects if ref.kind == "Secret"]
+    assert secret.name.startswith("p-management-")  # the pool's token Secret, named by its uid
     assert sorted(kube.writes()) == [
         ("create", "ConfigMap/ns/p-balancer"),
         ("create", "Deployment/ns/p-balancer"),
-        ("create", "Secret/ns/p-management-token"),
+        ("create", f"Secret/ns/{secret.name}"),
         ("create", "Service/ns/p-inference"),
         ("create", "Service/ns/p-management"),
         ("create", "Service/ns/p-management-peers"),
