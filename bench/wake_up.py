@@ -299,6 +299,7 @@ def helm_install() -> None:
     log("helm install (the operator in-cluster)")
     subprocess.run(
         [str(HELM), "install", RELEASE, str(REPO / "charts" / "paddler"), "-n", RELEASE_NS, "--create-namespace",
+         "--take-ownership",  # CRDs a chart 0.1.0 run left on a kept cluster (docs/kubernetes.md, Upgrading)
          "--wait", "--timeout", "5m"],
         check=True, capture_output=True, timeout=360, env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
     )  # fmt: skip

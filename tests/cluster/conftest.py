@@ -159,6 +159,10 @@ def release(cluster: Cluster) -> Iterator[str]:
             "--namespace",
             RELEASE_NS,
             "--create-namespace",
+            # A node cluster kept from a run of chart 0.1.0 holds the CRDs it installed from
+            # crds/, without Helm's ownership metadata: adopt them, as the README's upgrade
+            # from 0.1.0 does (Helm >= 3.17). A fresh cluster has nothing to adopt.
+            "--take-ownership",
             "--wait",
             "--timeout",
             "5m",

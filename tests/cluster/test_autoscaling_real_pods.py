@@ -59,8 +59,11 @@ def script(cluster: Cluster, name: str, *args: str, env: dict[str, str] | None =
 def adapter_config(cluster: Cluster) -> str:
     """prometheus-adapter's rules as the chart renders them (what users install)."""
     out = subprocess.run(
+        # --kube-version: a helm built without its release ldflags (scripts/k8s/build.sh) takes
+        # Kubernetes 1.20 by default, older than the chart's kubeVersion.
         [str(cluster.helm), "template", "rel", str(REPO / "charts" / "paddler"), "--set",
-         "prometheusAdapterRules.enabled=true", "--show-only", "templates/prometheus-adapter-rules.yaml"],
+         "prometheusAdapterRules.enabled=true", "--kube-version", "1.34.0",
+         "--show-only", "templates/prometheus-adapter-rules.yaml"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     text: str = yaml.safe_load(out)["data"]["config.yaml"]

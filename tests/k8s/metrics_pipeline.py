@@ -109,8 +109,10 @@ def adapter_rules(cluster: K8sCluster) -> str:
     """The adapter's config as the chart renders it (values: prometheusAdapterRules.enabled)."""
     helm = cluster.helm or cluster.bin_dir / "helm"
     out = subprocess.run(
+        # --kube-version: a helm built without its release ldflags (scripts/k8s/build.sh) takes
+        # Kubernetes 1.20 by default, older than the chart's kubeVersion.
         [str(helm), "template", "rel", str(CHART), "--set", "prometheusAdapterRules.enabled=true",
-         "--show-only", RULES_TEMPLATE],
+         "--kube-version", "1.34.0", "--show-only", RULES_TEMPLATE],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     config_map = yaml.safe_load(out)

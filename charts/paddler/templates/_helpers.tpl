@@ -29,6 +29,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* An image reference from {repository, tag}: the tag defaults to appVersion, and
+imageRegistry replaces the registry host (the first path component), as the operator's
+--image-registry does for its built-in images. Call with (list $ .Values.images.agent). */}}
+{{- define "paddler.image" -}}
+{{- $root := index . 0 -}}
+{{- $image := index . 1 -}}
+{{- $repository := $image.repository -}}
+{{- with $root.Values.imageRegistry -}}
+{{- $parts := splitn "/" 2 $repository -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) (ternary $parts._1 $parts._0 (contains "/" $repository)) -}}
+{{- end -}}
+{{- printf "%s:%s" $repository ($image.tag | default $root.Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The Secret holding the key of the pools' management tokens. */}}
+{{- define "paddler.tokenKeySecret" -}}
+{{- .Values.tokenKey.existingSecret | default (printf "%s-token-key" (include "paddler.fullname" .)) -}}
+{{- end -}}
+
 {{- define "paddler.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "paddler.fullname" .) .Values.serviceAccount.name -}}
@@ -65,17 +84,28 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [keda.sh]
   resources: [scaledobjects, triggerauthentications]
   verbs: [get, create, patch, delete]
-# Each pool's management token: the operator creates its Secret once and reads it to call
-# the balancer. get by name and create only: it cannot list or watch other Secrets.
+# Each pool's management token: the operator derives it from the chart's key (mounted
+# from the token-key Secret, not read through the API) and creates the pool's Secret once.
+# create only: it cannot read, list or watch any Secret (rbac.readableSecrets grants get
+# on named ones). create cannot be limited by name in RBAC; it reveals nothing.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create]
+# A pool's PodMonitor and NetworkPolicy, by name (server-side apply, no list or watch):
+# granted whatever monitoring.podMonitors and networkPolicy.enabled say, because turned off
+# the operator deletes the ones its pools have.
+- apiGroups: [monitoring.coreos.com]
+  resources: [podmonitors]
+  verbs: [get, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
 {{- end -}}
 
 
