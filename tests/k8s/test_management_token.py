@@ -15,7 +15,6 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,8 +22,18 @@ import pytest
 from tests.harness import Processes
 from tests.kubectl import wait_until
 
-from .conftest import K8sCluster
-from .test_operator_cluster import MODEL, POOL, REPO, TIMEOUT, Operators, get, wait_condition, wait_object
+from .test_operator_cluster import (  # noqa: F401 - crds and operators are fixtures
+    MODEL,
+    POOL,
+    REPO,
+    TIMEOUT,
+    Operators,
+    crds,
+    get,
+    operators,
+    wait_condition,
+    wait_object,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -35,23 +44,6 @@ metadata: {name: p-management-token}
 stringData: {management-token: the-random-token-of-the-operator-before-issue-20}
 """
 TOKEN_SECRETS = "-lpaddler.dev/pool=p,paddler.dev/component=management-token"
-
-
-@pytest.fixture(scope="module")
-def crds(k8s_cluster: K8sCluster) -> K8sCluster:
-    k8s_cluster.kubectl_run("apply", "-f", str(REPO / "crds"))
-    for name in ("llmpools.paddler.dev", "modeldeployments.paddler.dev"):
-        k8s_cluster.kubectl_run("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s", timeout=90)
-    return k8s_cluster
-
-
-@pytest.fixture
-def operators(crds: K8sCluster) -> Iterator[Operators]:
-    ops = Operators(crds)
-    try:
-        yield ops
-    finally:
-        ops.close()
 
 
 def free_port() -> int:
@@ -79,7 +71,9 @@ def token_ref(deployment: Any) -> dict[str, str]:
 
 
 def test_operator_creates_a_token_secret_per_pool_and_uses_it(
-    operators: Operators, k8s_namespace: str, paddler: Processes
+    operators: Operators,  # noqa: F811
+    k8s_namespace: str,
+    paddler: Processes,
 ) -> None:
     cluster, ns = operators.cluster, k8s_namespace
     port = free_port()
@@ -123,7 +117,7 @@ def test_operator_creates_a_token_secret_per_pool_and_uses_it(
     assert (again["metadata"]["name"], again["data"]) == (ref["name"], secret["data"])
 
 
-def test_a_pool_can_turn_the_token_off(operators: Operators, k8s_namespace: str) -> None:
+def test_a_pool_can_turn_the_token_off(operators: Operators, k8s_namespace: str) -> None:  # noqa: F811
     cluster, ns = operators.cluster, k8s_namespace
     operators.start(ns)
     open_pool = POOL.replace("spec: {}", "spec: {balancer: {managementAuth: {enabled: false}}}")

@@ -9,35 +9,25 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 
 from .conftest import K8sCluster
-from .test_operator_cluster import MODEL, REPO, Operators, get, wait_object
+from .test_operator_cluster import (  # noqa: F401 - crds and operators are fixtures
+    MODEL,
+    REPO,
+    Operators,
+    crds,
+    get,
+    operators,
+    wait_object,
+)
 
 pytestmark = pytest.mark.k8s
 
 HF_TOKEN = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
-
-
-@pytest.fixture(scope="module")
-def crds(k8s_cluster: K8sCluster) -> K8sCluster:
-    k8s_cluster.kubectl_run("apply", "-f", str(REPO / "crds"))
-    for name in ("llmpools.paddler.dev", "modeldeployments.paddler.dev"):
-        k8s_cluster.kubectl_run("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s", timeout=90)
-    return k8s_cluster
-
-
-@pytest.fixture
-def operators(crds: K8sCluster) -> Iterator[Operators]:
-    ops = Operators(crds)
-    try:
-        yield ops
-    finally:
-        ops.close()
 
 
 def pool(spec: dict[str, Any]) -> str:
@@ -56,14 +46,14 @@ def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
     return found
 
 
-def test_env_from_a_secret_reaches_the_agent_container(operators: Operators, k8s_namespace: str) -> None:
+def test_env_from_a_secret_reaches_the_agent_container(operators: Operators, k8s_namespace: str) -> None:  # noqa: F811
     cluster, ns = operators.cluster, k8s_namespace
     operators.start(ns)
     cluster.apply(pool({"agent": {"pod": {"env": [HF_TOKEN]}}}) + "---" + MODEL, namespace=ns)
     assert HF_TOKEN in container(template(cluster, ns, "m-agent"), "agent")["env"]
 
 
-def test_an_image_pull_secret_reaches_every_pod(operators: Operators, k8s_namespace: str) -> None:
+def test_an_image_pull_secret_reaches_every_pod(operators: Operators, k8s_namespace: str) -> None:  # noqa: F811
     cluster, ns = operators.cluster, k8s_namespace
     operators.start(ns)
     secrets = {"pod": {"imagePullSecrets": [{"name": "regcred"}]}}
@@ -72,7 +62,7 @@ def test_an_image_pull_secret_reaches_every_pod(operators: Operators, k8s_namesp
         assert template(cluster, ns, deployment)["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
 
 
-def test_a_pod_template_patch_is_applied(operators: Operators, k8s_namespace: str) -> None:
+def test_a_pod_template_patch_is_applied(operators: Operators, k8s_namespace: str) -> None:  # noqa: F811
     cluster, ns = operators.cluster, k8s_namespace
     operators.start(ns)
     patch = {"spec": {"dnsPolicy": "Default", "containers": [{"name": "balancer", "workingDir": "/tmp"}]}}
@@ -82,7 +72,7 @@ def test_a_pod_template_patch_is_applied(operators: Operators, k8s_namespace: st
     assert container(pod, "balancer")["workingDir"] == "/tmp"
 
 
-def test_free_form_pod_fields_are_stored_as_written(crds: K8sCluster, k8s_namespace: str) -> None:
+def test_free_form_pod_fields_are_stored_as_written(crds: K8sCluster, k8s_namespace: str) -> None:  # noqa: F811
     affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}
     crds.apply(
         pool({"agent": {"pod": {"affinity": affinity, "podSecurityContext": {"runAsNonRoot": True}}}}), k8s_namespace
@@ -91,7 +81,7 @@ def test_free_form_pod_fields_are_stored_as_written(crds: K8sCluster, k8s_namesp
     assert stored == {"affinity": affinity, "podSecurityContext": {"runAsNonRoot": True}}
 
 
-def test_pod_labels_may_not_set_the_operators_labels(crds: K8sCluster, k8s_namespace: str) -> None:
+def test_pod_labels_may_not_set_the_operators_labels(crds: K8sCluster, k8s_namespace: str) -> None:  # noqa: F811
     manifest = pool({"balancer": {"pod": {"labels": {"paddler.dev/component": "x"}}}})
     proc = crds.kubectl_run("-n", k8s_namespace, "apply", "-f", "-", input=manifest, check=False)
     assert proc.returncode != 0
@@ -99,7 +89,8 @@ def test_pod_labels_may_not_set_the_operators_labels(crds: K8sCluster, k8s_names
 
 
 def test_a_pool_stored_with_the_old_default_image_follows_the_operator(
-    operators: Operators, k8s_namespace: str
+    operators: Operators,  # noqa: F811
+    k8s_namespace: str,
 ) -> None:
     """What the 0.1.0 CRD's defaulting stored counts as unset: the operator's --balancer-image wins."""
     cluster, ns = operators.cluster, k8s_namespace
@@ -108,7 +99,7 @@ def test_a_pool_stored_with_the_old_default_image_follows_the_operator(
     assert container(template(cluster, ns, "p-balancer"), "balancer")["image"] == "registry.local/balancer:9"
 
 
-def test_a_crd_with_an_unknown_field_is_still_reconciled(operators: Operators, k8s_namespace: str) -> None:
+def test_a_crd_with_an_unknown_field_is_still_reconciled(operators: Operators, k8s_namespace: str) -> None:  # noqa: F811
     """A CRD newer than the operator (a field it does not know) must not stop reconciling."""
     cluster, ns = operators.cluster, k8s_namespace
     original = cluster.get_json("crd/llmpools.paddler.dev")
