@@ -21,7 +21,8 @@ import pytest
 
 from tests.kubectl import Kubectl
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 STATE = REPO / ".k8s" / "cluster"
 NODE_NAME = "paddler-node"
 NODE_NAMES = (NODE_NAME, "paddler-node-2")
@@ -36,6 +37,10 @@ AGENT_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}"
 MODEL_IMAGE = f"ghcr.io/paddler-k8s/agent:{VERSION}-smollm2"
 LLAMA_SERVER_MODEL_IMAGE = f"ghcr.io/paddler-k8s/llama-server:{VERSION}-smollm2"
 CLIENT_IMAGE = f"paddler-local/test-client:{VERSION}"
+PREVIOUS_VERSION = "0.1.0"
+"""The chart and images that the upgrade test starts from (scripts/previous-images.sh)."""
+PREVIOUS_BALANCER_IMAGE = f"ghcr.io/paddler-k8s/balancer:{PREVIOUS_VERSION}"
+PREVIOUS_AGENT_IMAGE = f"ghcr.io/paddler-k8s/agent:{PREVIOUS_VERSION}"
 RELEASE = "paddler"
 RELEASE_NS = "paddler-system"
 MODEL_PATH = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +54,8 @@ class Cluster(Kubectl):
     """The real node's cluster (kubeconfig and kubectl of ``make cluster-up``), with helm."""
 
     helm: Path
+    previous_chart: Path
+    """Chart 0.1.0 as it was released (scripts/previous-images.sh), its images on the nodes."""
 
     def exec_python(self, namespace: str, pod: str, script: str, timeout: float = 300) -> str:
         """Run a Python script in a pod of the cluster; return its stdout."""
@@ -118,7 +125,29 @@ def _build_client_image() -> None:
     assert proc.returncode == 0, f"client image build failed:\n{proc.stderr[-4000:]}"
 
 
+def _build_previous_release() -> Path:
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "previous-images.sh")],
+        capture_output=True,
+        text=True,
+        timeout=SETUP_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"scripts/previous-images.sh failed:\n{proc.stderr[-5000:]}"
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+UPGRADE_MODULE = "test_chart_upgrade.py"
+"""Runs before every other module of the tier: it installs chart 0.1.0, which must find no
+CRDs and no other operator, and leaves the current chart installed as the tier's release."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The tier's items keep their places in the session; among them the upgrade module's go
+    # first (a stable sort: file order otherwise).
+    places = [i for i, item in enumerate(items) if item.path.parent == HERE]
+    ordered = sorted((items[i] for i in places), key=lambda item: item.path.name != UPGRADE_MODULE)
+    for i, item in zip(places, ordered, strict=True):
+        items[i] = item
     # The session fixture's set-up counts against the first cluster test's timeout.
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
@@ -134,11 +163,15 @@ def cluster() -> Iterator[Cluster]:
         images = _make("images")
         assert images.returncode == 0, f"make images failed:\n{images.stdout[-3000:]}\n{images.stderr[-5000:]}"
         _build_client_image()
-        up = _make("cluster-up", env={**os.environ, "CLUSTER_EXTRA_IMAGES": CLIENT_IMAGE})
+        previous_chart = _build_previous_release()
+        extra = f"{CLIENT_IMAGE} {PREVIOUS_BALANCER_IMAGE} {PREVIOUS_AGENT_IMAGE}"
+        up = _make("cluster-up", env={**os.environ, "CLUSTER_EXTRA_IMAGES": extra})
         assert up.returncode == 0, f"make cluster-up failed:\n{up.stdout[-3000:]}\n{up.stderr[-6000:]}"
         up_ok = True
         (STATE / "transcript.txt").unlink(missing_ok=True)
-        yield Cluster(kubeconfig=STATE / "kubeconfig", kubectl=kubectl, helm=STATE / "bin" / "helm")
+        yield Cluster(
+            kubeconfig=STATE / "kubeconfig", kubectl=kubectl, helm=STATE / "bin" / "helm", previous_chart=previous_chart
+        )
     finally:
         if not (was_up and up_ok):
             down = _make("cluster-down")
@@ -149,11 +182,13 @@ def cluster() -> Iterator[Cluster]:
 @pytest.fixture(scope="package")
 def release(cluster: Cluster) -> Iterator[str]:
     """`helm install` of charts/paddler with its defaults: the operator in-cluster, one
-    release for the whole tier (each module makes its own pool in its own namespace)."""
+    release for the whole tier (each module makes its own pool in its own namespace).
+    An upgrade when test_chart_upgrade.py, run first, has left the chart installed."""
     proc = subprocess.run(
         [
             str(cluster.helm),
-            "install",
+            "upgrade",
+            "--install",
             RELEASE,
             str(REPO / "charts" / "paddler"),
             "--namespace",
