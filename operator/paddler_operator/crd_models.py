@@ -37,9 +37,9 @@ GROUP = "paddler.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-DEFAULT_BALANCER_IMAGE = "ghcr.io/paddler-k8s/balancer:0.1.0"
-DEFAULT_AGENT_IMAGE = "ghcr.io/paddler-k8s/agent:0.1.0"
-DEFAULT_LLAMA_SERVER_IMAGE = "ghcr.io/paddler-k8s/llama-server:0.1.0"
+DEFAULT_BALANCER_IMAGE = "ghcr.io/paddler-k8s/balancer:0.2.0"
+DEFAULT_AGENT_IMAGE = "ghcr.io/paddler-k8s/agent:0.2.0"
+DEFAULT_LLAMA_SERVER_IMAGE = "ghcr.io/paddler-k8s/llama-server:0.2.0"
 PREVIOUS_SCHEMA_DEFAULT_IMAGES = (
     "ghcr.io/paddler-k8s/balancer:0.1.0",
     "ghcr.io/paddler-k8s/agent:0.1.0",

@@ -117,8 +117,15 @@ class BalancerSpec(CrdSpec):
         int, Field(ge=0, description="Requests held while no slot is free (count); 0 disables buffering.")
     ] = 30
     buffered_request_timeout: Annotated[
-        str, Field(pattern=DURATION_PATTERN, description="Longest wait in the buffer (duration: 10s, 500ms).")
-    ] = "10s"
+        str,
+        Field(
+            pattern=DURATION_PATTERN,
+            description=(
+                "Longest wait in the buffer (duration: 120s, 500ms); 504 after. Longer than Paddler's 10s: a "
+                "request that wakes a group from zero waits for the autoscaler, a pod and a model load."
+            ),
+        ),
+    ] = "120s"
     inference_item_timeout: Annotated[
         str, Field(pattern=DURATION_PATTERN, description="Longest wait for the next token (duration).")
     ] = "30s"

@@ -74,7 +74,7 @@ def test_pool_plan_objects_names_and_owner_references() -> None:
         ({}, "--management-addr", "0.0.0.0:8060"),
         ({}, "--inference-addr", "0.0.0.0:8061"),
         ({}, "--max-buffered-requests", "30"),
-        ({}, "--buffered-request-timeout", "10s"),
+        ({}, "--buffered-request-timeout", "120s"),
         ({}, "--inference-item-timeout", "30s"),
         ({}, "--web-admin-panel-addr", None),
         ({"balancer": {"maxBufferedRequests": 0}}, "--max-buffered-requests", "0"),

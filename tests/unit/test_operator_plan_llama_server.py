@@ -63,7 +63,7 @@ def test_llama_server_engine_adds_the_server_beside_the_agent_on_pod_loopback() 
     args = server["args"]
     assert (flag(args, "--host"), flag(args, "--port"), flag(args, "--parallel")) == ("127.0.0.1", "8080", "3")
     assert flag(args, "--model") == "/models/smollm2.gguf"
-    assert server["image"] == "ghcr.io/paddler-k8s/llama-server:0.1.0"
+    assert server["image"] == "ghcr.io/paddler-k8s/llama-server:0.2.0"
     # Probed from inside the pod (the kubelet's HTTP probes come from the node, which cannot
     # reach the pod's loopback): the agent's own /ready asks llama-server's /health.
     assert "readinessProbe" not in server

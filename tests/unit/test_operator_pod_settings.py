@@ -264,7 +264,7 @@ OPERATOR_IMAGES = Images(balancer="reg/balancer:2", agent="reg/agent:2", llama_s
     [
         (None, "reg/agent:2"),
         ("ghcr.io/paddler-k8s/agent:0.1.0", "reg/agent:2"),  # stored by the old CRD's default: unset
-        ("ghcr.io/paddler-k8s/agent:0.1.0-smollm2", "ghcr.io/paddler-k8s/agent:0.1.0-smollm2"),
+        ("ghcr.io/paddler-k8s/agent:0.2.0-smollm2", "ghcr.io/paddler-k8s/agent:0.2.0-smollm2"),
         ("mine/agent:1", "mine/agent:1"),
     ],
 )
@@ -314,18 +314,18 @@ def test_no_image_has_a_schema_default() -> None:
             Images(),
             "mirror.local:5000/",
             Images(
-                balancer="mirror.local:5000/paddler-k8s/balancer:0.1.0",
-                agent="mirror.local:5000/paddler-k8s/agent:0.1.0",
-                llama_server="mirror.local:5000/paddler-k8s/llama-server:0.1.0",
+                balancer="mirror.local:5000/paddler-k8s/balancer:0.2.0",
+                agent="mirror.local:5000/paddler-k8s/agent:0.2.0",
+                llama_server="mirror.local:5000/paddler-k8s/llama-server:0.2.0",
             ),
         ),
         (
             Images(agent="mine/agent:cuda"),
             "mirror.local",
             Images(
-                balancer="mirror.local/paddler-k8s/balancer:0.1.0",
+                balancer="mirror.local/paddler-k8s/balancer:0.2.0",
                 agent="mine/agent:cuda",
-                llama_server="mirror.local/paddler-k8s/llama-server:0.1.0",
+                llama_server="mirror.local/paddler-k8s/llama-server:0.2.0",
             ),
         ),
     ],
@@ -343,9 +343,9 @@ def test_image_flags_become_the_operators_images() -> None:
     assert operator_settings().images == Images()
     settings = operator_settings("--agent-image", "mine/agent:cuda", "--image-registry", "mirror.local")
     assert settings.images == Images(
-        balancer="mirror.local/paddler-k8s/balancer:0.1.0",
+        balancer="mirror.local/paddler-k8s/balancer:0.2.0",
         agent="mine/agent:cuda",
-        llama_server="mirror.local/paddler-k8s/llama-server:0.1.0",
+        llama_server="mirror.local/paddler-k8s/llama-server:0.2.0",
     )
 
 
