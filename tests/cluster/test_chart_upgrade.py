@@ -170,11 +170,7 @@ def chart(cluster: Cluster) -> Iterator[Chart]:
     cluster.kubectl_run("create", "namespace", namespace)
     try:
         cluster.apply(manifests(namespace), namespace)
-        wait_until(
-            lambda: ready_condition(cluster.get_json("-n", namespace, "md", GROUP)) == "True",
-            timeout=360,
-            what="ModelDeployment Ready under chart 0.1.0 (2 balancers, 2 agents, model downloaded)",
-        )
+        md_ready(cluster, namespace, timeout=360)  # under chart 0.1.0: 2 balancers, 2 agents, model downloaded
         wait_for_client(cluster, namespace)
         yield Chart(cluster, namespace)
     finally:
