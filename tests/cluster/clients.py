@@ -1,4 +1,4 @@
-"""Clients that run in the tier's client pod: a Python script fed to ``kubectl exec``,
+"""Clients that run in the tier's client pod: a Python script run by ``kubectl exec`` (as ``python -c``),
 one JSON line per answer, read as they come."""
 
 from __future__ import annotations
@@ -65,15 +65,14 @@ class ClientRun:
 
     @classmethod
     def start(cls, cluster: Cluster, namespace: str, script: str) -> ClientRun:
+        # The script as an argument (no stdin): it starts without waiting for stdin's end to
+        # cross the exec stream.
         popen = subprocess.Popen(
             [str(cluster.kubectl), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
-             "exec", "-i", "client", "--", "python", "-u", "-"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             "exec", "client", "--", "python", "-u", "-c", script],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         run = cls(popen)
-        assert popen.stdin is not None
-        popen.stdin.write(script)
-        popen.stdin.close()
         run.pump = threading.Thread(target=run._read, daemon=True)
         run.pump.start()
         return run
@@ -96,10 +95,19 @@ class ClientRun:
             return len(self.results)
 
     def finish(self, timeout: float) -> list[dict[str, Any]]:
+        """Its answers, once the script has ended; fails if it runs past ``timeout`` seconds."""
         try:
             self.popen.wait(timeout=timeout)
             if self.pump is not None:
                 self.pump.join(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            with self.lock:
+                answers = list(self.results)
+            raise AssertionError(
+                f"the client script ran past {timeout:.0f}s; {len(answers)} answers so far "
+                f"(last: {answers[-1:]}); its stderr: {self.stderr()[-1500:]}"
+            ) from None
         finally:
             self.stop()
         with self.lock:

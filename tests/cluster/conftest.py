@@ -58,8 +58,9 @@ class Cluster(Kubectl):
     """Chart 0.1.0 as it was released (scripts/previous-images.sh), its images on the nodes."""
 
     def exec_python(self, namespace: str, pod: str, script: str, timeout: float = 300) -> str:
-        """Run a Python script in a pod of the cluster; return its stdout."""
-        proc = self.kubectl_run("-n", namespace, "exec", "-i", pod, "--", "python", "-", input=script, timeout=timeout)
+        """Run a Python script in a pod of the cluster; return its stdout. The script travels as
+        an argument, not on stdin: nothing depends on the exec stream passing stdin's end on."""
+        proc = self.kubectl_run("-n", namespace, "exec", pod, "--", "python", "-c", script, timeout=timeout)
         return proc.stdout
 
 
@@ -152,6 +153,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT_S + 900), append=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test of the tier reports the state of the scenario namespaces still alive (those
+    of module fixtures; a namespace a test holds in its own body printed its state already)."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = getattr(item, "funcargs", {}).get("cluster")
+    if report.when == "call" and report.failed and isinstance(cluster, Cluster):
+        from .namespaces import HEADER, LIVE, state_at_failure  # namespaces imports this module
+
+        if HEADER in report.capstdout:  # the test's own namespace printed it: that one failed
+            return
+
+        for namespace in sorted(LIVE):
+            report.sections.append((f"state of {namespace} at the failure", state_at_failure(cluster, namespace)))
 
 
 @pytest.fixture(scope="package")

@@ -21,7 +21,6 @@ no request may fail on the way.
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,6 +31,7 @@ from tests.kubectl import wait_until
 
 from .clients import client_pod, wait_for_client
 from .conftest import MODEL_IMAGE, MODEL_PATH, NODE_NAMES, REPO, STATE, Cluster
+from .namespaces import scenario_namespace
 from .test_inference_in_cluster import ready_condition
 from .test_two_nodes import TwoNodePool, failures, zero_to_n_to_zero
 
@@ -139,23 +139,18 @@ def management_address(cluster: Cluster, namespace: str) -> str:
 
 @contextmanager
 def scaled_pool(cluster: Cluster, mode: str) -> Iterator[TwoNodePool]:
-    namespace = f"az-{mode.lower()}-{uuid.uuid4().hex[:6]}"
-    with scaler(cluster, mode) as prometheus:
-        cluster.kubectl_run("create", "namespace", namespace)
-        try:
-            cluster.apply(manifests(namespace, mode, prometheus), namespace)
-            wait_until(
-                lambda: ready_condition(cluster.get_json("-n", namespace, "lp", POOL)) == "True",
-                timeout=300,
-                what="the LlmPool Ready (balancer up)",
-            )
-            if prometheus is not None:
-                address = management_address(cluster, namespace)
-                script(cluster, "prometheus.sh", "target", str(METRICS), namespace, address, f"namespace={namespace}")
-            wait_for_client(cluster, namespace)
-            yield TwoNodePool(cluster, namespace, name=POOL, auth=prometheus is None)
-        finally:
-            cluster.kubectl_run("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
+    with scaler(cluster, mode) as prometheus, scenario_namespace(cluster, f"az-{mode.lower()}") as namespace:
+        cluster.apply(manifests(namespace, mode, prometheus), namespace)
+        wait_until(
+            lambda: ready_condition(cluster.get_json("-n", namespace, "lp", POOL)) == "True",
+            timeout=300,
+            what="the LlmPool Ready (balancer up)",
+        )
+        if prometheus is not None:
+            address = management_address(cluster, namespace)
+            script(cluster, "prometheus.sh", "target", str(METRICS), namespace, address, f"namespace={namespace}")
+        wait_for_client(cluster, namespace)
+        yield TwoNodePool(cluster, namespace, name=POOL, auth=prometheus is None)
 
 
 @pytest.mark.parametrize("mode", ["HPA", "KEDA", "KEDA-prometheus"])

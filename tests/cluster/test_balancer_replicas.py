@@ -24,6 +24,7 @@ from tests.kubectl import wait_until
 
 from .clients import ClientRun, client_pod, stream_load_script, wait_for_client
 from .conftest import MODEL_IMAGE, MODEL_PATH, Cluster
+from .namespaces import scenario_namespace
 from .test_inference_in_cluster import ready_condition, record
 
 pytestmark = pytest.mark.cluster
@@ -163,9 +164,7 @@ class Load:
 
 @pytest.fixture(scope="module")
 def ha(cluster: Cluster, release: str) -> Iterator[HaPool]:
-    namespace = f"ha-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl_run("create", "namespace", namespace)
-    try:
+    with scenario_namespace(cluster, "ha") as namespace:
         cluster.apply(manifests(namespace), namespace)
         wait_until(
             lambda: ready_condition(cluster.get_json("-n", namespace, "md", GROUP)) == "True",
@@ -176,8 +175,6 @@ def ha(cluster: Cluster, release: str) -> Iterator[HaPool]:
         pool = HaPool(cluster, namespace)
         wait_until(pool.settled, timeout=120, what="both replicas holding both agents")
         yield pool
-    finally:
-        cluster.kubectl_run("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
 
 
 def failures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

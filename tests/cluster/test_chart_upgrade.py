@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,7 @@ from .conftest import (
     REPO,
     Cluster,
 )
+from .namespaces import scenario_namespace
 from .test_balancer_replicas import GROUP, POOL, HaPool, Load, failures, summary
 from .test_inference_in_cluster import ready_condition, record
 
@@ -166,15 +166,11 @@ def chart(cluster: Cluster) -> Iterator[Chart]:
     start_from_nothing(cluster)
     helm(cluster, "install", RELEASE, str(cluster.previous_chart), "-n", RELEASE_NS, "--create-namespace",
          "--wait", "--timeout", "5m")  # fmt: skip
-    namespace = f"up-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl_run("create", "namespace", namespace)
-    try:
+    with scenario_namespace(cluster, "up", delete_timeout_s=180) as namespace:
         cluster.apply(manifests(namespace), namespace)
         md_ready(cluster, namespace, timeout=360)  # under chart 0.1.0: 2 balancers, 2 agents, model downloaded
         wait_for_client(cluster, namespace)
         yield Chart(cluster, namespace)
-    finally:
-        cluster.kubectl_run("delete", "namespace", namespace, "--timeout=180s", check=False, timeout=200)
 
 
 def window(results: list[dict[str, Any]], start: float, end: float) -> str:

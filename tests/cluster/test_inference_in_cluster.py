@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from .conftest import (
     STATE,
     Cluster,
 )
+from .namespaces import scenario_namespace
 
 pytestmark = pytest.mark.cluster
 
@@ -112,9 +112,7 @@ def ready_condition(obj: dict[str, Any]) -> str | None:
 
 @pytest.fixture(scope="module")
 def pool(cluster: Cluster, release: str) -> Iterator[Pool]:
-    namespace = f"cl-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl_run("create", "namespace", namespace)
-    try:
+    with scenario_namespace(cluster, "cl") as namespace:
         cluster.apply(manifests(namespace), namespace)
         wait_until(
             lambda: ready_condition(cluster.get_json("-n", namespace, "md", GROUP)) == "True",
@@ -123,9 +121,6 @@ def pool(cluster: Cluster, release: str) -> Iterator[Pool]:
         )
         wait_for_client(cluster, namespace)
         yield Pool(cluster, namespace)
-    finally:
-        # The operator (still installed) removes its finalizers; the namespace goes.
-        cluster.kubectl_run("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +138,7 @@ out = llm.create_chat_completion(
 print(out["choices"][0]["message"]["content"], end="")
 """
     proc = pool.cluster.kubectl_run(
-        "-n", pool.namespace, "exec", "-i", agent["metadata"]["name"], "--", "python", "-",
-        input=script, timeout=180,
+        "-n", pool.namespace, "exec", agent["metadata"]["name"], "--", "python", "-c", script, timeout=180,
     )  # fmt: skip
     assert proc.stdout.strip(), proc.stderr
     return proc.stdout
@@ -341,7 +335,7 @@ with urllib.request.urlopen(request, timeout=120) as r:
     print(json.load(r)["content"], end="")
 """
         direct = cluster.kubectl_run(
-            "-n", ns, "exec", "-i", name, "-c", "llama-server", "--", "python3", "-", input=direct_script, timeout=150
+            "-n", ns, "exec", name, "-c", "llama-server", "--", "python3", "-c", direct_script, timeout=150
         ).stdout
         assert answer["completion"]
         assert answer["completion"] == direct

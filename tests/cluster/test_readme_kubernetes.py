@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 import pytest
 
@@ -15,6 +14,7 @@ from tests.kubectl import wait_until
 
 from .clients import client_pod, wait_for_client
 from .conftest import NODE_NAMES, RELEASE, RELEASE_NS, REPO, Cluster
+from .namespaces import scenario_namespace
 from .test_inference_in_cluster import ready_condition, record
 
 pytestmark = pytest.mark.cluster
@@ -36,11 +36,8 @@ def test_the_readmes_kubernetes_section_serves_a_chat_on_two_nodes(cluster: Clus
     manifest = block.split("<<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
     url_comment = re.search(r"OpenAI API at (http://\S+) \(model \"(\w+)\"\)", block)
     assert url_comment, block
-    namespace = f"readme-{uuid.uuid4().hex[:8]}"
-    base_url, model = url_comment.group(1).replace("<namespace>", namespace), url_comment.group(2)
-
-    cluster.kubectl_run("create", "namespace", namespace)
-    try:
+    with scenario_namespace(cluster, "readme") as namespace:
+        base_url, model = url_comment.group(1).replace("<namespace>", namespace), url_comment.group(2)
         cluster.apply(manifest + "\n" + client_pod(namespace), namespace)
         wait_until(
             lambda: ready_condition(cluster.get_json("-n", namespace, "md", model)) == "True",
@@ -61,8 +58,6 @@ print(json.dumps({{"text": chat.choices[0].message.content, "model": chat.model}
         pods = cluster.get_json("-n", namespace, "pods")["items"]
         placed = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in pods}
         record("README's Kubernetes section on two nodes", json.dumps({"answer": answer, "pods": placed}, indent=1))
-    finally:
-        cluster.kubectl_run("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
 
     assert answer["text"]
     assert set(placed.values()) <= set(NODE_NAMES)

@@ -25,6 +25,7 @@ from tests.kubectl import wait_until
 
 from .clients import ClientRun, agents_watch_script, client_pod, stream_load_script, wait_for_client
 from .conftest import MODEL_IMAGE, MODEL_PATH, NODE_NAMES, Cluster
+from .namespaces import scenario_namespace
 from .test_inference_in_cluster import ready_condition, record
 
 pytestmark = pytest.mark.cluster
@@ -203,20 +204,18 @@ def fewest_serving(samples: list[dict[str, Any]]) -> int:
 
 @pytest.fixture(scope="module")
 def two_nodes(cluster: Cluster, release: str) -> Iterator[TwoNodePool]:
-    namespace = f"tn-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl_run("create", "namespace", namespace)
-    try:
-        cluster.apply(manifests(namespace), namespace)
-        wait_until(
-            lambda: ready_condition(cluster.get_json("-n", namespace, "md", STEADY)) == "True",
-            timeout=300,
-            what="ModelDeployment steady Ready (2 balancers, 2 agents, model loaded)",
-        )
-        wait_for_client(cluster, namespace)
-        yield TwoNodePool(cluster, namespace)
-    finally:
-        cluster.kubectl_run("uncordon", *NODE_NAMES, check=False)
-        cluster.kubectl_run("delete", "namespace", namespace, "--timeout=120s", check=False, timeout=150)
+    with scenario_namespace(cluster, "tn") as namespace:
+        try:
+            cluster.apply(manifests(namespace), namespace)
+            wait_until(
+                lambda: ready_condition(cluster.get_json("-n", namespace, "md", STEADY)) == "True",
+                timeout=300,
+                what="ModelDeployment steady Ready (2 balancers, 2 agents, model loaded)",
+            )
+            wait_for_client(cluster, namespace)
+            yield TwoNodePool(cluster, namespace)
+        finally:
+            cluster.kubectl_run("uncordon", *NODE_NAMES, check=False)
 
 
 def test_agents_of_a_model_deployment_spread_over_both_nodes(two_nodes: TwoNodePool) -> None:
