@@ -7,12 +7,16 @@ otherwise after waiting in the FIFO buffer. A lease is released exactly once
 
 The buffer is ordered by deadline (arrival + buffer timeout): a request that an agent
 refused comes back with its first deadline, so it waits before the requests that
-arrived after it and never longer than the buffer timeout from its arrival.
+arrived after it and never longer than the buffer timeout from its arrival. A freed
+slot goes to the oldest waiter of its model group, or, under the prefix policy, to one
+a few places behind it whose prefix that agent holds (:func:`routing.hand_over`: nobody
+is passed over more than ``RoutingConfig.max_passed_over`` times).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -59,6 +63,8 @@ class _Waiter:
     deadline: float
     """``time.monotonic()`` after which it stops waiting (504)."""
     future: asyncio.Future[Lease] = field(repr=False)
+    passed_over: int = 0
+    """Times a later request of its group took a slot first (:func:`routing.hand_over`)."""
 
 
 class Dispatcher:
@@ -183,20 +189,33 @@ class Dispatcher:
             asyncio.get_running_loop().call_soon(self._drain)
 
     def _drain(self) -> None:
-        """Hand free slots to waiters, first come first served within a model group."""
+        """Hand free slots to waiters, group by group (groups share no agents)."""
         self._drain_scheduled = False
-        blocked: set[str] = set()
-        for waiter in list(self._waiters):
-            group = waiter.request.model_group
-            if group in blocked or waiter.future.done():
-                continue
-            lease = self.try_claim(waiter.request)
-            if lease is None:
-                blocked.add(group)
-                continue
-            waiter.future.set_result(lease)
-            self._waiters.remove(waiter)
+        for group in dict.fromkeys(w.request.model_group for w in self._waiters):
+            self._drain_group(group)
         self._notify()
+
+    def _drain_group(self, group: str) -> None:
+        """While an agent of ``group`` can take its oldest waiter: the slot goes to that
+        waiter, or to one a little behind it whose prefix the agent holds (routing.hand_over);
+        those passed over count it."""
+        while True:
+            # Only the group's first few: a grant costs the same with 30 or 30,000 buffered.
+            mine = (w for w in self._waiters if w.request.model_group == group and not w.future.done())
+            queue = list(itertools.islice(mine, self.routing.buffer_lookahead + 1))
+            if not queue:
+                return
+            agent = self._select(queue[0].request)
+            if agent is None:
+                return
+            waiting = [routing.Waiting(w.request, w.passed_over) for w in queue]
+            chosen = routing.hand_over(agent, waiting, self.routing)
+            for passed in queue[:chosen]:
+                passed.passed_over += 1
+            agent.in_flight += 1
+            self.pool.refresh(agent)
+            queue[chosen].future.set_result(Lease(agent, self))
+            self._waiters.remove(queue[chosen])
 
     def _select(self, request: routing.RouteRequest) -> AgentController | None:
         available = self.pool.available.get(request.model_group)

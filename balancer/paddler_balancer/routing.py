@@ -14,6 +14,10 @@ Two policies (:class:`RoutingPolicy`):
   ranks first for the request's anchor key (rendezvous hashing over agent ids). Every
   input is the request's keys and what the agents reported, never one replica's
   private history, so every balancer replica makes the same choice for the same state.
+
+When requests are buffered, :func:`hand_over` decides which of them a freed slot takes:
+the oldest, or under ``prefix`` a slightly younger one whose prefix the agent holds
+(bounded, so nobody waits more than a few extra turns).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class RoutingConfig:
     load_factor: float = 1.25
     """CHWBL bound: an agent takes a request only while its busy slots after it stay
     within this factor of its fair share of the scored agents' load."""
+    buffer_lookahead: int = 4
+    """Buffered requests behind the first that a freed slot may go to instead (prefix policy)."""
+    max_passed_over: int = 2
+    """Times one buffered request may be passed over for a later one: the bound on unfairness."""
 
 
 # ---- filters ------------------------------------------------------------------------------
@@ -169,6 +177,38 @@ def pick(
         return max(agents, key=least_busy_key)
     load = Load.of(agents)
     return max(agents, key=lambda a: prefix_key(a, request, load, config))
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A buffered request, as the hand-over sees it."""
+
+    request: RouteRequest
+    passed_over: int
+    """Times a later request took a slot before it."""
+
+
+def hand_over(agent: AgentController, waiting: Sequence[Waiting], config: RoutingConfig | None = None) -> int:
+    """Which buffered request a free slot of ``agent`` goes to, as an index into ``waiting`` (the
+    group's buffer, oldest first; ``agent`` is the one :func:`pick` chose for the oldest).
+
+    First come, first served (0), except under the prefix policy: a request among the next
+    ``buffer_lookahead`` whose prompt the agent holds a longer prefix of than the first's takes
+    it (the longest, the oldest of equals), as long as nobody it would pass has been passed
+    over ``max_passed_over`` times already. At saturation every agent is over the load cap, so
+    :func:`pick` places the first request on whichever slot frees; this is where affinity
+    still pays there, at a bounded cost in order."""
+    config = config or RoutingConfig()
+    if config.policy is RoutingPolicy.LEAST_BUSY or len(waiting) < 2:
+        return 0
+    best, best_match = 0, matched_prefix(agent, waiting[0].request)
+    for index in range(1, min(len(waiting), config.buffer_lookahead + 1)):
+        if waiting[index - 1].passed_over >= config.max_passed_over:
+            break  # may not be passed again, nor may anyone behind be served before it
+        match = matched_prefix(agent, waiting[index].request)
+        if match > best_match:
+            best, best_match = index, match
+    return best
 
 
 def candidates(

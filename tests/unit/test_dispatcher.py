@@ -121,3 +121,27 @@ async def test_stale_status_is_dropped() -> None:
     assert pool.update_status(a, AgentStatus(version=5, slots_total=3))
     assert not pool.update_status(a, AgentStatus(version=4, slots_total=9))
     assert a.status.slots_total == 3
+
+
+async def test_a_freed_slot_goes_to_a_waiter_whose_prefix_its_agent_holds_within_the_bound() -> None:
+    pool, dispatcher, a = make(slots=1)
+    a.held_prefixes = frozenset({"s", "k"})
+    holder = await dispatcher.acquire(REQ)
+    order: list[str] = []
+
+    async def wait(name: str, keys: tuple[str, ...]) -> None:
+        async with await dispatcher.acquire(RouteRequest("default", keys)):
+            order.append(name)
+            await asyncio.sleep(0)
+
+    tasks = []
+    for name, keys in [("cold-1", ("q",)), ("cold-2", ("r",)), ("warm-1", ("s", "k")), ("warm-2", ("s", "k")),
+                       ("warm-3", ("s", "k"))]:  # fmt: skip
+        tasks.append(asyncio.create_task(wait(name, keys)))
+        await asyncio.sleep(0)
+    holder.release()
+    await asyncio.gather(*tasks)
+    # Two warm requests go first; then cold-1 has been passed over twice (the bound) and is served.
+    assert order == ["warm-1", "warm-2", "cold-1", "cold-2", "warm-3"]
+    assert a.in_flight == 0
+    assert dispatcher.buffered == 0

@@ -239,3 +239,35 @@ def test_indexed_set_discard_keeps_the_rest_reachable() -> None:
     assert sorted(a.id for a in s) == ["a0", "a2", "a3"]
     assert agents[1] not in s
     assert len(s) == 3
+
+
+def waiting(*queue: tuple[tuple[str, ...], int]) -> list[routing.Waiting]:
+    """A buffer, oldest first: (prefix keys, times passed over) per request."""
+    return [routing.Waiting(RouteRequest("default", keys), passed) for keys, passed in queue]
+
+
+@pytest.mark.parametrize(
+    ("queue", "config", "chosen"),
+    [
+        # the agent holds the second request's prefix: it takes the slot
+        (waiting((("q",), 0), (("s", "k"), 0)), PREFIX, 1),
+        # least-busy: first come, first served
+        (waiting((("q",), 0), (("s", "k"), 0)), LEAST_BUSY, 0),
+        # the first holds as much as any later one: it keeps its turn
+        (waiting((("s", "x"), 0), (("s", "y"), 0)), PREFIX, 0),
+        # the longest held prefix wins, the oldest of equals
+        (waiting((("q",), 0), (("s",), 0), (("s", "k"), 0), (("s", "k"), 0)), PREFIX, 2),
+        # nobody passed over max_passed_over times is passed again
+        (waiting((("q",), 2), (("s", "k"), 0)), PREFIX, 0),
+        # ... nor is anyone behind it served first
+        (waiting((("q",), 0), (("r",), 2), (("s", "k"), 0)), PREFIX, 0),
+        # beyond the lookahead (4 behind the first) the order holds
+        (waiting((("q",), 0), *[(("r",), 0)] * 4, (("s", "k"), 0)), PREFIX, 0),
+        (waiting((("q",), 0), *[(("r",), 0)] * 3, (("s", "k"), 0)), PREFIX, 4),
+        # a lone request
+        (waiting((("q",), 0)), PREFIX, 0),
+    ],
+)
+def test_hand_over(queue: list[routing.Waiting], config: routing.RoutingConfig, chosen: int) -> None:
+    freed = agent("a", total=2, in_flight=1, prefixes=("s", "k"))
+    assert routing.hand_over(freed, queue, config) == chosen
