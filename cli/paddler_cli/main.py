@@ -67,7 +67,9 @@ def _add_balancer(sub: Any) -> None:
         choices=list(RoutingPolicy),
         default=RoutingPolicy.PREFIX,
         help="prefix: prefix affinity under a load cap, new prefixes by consistent hashing with bounded loads "
-        "(the same choice on every replica); least-busy: the agent with the most free slots (Paddler 4.1)",
+        "(the same choice on every replica), and a freed slot may serve a buffered request it holds the prefix of "
+        "before up to 4 older ones (none passed over more than twice); least-busy: the agent with the most free "
+        "slots, the buffer strictly first come first served (Paddler 4.1)",
     )
     p.add_argument("--state-database", default="memory://", help="memory:// or file:///path.json (survives restarts)")
     p.add_argument("--statsd-addr", default=None, help="report gauges to StatsD at host:port")
