@@ -200,7 +200,7 @@ class Dispatcher:
         waiter, or to one a little behind it whose prefix the agent holds (routing.hand_over);
         those passed over count it."""
         while True:
-            # Only the group's first few: a grant costs the same with 30 or 30,000 buffered.
+            # Only the group's first few are read, however many are buffered.
             mine = (w for w in self._waiters if w.request.model_group == group and not w.future.done())
             queue = list(itertools.islice(mine, self.routing.buffer_lookahead + 1))
             if not queue:
