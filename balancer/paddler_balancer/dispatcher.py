@@ -107,8 +107,9 @@ class Dispatcher:
 
     def try_claim(self, request: routing.RouteRequest) -> Lease | None:
         agent = self._select(request)
-        if agent is None:
-            return None
+        return None if agent is None else self._lease(agent)
+
+    def _lease(self, agent: AgentController) -> Lease:
         agent.in_flight += 1
         self.pool.refresh(agent)
         return Lease(agent, self)
@@ -212,9 +213,7 @@ class Dispatcher:
             chosen = routing.hand_over(agent, waiting, self.routing)
             for passed in queue[:chosen]:
                 passed.passed_over += 1
-            agent.in_flight += 1
-            self.pool.refresh(agent)
-            queue[chosen].future.set_result(Lease(agent, self))
+            queue[chosen].future.set_result(self._lease(agent))
             self._waiters.remove(queue[chosen])
 
     def _select(self, request: routing.RouteRequest) -> AgentController | None:

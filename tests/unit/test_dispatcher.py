@@ -124,7 +124,7 @@ async def test_stale_status_is_dropped() -> None:
 
 
 async def test_a_freed_slot_goes_to_a_waiter_whose_prefix_its_agent_holds_within_the_bound() -> None:
-    pool, dispatcher, a = make(slots=1)
+    _, dispatcher, a = make(slots=1)
     a.held_prefixes = frozenset({"s", "k"})
     holder = await dispatcher.acquire(REQ)
     order: list[str] = []
